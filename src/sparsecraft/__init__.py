@@ -1,0 +1,53 @@
+"""sparsecraft: make neural networks sparse and keep them good and fast.
+
+The public API is re-exported here; see the README for a tour.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from .allocation import allocate
+from .criteria import Criterion, LayerContext, register_criterion
+from .errors import ConfigError, FormatError, SparsecraftError, TargetError
+from .masks import SparsityState, get_meta
+from .patterns import NM, Block, Pattern, Rows, Unstructured, parse_pattern
+from .prune import Magnitude, PruneConfig, RandomPrune, prune_, register_method
+from .targets import Target, TargetSpec, select_targets
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+# Heavier parts load on first use so `import sparsecraft` stays fast.
+_LAZY = {
+    "save": ("sparsecraft.checkpoint", "save"),
+    "load": ("sparsecraft.checkpoint", "load"),
+    "report": ("sparsecraft.report", "report"),
+    "Report": ("sparsecraft.report", "Report"),
+    "models": ("sparsecraft.models", None),
+    "data": ("sparsecraft.data", None),
+    "formats": ("sparsecraft.formats", None),
+    "recovery": ("sparsecraft.recovery", None),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'sparsecraft' has no attribute '{name}'")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "prune_", "PruneConfig", "Magnitude", "RandomPrune", "register_method",
+    "SparsityState", "get_meta", "select_targets", "Target", "TargetSpec",
+    "Pattern", "Unstructured", "NM", "Block", "Rows", "parse_pattern",
+    "Criterion", "LayerContext", "register_criterion", "allocate",
+    "SparsecraftError", "ConfigError", "TargetError", "FormatError",
+    "save", "load", "report", "Report", "models", "data", "formats", "recovery",
+]

@@ -1,0 +1,186 @@
+"""Allocation: one global sparsity target -> a sparsity per target.
+
+Every allocation returns ``{target name: sparsity}``. Where an allocation fixes exact
+element counts (global threshold, ERK) the returned sparsity is ``k / numel`` so that the
+pattern's rounding rule (``floor(s * n + 0.5)``) gives back exactly ``k``.
+
+* ``uniform``: every target gets the same sparsity.
+* ``global``: one score threshold over all targets (scores must be comparable across
+  layers, e.g. magnitude), with a per-layer cap ``max_sparsity`` so no layer is emptied.
+  The total number of pruned elements is exact: ``floor(s * total + 0.5)``.
+* ``erk``: Erdős–Rényi-kernel densities, proportional to ``sum(shape) / prod(shape)``,
+  scaled so the total is exact; layers that would exceed density 1 stay dense and the
+  rest is rescaled (as in RigL).
+* overrides: ``{rule: sparsity}`` pins matching targets (first matching rule wins); the
+  allocation runs over the remaining targets.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .errors import ConfigError, TargetError
+from .targets import Target, match_rule
+
+__all__ = ["allocate", "ALLOCATIONS", "global_counts", "erk_counts", "check_sparsity"]
+
+log = logging.getLogger(__name__)
+ALLOCATIONS = ("uniform", "global", "erk")
+ScoreFn = Callable[[Target], torch.Tensor]
+
+
+def check_sparsity(value, what: str = "sparsity") -> float:
+    """A sparsity must be a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{what} must be a number in [0, 1), got {value!r}")
+    value = float(value)
+    if not (0.0 <= value < 1.0) or math.isnan(value):
+        raise ConfigError(f"{what} must be in [0, 1), got {value}")
+    return value
+
+
+def _largest_remainder(ideal: Sequence[float], caps: Sequence[int], total: int) -> list[int]:
+    """Integers <= caps, each floor or ceil of ``ideal``, that sum to ``total``."""
+    counts = [min(cap, math.floor(x)) for x, cap in zip(ideal, caps)]
+    short = total - sum(counts)
+    # Hand out the remaining units to the largest fractional parts; index breaks ties.
+    order = sorted(range(len(ideal)), key=lambda i: (-(ideal[i] - math.floor(ideal[i])), i))
+    for i in order:
+        if short <= 0:
+            break
+        if counts[i] < caps[i]:
+            counts[i] += 1
+            short -= 1
+    if short > 0:  # caps bind: spread what is left wherever there is room
+        for i in range(len(counts)):
+            add = min(short, caps[i] - counts[i])
+            counts[i] += add
+            short -= add
+    return counts
+
+
+def _sortable_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Map float32 scores to int64 keys with the same total order (for exact bisection)."""
+    bits = scores.detach().float().contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
+
+
+def global_counts(
+    targets: Sequence[Target], sparsity: float, score_fn: ScoreFn, max_sparsity: float
+) -> dict[str, int]:
+    """Exact per-target pruned counts for one global threshold with a per-layer cap.
+
+    Finds the smallest threshold key ``t`` with ``sum_i min(#{score_i <= t}, cap_i) >= k``
+    by bisection over the float order (32 steps), recomputing scores per step so memory
+    stays at one layer's scores. Elements strictly below ``t`` are pruned; the remaining
+    budget goes to elements equal to ``t`` in target order (lowest index first inside the
+    layer, matching the patterns' tie rule).
+    """
+    sizes = [t.param.numel() for t in targets]
+    caps = [math.floor(max_sparsity * n) for n in sizes]
+    k = math.floor(sparsity * sum(sizes) + 0.5)
+    if k > sum(caps):
+        raise ConfigError(
+            f"global sparsity {sparsity} needs {k} pruned weights but the per-layer cap "
+            f"max_sparsity={max_sparsity} allows only {sum(caps)}"
+        )
+    if k == 0:
+        return {t.name: 0 for t in targets}
+
+    def capped_count(key: int, strict: bool) -> list[int]:
+        out = []
+        for target, cap in zip(targets, caps):
+            keys = _sortable_keys(score_fn(target))
+            n = int((keys < key).sum() if strict else (keys <= key).sum())
+            out.append(min(n, cap))
+        return out
+
+    lo, hi = -(2**31), 2**31 - 1  # f(hi) >= k always
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sum(capped_count(mid, strict=False)) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    below = capped_count(lo, strict=True)
+    at_or_below = capped_count(lo, strict=False)
+    counts = list(below)
+    short = k - sum(counts)
+    for i in range(len(counts)):
+        add = min(short, at_or_below[i] - counts[i])
+        counts[i] += add
+        short -= add
+    assert short == 0, "bisection invariant broken"
+    return {t.name: c for t, c in zip(targets, counts)}
+
+
+def erk_counts(targets: Sequence[Target], sparsity: float, power: float = 1.0) -> dict[str, int]:
+    """Exact per-target pruned counts from Erdős–Rényi-kernel densities."""
+    sizes = {t.name: t.param.numel() for t in targets}
+    raw = {t.name: (sum(t.shape) / math.prod(t.shape)) ** power for t in targets}
+    total = sum(sizes.values())
+    keep_total = total - math.floor(sparsity * total + 0.5)
+    dense: set[str] = set()
+    while True:
+        free = [n for n in sizes if n not in dense]
+        budget = keep_total - sum(sizes[n] for n in dense)
+        eps = budget / sum(raw[n] * sizes[n] for n in free)
+        over = {n for n in free if eps * raw[n] > 1.0}
+        if not over:
+            break
+        dense |= over
+    ideal_kept = [sizes[n] if n in dense else eps * raw[n] * sizes[n] for n in sizes]
+    ideal_pruned = [sizes[n] - kept for n, kept in zip(sizes, ideal_kept)]
+    caps = [0 if n in dense else sizes[n] for n in sizes]
+    pruned = _largest_remainder(ideal_pruned, caps, total - keep_total)
+    return dict(zip(sizes, pruned))
+
+
+def allocate(
+    targets: Sequence[Target],
+    sparsity: float,
+    method: str = "uniform",
+    *,
+    score_fn: ScoreFn | None = None,
+    overrides: Mapping[str, float] | None = None,
+    max_sparsity: float = 0.99,
+) -> dict[str, float]:
+    """Per-target sparsity for ``targets`` (see the module docstring)."""
+    sparsity = check_sparsity(sparsity)
+    if method not in ALLOCATIONS:
+        raise ConfigError(f"unknown allocation '{method}'; known: {', '.join(ALLOCATIONS)}")
+    if not 0.0 < max_sparsity <= 1.0:
+        raise ConfigError(f"max_sparsity must be in (0, 1], got {max_sparsity}")
+
+    pinned: dict[str, float] = {}
+    for rule, value in (overrides or {}).items():
+        value = check_sparsity(value, f"override '{rule}'")
+        hits = [t for t in targets if match_rule(rule, t.name, t.module_name)]
+        if not hits:
+            raise TargetError(
+                f"override rule '{rule}' matches no target; targets: "
+                f"{', '.join(t.name for t in targets[:12])}"
+                + (" ..." if len(targets) > 12 else "")
+            )
+        for t in hits:
+            pinned.setdefault(t.name, value)  # first matching rule wins
+    free = [t for t in targets if t.name not in pinned]
+
+    result: dict[str, float] = dict(pinned)
+    if not free:
+        return result
+    if method == "uniform":
+        result.update({t.name: sparsity for t in free})
+    elif method == "global":
+        if score_fn is None:
+            raise ConfigError("global allocation needs scores")
+        counts = global_counts(free, sparsity, score_fn, max_sparsity)
+        result.update({t.name: counts[t.name] / t.param.numel() for t in free})
+    else:
+        counts = erk_counts(free, sparsity)
+        result.update({t.name: counts[t.name] / t.param.numel() for t in free})
+    return {t.name: result[t.name] for t in targets}
