@@ -1,0 +1,512 @@
+"""Encodings of one tensor: pure tensor math, no file I/O.
+
+Every encoding turns a tensor into a dict of named, contiguous CPU component tensors, and
+:func:`decode` turns the components back into a bit-identical tensor.
+
+Conventions shared by all encodings
+-----------------------------------
+* **2-D view.** Row-structured encodings (``csr``, ``nm``) work on the view
+  ``t.reshape(rows, cols)`` with ``rows = shape[0]`` and ``cols = prod(shape[1:])`` (the
+  reduction dimension of a ``Linear`` ``[out, in]`` or a ``Conv`` ``[out, in*kh*kw]``). A 1-D
+  tensor is viewed as one row ``(1, L)`` and a 0-d tensor as ``(1, 1)``, so N:M of a 1-D
+  tensor runs along its only dimension.
+* **Zeros.** An element is a *zero* (left out of ``values``) when its bits are +0.0 or -0.0.
+  Everything else is stored with its exact bits, including NaN with any payload and inf.
+  Signed zeros are common (``w * mask`` gives -0.0 for every pruned negative weight), so they
+  must compress; their signs are kept in an optional ``negzero`` component (below) so the
+  round trip stays bit-exact. For integer and bool tensors a zero is the all-zero bit pattern.
+* **Bit packing** (``mask``, ``negzero``, ``nm`` indices): bits are packed little-endian
+  within each byte, i.e. bit ``i`` of the stream is ``(byte[i // 8] >> (i % 8)) & 1``; the
+  last byte is padded with zero bits.
+* **negzero** (``bitmask``, ``csr``, ``nm``): present only when the tensor holds at least one
+  -0.0. One bit per zero element (row-major order over the whole tensor), 1 meaning -0.0.
+  Size ``ceil(z / 8)`` bytes, ``z = numel - nnz``.
+
+Components and exact sizes (``es`` = element size in bytes, ``n`` = numel, ``nnz`` = number of
+non-zero elements, ``R, C`` = the 2-D view, ``s(x)`` = size of the smallest of
+uint8/int16/int32/int64 that holds ``x``)
+----------------------------------------------------------------------------------------
+
+=========  ==========================================================  ==============================
+encoding   components                                                   bytes
+=========  ==========================================================  ==============================
+dense      ``values`` (original shape)                                  ``n*es``
+bitmask    ``mask`` uint8 ``[ceil(n/8)]``, ``values`` ``[nnz]``         ``ceil(n/8) + nnz*es``
+csr        ``crow_indices`` ``[R+1]`` (dtype for ``nnz``),              ``(R+1)*s(nnz) + nnz*s(C-1)``
+           ``col_indices`` ``[nnz]`` (dtype for ``C-1``),               ``+ nnz*es``
+           ``values`` ``[nnz]``
+nm         ``values`` ``[R, C/M*N]`` (kept values, group by group),     ``K*es + ceil(K*b/8)``,
+           ``indices`` uint8 ``[ceil(K*b/8)]``: each kept element's     ``K = R*C/M*N``,
+           position in its group, ``b = ceil(log2 M)`` bits each        ``b = ceil(log2 M)``
+=========  ==========================================================  ==============================
+
+plus ``ceil((n - nnz)/8)`` for ``negzero`` when present. :func:`theoretical_nbytes` gives the
+ideal sizes without byte rounding or index-dtype rounding, for benchmarks.
+
+Packed N:M keeps exactly N positions per group of M consecutive elements along the 2-D view's
+last dimension. When a group has fewer than N non-zeros the lowest-index zero positions are
+kept as padding (their stored value is the element itself, +0.0 or -0.0). It applies only when
+``C % M == 0`` and every group has at most N non-zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sparsecraft.errors import ConfigError, FormatError
+
+__all__ = [
+    "ENCODINGS",
+    "COMMON_NM",
+    "encode",
+    "decode",
+    "encoded_nbytes",
+    "theoretical_nbytes",
+    "choose_encoding",
+    "is_nm",
+    "tensor_stats",
+    "TensorStats",
+    "index_dtype",
+    "view_2d_shape",
+]
+
+ENCODINGS = ("dense", "bitmask", "csr", "nm")
+# Tried, in this order, by choose_encoding when no N:M hint is given.
+COMMON_NM = ((1, 4), (2, 4), (1, 8), (2, 8), (4, 8))
+
+# Same-width integer dtype used to look at (and copy) the exact bits of an element.
+_BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Everything below the sign bit, per width, to test "+0.0 or -0.0".
+_MAGNITUDE_MASK = {1: 0x7F, 2: 0x7FFF, 4: 0x7FFFFFFF, 8: 0x7FFFFFFFFFFFFFFF}
+# The -0.0 bit pattern viewed as the signed integer of the same width.
+_NEGZERO_BITS = {1: 0x80, 2: -(1 << 15), 4: -(1 << 31), 8: -(1 << 63)}
+_FAST_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_encoding(encoding: str) -> None:
+    if encoding not in ENCODINGS:
+        raise FormatError(f"unknown encoding {encoding!r}; valid encodings: {', '.join(ENCODINGS)}")
+
+
+def _check_nm(nm) -> tuple[int, int]:
+    try:
+        n, m = (int(x) for x in nm)
+    except (TypeError, ValueError):
+        raise ConfigError(f"N:M must be a pair of integers (N, M), got {nm!r}") from None
+    if not (1 <= n < m):
+        raise ConfigError(f"N:M needs 1 <= N < M, got {n}:{m}")
+    return n, m
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise FormatError(f"unknown dtype {dtype!r}")
+    return dt
+
+
+def _check_tensor(t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise FormatError(f"expected a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise FormatError(f"expected a strided (dense-layout) tensor, got layout {t.layout}")
+    if t.is_complex() or t.element_size() not in _BITS_DTYPE:
+        raise FormatError(f"dtype {t.dtype} is not supported")
+    return t.detach().to("cpu").contiguous()
+
+
+def view_2d_shape(shape) -> tuple[int, int]:
+    """(rows, cols) of the 2-D view used by ``csr`` and ``nm`` (see module docstring)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return 1, shape[0]
+    return shape[0], math.prod(shape[1:])
+
+
+def index_dtype(max_value: int) -> torch.dtype:
+    """Smallest of uint8/int16/int32/int64 that holds ``0..max_value`` (all safetensors types)."""
+    if max_value < (1 << 8):
+        return torch.uint8
+    if max_value < (1 << 15):
+        return torch.int16
+    if max_value < (1 << 31):
+        return torch.int32
+    return torch.int64
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Flat integer view of the exact bits of a contiguous tensor (no copy)."""
+    return t.reshape(-1).view(_BITS_DTYPE[t.element_size()])
+
+
+def _nonzero_mask(t: torch.Tensor) -> torch.Tensor:
+    """Flat bool mask of stored elements: anything but +0.0/-0.0 (NaN counts as non-zero)."""
+    flat = t.reshape(-1)
+    if t.dtype in _FAST_FLOATS:
+        return flat != 0  # IEEE compare: -0.0 == 0, NaN != 0, exactly our rule
+    bits = _bits(t)
+    if t.is_floating_point():
+        return (bits & _MAGNITUDE_MASK[t.element_size()]) != 0
+    return bits != 0
+
+
+def _has_negzero(t: torch.Tensor) -> bool:
+    if not t.is_floating_point() or t.numel() == 0:
+        return False
+    return bool((_bits(t) == _NEGZERO_BITS[t.element_size()]).any())
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    arr = mask.reshape(-1).numpy()
+    return torch.from_numpy(np.packbits(arr, bitorder="little"))
+
+
+def _unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    arr = np.unpackbits(packed.reshape(-1).numpy(), count=count, bitorder="little")
+    return torch.from_numpy(arr).view(torch.bool)
+
+
+def _select(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x[mask]`` for integer/bool tensors; numpy's boolean indexing is several times faster."""
+    return torch.from_numpy(np.ascontiguousarray(x.numpy()[mask.numpy()]))
+
+
+def _index_bits(m: int) -> int:
+    return max(1, (m - 1).bit_length())
+
+
+def _pack_indices(idx: np.ndarray, nbits: int) -> torch.Tensor:
+    planes = np.empty((idx.size, nbits), dtype=np.uint8)
+    for j in range(nbits):
+        planes[:, j] = (idx >> j) & 1
+    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
+
+
+def _unpack_indices(packed: torch.Tensor, count: int, nbits: int) -> np.ndarray:
+    planes = np.unpackbits(packed.reshape(-1).numpy(), count=count * nbits, bitorder="little")
+    planes = planes.reshape(count, nbits)
+    out_dtype = np.uint8 if nbits <= 8 else (np.uint16 if nbits <= 16 else np.uint32)
+    idx = np.zeros(count, dtype=out_dtype)
+    for j in range(nbits):
+        idx |= planes[:, j].astype(out_dtype) << out_dtype(j)
+    return idx
+
+
+def _nm_group_counts(nz_flat: torch.Tensor, shape, m: int) -> torch.Tensor | None:
+    """Non-zeros per group of M along the 2-D view's last dim, or None if C % M != 0."""
+    rows, cols = view_2d_shape(shape)
+    if cols % m:
+        return None
+    return nz_flat.view(rows, cols // m, m).sum(-1, dtype=torch.int32)
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """What the byte formulas need; computed once per tensor (see :func:`tensor_stats`)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    numel: int
+    nnz: int
+    has_negzero: bool
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / self.numel if self.numel else 0.0
+
+
+def tensor_stats(t: torch.Tensor) -> TensorStats:
+    t = _check_tensor(t)
+    nnz = int(_nonzero_mask(t).sum()) if t.dtype not in _FAST_FLOATS else int(torch.count_nonzero(t))
+    return TensorStats(tuple(t.shape), t.dtype, t.numel(), nnz, _has_negzero(t))
+
+
+def _nbytes_from_stats(st: TensorStats, encoding: str, nm: tuple[int, int] | None) -> int:
+    es = torch.empty((), dtype=st.dtype).element_size()
+    n, nnz = st.numel, st.nnz
+    negzero = (n - nnz + 7) // 8 if st.has_negzero else 0
+    if encoding == "dense":
+        return n * es
+    if encoding == "bitmask":
+        return (n + 7) // 8 + nnz * es + negzero
+    rows, cols = view_2d_shape(st.shape)
+    if encoding == "csr":
+        crow = index_dtype(nnz).itemsize
+        col = index_dtype(max(cols - 1, 0)).itemsize
+        return (rows + 1) * crow + nnz * (col + es) + negzero
+    if encoding == "nm":
+        nn, m = nm
+        k = rows * (cols // m) * nn
+        return k * es + (k * _index_bits(m) + 7) // 8 + negzero
+    raise AssertionError(encoding)
+
+
+def _nm_problem(t: torch.Tensor, nz_flat: torch.Tensor, n: int, m: int) -> str | None:
+    """Why N:M packing does not apply to ``t`` (None when it does)."""
+    rows, cols = view_2d_shape(t.shape)
+    if cols % m:
+        return (f"last dimension of the 2-D view {rows}x{cols} (shape {tuple(t.shape)}) "
+                f"is not divisible by M={m}")
+    counts = _nm_group_counts(nz_flat, t.shape, m)
+    bad = counts > n
+    if bool(bad.any()):
+        r, g = (int(v) for v in bad.nonzero()[0])
+        return (f"{int(bad.sum())} group(s) of {m} have more than {n} non-zeros, e.g. row {r}, "
+                f"columns {g * m}..{g * m + m - 1} hold {int(counts[r, g])}")
+    return None
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def is_nm(t: torch.Tensor, n: int, m: int) -> bool:
+    """True when every group of ``m`` along the 2-D view's last dim has at most ``n`` non-zeros."""
+    n, m = _check_nm((n, m))
+    t = _check_tensor(t)
+    return _nm_problem(t, _nonzero_mask(t), n, m) is None
+
+
+def encode(t: torch.Tensor, encoding: str, nm: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Encode ``t``; returns component name -> contiguous CPU tensor.
+
+    ``dense`` returns the tensor itself (detached, on CPU, contiguous: it may alias ``t``).
+    Raises :class:`FormatError` for an unknown encoding or when ``nm`` does not apply.
+    """
+    _check_encoding(encoding)
+    t = _check_tensor(t)
+    if encoding == "dense":
+        return {"values": t}
+
+    nz = _nonzero_mask(t)
+    bits = _bits(t)
+    if encoding == "nm":
+        if nm is None:
+            raise FormatError("encoding 'nm' needs nm=(N, M)")
+        n, m = _check_nm(nm)
+        problem = _nm_problem(t, nz, n, m)
+        if problem:
+            raise FormatError(f"N:M {n}:{m} packing does not apply: {problem}")
+        comps = _encode_nm(t, bits, nz, n, m)
+    elif encoding == "bitmask":
+        comps = {"mask": _pack_bits(nz), "values": _select(bits, nz).view(t.dtype)}
+    else:  # csr
+        rows, cols = view_2d_shape(t.shape)
+        nz2 = nz.view(rows, cols)
+        nnz = int(nz.sum())
+        crow = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(nz2.sum(1), 0)])
+        col_dtype = index_dtype(max(cols - 1, 0))
+        # Selecting from a broadcast arange builds the column indices directly in the small
+        # dtype, never as int64 (row, col) pairs like nonzero() would.
+        col = _select(torch.arange(cols, dtype=col_dtype).expand(rows, cols), nz2)
+        comps = {
+            "crow_indices": crow.to(index_dtype(nnz)),
+            "col_indices": col,
+            "values": _select(bits, nz).view(t.dtype),
+        }
+    if _has_negzero(t):
+        comps["negzero"] = _pack_bits(_negzero_signs(t, nz))
+    return {k: v.contiguous() for k, v in comps.items()}
+
+
+def _negzero_signs(t: torch.Tensor, nz: torch.Tensor) -> torch.Tensor:
+    """Sign bits (True = -0.0) of every zero element, row-major."""
+    return _select(_bits(t), ~nz) == _NEGZERO_BITS[t.element_size()]
+
+
+def _encode_nm(t, bits, nz, n, m):
+    rows, cols = view_2d_shape(t.shape)
+    groups = cols // m
+    nz3 = nz.view(rows, groups, m)
+    counts = nz3.sum(-1, keepdim=True, dtype=torch.int32)
+    # Pad short groups with their lowest-index zeros: a zero is kept while its rank among the
+    # group's zeros is below the number of missing slots.
+    zero = ~nz3
+    zero_rank = torch.cumsum(zero, -1, dtype=torch.int32)
+    keep = nz3 | (zero & (zero_rank <= (n - counts)))
+    pos_dtype = torch.uint8 if m <= 256 else torch.int32
+    pos = _select(torch.arange(m, dtype=pos_dtype).expand(rows, groups, m), keep)
+    values = _select(bits.view(rows, groups, m), keep).view(t.dtype).view(rows, groups * n)
+    nbits = _index_bits(m)
+    return {"values": values, "indices": _pack_indices(pos.numpy(), nbits)}
+
+
+def _need(components: dict, names) -> None:
+    missing = [c for c in names if c not in components]
+    if missing:
+        raise FormatError(f"missing component(s) {missing}; got {sorted(components)}")
+
+
+def _expect_numel(name: str, c: torch.Tensor, numel: int) -> None:
+    if c.numel() != numel:
+        raise FormatError(f"component {name!r} has {c.numel()} elements, expected {numel}")
+
+
+def decode(components: dict[str, torch.Tensor], encoding: str, shape, dtype,
+           nm: tuple[int, int] | None = None) -> torch.Tensor:
+    """Bit-exact inverse of :func:`encode`. Raises :class:`FormatError` on inconsistent components."""
+    _check_encoding(encoding)
+    dtype = _as_dtype(dtype)
+    shape = tuple(int(s) for s in shape)
+    numel = math.prod(shape)
+    es = torch.empty((), dtype=dtype).element_size()
+    bits_dtype = _BITS_DTYPE[es]
+
+    if encoding == "dense":
+        _need(components, ["values"])
+        v = components["values"]
+        _expect_numel("values", v, numel)
+        if v.dtype != dtype:
+            raise FormatError(f"component 'values' has dtype {v.dtype}, expected {dtype}")
+        return v.reshape(shape)
+
+    _need(components, ["values"])
+    values = components["values"]
+    if values.dtype != dtype:
+        raise FormatError(f"component 'values' has dtype {values.dtype}, expected {dtype}")
+    vbits = values.contiguous().reshape(-1).view(bits_dtype)
+    out = torch.zeros(numel, dtype=bits_dtype)
+    rows, cols = view_2d_shape(shape)
+
+    if encoding == "bitmask":
+        _need(components, ["mask"])
+        _expect_numel("mask", components["mask"], (numel + 7) // 8)
+        nz = _unpack_bits(components["mask"], numel)
+        nnz = int(nz.sum())
+        _expect_numel("values", values, nnz)
+        out.numpy()[nz.numpy()] = vbits.numpy()
+    elif encoding == "csr":
+        _need(components, ["crow_indices", "col_indices"])
+        crow = components["crow_indices"].to(torch.int64)
+        col = components["col_indices"].to(torch.int64)
+        _expect_numel("crow_indices", crow, rows + 1)
+        nnz = values.numel()
+        _expect_numel("col_indices", col, nnz)
+        counts = crow.diff()
+        if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((counts < 0).any()):
+            raise FormatError("component 'crow_indices' is inconsistent (not 0..nnz, non-decreasing)")
+        if nnz and (int(col.min()) < 0 or int(col.max()) >= cols):
+            raise FormatError(f"component 'col_indices' holds a column outside 0..{cols - 1}")
+        row = torch.repeat_interleave(torch.arange(rows), counts)
+        flat = row * cols + col
+        # A repeated (row, col) would silently overwrite a value.
+        if int(torch.zeros(numel, dtype=torch.bool).index_fill_(0, flat, True).sum()) != nnz:
+            raise FormatError("component 'col_indices' repeats a column within a row")
+        out[flat] = vbits
+    else:  # nm
+        if nm is None:
+            raise FormatError("encoding 'nm' needs nm=(N, M)")
+        n, m = _check_nm(nm)
+        if cols % m:
+            raise FormatError(f"N:M {n}:{m} does not fit shape {shape}")
+        _need(components, ["indices"])
+        k = rows * (cols // m) * n
+        nbits = _index_bits(m)
+        _expect_numel("values", values, k)
+        _expect_numel("indices", components["indices"], (k * nbits + 7) // 8)
+        pos = torch.from_numpy(_unpack_indices(components["indices"], k, nbits).astype(np.int64))
+        if k and int(pos.max()) >= m:
+            raise FormatError(f"component 'indices' holds an in-group position >= M={m}")
+        pos = pos.view(rows, cols // m, n)
+        out3 = out.view(rows, cols // m, m)
+        out3.scatter_(-1, pos, vbits.view(rows, cols // m, n))
+        nz = torch.zeros(rows, cols // m, m, dtype=torch.bool).scatter_(-1, pos, True).view(-1)
+        if int(nz.sum()) != k:
+            raise FormatError("component 'indices' repeats a position within a group")
+
+    if "negzero" in components:
+        # Stored values are exact and everything else was a zero, so the decoded tensor's
+        # zero set (ignoring signs) is the original's, in the same row-major order.
+        mag = out & _MAGNITUDE_MASK[es] if dtype.is_floating_point else out
+        zero_idx = (mag == 0).nonzero().squeeze(1)
+        _expect_numel("negzero", components["negzero"], (zero_idx.numel() + 7) // 8)
+        signs = _unpack_bits(components["negzero"], zero_idx.numel())
+        out[zero_idx[signs]] = _NEGZERO_BITS[es]
+    return out.view(dtype).reshape(shape)
+
+
+def encoded_nbytes(t: torch.Tensor, encoding: str, nm: tuple[int, int] | None = None) -> int:
+    """Exact total bytes of ``encode(t, encoding, nm)``'s components, without building them."""
+    _check_encoding(encoding)
+    t = _check_tensor(t)
+    if encoding == "nm":
+        if nm is None:
+            raise FormatError("encoding 'nm' needs nm=(N, M)")
+        n, m = _check_nm(nm)
+        problem = _nm_problem(t, _nonzero_mask(t), n, m)
+        if problem:
+            raise FormatError(f"N:M {n}:{m} packing does not apply: {problem}")
+        nm = (n, m)
+    if encoding == "dense":
+        return t.numel() * t.element_size()
+    return _nbytes_from_stats(tensor_stats(t), encoding, nm)
+
+
+def theoretical_nbytes(shape, dtype, encoding: str, nnz: int, nm: tuple[int, int] | None = None) -> float:
+    """Ideal size in bytes of an encoding, for comparing against real files.
+
+    Index fields take exactly as many bits as they need, nothing is rounded to bytes, signs of
+    zeros are not counted (an ideal writer would canonicalise -0.0), and there is no container
+    overhead (safetensors header, JSON metadata, alignment):
+
+    * dense:   ``n*es``
+    * bitmask: ``n/8 + nnz*es``
+    * csr:     ``((R+1)*ceil(log2(nnz+1)) + nnz*ceil(log2 C)) / 8 + nnz*es``
+    * nm:      ``K*es + K*log2(M)/8`` with ``K = n*N/M`` (nnz is ignored: padding is stored)
+    """
+    _check_encoding(encoding)
+    es = torch.empty((), dtype=_as_dtype(dtype)).element_size()
+    n = math.prod(int(s) for s in shape)
+    if encoding == "dense":
+        return float(n * es)
+    if encoding == "bitmask":
+        return n / 8 + nnz * es
+    rows, cols = view_2d_shape(shape)
+    if encoding == "csr":
+        return ((rows + 1) * math.ceil(math.log2(nnz + 1)) + nnz * math.ceil(math.log2(max(cols, 1)))) / 8 + nnz * es
+    nn, m = _check_nm(nm)
+    k = n * nn / m
+    return k * es + k * math.log2(m) / 8
+
+
+def choose_encoding(t: torch.Tensor, nm_hint: tuple[int, int] | None = None) -> tuple[str, dict]:
+    """Pick the smallest applicable encoding; returns ``(name, kwargs)`` for :func:`encode`.
+
+    Candidates: dense, then N:M (only ``nm_hint`` if given, else each of :data:`COMMON_NM`
+    that applies), then bitmask, then csr. A candidate must be strictly smaller than the best
+    one before it, so ties keep the earlier one and dense wins when nothing beats it.
+    """
+    t = _check_tensor(t)
+    st = tensor_stats(t)
+    best, best_kw = "dense", {}
+    best_size = _nbytes_from_stats(st, "dense", None)
+    candidates: list[tuple[str, dict]] = []
+    nz = None
+    for pair in ([_check_nm(nm_hint)] if nm_hint is not None else COMMON_NM):
+        n, m = pair
+        if st.nnz * m > st.numel * n:  # too many non-zeros overall: skip the group scan
+            continue
+        if nz is None:
+            nz = _nonzero_mask(t)
+        if _nm_problem(t, nz, *pair) is None:
+            candidates.append(("nm", {"nm": tuple(pair)}))
+    candidates += [("bitmask", {}), ("csr", {})]
+    for name, kw in candidates:
+        size = _nbytes_from_stats(st, name, kw.get("nm"))
+        if size < best_size:
+            best, best_kw, best_size = name, kw, size
+    return best, best_kw

@@ -1,0 +1,402 @@
+"""One file on disk: encoded tensors in a safetensors file with a JSON header.
+
+Layout
+------
+A plain safetensors file (8-byte little-endian header length, JSON header, byte buffer), so
+``safetensors.torch.load_file`` reads it and returns the *component* tensors. Component keys:
+a dense tensor is stored under its own name (other tools see it as is); any other encoding
+stores ``"<name>::<component>"`` (``"::"`` is therefore not allowed in names).
+
+The safetensors header's ``__metadata__`` holds ``"format": "pt"`` and ``"sparsecraft"``, a
+JSON string::
+
+    {
+      "format": "sparsecraft",
+      "version": 1,
+      "tensors": {
+        "<name>": {
+          "shape": [576, 1536], "dtype": "float16",
+          "encoding": "nm", "nm": [2, 4],          # nm is null unless encoding == "nm"
+          "pattern": "2:4",                          # caller's, else inferred
+          "sparsity": 0.5, "nnz": 442368,            # measured (+0.0 and -0.0 are zeros)
+          "target_sparsity": 0.5,                    # only if the caller gave "sparsity"
+          "nbytes": 608256,                          # encoded bytes (sum of components)
+          "components": {"values": "<name>::values", "indices": "<name>::indices"},
+          "component_sha256": {"values": "...", "indices": "..."},
+          "sha256": "...",                           # of the decoded tensor's raw bytes
+          "attrs": {...}                             # other keys the caller put in info[name]
+        }
+      },
+      "extra": {...}                                 # free-form, for model-level information
+    }
+
+Reading parses the safetensors layout directly so that a truncated, altered or malformed file
+fails with a :class:`~sparsecraft.errors.FormatError` naming the logical tensor. Each tensor
+is checked twice: every component against its SHA-256 before decoding, and the decoded tensor
+against ``sha256``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import stat
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from sparsecraft.errors import FormatError, SparsecraftError
+from sparsecraft.formats import encodings as enc
+
+__all__ = ["FORMAT_VERSION", "write_tensors", "read_tensors", "read_header"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_SEP = "::"
+_INFO_KEYS = ("pattern", "sparsity", "nm")
+
+# safetensors dtype codes -> torch dtypes (only those torch can hold in this process).
+_ST_DTYPES = {
+    code: getattr(torch, name)
+    for code, name in [
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+        ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"),
+        ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"), ("U8", "uint8"), ("BOOL", "bool"),
+    ]
+    if hasattr(torch, name)
+}
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+_UMASK = _umask()  # read once: os.umask can only be read by setting it
+
+
+def _sha256(t: torch.Tensor) -> str:
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(memoryview(raw)).hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _parse_nm(value) -> tuple[int, int] | None:
+    """An N:M hint from ``(n, m)``, ``[n, m]`` or a ``"n:m"`` pattern string."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value)
+        return enc._check_nm((match[1], match[2])) if match else None
+    return enc._check_nm(value)
+
+
+def _check_names(tensors: dict, info: dict, encoding) -> None:
+    if not isinstance(tensors, dict):
+        raise FormatError(f"tensors must be a dict of name -> Tensor, got {type(tensors).__name__}")
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not name or _SEP in name or name == "__metadata__":
+            raise FormatError(f"invalid tensor name {name!r}: must be a non-empty string without {_SEP!r}")
+        if not isinstance(t, torch.Tensor):
+            raise FormatError(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+    unknown = [n for n in info if n not in tensors]
+    if isinstance(encoding, dict):
+        unknown += [n for n in encoding if n not in tensors]
+    if unknown:
+        raise FormatError(f"info/encoding given for unknown tensor(s) {sorted(set(unknown))}")
+
+
+def _encode_one(name: str, t: torch.Tensor, meta: dict, encoding: str) -> tuple[dict, dict]:
+    """Encode one tensor; returns (components, header entry). Errors name the tensor."""
+    try:
+        nm_hint = _parse_nm(meta.get("nm")) or _parse_nm(meta.get("pattern"))
+        if encoding == "auto":
+            encoding, kwargs = enc.choose_encoding(t, nm_hint=nm_hint)
+        elif encoding == "nm":
+            if nm_hint is None:
+                raise FormatError("encoding 'nm' needs an N:M hint: info[name]['nm'] or an 'N:M' pattern")
+            kwargs = {"nm": nm_hint}
+        else:
+            enc._check_encoding(encoding)
+            kwargs = {}
+        comps = enc.encode(t, encoding, **kwargs)
+        stats = enc.tensor_stats(t)
+    except SparsecraftError as e:
+        raise type(e)(f"tensor {name!r}: {e}") from None
+
+    nm = list(kwargs["nm"]) if encoding == "nm" else None
+    pattern = meta.get("pattern")
+    if pattern is None:  # inferred from what was stored
+        pattern = f"{nm[0]}:{nm[1]}" if nm else ("unstructured" if stats.nnz < stats.numel else "dense")
+    entry = {
+        "shape": list(t.shape),
+        "dtype": _dtype_name(t.dtype),
+        "encoding": encoding,
+        "nm": nm,
+        "pattern": str(pattern),
+        "sparsity": stats.sparsity,
+        "nnz": stats.nnz,
+    }
+    if meta.get("sparsity") is not None:
+        entry["target_sparsity"] = float(meta["sparsity"])
+    entry["nbytes"] = sum(c.numel() * c.element_size() for c in comps.values())
+    entry["components"] = {c: (name if encoding == "dense" else f"{name}{_SEP}{c}") for c in comps}
+    entry["component_sha256"] = {c: _sha256(v) for c, v in comps.items()}
+    entry["sha256"] = entry["component_sha256"]["values"] if encoding == "dense" else _sha256(t)
+    attrs = {k: v for k, v in meta.items() if k not in _INFO_KEYS}
+    if attrs:
+        entry["attrs"] = attrs
+    return comps, entry
+
+
+def _unshare(flat: dict[str, torch.Tensor]) -> None:
+    """Clone tensors whose memory overlaps an earlier one (tied weights): safetensors refuses them."""
+    spans: list[tuple[int, int]] = []
+    for key, t in flat.items():
+        if t.numel() == 0:
+            continue
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        if any(start < e and s < end for s, e in spans):
+            flat[key] = t.clone()
+            start = flat[key].data_ptr()
+            end = start + t.numel() * t.element_size()
+        spans.append((start, end))
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_tensors(path, tensors: dict[str, torch.Tensor], info: dict[str, dict] | None = None,
+                  extra: dict | None = None, overwrite: bool = False,
+                  encoding: str | dict[str, str] = "auto") -> dict:
+    """Encode ``tensors`` and write them to ``path`` atomically; returns the header written.
+
+    ``info[name]`` may carry ``"pattern"`` (free string, e.g. ``"2:4"``), ``"sparsity"`` (the
+    target, stored as ``target_sparsity``) and ``"nm"`` (an ``(N, M)`` hint; an ``"N:M"``
+    pattern also serves as one); other JSON keys are kept under ``attrs``. ``encoding`` is
+    ``"auto"`` (smallest, see :func:`~sparsecraft.formats.encodings.choose_encoding`), one
+    encoding name for all tensors, or a dict name -> encoding (missing names: auto).
+
+    Everything is encoded and validated before the file system is touched. The file is written
+    to a temporary file in the same directory, fsynced, then moved into place, so ``path``
+    holds either its old content or the complete new file, and a failed write leaves no
+    temporary file behind. Raises :class:`FormatError` when ``path`` exists and ``overwrite``
+    is false, when its directory is missing, or for bad input.
+    """
+    path = Path(os.fspath(path))
+    info = dict(info or {})
+    extra = dict(extra or {})
+    parent = path.parent
+    if not parent.is_dir():
+        raise FormatError(f"cannot write {path}: directory {parent} does not exist")
+    if path.is_dir():
+        raise FormatError(f"cannot write {path}: it is a directory")
+    if path.exists() and not overwrite:
+        raise FormatError(f"{path} exists; pass overwrite=True to replace it")
+    _check_names(tensors, info, encoding)
+    for name, meta in info.items():
+        if not isinstance(meta, dict):
+            raise FormatError(f"info[{name!r}] must be a dict, got {type(meta).__name__}")
+
+    flat: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    for name, t in tensors.items():
+        choice = encoding.get(name, "auto") if isinstance(encoding, dict) else encoding
+        comps, entry = _encode_one(name, t, info.get(name, {}), choice)
+        for c, v in comps.items():
+            flat[entry["components"][c]] = v
+        entries[name] = entry
+        log.debug("encoded %s as %s (%d bytes)", name, entry["encoding"], entry["nbytes"])
+    header = {"format": "sparsecraft", "version": FORMAT_VERSION, "tensors": entries, "extra": extra}
+    try:
+        header_json = json.dumps(header, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"info/extra must be JSON-serialisable (no NaN/inf): {e}") from None
+    _unshare(flat)
+
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_UMASK
+    fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        save_file(flat, tmp, metadata={"format": "pt", "sparsecraft": header_json})
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, mode)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            # link() refuses to clobber, so a file created meanwhile by someone else survives.
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FormatError(f"{path} exists; pass overwrite=True to replace it") from None
+            tmp.unlink()
+        _fsync_dir(parent)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (FormatError, KeyboardInterrupt)):
+            raise
+        if isinstance(e, Exception):
+            raise FormatError(f"could not write {path}: {e}") from e
+        raise
+    log.info("wrote %d tensors to %s (%d bytes)", len(entries), path, path.stat().st_size)
+    return header
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_layout(f, path: Path, size: int) -> tuple[dict, dict, int]:
+    """Parse the safetensors header: (safetensors header, sparsecraft header, data start)."""
+    if size < 8:
+        raise FormatError(f"{path}: truncated header: file has {size} bytes, a safetensors file needs at least 8")
+    n = int.from_bytes(f.read(8), "little")
+    if n > size - 8:
+        raise FormatError(f"{path}: truncated header: header needs bytes 8..{8 + n}, file has {size}")
+    try:
+        st_header = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: malformed safetensors header (not valid JSON): {e}") from None
+    if not isinstance(st_header, dict):
+        raise FormatError(f"{path}: malformed safetensors header: expected a JSON object")
+    meta = st_header.get("__metadata__")
+    if not isinstance(meta, dict) or "sparsecraft" not in meta:
+        raise FormatError(f"{path}: not a sparsecraft file (no 'sparsecraft' metadata); "
+                          "plain safetensors files load with safetensors.torch.load_file")
+    try:
+        header = json.loads(meta["sparsecraft"])
+    except (TypeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: malformed sparsecraft metadata (not valid JSON): {e}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("tensors"), dict):
+        raise FormatError(f"{path}: malformed sparsecraft metadata: no 'tensors' table")
+    version = header.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FormatError(f"{path}: format version {version!r} is not supported "
+                          f"(this sparsecraft reads up to {FORMAT_VERSION})")
+    return st_header, header, 8 + n
+
+
+def read_header(path) -> dict:
+    """The sparsecraft header of ``path`` (what :func:`write_tensors` returned); reads no tensor data."""
+    path = Path(os.fspath(path))
+    try:
+        with open(path, "rb") as f:
+            return _read_layout(f, path, os.fstat(f.fileno()).st_size)[1]
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a directory, not a file") from None
+
+
+def _component_spans(name: str, entry: dict, st_header: dict, data_start: int, size: int,
+                     path: Path) -> dict[str, tuple[str, torch.dtype, list[int], int, int]]:
+    """Validate where each component of ``name`` lives: comp -> (key, dtype, shape, start, end)."""
+    spans = {}
+    comps = entry.get("components")
+    if not isinstance(comps, dict) or not comps:
+        raise FormatError(f"{path}: tensor {name!r} has no component table in the header")
+    for comp, key in comps.items():
+        desc = st_header.get(key)
+        if not isinstance(desc, dict):
+            raise FormatError(f"{path}: tensor {name!r} is missing component {comp!r} (key {key!r})")
+        try:
+            dtype = _ST_DTYPES[desc["dtype"]]
+            shape = [int(s) for s in desc["shape"]]
+            begin, end = (int(x) for x in desc["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{path}: tensor {name!r}: malformed header entry for {key!r}: {desc}") from None
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if begin < 0 or end - begin != nbytes:
+            raise FormatError(f"{path}: tensor {name!r}: header entry for {key!r} has data_offsets "
+                              f"{[begin, end]} but shape {shape} needs {nbytes} bytes")
+        a, b = data_start + begin, data_start + end
+        if b > size:
+            raise FormatError(f"{path}: tensor {name!r} is truncated: component {comp!r} needs bytes "
+                              f"{a}..{b}, file has {size}")
+        spans[comp] = (key, dtype, shape, a, b)
+    return spans
+
+
+def _read_component(f, dtype: torch.dtype, shape: list[int], start: int, end: int) -> torch.Tensor:
+    n = end - start
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    # Own buffer per component (not an mmap), so nothing aliases the file after it closes.
+    buf = bytearray(n)
+    f.seek(start)
+    if f.readinto(buf) != n:
+        raise EOFError
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def read_tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict]:
+    """Read and decode every tensor of ``path``: ``(tensors, per-tensor header entries, extra)``.
+
+    Raises :class:`FormatError` for a missing file, a truncated or malformed header, a tensor
+    whose bytes run past the end of the file, or a checksum mismatch; the last two name the
+    tensor. All layouts are validated before any data is read.
+    """
+    path = Path(os.fspath(path))
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a directory, not a file") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        st_header, header, data_start = _read_layout(f, path, size)
+        entries = header["tensors"]
+        spans = {name: _component_spans(name, e, st_header, data_start, size, path)
+                 for name, e in entries.items()}
+        tensors: dict[str, torch.Tensor] = {}
+        for name, entry in entries.items():
+            comps = {}
+            for comp, (key, dtype, shape, a, b) in spans[name].items():
+                try:
+                    comps[comp] = _read_component(f, dtype, shape, a, b)
+                except EOFError:
+                    raise FormatError(f"{path}: tensor {name!r} is truncated: component {comp!r} "
+                                      f"needs bytes {a}..{b}, file ended early") from None
+                want = entry.get("component_sha256", {}).get(comp)
+                if want is not None and _sha256(comps[comp]) != want:
+                    raise FormatError(f"{path}: checksum mismatch for tensor {name!r} (component "
+                                      f"{comp!r}): the file was altered or corrupted")
+            try:
+                t = enc.decode(comps, entry["encoding"], entry["shape"], entry["dtype"], nm=entry.get("nm"))
+            except (FormatError, KeyError, TypeError) as e:
+                raise FormatError(f"{path}: tensor {name!r} cannot be decoded: {e}") from None
+            # A dense tensor is its component, already verified above.
+            if entry["encoding"] != "dense" and _sha256(t) != entry.get("sha256"):
+                raise FormatError(f"{path}: checksum mismatch for tensor {name!r}: the decoded data "
+                                  "differs from what was written; the file was altered or corrupted")
+            tensors[name] = t
+    log.debug("read %d tensors from %s", len(tensors), path)
+    return tensors, {n: dict(e) for n, e in entries.items()}, header.get("extra", {})
