@@ -85,6 +85,8 @@ _UMASK = _umask()  # read once: os.umask can only be read by setting it
 
 
 def _sha256(t: torch.Tensor) -> str:
+    if t.numel() == 0:  # an empty tensor cannot be viewed as bytes
+        return hashlib.sha256(b"").hexdigest()
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
     return hashlib.sha256(memoryview(raw)).hexdigest()
 
