@@ -5,15 +5,23 @@ Functional solvers (torch on the inputs' device; numpy in, numpy out) return a
 """
 
 from ._common import DivergenceError, RecoveryError, RecoveryResult
+from .amp import amp, amp_step
 from .convex import cv_lambda, fista, lambda_max, soft_threshold, universal_lambda
 from .greedy import kron_omp, omp
 from .operators import (DenseOperator, KroneckerOperator, LinearOperator, PartialDFTOperator,
                         as_operator, kron_apply)
+from . import discovery
+from .discovery import lorenz63, polynomial_library, sbl_threshold, stlsq
+from .estimators import (AMP, OMP, SBL, BlockSBL, EquationDiscovery, KroneckerOMP, KroSBL, Lasso,
+                         PatternCoupledSBL)
 from .sbl import block_sbl, pc_sbl, sbl, sbl_posterior
+from .krosbl import am_mstep, kron_posterior, krosbl, rank_one_fit
 
 __all__ = [
+    "AMP", "BlockSBL", "EquationDiscovery", "KroSBL", "KroneckerOMP", "Lasso", "OMP",
+    "PatternCoupledSBL", "SBL", "discovery", "lorenz63", "polynomial_library", "sbl_threshold", "stlsq",
     "DenseOperator", "DivergenceError", "KroneckerOperator", "LinearOperator",
     "PartialDFTOperator", "RecoveryError", "RecoveryResult", "as_operator", "block_sbl",
-    "cv_lambda", "fista", "kron_apply", "kron_omp", "lambda_max", "omp", "pc_sbl", "sbl",
+    "am_mstep", "amp", "amp_step", "cv_lambda", "fista", "kron_posterior", "krosbl", "rank_one_fit", "kron_apply", "kron_omp", "lambda_max", "omp", "pc_sbl", "sbl",
     "sbl_posterior", "soft_threshold", "universal_lambda",
 ]
