@@ -1,0 +1,227 @@
+"""The ``sparsecraft`` command line.
+
+Results go to standard output; diagnostics go through ``logging`` to standard error.
+Bad arguments and bad input exit with code 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import SparsecraftError
+
+log = logging.getLogger("sparsecraft.cli")
+
+EPILOG_PRUNE = """examples:
+  sparsecraft prune smollm2-135m --sparsity 0.5 --out pruned/
+  sparsecraft prune smollm2-135m --pattern 2:4 --out pruned-24/
+  sparsecraft prune ./my-hf-model --allocation global --sparsity 0.7 \\
+      --exclude 're:.*self_attn.*' --override '*.down_proj.*=0.5' --out pruned/
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line and exits 2."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _sparsity_arg(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity must be a number, got '{text}'") from None
+
+
+def _override_arg(text: str) -> tuple[str, float]:
+    rule, sep, value = text.rpartition("=")
+    if not sep or not rule:
+        raise argparse.ArgumentTypeError(f"override must look like RULE=SPARSITY, got '{text}'")
+    try:
+        return rule, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"override sparsity must be a number in '{text}'") from None
+
+
+def _shape_arg(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.replace("x", ",").split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input shape must look like 1,512, got '{text}'") from None
+    if not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"input shape needs positive sizes, got '{text}'")
+    return shape
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="sparsecraft",
+        description="Make neural networks sparse, keep them good, and ship them small.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only, no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser(
+        "prune",
+        help="prune a model once and save it compressed",
+        description="Prune MODEL (a named model such as smollm2-135m, a Hugging Face folder, "
+        "or a sparsecraft checkpoint) and save the result compressed to --out.",
+        epilog=EPILOG_PRUNE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="named model (smollm2-135m, minilm-l6) or a folder")
+    p.add_argument("--out", required=True, help="output folder (or file ending in .safetensors)")
+    p.add_argument("--method", default="magnitude", help="pruning method (default: magnitude)")
+    p.add_argument("--sparsity", type=_sparsity_arg, default=None,
+                   help="fraction of weights to remove, in [0, 1) (default 0.5; N:M fixes it)")
+    p.add_argument("--pattern", default="unstructured",
+                   help="unstructured | N:M (e.g. 2:4) | block:RxC | rows (default: unstructured)")
+    p.add_argument("--allocation", default="uniform", help="uniform | global | erk (default: uniform)")
+    p.add_argument("--include", action="append", default=[], metavar="RULE",
+                   help="only these parameters (glob or re:regex); repeatable")
+    p.add_argument("--exclude", action="append", default=[], metavar="RULE",
+                   help="skip these parameters (glob or re:regex); repeatable")
+    p.add_argument("--override", action="append", default=[], type=_override_arg, metavar="RULE=S",
+                   help="pin the sparsity of matching layers; repeatable")
+    p.add_argument("--max-sparsity", type=float, default=0.99, help="per-layer cap for global allocation")
+    p.add_argument("--fallback", default="error", help="error | skip | unstructured for layers the pattern cannot tile")
+    p.add_argument("--seed", type=int, default=0, help="seed for random methods")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    r = sub.add_parser("report", help="per-layer sparsity, size and FLOPs of a model or checkpoint",
+                       description="Print a per-layer report of MODEL (checkpoint, folder or named model).")
+    r.add_argument("model", help="checkpoint folder, Hugging Face folder or named model")
+    r.add_argument("--input-shape", type=_shape_arg, default=None, metavar="SHAPE",
+                   help="input shape for FLOPs, e.g. 1,512 (token ids for language models)")
+    r.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    r.add_argument("--plot", metavar="FILE", help="also write a PNG plot of per-layer sparsity")
+
+    i = sub.add_parser("info", help="what a saved file holds (header only, fast)",
+                       description="Show encoding, pattern, sparsity and size of every tensor in a checkpoint.")
+    i.add_argument("path", help="checkpoint folder or .safetensors file")
+    i.add_argument("--json", action="store_true", help="print the header as JSON")
+
+    d = sub.add_parser("demo", help="the end-to-end demo on SmolLM2-135M",
+                       description="Load SmolLM2-135M, measure perplexity, prune, save, reload, compare.")
+    d.add_argument("--out", default="demo_out", help="folder for the demo's files (default: demo_out)")
+    d.add_argument("--method", default="magnitude")
+    d.add_argument("--sparsity", type=_sparsity_arg, default=0.5)
+    d.add_argument("--pattern", default="unstructured")
+    return parser
+
+
+def _configure_logging(args) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _cmd_prune(args) -> int:
+    from . import models
+    from .checkpoint import save
+    from .prune import PruneConfig, prune_
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SparsecraftError(f"'{out}' exists; pass --overwrite to replace it")
+    config = PruneConfig(
+        method=args.method,
+        sparsity=args.sparsity if args.sparsity is not None else (None if ":" in args.pattern else 0.5),
+        pattern=args.pattern,
+        allocation=args.allocation,
+        targets={"include": args.include, "exclude": args.exclude},
+        overrides=dict(args.override),
+        max_sparsity=args.max_sparsity,
+        fallback=args.fallback,
+        seed=args.seed,
+    )
+    start = time.perf_counter()
+    model, tok = models.load(args.model)
+    log.info("loaded %s in %.1f s", args.model, time.perf_counter() - start)
+    start = time.perf_counter()
+    state = prune_(model, config, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    state.finalize_()
+    save(model, out, overwrite=args.overwrite, tokenizer=tok)
+    _out(f"pruned {len(state.info) or 'all'} targets of {args.model} with {args.method} "
+         f"({config.pattern_obj}) in {seconds:.1f} s; saved to {out}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from . import models
+    from .report import report
+
+    model, _ = models.load(args.model)
+    rep = report(model, input_shape=args.input_shape)
+    _out(str(rep))
+    if args.json:
+        rep.to_json(args.json)
+    if args.plot:
+        rep.plot(args.plot)
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .checkpoint import _tensor_file
+    from .formats import read_header
+
+    path = _tensor_file(Path(args.path))
+    if not path.is_file():
+        raise SparsecraftError(f"no checkpoint at '{args.path}'")
+    header = read_header(path)
+    if args.json:
+        _out(json.dumps(header, indent=2, default=str))
+        return 0
+    tensors = header.get("tensors", {})
+    _out(f"{path}  ({path.stat().st_size:,} bytes, format version {header.get('version', '?')})")
+    width = max((len(n) for n in tensors), default=4)
+    _out(f"{'tensor'.ljust(width)}  {'shape':>14}  {'dtype':>8}  {'encoding':>8}  {'pattern':>12}  {'sparsity':>8}")
+    for name, t in tensors.items():
+        shape = "x".join(map(str, t.get("shape", [])))
+        sparsity = t.get("sparsity")
+        _out(
+            f"{name.ljust(width)}  {shape:>14}  {str(t.get('dtype', '')):>8}  {t.get('encoding', ''):>8}  "
+            f"{str(t.get('pattern', '')):>12}  {'' if sparsity is None else f'{sparsity:.4f}':>8}"
+        )
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+             progress=not args.quiet)
+    return 0
+
+
+COMMANDS = {"prune": _cmd_prune, "report": _cmd_report, "info": _cmd_info, "demo": _cmd_demo}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _configure_logging(args)
+    try:
+        return COMMANDS[args.command](args)
+    except SparsecraftError as exc:
+        sys.stderr.write(f"sparsecraft {args.command}: error: {' '.join(str(exc).split())}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

