@@ -1,0 +1,30 @@
+"""One-shot (post-training) pruning: the pure per-layer tensor math.
+
+One file per method; every function takes tensors and returns tensors, with no hooks and
+no module walking. The block-by-block driver that collects calibration statistics and
+calls these functions lives elsewhere.
+
+* :mod:`.stats`: input statistics accumulated batch by batch (norms, mean/var, Hessian).
+* :mod:`.wanda`: Wanda scores and masks; registers the ``wanda`` criterion.
+* :mod:`.sparsegpt`: the SparseGPT OBS solver with escalating damping.
+* :mod:`.reconstruction`: ``||WX - W'X|| / ||WX||`` from inputs or a Hessian.
+"""
+
+from .reconstruction import relative_reconstruction_error
+from .sparsegpt import SolverError, inverse_cholesky_upper, sparsegpt_prune
+from .stats import HessianAccumulator, InputNormAccumulator
+from .wanda import Wanda, row_prune_counts, rowwise_keep_mask, wanda_mask, wanda_scores
+
+__all__ = [
+    "InputNormAccumulator",
+    "HessianAccumulator",
+    "wanda_scores",
+    "wanda_mask",
+    "row_prune_counts",
+    "rowwise_keep_mask",
+    "Wanda",
+    "sparsegpt_prune",
+    "SolverError",
+    "inverse_cholesky_upper",
+    "relative_reconstruction_error",
+]

@@ -1,0 +1,280 @@
+"""SparseGPT (Frantar & Alistarh 2023): OBS pruning with lazy column-block updates.
+
+Pure tensor math on one layer: ``sparsegpt_prune(weight, hessian, ...)`` returns a new
+weight, its keep-mask and an info dict; the input weight is never modified, so a failure
+leaves the layer as it was.
+
+The solver, per output row ``w`` and with ``H = 2/n X^T X`` (+ damping):
+
+* dead inputs (zero diagonal of ``H``) get ``H_jj = 1`` and a zero weight column: the
+  channel never fires, so its weights do nothing and the factorisation stays regular;
+* ``U`` = the upper Cholesky factor of ``H^-1``. Row ``j`` of ``U`` divided by ``U_jj``
+  is the OBS update direction for column ``j`` given that columns ``< j`` are frozen,
+  and ``U_jj^2 = [H_F^-1]_jj`` for the remaining columns ``F = {j, ..}``;
+* columns are processed left to right; pruning column ``j`` costs
+  ``w_j^2 / (2 U_jj^2)`` and moves the not-yet-processed columns optimally. Updates to
+  columns beyond the current block are batched ("lazy") into one matmul per block.
+
+Because each step is the exact conditional optimum, the reported per-row loss equals
+``1/2 (w - w') H (w - w')^T`` exactly (up to rounding) for the damped ``H``.
+
+Mask selection (adaptive, per block, on the weights as updated so far):
+
+* unstructured: inside each column block the lowest ``w^2 / U_jj^2`` are pruned across
+  all rows of the block (as the reference implementation does). The layer prunes exactly
+  ``k = floor(s * rows * cols + 0.5)`` weights: ``k`` is split over the blocks in
+  proportion to their widths by largest remainder (ties to the earlier block), and each
+  block prunes exactly its share (ties: lower flat index first). Per-row counts vary.
+* N:M: each group of M columns is chosen when the solver reaches its first column, with
+  :class:`~sparsecraft.patterns.NM` on ``w^2 / U_jj^2``; the block size is rounded down
+  to a multiple of M so groups never straddle blocks.
+* ``keep_mask=``: reconstruct with a given mask (no selection).
+
+Damping: ``lambda = percdamp * mean(diag H)``. If a Cholesky factorisation fails (or the
+result is not finite) the solver logs a warning with the damping it used and retries
+with ``percdamp`` multiplied by ``damp_growth``, up to ``max_damp_tries`` attempts, then
+raises :class:`SolverError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ..errors import ConfigError, SparsecraftError, TargetError
+from ..patterns import NM, Pattern, Unstructured, num_to_prune, parse_pattern, reduction_view
+
+__all__ = ["sparsegpt_prune", "SolverError", "inverse_cholesky_upper"]
+
+log = logging.getLogger(__name__)
+
+
+class SolverError(SparsecraftError):
+    """A solver could not finish a layer (e.g. the Hessian cannot be factored).
+
+    Raised before anything is written back: the layer is left unchanged.
+    """
+
+
+def inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor | None:
+    """Upper Cholesky factor of ``h^-1``, or None when ``h`` is not (numerically) PD."""
+    # Looked up at call time so tests can make the factorisation fail on purpose.
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        return None
+    hinv = torch.cholesky_inverse(chol)
+    upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    if int(info) != 0 or not torch.isfinite(upper).all():
+        return None
+    return upper
+
+
+def _split_budget(total: int, sizes: list[int], rows: int) -> list[int]:
+    """Split ``total`` over blocks proportionally to ``sizes`` (largest remainder, exact)."""
+    cols = sum(sizes)
+    ideal = [total * s / cols for s in sizes]
+    counts = [min(math.floor(x), rows * s) for x, s in zip(ideal, sizes)]
+    short = total - sum(counts)
+    order = sorted(range(len(sizes)), key=lambda b: (-(ideal[b] - math.floor(ideal[b])), b))
+    while short > 0:  # one pass normally suffices; loop in case caps bind
+        for b in order:
+            if short and counts[b] < rows * sizes[b]:
+                counts[b] += 1
+                short -= 1
+    return counts
+
+
+def _damp_schedule(percdamp: float, growth: float, tries: int) -> list[float]:
+    base = percdamp if percdamp > 0 else 1e-3
+    return [percdamp] + [base * growth**t for t in range(1, tries)]
+
+
+def _solve(
+    w: torch.Tensor,
+    upper: torch.Tensor,
+    blocksize: int,
+    *,
+    budgets: list[int] | None,
+    nm: NM | None,
+    fixed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the column sweep on ``w`` (modified in place); returns (w, keep, row losses)."""
+    rows, cols = w.shape
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
+    losses = torch.zeros(rows, dtype=w.dtype, device=w.device)
+    for b, i1 in enumerate(range(0, cols, blocksize)):
+        i2 = min(i1 + blocksize, cols)
+        w1 = w[:, i1:i2].clone()
+        u1 = upper[i1:i2, i1:i2]
+        d = u1.diagonal()
+        err1 = torch.zeros_like(w1)
+        if fixed is not None:
+            k1 = fixed[:, i1:i2].clone()
+        elif nm is None:
+            scores = w1.pow(2) / d.pow(2)[None, :]
+            k1 = Unstructured().keep_mask(scores, num_pruned=budgets[b])
+        else:
+            k1 = torch.ones_like(w1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and fixed is None and i % nm.m == 0:
+                g = slice(i, i + nm.m)
+                k1[:, g] = nm.keep_mask(w1[:, g].pow(2) / d[g].pow(2)[None, :])
+            err = w1[:, i] * (~k1[:, i]) / d[i]
+            losses += err * err / 2
+            # Exact OBS step for the rest of the block; column i itself becomes q.
+            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i1:i2] = w1
+        keep[:, i1:i2] = k1
+        if i2 < cols:  # the lazy batch update of everything right of the block
+            w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+    w[~keep] = 0  # exact zeros, not rounding residue
+    return w, keep, losses
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float | None = None,
+    pattern: str | Pattern = "unstructured",
+    *,
+    num_pruned: int | None = None,
+    keep_mask: torch.Tensor | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    damp_growth: float = 10.0,
+    max_damp_tries: int = 5,
+    dtype: torch.dtype = torch.float32,
+    layer: str = "",
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Prune one layer with SparseGPT.
+
+    Args:
+        weight: ``[out, in]`` (or any shape whose reduction view is ``[out, in]``).
+        hessian: ``[in, in]``, e.g. :class:`~sparsecraft.oneshot.stats.HessianAccumulator`'s
+            ``2/n X^T X``; any positive scale gives the same result.
+        sparsity / num_pruned: unstructured budget (exactly one needed); N:M fixes it.
+        pattern: ``"unstructured"`` or ``"N:M"`` (or a Pattern object).
+        keep_mask: if given, reconstruct with this mask instead of choosing one.
+        blocksize: columns per lazy-update block.
+        percdamp, damp_growth, max_damp_tries: damping and its escalation.
+        dtype: compute dtype, float32 or float64.
+        layer: name used in messages.
+
+    Returns:
+        ``(new_weight, keep_mask, info)``: a new tensor of ``weight``'s shape, dtype and
+        device with pruned entries exactly zero; the boolean keep-mask; and ``info`` with
+        ``percdamp`` and ``damp`` (the values that worked), ``tries``, ``dead_inputs``,
+        ``num_pruned``, ``blocksize``, ``loss`` (sum over rows of ``1/2 dHd^T``) and
+        ``row_losses`` (tensor ``[out]``).
+    """
+    pattern = parse_pattern(pattern)
+    if dtype not in (torch.float32, torch.float64):
+        raise ConfigError(f"sparsegpt: dtype must be float32 or float64, got {dtype}")
+    if blocksize < 1:
+        raise ConfigError(f"sparsegpt: blocksize must be >= 1, got {blocksize}")
+    if percdamp < 0 or not math.isfinite(percdamp):
+        raise ConfigError(f"sparsegpt: percdamp must be >= 0, got {percdamp}")
+    if max_damp_tries < 1 or damp_growth <= 1:
+        raise ConfigError("sparsegpt: need max_damp_tries >= 1 and damp_growth > 1")
+
+    w0 = reduction_view(weight.detach())
+    rows, cols = w0.shape
+    h0 = torch.as_tensor(hessian).detach()
+    if tuple(h0.shape) != (cols, cols):
+        raise TargetError(
+            f"layer '{layer}': Hessian shape {tuple(h0.shape)} does not match the weight's "
+            f"{cols} input columns (weight {tuple(weight.shape)})"
+        )
+    if not torch.isfinite(h0).all():
+        raise TargetError(f"layer '{layer}': Hessian contains NaN or inf")
+    if not torch.isfinite(w0).all():
+        raise TargetError(f"layer '{layer}': weight contains NaN or inf")
+
+    budgets = nm = fixed = None
+    if keep_mask is not None:
+        if tuple(keep_mask.shape) != tuple(weight.shape):
+            raise ConfigError(
+                f"layer '{layer}': keep_mask shape {tuple(keep_mask.shape)} != weight "
+                f"shape {tuple(weight.shape)}"
+            )
+        fixed = reduction_view(keep_mask).to(device=w0.device, dtype=torch.bool)
+    elif isinstance(pattern, NM):
+        pattern.check(tuple(weight.shape), layer)
+        if sparsity is not None and abs(sparsity - pattern.fixed_sparsity) > 1e-9:
+            raise ConfigError(
+                f"layer '{layer}': pattern {pattern} fixes sparsity at "
+                f"{pattern.fixed_sparsity:.4f}, but {sparsity:.4f} was asked"
+            )
+        if num_pruned is not None:
+            raise ConfigError(f"layer '{layer}': pattern {pattern} fixes the count; drop num_pruned")
+        nm = pattern
+        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
+    elif isinstance(pattern, Unstructured):
+        total = rows * cols
+        if num_pruned is None:
+            if sparsity is None:
+                raise ConfigError(f"layer '{layer}': unstructured SparseGPT needs a sparsity")
+            num_pruned = num_to_prune(float(sparsity), total)
+        if not 0 <= num_pruned <= total:
+            raise ConfigError(f"layer '{layer}': num_pruned={num_pruned} outside [0, {total}]")
+        sizes = [min(blocksize, cols - i) for i in range(0, cols, blocksize)]
+        budgets = _split_budget(int(num_pruned), sizes, rows)
+    else:
+        raise ConfigError(
+            f"layer '{layer}': SparseGPT supports unstructured and N:M patterns, not {pattern}"
+        )
+
+    w = w0.to(dtype=dtype, copy=True)
+    h = h0.to(device=w.device, dtype=dtype, copy=True)
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1
+    w[:, dead] = 0
+    mean_diag = float(h.diagonal().mean())
+
+    schedule = _damp_schedule(percdamp, damp_growth, max_damp_tries)
+    for attempt, pd in enumerate(schedule):
+        damp = pd * mean_diag
+        hd = h.clone()
+        hd.diagonal().add_(damp)
+        upper = inverse_cholesky_upper(hd)
+        problem = "Cholesky factorisation failed"
+        if upper is not None:
+            new, keep, losses = _solve(
+                w.clone(), upper, blocksize, budgets=budgets, nm=nm, fixed=fixed
+            )
+            if torch.isfinite(new).all():
+                break
+            problem = "solver produced non-finite weights"
+        nxt = (
+            f"retrying with percdamp={schedule[attempt + 1]:g}"
+            if attempt + 1 < len(schedule) else "giving up"
+        )
+        log.warning(
+            "layer '%s': %s with damping %g (percdamp=%g); %s",
+            layer, problem, damp, pd, nxt,
+        )
+    else:
+        raise SolverError(
+            f"layer '{layer}': SparseGPT could not factor the Hessian after "
+            f"{len(schedule)} tries (percdamp up to {schedule[-1]:g}); the layer is "
+            f"unchanged. Check the calibration inputs (too few samples, NaN) or raise "
+            f"percdamp / max_damp_tries."
+        )
+    if attempt:
+        log.warning("layer '%s': SparseGPT succeeded with raised percdamp=%g", layer, pd)
+
+    info = {
+        "percdamp": pd,
+        "damp": damp,
+        "tries": attempt + 1,
+        "dead_inputs": int(dead.sum()),
+        "num_pruned": int((~keep).sum()),
+        "blocksize": blocksize,
+        "loss": float(losses.sum()),
+        "row_losses": losses,
+    }
+    new_weight = new.to(dtype=weight.dtype).reshape(weight.shape)
+    return new_weight, keep.reshape(weight.shape), info
