@@ -84,6 +84,7 @@ _BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _MAGNITUDE_MASK = {1: 0x7F, 2: 0x7FFF, 4: 0x7FFFFFFF, 8: 0x7FFFFFFFFFFFFFFF}
 # The -0.0 bit pattern viewed as the signed integer of the same width.
 _NEGZERO_BITS = {1: 0x80, 2: -(1 << 15), 4: -(1 << 31), 8: -(1 << 63)}
+_NP = {torch.uint8: np.uint8, torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64}
 _FAST_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -165,7 +166,12 @@ def _nonzero_mask(t: torch.Tensor) -> torch.Tensor:
 def _has_negzero(t: torch.Tensor) -> bool:
     if not t.is_floating_point() or t.numel() == 0:
         return False
-    return bool((_bits(t) == _NEGZERO_BITS[t.element_size()]).any())
+    es = t.element_size()
+    if es > 1:
+        # -0.0 is the most negative value of the signed integer view: a min() finds it
+        # without building a bool tensor.
+        return int(_bits(t).min()) == _NEGZERO_BITS[es]
+    return bool((_bits(t) == _NEGZERO_BITS[es]).any())
 
 
 def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -209,7 +215,9 @@ def _nm_group_counts(nz_flat: torch.Tensor, shape, m: int) -> torch.Tensor | Non
     rows, cols = view_2d_shape(shape)
     if cols % m:
         return None
-    return nz_flat.view(rows, cols // m, m).sum(-1, dtype=torch.int32)
+    # Summing bytes is several times faster than summing bools into int32.
+    acc = torch.uint8 if m < 256 else torch.int32
+    return nz_flat.view(torch.uint8).view(rows, cols // m, m).sum(-1, dtype=acc)
 
 
 # ----------------------------------------------------------------------------- stats
@@ -309,14 +317,12 @@ def encode(t: torch.Tensor, encoding: str, nm: tuple[int, int] | None = None) ->
         nz2 = nz.view(rows, cols)
         nnz = int(nz.sum())
         crow = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(nz2.sum(1), 0)])
-        col_dtype = index_dtype(max(cols - 1, 0))
-        # Selecting from a broadcast arange builds the column indices directly in the small
-        # dtype, never as int64 (row, col) pairs like nonzero() would.
-        col = _select(torch.arange(cols, dtype=col_dtype).expand(rows, cols), nz2)
+        flat = np.flatnonzero(nz.numpy())
+        col = torch.from_numpy((flat % max(cols, 1)).astype(_NP[index_dtype(max(cols - 1, 0))]))
         comps = {
             "crow_indices": crow.to(index_dtype(nnz)),
             "col_indices": col,
-            "values": _select(bits, nz).view(t.dtype),
+            "values": torch.from_numpy(bits.numpy().take(flat)).view(t.dtype),
         }
     if _has_negzero(t):
         comps["negzero"] = _pack_bits(_negzero_signs(t, nz))
@@ -332,17 +338,17 @@ def _encode_nm(t, bits, nz, n, m):
     rows, cols = view_2d_shape(t.shape)
     groups = cols // m
     nz3 = nz.view(rows, groups, m)
-    counts = nz3.sum(-1, keepdim=True, dtype=torch.int32)
+    counts = _nm_group_counts(nz, t.shape, m).unsqueeze(-1).to(torch.int32)
     # Pad short groups with their lowest-index zeros: a zero is kept while its rank among the
     # group's zeros is below the number of missing slots.
     zero = ~nz3
     zero_rank = torch.cumsum(zero, -1, dtype=torch.int32)
     keep = nz3 | (zero & (zero_rank <= (n - counts)))
-    pos_dtype = torch.uint8 if m <= 256 else torch.int32
-    pos = _select(torch.arange(m, dtype=pos_dtype).expand(rows, groups, m), keep)
-    values = _select(bits.view(rows, groups, m), keep).view(t.dtype).view(rows, groups * n)
+    flat = np.flatnonzero(keep.numpy())  # exactly n per group, ascending
+    pos = (flat % m).astype(np.uint8 if m <= 256 else np.int32)
+    values = torch.from_numpy(bits.numpy().take(flat)).view(t.dtype).view(rows, groups * n)
     nbits = _index_bits(m)
-    return {"values": values, "indices": _pack_indices(pos.numpy(), nbits)}
+    return {"values": values, "indices": _pack_indices(pos, nbits)}
 
 
 def _need(components: dict, names) -> None:
