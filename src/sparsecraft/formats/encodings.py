@@ -220,6 +220,35 @@ def _nm_group_counts(nz_flat: torch.Tensor, shape, m: int) -> torch.Tensor | Non
     return nz_flat.view(torch.uint8).view(rows, cols // m, m).sum(-1, dtype=acc)
 
 
+_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)
+
+
+def _group_max_lut(m: int) -> np.ndarray:
+    """byte -> most set bits in any of its 8/m aligned groups of m bits."""
+    return np.array([max(bin((b >> s) & ((1 << m) - 1)).count("1") for s in range(0, 8, m))
+                     for b in range(256)], dtype=np.uint8)
+
+
+_GROUP_MAX = {m: _group_max_lut(m) for m in (2, 4, 8)}
+
+
+def _max_group_count(nz_flat: torch.Tensor, m: int, packed: np.ndarray | None = None) -> int:
+    """Largest number of non-zeros in any group of ``m`` consecutive elements (numel % m == 0).
+
+    For M dividing 8 or a multiple of 8 the groups are byte-aligned in the packed mask, so a
+    256-entry lookup table answers with one pass over numel/8 bytes.
+    """
+    if nz_flat.numel() == 0:
+        return 0
+    if packed is None and (m in _GROUP_MAX or m % 8 == 0):
+        packed = _pack_bits(nz_flat).numpy()
+    if m in _GROUP_MAX:
+        return int(_GROUP_MAX[m][packed].max())
+    if m % 8 == 0:
+        return int(_POPCOUNT[packed].reshape(-1, m // 8).sum(1, dtype=np.int64).max())
+    return int(nz_flat.view(torch.uint8).view(-1, m).sum(-1, dtype=torch.int32).max())
+
+
 # ----------------------------------------------------------------------------- stats
 
 
@@ -264,12 +293,21 @@ def _nbytes_from_stats(st: TensorStats, encoding: str, nm: tuple[int, int] | Non
     raise AssertionError(encoding)
 
 
-def _nm_problem(t: torch.Tensor, nz_flat: torch.Tensor, n: int, m: int) -> str | None:
+def _nm_fits(nz_flat: torch.Tensor, n: int, m: int, packed: np.ndarray | None = None) -> bool:
+    """Every group of ``m`` has at most ``n`` non-zeros (the caller checked numel % m == 0)."""
+    return _max_group_count(nz_flat, m, packed) <= n
+
+
+def _nm_problem(t: torch.Tensor, nz_flat: torch.Tensor, n: int, m: int,
+                packed: np.ndarray | None = None) -> str | None:
     """Why N:M packing does not apply to ``t`` (None when it does)."""
     rows, cols = view_2d_shape(t.shape)
     if cols % m:
         return (f"last dimension of the 2-D view {rows}x{cols} (shape {tuple(t.shape)}) "
                 f"is not divisible by M={m}")
+    if _nm_fits(nz_flat, n, m, packed):
+        return None
+    # Slow path, only to say where it fails.
     counts = _nm_group_counts(nz_flat, t.shape, m)
     bad = counts > n
     if bool(bad.any()):
@@ -296,7 +334,10 @@ def encode(t: torch.Tensor, encoding: str, nm: tuple[int, int] | None = None) ->
     Raises :class:`FormatError` for an unknown encoding or when ``nm`` does not apply.
     """
     _check_encoding(encoding)
-    t = _check_tensor(t)
+    return _encode(_check_tensor(t), encoding, nm)
+
+
+def _encode(t: torch.Tensor, encoding: str, nm, has_negzero: bool | None = None) -> dict[str, torch.Tensor]:
     if encoding == "dense":
         return {"values": t}
 
@@ -315,16 +356,18 @@ def encode(t: torch.Tensor, encoding: str, nm: tuple[int, int] | None = None) ->
     else:  # csr
         rows, cols = view_2d_shape(t.shape)
         nz2 = nz.view(rows, cols)
-        nnz = int(nz.sum())
-        crow = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(nz2.sum(1), 0)])
+        crow = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(torch.count_nonzero(nz2, dim=1), 0)])
         flat = np.flatnonzero(nz.numpy())
+        nnz = flat.size
         col = torch.from_numpy((flat % max(cols, 1)).astype(_NP[index_dtype(max(cols - 1, 0))]))
         comps = {
             "crow_indices": crow.to(index_dtype(nnz)),
             "col_indices": col,
             "values": torch.from_numpy(bits.numpy().take(flat)).view(t.dtype),
         }
-    if _has_negzero(t):
+    if has_negzero is None:
+        has_negzero = _has_negzero(t)
+    if has_negzero:
         comps["negzero"] = _pack_bits(_negzero_signs(t, nz))
     return {k: v.contiguous() for k, v in comps.items()}
 
@@ -392,7 +435,7 @@ def decode(components: dict[str, torch.Tensor], encoding: str, shape, dtype,
         _need(components, ["mask"])
         _expect_numel("mask", components["mask"], (numel + 7) // 8)
         nz = _unpack_bits(components["mask"], numel)
-        nnz = int(nz.sum())
+        nnz = int(torch.count_nonzero(nz))
         _expect_numel("values", values, nnz)
         out.numpy()[nz.numpy()] = vbits.numpy()
     elif encoding == "csr":
@@ -410,7 +453,7 @@ def decode(components: dict[str, torch.Tensor], encoding: str, shape, dtype,
         row = torch.repeat_interleave(torch.arange(rows), counts)
         flat = row * cols + col
         # A repeated (row, col) would silently overwrite a value.
-        if int(torch.zeros(numel, dtype=torch.bool).index_fill_(0, flat, True).sum()) != nnz:
+        if int(torch.count_nonzero(torch.zeros(numel, dtype=torch.bool).index_fill_(0, flat, True))) != nnz:
             raise FormatError("component 'col_indices' repeats a column within a row")
         out[flat] = vbits
     else:  # nm
@@ -431,7 +474,7 @@ def decode(components: dict[str, torch.Tensor], encoding: str, shape, dtype,
         out3 = out.view(rows, cols // m, m)
         out3.scatter_(-1, pos, vbits.view(rows, cols // m, n))
         nz = torch.zeros(rows, cols // m, m, dtype=torch.bool).scatter_(-1, pos, True).view(-1)
-        if int(nz.sum()) != k:
+        if int(torch.count_nonzero(nz)) != k:
             raise FormatError("component 'indices' repeats a position within a group")
 
     if "negzero" in components:
@@ -497,22 +540,27 @@ def choose_encoding(t: torch.Tensor, nm_hint: tuple[int, int] | None = None) -> 
     one before it, so ties keep the earlier one and dense wins when nothing beats it.
     """
     t = _check_tensor(t)
-    st = tensor_stats(t)
-    best, best_kw = "dense", {}
-    best_size = _nbytes_from_stats(st, "dense", None)
-    candidates: list[tuple[str, dict]] = []
-    nz = None
-    for pair in ([_check_nm(nm_hint)] if nm_hint is not None else COMMON_NM):
-        n, m = pair
-        if st.nnz * m > st.numel * n:  # too many non-zeros overall: skip the group scan
+    return _choose(t, tensor_stats(t), nm_hint)
+
+
+def _choose(t: torch.Tensor, st: TensorStats, nm_hint) -> tuple[str, dict]:
+    pairs = [_check_nm(nm_hint)] if nm_hint is not None else list(COMMON_NM)
+    candidates = [("dense", {})] + [("nm", {"nm": p}) for p in pairs] + [("bitmask", {}), ("csr", {})]
+    # Smallest first, ties in candidate order; the size formulas are cheap, so only the N:M
+    # candidates that would win get the (costlier) applicability scan.
+    ranked = sorted(range(len(candidates)),
+                    key=lambda i: (_nbytes_from_stats(st, candidates[i][0], candidates[i][1].get("nm")), i))
+    nz = packed = None
+    for i in ranked:
+        name, kw = candidates[i]
+        if name != "nm":
+            return name, kw
+        n, m = kw["nm"]
+        if st.nnz * m > st.numel * n:  # too many non-zeros overall to fit
             continue
         if nz is None:
             nz = _nonzero_mask(t)
-        if _nm_problem(t, nz, *pair) is None:
-            candidates.append(("nm", {"nm": tuple(pair)}))
-    candidates += [("bitmask", {}), ("csr", {})]
-    for name, kw in candidates:
-        size = _nbytes_from_stats(st, name, kw.get("nm"))
-        if size < best_size:
-            best, best_kw, best_size = name, kw, size
-    return best, best_kw
+            packed = _pack_bits(nz).numpy()
+        if view_2d_shape(t.shape)[1] % m == 0 and _nm_fits(nz, n, m, packed):
+            return name, kw
+    raise AssertionError("dense always applies")

@@ -124,8 +124,10 @@ def _encode_one(name: str, t: torch.Tensor, meta: dict, encoding: str) -> tuple[
     """Encode one tensor; returns (components, header entry). Errors name the tensor."""
     try:
         nm_hint = _parse_nm(meta.get("nm")) or _parse_nm(meta.get("pattern"))
+        t = enc._check_tensor(t)
+        stats = enc.tensor_stats(t)  # once: choosing, encoding and the header all need it
         if encoding == "auto":
-            encoding, kwargs = enc.choose_encoding(t, nm_hint=nm_hint)
+            encoding, kwargs = enc._choose(t, stats, nm_hint)
         elif encoding == "nm":
             if nm_hint is None:
                 raise FormatError("encoding 'nm' needs an N:M hint: info[name]['nm'] or an 'N:M' pattern")
@@ -133,8 +135,7 @@ def _encode_one(name: str, t: torch.Tensor, meta: dict, encoding: str) -> tuple[
         else:
             enc._check_encoding(encoding)
             kwargs = {}
-        comps = enc.encode(t, encoding, **kwargs)
-        stats = enc.tensor_stats(t)
+        comps = enc._encode(t, encoding, kwargs.get("nm"), has_negzero=stats.has_negzero)
     except SparsecraftError as e:
         raise type(e)(f"tensor {name!r}: {e}") from None
 
