@@ -185,14 +185,16 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     model.load_state_dict(tensors, strict=True, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    object.__setattr__(
-        model,
-        META_ATTR,
-        {
-            n: {k: v for k, v in i.items() if k in ("pattern", "sparsity", "method")}
-            for n, i in info.items()
-            if "method" in i  # only tensors that sparsecraft pruned carry a method
-        },
-    )
+    # only tensors that sparsecraft pruned carry a method (stored among the entry's attrs)
+    meta = {
+        name: {
+            "pattern": entry.get("pattern"),
+            "sparsity": entry.get("target_sparsity", entry.get("sparsity")),
+            "method": entry["attrs"]["method"],
+        }
+        for name, entry in info.items()
+        if "method" in (entry.get("attrs") or {})
+    }
+    object.__setattr__(model, META_ATTR, meta)
     model.eval()
     return model

@@ -70,6 +70,8 @@ class SparsityState:
             self._grad_hooks[name] = param.register_hook(self._make_grad_hook(name))
         with torch.no_grad():
             param.mul_(keep)
+            if param.grad is not None:  # a gradient computed before pruning must not leak
+                param.grad.mul_(keep)
         self._record_meta(name)
 
     def note(self, name: str, **info) -> None:

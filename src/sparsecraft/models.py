@@ -41,6 +41,16 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def _local_tokenizer(path: Path):
+    """The tokenizer saved beside a model, or None when the folder has none."""
+    import transformers
+
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        log.info("no tokenizer in %s; continuing without one", path)
+        return None
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
 def load(name_or_path: str, dtype=None):
     """``(model, tokenizer)`` for a named model or a local directory; model in eval mode."""
     import torch
@@ -72,9 +82,9 @@ def load(name_or_path: str, dtype=None):
 
         if is_checkpoint(path):
             model = load_checkpoint(path)
-            tok = transformers.AutoTokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists() else None
+            tok = _local_tokenizer(path)
         elif (path / "config.json").is_file():
-            tok = transformers.AutoTokenizer.from_pretrained(path)
+            tok = _local_tokenizer(path)
             config = transformers.AutoConfig.from_pretrained(path)
             auto = (
                 transformers.AutoModelForCausalLM

@@ -186,7 +186,10 @@ def _positions(model: nn.Module, modules: dict[str, nn.Module], example) -> dict
 def _example_input(model: nn.Module, input_shape) -> torch.Tensor:
     device = next(model.parameters()).device
     getter = getattr(model, "get_input_embeddings", None)
-    if callable(getter) and isinstance(getter(), nn.Embedding):
+    first = getter() if callable(getter) else next(
+        (m for m in model.modules() if not list(m.children()) and list(m.parameters(recurse=False))), None
+    )
+    if isinstance(first, nn.Embedding):  # the model reads token ids
         return torch.zeros(tuple(input_shape), dtype=torch.long, device=device)
     dtype = next(model.parameters()).dtype
     return torch.zeros(tuple(input_shape), dtype=dtype, device=device)

@@ -1,0 +1,46 @@
+"""The real SmolLM2-135M and the real Lee corpus, end to end (one load, ~1 minute)."""
+
+import pytest
+import torch
+
+import sparsecraft as sc
+from sparsecraft import data, models
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return models.load("smollm2-135m")
+
+
+def test_lee_corpus_split_is_disjoint_and_real():
+    texts = data.builtin_texts()
+    assert len(texts["calibration"]) == 300 and len(texts["evaluation"]) >= 40
+    assert not set(texts["calibration"]) & set(texts["evaluation"])
+    assert any("Australia" in d for d in texts["calibration"])
+
+
+def test_smollm2_prune_save_reload_identical(tmp_path, smollm):
+    model, tok = smollm
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
+    calib = data.calibration(tok, samples=2, seq_len=64, seed=1)
+    assert calib.shape == (2, 64) and torch.equal(calib, data.calibration(tok, samples=2, seq_len=64, seed=1))
+
+    state = sc.prune_(model, sc.Magnitude(sparsity=None, pattern="2:4"), progress=False)
+    assert len(state.masks) == 30 * 7  # q,k,v,o,gate,up,down in 30 blocks; lm_head excluded
+    assert "lm_head.weight" not in state.masks and "model.embed_tokens.weight" not in state.masks
+    state.finalize_()
+    path = sc.save(model, tmp_path / "smol", tokenizer=tok)
+    header = sc.formats.read_header(path / "model.safetensors")
+    entry = header["tensors"]["model.layers.0.mlp.up_proj.weight"]
+    # packed 2:4 (half the values + 2 index bits each) and bitmask tie at 2.125 bytes per
+    # weight; the Q4_1 weights hold some exact zeros, which can make bitmask smaller still
+    assert entry["pattern"] == "2:4" and entry["encoding"] in ("nm", "bitmask")
+    assert entry["nbytes"] <= 576 * 1536 * 2.125
+    reloaded = sc.load(path)
+    ids = calib[:1]
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    eval_tokens = data.evaluation_tokens(tok)
+    ppl = models.perplexity(reloaded, eval_tokens[:1024], seq_len=512, progress=False)
+    assert 1.0 < ppl < float("inf")
