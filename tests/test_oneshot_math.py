@@ -16,6 +16,11 @@ from sparsecraft.oneshot import (
     SolverError,
     relative_reconstruction_error,
     sparsegpt_prune,
+    dsnot_refine,
+    expected_row_error,
+    outlier_ratio,
+    owl_counts,
+    owl_sparsities,
     wanda_mask,
     wanda_scores,
 )
@@ -360,3 +365,143 @@ def test_reconstruction_error_from_x_and_hessian_agree():
     assert err(w, w, x) == 0.0
     with pytest.raises(ConfigError):
         relative_reconstruction_error(w, w2)
+
+
+# ---------------------------------------------------------------- DSnoT ------------
+
+
+def test_dsnot_rules_on_a_single_row():
+    # c = W * E[x] = [1, 1, -0.1, -0.2, 1.5]; columns 0, 1 pruned -> E[error] = +2.
+    w = torch.tensor([[1.0, 1.0, 1.0, 2.0, 0.5]])
+    mean = torch.tensor([1.0, 1.0, -0.1, -0.1, 3.0])
+    var = torch.tensor([1.0, 0.01, 1.0, 1.0, 1.0])
+    sq = torch.ones(5)
+    keep0 = torch.tensor([[False, False, True, True, True]])
+    keep, info = dsnot_refine(w, keep0, mean, var, sq, max_cycles=1, threshold=0.0)
+    # Grow: equal contributions, column 1 has the lower variance. Prune: column 4 is the
+    # least important but would push the error up; of the two that pull it down,
+    # column 2 has the lower Wanda importance.
+    assert keep.tolist() == [[False, True, False, True, True]]
+    assert info["swaps"] == 1
+    assert float(expected_row_error(w, keep, mean)) == pytest.approx(0.9)
+    # Without the variance term the tie goes to the lower index.
+    keep, _ = dsnot_refine(w, keep0, mean, var, sq, max_cycles=1, threshold=0.0, var_power=0.0)
+    assert keep.tolist() == [[True, False, False, True, True]]
+    # Above the threshold nothing moves; the inputs are never modified.
+    keep, info = dsnot_refine(w, keep0, mean, var, sq, threshold=2.5)
+    assert torch.equal(keep, keep0) and info["swaps"] == 0
+    assert keep0.tolist() == [[False, False, True, True, True]]
+
+
+def test_dsnot_never_overshoots_and_nm_prefers_the_helpful_prune():
+    ones = torch.ones(4)
+    # Unstructured: c = [3, -1, -0.5, 1]; pruned 0, 1 -> E[error] = +2. The only swap
+    # (grow 0, prune 2) gives -1.5: smaller in size but past zero, which the paper's rule
+    # (keep the sign) rejects.
+    w = torch.tensor([[3.0, -1.0, -0.5, 1.0]])
+    keep0 = torch.tensor([[False, False, True, True]])
+    keep, info = dsnot_refine(w, keep0, ones, ones, ones, threshold=0.0)
+    assert info["swaps"] == 0 and torch.equal(keep, keep0)
+    # 2:4, one group: c = [2, 0.5, 0.1, -0.2], E[error] = +2.5. Grow column 0; in the
+    # group, column 2 is the least important but pruning it pushes the error up, so
+    # column 3 (which pulls it down) goes.
+    w = torch.tensor([[2.0, 0.5, 0.1, 1.0]])
+    mean = torch.tensor([1.0, 1.0, 1.0, -0.2])
+    keep, info = dsnot_refine(w, keep0, mean, ones, ones, pattern="2:4", threshold=0.0)
+    assert keep.tolist() == [[True, False, True, False]]
+    assert float(expected_row_error(w, keep, mean)) == pytest.approx(0.3)
+
+
+def shifted_inputs(seed: int) -> torch.Tensor:
+    """Inputs with large per-channel means and small spread: the error's mean dominates."""
+    g = gen(seed)
+    mean = (torch.rand(64, generator=g) * 1.5 + 0.5) * torch.sign(torch.randn(64, generator=g))
+    return mean + 0.2 * torch.randn(512, 64, generator=g)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "1:4", "4:8"])
+@pytest.mark.parametrize("start", ["wanda", "magnitude"])
+def test_dsnot_reduces_reconstruction_error_and_keeps_counts(pattern, start):
+    x = shifted_inputs(30)
+    w = torch.randn(32, 64, generator=gen(31))
+    norms = InputNormAccumulator()
+    norms.add(x)
+    s = 0.5 if pattern == "unstructured" else None
+    if start == "wanda":
+        keep0 = wanda_mask(w, norms.sq_norm, pattern, s)
+    else:
+        keep0 = magnitude_mask(w, s, pattern)
+    keep, info = dsnot_refine(
+        w, keep0, norms.mean, norms.var, norms.sq_norm, pattern=pattern, threshold=0.0
+    )
+    assert info["swaps"] > 0
+    e0, e1 = err(w, w * keep0, x), err(w, w * keep, x)
+    assert e1 < 0.5 * e0
+    assert torch.equal(keep.sum(dim=1), keep0.sum(dim=1))  # per-row counts unchanged
+    if pattern != "unstructured":
+        assert NM(*map(int, pattern.split(":"))).is_valid(keep)
+    before = expected_row_error(w, keep0, norms.mean).abs()
+    after = expected_row_error(w, keep, norms.mean).abs()
+    assert (after <= before + 1e-5).all()
+
+
+def test_dsnot_exact_unstructured_counts_on_odd_shape():
+    x = shifted_inputs(32)[:, :13]
+    w = torch.randn(7, 13, generator=gen(33))
+    norms = InputNormAccumulator()
+    norms.add(x)
+    keep0 = wanda_mask(w, norms.sq_norm, "unstructured", 0.37)
+    keep, _ = dsnot_refine(w, keep0, norms.mean, norms.var, norms.sq_norm, threshold=0.0)
+    assert int((~keep).sum()) == num_to_prune(0.37, 91)
+    assert torch.equal(keep.sum(dim=1), keep0.sum(dim=1))
+    with pytest.raises(ConfigError, match="not a valid 2:4"):
+        dsnot_refine(w[:, :12], keep0[:, :12], norms.mean[:12], norms.var[:12],
+                     norms.sq_norm[:12], pattern="2:4")
+
+
+# ---------------------------------------------------------------- OWL --------------
+
+
+def owl_layers():
+    """Four layers of different sizes whose scores hold more and more outliers."""
+    g = gen(40)
+    scores, numels = {}, {}
+    for i, (frac, shape) in enumerate([(0.0, (32, 64)), (0.01, (64, 64)), (0.03, (48, 32)), (0.06, (16, 129))]):
+        s = torch.rand(shape, generator=g)
+        s[torch.rand(shape, generator=g) < frac] *= 40.0
+        scores[f"layer{i}"], numels[f"layer{i}"] = s, s.numel()
+    return scores, numels
+
+
+@pytest.mark.parametrize("target,lam", [(0.5, 0.08), (0.7, 0.05), (0.6, 0.2)])
+def test_owl_sparsities(target, lam):
+    scores, numels = owl_layers()
+    ratios = [outlier_ratio(s) for s in scores.values()]
+    assert ratios == sorted(ratios) and ratios[0] < ratios[-1]
+    sp = owl_sparsities(scores, numels, target, lam=lam)
+    counts = owl_counts(scores, numels, target, lam=lam)
+    total = sum(numels.values())
+    # Parameter-weighted mean is the target, exactly to the rounding rule.
+    assert sum(counts.values()) == num_to_prune(target, total)
+    assert all(num_to_prune(sp[n], numels[n]) == counts[n] for n in sp)
+    values = list(sp.values())
+    assert all(target - lam - 1e-12 <= v <= target + lam + 1e-12 for v in values)
+    # More outliers, lower sparsity.
+    assert values == sorted(values, reverse=True) and values[0] > values[-1] + lam / 2
+
+
+def test_owl_inputs_groups_and_degenerate_cases():
+    scores, numels = owl_layers()
+    a, b = scores["layer1"], scores["layer2"]
+    assert outlier_ratio([a, b]) == outlier_ratio(torch.cat([a.reshape(-1), b.reshape(-1)]))
+    # Precomputed ratios give the same answer as scores.
+    ratios = {n: outlier_ratio(s) for n, s in scores.items()}
+    assert owl_sparsities(ratios, numels, 0.5) == owl_sparsities(scores, numels, 0.5)
+    # Equal outlier ratios: uniform (up to whole counts), total still exact.
+    flat = owl_counts({n: 0.1 for n in numels}, numels, 0.5)
+    assert sum(flat.values()) == num_to_prune(0.5, sum(numels.values()))
+    assert all(abs(flat[n] - 0.5 * numels[n]) <= 1 for n in numels)
+    with pytest.raises(ConfigError, match="numels"):
+        owl_sparsities(scores, {"layer0": 1}, 0.5)
+    with pytest.raises(ConfigError, match="max_sparsity"):
+        owl_sparsities(scores, numels, 0.995)

@@ -7,9 +7,13 @@ calls these functions lives elsewhere.
 * :mod:`.stats`: input statistics accumulated batch by batch (norms, mean/var, Hessian).
 * :mod:`.wanda`: Wanda scores and masks; registers the ``wanda`` criterion.
 * :mod:`.sparsegpt`: the SparseGPT OBS solver with escalating damping.
+* :mod:`.dsnot`: DSnoT prune-and-grow mask refinement (training-free).
+* :mod:`.owl`: OWL outlier-weighted per-layer sparsities.
 * :mod:`.reconstruction`: ``||WX - W'X|| / ||WX||`` from inputs or a Hessian.
 """
 
+from .dsnot import dsnot_refine, expected_row_error
+from .owl import outlier_ratio, owl_counts, owl_sparsities
 from .reconstruction import relative_reconstruction_error
 from .sparsegpt import SolverError, inverse_cholesky_upper, sparsegpt_prune
 from .stats import HessianAccumulator, InputNormAccumulator
@@ -26,5 +30,10 @@ __all__ = [
     "sparsegpt_prune",
     "SolverError",
     "inverse_cholesky_upper",
+    "dsnot_refine",
+    "expected_row_error",
+    "outlier_ratio",
+    "owl_sparsities",
+    "owl_counts",
     "relative_reconstruction_error",
 ]
