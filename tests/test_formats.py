@@ -467,3 +467,16 @@ def test_failed_write_leaves_no_temp_file(tmp_path, monkeypatch, overwrite):
     with pytest.raises(FormatError, match="Input/output error"):
         write_tensors(path, {"w": torch.ones(8, 8)}, overwrite=overwrite)
     assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 6, 8, 16])
+def test_is_nm_matches_brute_force(m):
+    """The byte-aligned lookup (M | 8 or 8 | M) and the generic scan agree with a plain count."""
+    g = torch.Generator().manual_seed(m)
+    for trial in range(20):
+        t = torch.randn(6, 4 * m, generator=g)
+        t[torch.rand(t.shape, generator=g) < 0.5 + 0.02 * trial] = 0.0
+        t.view(-1)[:: 7] = -0.0  # signed zeros count as zeros
+        counts = (t.reshape(6, -1, m) != 0).sum(-1)
+        for n in range(1, m):
+            assert is_nm(t, n, m) == bool((counts <= n).all()), (n, m, trial)
