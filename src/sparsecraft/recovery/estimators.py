@@ -108,8 +108,9 @@ class SBL(_Recovery):
     """Classic SBL by EM (:func:`~sparsecraft.recovery.sbl.sbl`); ``noise_var_`` after fit."""
     _fn = staticmethod(sbl)
 
-    def __init__(self, *, noise_var=None, max_iter=1000, tol=1e-6, prune=1e-6):
+    def __init__(self, *, noise_var=None, max_iter=1000, tol=1e-6, prune=1e-6, update="em"):
         self.noise_var, self.max_iter, self.tol, self.prune = noise_var, max_iter, tol, prune
+        self.update = update
 
     def fit(self, A, y):
         super().fit(A, y)
@@ -123,7 +124,7 @@ class BlockSBL(SBL):
 
     def __init__(self, blocks, *, noise_var=None, max_iter=1000, tol=1e-6, prune=1e-6):
         self.blocks = blocks
-        super().__init__(noise_var=noise_var, max_iter=max_iter, tol=tol, prune=prune)
+        self.noise_var, self.max_iter, self.tol, self.prune = noise_var, max_iter, tol, prune
 
     def _solve(self, A, y):
         p = self.get_params()
@@ -137,7 +138,7 @@ class PatternCoupledSBL(SBL):
 
     def __init__(self, beta=1.0, *, noise_var=None, max_iter=1000, tol=1e-6, prune=1e-6):
         self.beta = beta
-        super().__init__(noise_var=noise_var, max_iter=max_iter, tol=tol, prune=prune)
+        self.noise_var, self.max_iter, self.tol, self.prune = noise_var, max_iter, tol, prune
 
 
 class KroSBL(SBL):
@@ -150,7 +151,7 @@ class KroSBL(SBL):
     def __init__(self, method="am", *, coupling=None, noise_var=None, max_iter=300, tol=1e-4,
                  prune=1e-6, n_sweeps=10):
         self.method, self.coupling, self.n_sweeps = method, coupling, n_sweeps
-        super().__init__(noise_var=noise_var, max_iter=max_iter, tol=tol, prune=prune)
+        self.noise_var, self.max_iter, self.tol, self.prune = noise_var, max_iter, tol, prune
 
 
 class EquationDiscovery:

@@ -1,0 +1,73 @@
+"""Shared helpers for the recovery benchmarks: metrics, oracle, timing, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def setup_threads():
+    """One BLAS/torch thread per process: small problems run fastest that way."""
+    n = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    torch.set_num_threads(n)
+    return n
+
+
+def nmse_db(xhat, x) -> float:
+    xhat = np.asarray(xhat)
+    err = np.sum(np.abs(xhat - x) ** 2) / np.sum(np.abs(x) ** 2)
+    return float(10 * np.log10(max(err, 1e-30)))
+
+
+def support_f1(xhat, x, rel: float = 1e-3) -> float:
+    """F1 of the estimated support (entries above ``rel * max|xhat|``) against the true one."""
+    xhat = np.asarray(xhat)
+    est = np.abs(xhat) > rel * max(np.abs(xhat).max(), 1e-300)
+    true = x != 0
+    tp = np.sum(est & true)
+    if tp == 0:
+        return 0.0
+    p, r = tp / est.sum(), tp / true.sum()
+    return float(2 * p * r / (p + r))
+
+
+def oracle_ls(A, y, x):
+    S = np.nonzero(x)[0]
+    xo = np.zeros_like(x, dtype=np.result_type(A, y))
+    xo[S] = np.linalg.lstsq(A[:, S], y, rcond=None)[0]
+    return xo
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def summarize(rows: list[dict], keys=("nmse_db", "f1", "time", "iters")) -> dict:
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        if vals:
+            out[k + "_mean"] = float(np.mean(vals))
+            out[k + "_median"] = float(np.median(vals))
+    out["n"] = len(rows)
+    return out
+
+
+def write_json(name: str, payload: dict):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = dict(payload)
+    payload["env"] = {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+                      "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    path = RESULTS / f"recovery_{name}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    return path
