@@ -100,10 +100,13 @@ def test_bad_config_rejected(kwargs, exc, match):
         sc.PruneConfig(**{"method": "magnitude", **kwargs})
 
 
-def test_bad_config_dict_leaves_model_unchanged(cnn):
+@pytest.mark.parametrize("kwargs,exc,match", BAD_CONFIGS + [
+    (dict(sparsty=0.5), ConfigError, "unknown prune config keys"),
+])
+def test_bad_config_dict_leaves_model_unchanged(cnn, kwargs, exc, match):
     before = snapshot(cnn)
-    with pytest.raises(ConfigError, match="unknown prune config keys"):
-        sc.prune_(cnn, {"sparsity": 0.5, "sparsty": 0.5})
+    with pytest.raises(exc, match=match):
+        sc.prune_(cnn, {"method": "magnitude", **kwargs})
     assert_unchanged(cnn, before)
 
 

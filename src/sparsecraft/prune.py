@@ -32,9 +32,22 @@ __all__ = ["PruneConfig", "prune_", "plan_masks", "METHODS", "register_method", 
 log = logging.getLogger(__name__)
 FALLBACKS = ("error", "skip", "unstructured")
 
-#: method name -> function(model, targets, config, calibration) -> {name: keep-mask}.
+#: method name -> function(model, targets, config, calibration, progress) -> (masks, info).
 #: Criterion-only methods need no entry: they are looked up in ``criteria.CRITERIA``.
-METHODS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {}
+METHODS: dict[str, Callable[..., tuple[dict, dict]]] = {}
+
+#: Options the calibrated (block-by-block) driver understands.
+CALIBRATED_OPTIONS = {"batch_size", "dsnot", "owl_m", "owl_lambda", "blocksize", "percdamp", "max_damp_tries"}
+
+
+def _calibrated_driver(model, targets, config, calibration, *, progress=True):
+    from .calibrate import calibrated_prune
+
+    return calibrated_prune(model, targets, config, calibration, progress=progress)
+
+
+METHODS["wanda"] = _calibrated_driver
+METHODS["sparsegpt"] = _calibrated_driver
 
 
 def register_method(name: str):
@@ -90,15 +103,33 @@ class PruneConfig:
             if self.sparsity is None:
                 raise ConfigError(f"pattern {pattern} needs a sparsity")
             check_sparsity(self.sparsity)
-        if self.allocation not in ALLOCATIONS:
+        allocations = ALLOCATIONS + ("owl",)
+        if self.allocation not in allocations:
             raise ConfigError(
-                f"unknown allocation '{self.allocation}'; known: {', '.join(ALLOCATIONS)}"
+                f"unknown allocation '{self.allocation}'; known: {', '.join(allocations)}"
             )
+        if self.needs_calibration:
+            unknown = set(self.options) - CALIBRATED_OPTIONS
+            if unknown:
+                raise ConfigError(
+                    f"unknown options {sorted(unknown)} for calibrated pruning; known: "
+                    f"{', '.join(sorted(CALIBRATED_OPTIONS))}"
+                )
+            if self.allocation in ("global", "erk"):
+                raise ConfigError(
+                    f"method '{self.method}' with calibration supports allocation uniform or owl, "
+                    f"not '{self.allocation}'"
+                )
         if self.fallback not in FALLBACKS:
             raise ConfigError(f"unknown fallback '{self.fallback}'; known: {', '.join(FALLBACKS)}")
         for rule, value in self.overrides.items():
             check_sparsity(value, f"override '{rule}'")
         return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether this config runs the block-by-block calibrated driver."""
+        return self.method in METHODS or self.allocation == "owl" or bool(self.options.get("dsnot"))
 
     @property
     def pattern_obj(self) -> Pattern:
@@ -229,8 +260,9 @@ def prune_(
     config.validate()
     targets = select_targets(model, config.targets)
     _check_finite(targets)
-    if config.method in METHODS:
-        masks, info = METHODS[config.method](model, targets, config, calibration, progress=progress)
+    if config.needs_calibration:
+        driver = METHODS.get(config.method, _calibrated_driver)
+        masks, info = driver(model, targets, config, calibration, progress=progress)
     else:
         masks, info = plan_masks(model, config, targets, progress=progress)
 

@@ -8,7 +8,8 @@ matches a parameter when it matches either the parameter's name
 Default selection: the ``weight`` of every ``Linear`` and ``Conv1d/2d/3d`` module, minus the
 output head. Embeddings, norms and biases are never selected by default (they are not of
 those types or not named ``weight``). The output head is the module returned by
-``model.get_output_embeddings()`` when the model has one (Hugging Face models), else any
+``model.get_output_embeddings()`` when the model has that method (Hugging Face models; a
+``None`` answer means no head, as for a bare encoder), else any
 module named ``lm_head``, else the last ``Linear`` in registration order (a classifier).
 """
 
@@ -99,8 +100,8 @@ def output_head_names(model: nn.Module) -> set[str]:
             head = getter()
         except (AttributeError, NotImplementedError):
             head = None
-        if head is not None:
-            return {n for n, m in names.items() if m is head}
+        # a model that can say what its head is has none when it says None (BertModel)
+        return {n for n, m in names.items() if m is head} if head is not None else set()
     by_name = {n for n in names if n.split(".")[-1] == "lm_head"}
     if by_name:
         return by_name

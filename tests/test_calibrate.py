@@ -1,0 +1,166 @@
+"""The block-by-block calibrated driver on small random transformers of three families."""
+
+import copy
+
+import pytest
+import torch
+
+import sparsecraft as sc
+from sparsecraft import ConfigError, SparsecraftError
+from sparsecraft import calibrate
+from conftest import assert_unchanged, snapshot
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                    word_embed_proj_dim=32, max_position_embeddings=64)).eval()
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4), add_pooling_layer=False).eval()
+
+
+FAMILIES = {"llama": (_llama, "model.layers", 7), "opt": (_opt, "model.decoder.layers", 6), "bert": (_bert, "encoder.layer", 6)}
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return torch.randint(0, 64, (6, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _final_hidden(model, ids):
+    with torch.inference_mode():
+        out = model(ids, output_hidden_states=True)
+    return out.hidden_states[-1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_blocks_found_by_structure(family):
+    build, name, _ = FAMILIES[family]
+    found, blocks = calibrate.find_blocks(build())
+    assert found == name and len(blocks) >= 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_methods_exact_sparsity_and_valid_nm(family, method, pattern, calib):
+    build, _, per_block = FAMILIES[family]
+    model = build()
+    nm = ":" in pattern
+    state = sc.prune_(model, sc.PruneConfig(method=method, sparsity=None if nm else 0.6, pattern=pattern),
+                      calib, progress=False)
+    params = dict(model.named_parameters())
+    assert len(state.masks) == per_block * len(calibrate.find_blocks(model)[1])
+    for name, keep in state.masks.items():
+        w = params[name].detach()
+        assert (w[~keep] == 0).all()
+        if nm:
+            n, m = map(int, pattern.split(":"))
+            assert sc.NM(n, m).is_valid(keep)
+        else:
+            assert int((~keep).sum()) == int(0.6 * keep.numel() + 0.5)
+        assert torch.isfinite(w).all()
+
+
+def test_solvers_track_the_dense_model_better_than_magnitude(calib):
+    dense = _llama()
+    # a few large-norm input channels, the case where magnitude must lose
+    with torch.no_grad():
+        dense.model.embed_tokens.weight[:, :3] *= 25.0
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(5))
+    ref = _final_hidden(dense, ids)
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        model = copy.deepcopy(dense)
+        sc.prune_(model, sc.PruneConfig(method=method, sparsity=0.6), calib, progress=False)
+        errors[method] = ((_final_hidden(model, ids) - ref).norm() / ref.norm()).item()
+    assert errors["wanda"] < errors["magnitude"]
+    assert errors["sparsegpt"] < errors["magnitude"]
+
+
+def test_owl_and_dsnot_options(calib):
+    model = _llama()
+    state = sc.prune_(model, sc.PruneConfig(method="wanda", sparsity=0.6, allocation="owl",
+                                            options={"dsnot": True, "owl_lambda": 0.1}), calib, progress=False)
+    total = sum(m.numel() for m in state.masks.values())
+    pruned = sum(int((~m).sum()) for m in state.masks.values())
+    assert abs(pruned / total - 0.6) < 0.01
+    per_layer = state.layer_sparsity()
+    assert max(per_layer.values()) - min(per_layer.values()) > 0.0  # OWL moved budgets between blocks
+    assert all(0.5 - 1e-9 <= s <= 0.7 + 1e-9 for s in per_layer.values())
+
+
+# ---- bad input --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("calibration,match", [
+    (None, "needs calibration data"),
+    (torch.zeros(0, 8, dtype=torch.long), "non-empty"),
+    (torch.zeros(4, dtype=torch.long), "non-empty"),
+    (torch.full((2, 8), 500, dtype=torch.long), "vocabulary has 64"),
+    (torch.rand(2, 8), "integer token ids"),
+])
+def test_bad_calibration_leaves_model_unchanged(calibration, match):
+    model = _llama()
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=match):
+        sc.prune_(model, sc.PruneConfig(method="wanda", sparsity=0.5), calibration, progress=False)
+    assert_unchanged(model, before)
+
+
+def test_calibration_text_shorter_than_one_sample():
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1] * len(text.split())}
+
+    with pytest.raises(SparsecraftError, match="shorter than one sample"):
+        sc.data.calibration(Tok(), samples=2, seq_len=100, docs=["only five words here now"])
+
+
+def test_refuses_when_memory_will_not_fit(monkeypatch, calib):
+    model = _llama()
+    before = snapshot(model)
+    monkeypatch.setattr(calibrate, "_available_memory", lambda: 1000)
+    with pytest.raises(SparsecraftError, match="GiB is available"):
+        sc.prune_(model, sc.PruneConfig(method="sparsegpt", sparsity=0.5), calib, progress=False)
+    assert_unchanged(model, before)
+
+
+def test_failure_half_way_restores_every_block(monkeypatch, calib):
+    model = _llama()
+    before = snapshot(model)
+    real = calibrate._prune_layer
+    calls = {"n": 0}
+
+    def flaky(t, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 9:  # fails inside the second block, after the first was changed
+            raise SparsecraftError("solver gave up")
+        return real(t, *args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "_prune_layer", flaky)
+    with pytest.raises(SparsecraftError, match="solver gave up"):
+        sc.prune_(model, sc.PruneConfig(method="sparsegpt", sparsity=0.5), calib, progress=False)
+    assert_unchanged(model, before)
+
+
+def test_unknown_calibrated_option():
+    with pytest.raises(ConfigError, match="unknown options"):
+        sc.PruneConfig(method="wanda", sparsity=0.5, options={"bogus": 1})
