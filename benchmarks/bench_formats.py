@@ -199,7 +199,9 @@ def to_markdown(result: dict) -> str:
         "# Storage formats: file size and save/load time",
         "",
         f"Produced by `{result['command']}` ({result['source']}; {result['n_tensors']} tensors, "
-        f"{result['n_params']:,} parameters; torch {result['torch']}, {result['machine']}).",
+        f"{result['n_params']:,} parameters; torch {result['torch']}, {result['machine']}; "
+        f"1-min load average {result['loadavg_start'][0]:.1f} at start, {result['loadavg_end'][0]:.1f} "
+        "at end: the machine was shared, so times are inflated and noisy).",
         "",
         "Pruned by magnitude per tensor; pruned weights are +0.0. *theoretical* = ideal size of the "
         "encoding with exact-width index fields and no container (see "
@@ -258,6 +260,8 @@ def main(argv=None) -> int:
         "n_params": sum(w.numel() for w in weights.values()),
         "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "sizes": [], "timing": [], "entropy_bound_bytes": {},
+        # The machine is shared: load averages put the timings in context.
+        "loadavg_start": list(os.getloadavg()),
     }
     with tempfile.TemporaryDirectory(prefix="bench_formats.") as tmp:
         workdir = Path(tmp)
@@ -270,6 +274,7 @@ def main(argv=None) -> int:
                     result["entropy_bound_bytes"][f"{dtype_name} {pattern}"] = entropy_bound(tensors)
                 result["timing"].append(measure_times(tensors, pattern, dtype_name, workdir, args.repeats))
                 del tensors
+    result["loadavg_end"] = list(os.getloadavg())
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "formats.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out_dir / "formats.md").write_text(to_markdown(result))
