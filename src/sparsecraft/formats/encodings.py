@@ -381,12 +381,11 @@ def _encode_nm(t, bits, nz, n, m):
     rows, cols = view_2d_shape(t.shape)
     groups = cols // m
     nz3 = nz.view(rows, groups, m)
-    counts = _nm_group_counts(nz, t.shape, m).unsqueeze(-1).to(torch.int32)
     # Pad short groups with their lowest-index zeros: a zero is kept while its rank among the
-    # group's zeros is below the number of missing slots.
+    # group's zeros is at most the number of missing slots, n - (m - zeros in group).
     zero = ~nz3
-    zero_rank = torch.cumsum(zero, -1, dtype=torch.int32)
-    keep = nz3 | (zero & (zero_rank <= (n - counts)))
+    zero_rank = torch.cumsum(zero, -1, dtype=torch.int16 if m < 32768 else torch.int32)
+    keep = nz3 | (zero & (zero_rank + (m - n) <= zero_rank[..., -1:]))
     flat = np.flatnonzero(keep.numpy())  # exactly n per group, ascending
     pos = (flat % m).astype(np.uint8 if m <= 256 else np.int32)
     values = torch.from_numpy(bits.numpy().take(flat)).view(t.dtype).view(rows, groups * n)
