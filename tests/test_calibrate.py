@@ -100,7 +100,7 @@ def test_owl_and_dsnot_options(calib):
                                             options={"dsnot": True, "owl_lambda": 0.1}), calib, progress=False)
     total = sum(m.numel() for m in state.masks.values())
     pruned = sum(int((~m).sum()) for m in state.masks.values())
-    assert abs(pruned / total - 0.6) < 0.01
+    assert pruned == int(0.6 * total + 0.5)  # exact: block counts split over layers
     per_layer = state.layer_sparsity()
     assert max(per_layer.values()) - min(per_layer.values()) > 0.0  # OWL moved budgets between blocks
     assert all(0.5 - 1e-9 <= s <= 0.7 + 1e-9 for s in per_layer.values())

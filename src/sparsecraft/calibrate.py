@@ -221,8 +221,9 @@ def _estimate_bytes(model, blocks, calibration, per_block, need_hessian) -> int:
     return acts + stats + 4 * widest * calibration.shape[1] * elem
 
 
-def _owl_block_sparsities(blocks, batches, per_block, config, progress) -> list[float]:
-    from .oneshot import outlier_ratio, owl_sparsities, wanda_scores
+def _owl_layer_sparsities(blocks, batches, per_block, config, progress) -> dict[str, float]:
+    from .allocation import _largest_remainder
+    from .oneshot import outlier_ratio, owl_counts, wanda_scores
 
     ratios, numels = {}, {}
     current = [b.hidden for b in batches]
@@ -238,12 +239,19 @@ def _owl_block_sparsities(blocks, batches, per_block, config, progress) -> list[
         scores = [wanda_scores(t.param.detach(), collector.norms[t.name].sq_norm) for t in targets]
         ratios[str(i)] = outlier_ratio(scores, m=float(config.options.get("owl_m", 5.0)))
         numels[str(i)] = sum(t.param.numel() for t in targets)
-    sparsities = owl_sparsities(
+    counts = owl_counts(
         ratios, numels, config.sparsity, lam=float(config.options.get("owl_lambda", 0.08)),
         max_sparsity=config.max_sparsity,
     )
-    log.info("OWL block sparsities: %s", ", ".join(f"{sparsities[str(i)]:.3f}" for i in range(len(blocks))))
-    return [sparsities[str(i)] for i in range(len(blocks))]
+    log.info("OWL block sparsities: %s", ", ".join(f"{counts[str(i)] / numels[str(i)]:.3f}" for i in range(len(blocks))))
+    # split each block's exact count over its layers (largest remainder), so the total is exact
+    per_layer: dict[str, float] = {}
+    for i, targets in enumerate(per_block):
+        sizes = [t.param.numel() for t in targets]
+        share = counts[str(i)] / numels[str(i)]
+        split = _largest_remainder([share * n for n in sizes], sizes, counts[str(i)])
+        per_layer.update({t.name: k / n for t, k, n in zip(targets, split, sizes)})
+    return per_layer
 
 
 def _prune_layer(t: Target, config, sparsity: float | None, collector: _Collector):
@@ -307,9 +315,9 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
              config.method, len(blocks), calibration.shape[0], calibration.shape[1], estimate / 2**20)
 
     batches = capture_block_inputs(model, blocks, calibration, batch_size)
-    block_sparsity = (
-        _owl_block_sparsities(blocks, batches, per_block, config, progress)
-        if config.allocation == "owl" else [config.sparsity] * len(blocks)
+    layer_sparsity = (
+        _owl_layer_sparsities(blocks, batches, per_block, config, progress)
+        if config.allocation == "owl" else {t.name: config.sparsity for ts in per_block for t in ts}
     )
     overrides = config.overrides or {}
     from .targets import match_rule
@@ -328,7 +336,8 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
                 collector.remove()
             results = {}
             for t in targets_i:
-                s = next((v for r, v in overrides.items() if match_rule(r, t.name, t.module_name)), block_sparsity[i])
+                s = next((v for r, v in overrides.items() if match_rule(r, t.name, t.module_name)),
+                         layer_sparsity[t.name])
                 results[t.name] = _prune_layer(t, config, s, collector)
             del collector
             torch.save({t.name: t.param.detach().cpu().clone() for t in targets_i}, spill / f"{i}.pt")

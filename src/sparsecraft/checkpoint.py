@@ -79,8 +79,15 @@ def _model_record(model: nn.Module) -> dict:
     return {"kind": "module", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
 
 
-def save(model: nn.Module, path: str | Path, *, overwrite: bool = False, tokenizer=None) -> Path:
-    """Write ``model`` compressed to ``path`` (see the module docstring); returns the path."""
+def save(
+    model: nn.Module, path: str | Path, *, overwrite: bool = False, tokenizer=None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write ``model`` compressed to ``path`` (see the module docstring); returns the path.
+
+    ``extra_files`` (folder checkpoints only) maps file names to text written beside the
+    model inside the same atomic step, e.g. a JSON report of the run.
+    """
     from .formats import write_tensors
 
     path = Path(path)
@@ -94,6 +101,8 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False, tokeniz
     extra = {"model": _model_record(model), "aliases": aliases}
 
     if path.suffix == ".safetensors":
+        if extra_files:
+            raise FormatError("extra_files need a folder checkpoint, not a single .safetensors file")
         write_tensors(path, tensors, info=info, extra=extra, overwrite=overwrite)
         return path
 
@@ -105,6 +114,8 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False, tokeniz
             config.to_json_file(str(staging / "config.json"))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
         _replace_dir(staging, path, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -20,6 +20,8 @@ log = logging.getLogger("sparsecraft.cli")
 EPILOG_PRUNE = """examples:
   sparsecraft prune smollm2-135m --sparsity 0.5 --out pruned/
   sparsecraft prune smollm2-135m --pattern 2:4 --out pruned-24/
+  sparsecraft prune smollm2-135m --method wanda --dsnot --allocation owl \
+      --sparsity 0.6 --samples 64 --seq-len 256 --eval --out pruned-wanda/
   sparsecraft prune ./my-hf-model --allocation global --sparsity 0.7 \\
       --exclude 're:.*self_attn.*' --override '*.down_proj.*=0.5' --out pruned/
 """
@@ -97,8 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pin the sparsity of matching layers; repeatable")
     p.add_argument("--max-sparsity", type=float, default=0.99, help="per-layer cap for global allocation")
     p.add_argument("--fallback", default="error", help="error | skip | unstructured for layers the pattern cannot tile")
-    p.add_argument("--seed", type=int, default=0, help="seed for random methods")
+    p.add_argument("--seed", type=int, default=0, help="seed for random methods and calibration sampling")
+    p.add_argument("--dsnot", action="store_true", help="refine masks with DSnoT (needs calibration)")
+    p.add_argument("--calib", metavar="FILE", default=None,
+                   help="calibration text (.txt) or JSONL with a 'text' field; default: built-in Lee corpus")
+    p.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
+    p.add_argument("--eval", action="store_true",
+                   help="measure quality before and after on held-out text (perplexity or embedding cosine)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    rr = sub.add_parser("run", help="run a YAML recipe (the same fields as prune's flags)",
+                        description="Run a one-shot pruning recipe; see sparsecraft.recipe for the fields.")
+    rr.add_argument("recipe", help="YAML file")
+
+    e = sub.add_parser("eval", help="perplexity of a causal LM, or embedding similarity of an encoder",
+                       description="Evaluate MODEL on held-out text (built-in Lee corpus evaluation part "
+                       "unless --text is given). Encoders are compared with --reference.")
+    e.add_argument("model", help="checkpoint folder, Hugging Face folder or named model")
+    e.add_argument("--reference", help="dense model to compare an encoder's embeddings with")
+    e.add_argument("--text", metavar="FILE", help="evaluation text (.txt or JSONL)")
+    e.add_argument("--seq-len", type=int, default=512, help="perplexity window (default 512, stride = window)")
 
     r = sub.add_parser("report", help="per-layer sparsity, size and FLOPs of a model or checkpoint",
                        description="Print a per-layer report of MODEL (checkpoint, folder or named model).")
@@ -128,13 +149,9 @@ def _configure_logging(args) -> None:
 
 
 def _cmd_prune(args) -> int:
-    from . import models
-    from .checkpoint import save
-    from .prune import PruneConfig, prune_
+    from .prune import PruneConfig
+    from .recipe import CalibrationSpec, Recipe, execute
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SparsecraftError(f"'{out}' exists; pass --overwrite to replace it")
     config = PruneConfig(
         method=args.method,
         sparsity=args.sparsity if args.sparsity is not None else (None if ":" in args.pattern else 0.5),
@@ -145,17 +162,51 @@ def _cmd_prune(args) -> int:
         max_sparsity=args.max_sparsity,
         fallback=args.fallback,
         seed=args.seed,
+        options={"dsnot": True} if args.dsnot else {},
     )
-    start = time.perf_counter()
+    recipe = Recipe(
+        model=args.model, out=args.out, prune=config, evaluate=args.eval, overwrite=args.overwrite,
+        calibration=CalibrationSpec(file=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed),
+    )
+    _finish(execute(recipe, progress=not args.quiet), recipe)
+    return 0
+
+
+def _finish(results: dict, recipe) -> None:
+    line = (f"pruned {recipe.model} with {recipe.prune.method} ({recipe.prune.pattern_obj}): "
+            f"sparsity {results['sparsity']:.4f} in {results['prune_seconds']:.1f} s; saved to {recipe.out}")
+    _out(line)
+    for key in ("dense", "pruned"):
+        if key in results:
+            _out(f"  {key}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results[key].items()))
+
+
+def _cmd_run(args) -> int:
+    from .recipe import execute, load_recipe
+
+    recipe = load_recipe(args.recipe)
+    _finish(execute(recipe, progress=not args.quiet), recipe)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from . import data, evaluate, models
+
     model, tok = models.load(args.model)
-    log.info("loaded %s in %.1f s", args.model, time.perf_counter() - start)
-    start = time.perf_counter()
-    state = prune_(model, config, progress=not args.quiet)
-    seconds = time.perf_counter() - start
-    state.finalize_()
-    save(model, out, overwrite=args.overwrite, tokenizer=tok)
-    _out(f"pruned {len(state.info) or 'all'} targets of {args.model} with {args.method} "
-         f"({config.pattern_obj}) in {seconds:.1f} s; saved to {out}")
+    if tok is None:
+        raise SparsecraftError(f"'{args.model}' has no tokenizer; evaluation needs one")
+    docs = data.load_texts(args.text) if args.text else data.builtin_texts()["evaluation"]
+    source = args.text or "built-in Lee corpus, evaluation part"
+    if evaluate.is_causal_lm(model):
+        ppl = evaluate.perplexity(model, data.tokenize(tok, docs), args.seq_len, progress=not args.quiet)
+        _out(f"perplexity {ppl:.4f} on {source} (windows of {args.seq_len}, stride {args.seq_len})")
+        return 0
+    if not args.reference:
+        raise SparsecraftError("an encoder is evaluated against a dense model: pass --reference MODEL")
+    reference, _ = models.load(args.reference)
+    result = evaluate.embedding_similarity(model, reference, tok, evaluate.split_sentences(docs))
+    _out(f"embedding cosine similarity to {args.reference}: mean {result['mean_cosine']:.4f}, "
+         f"min {result['min_cosine']:.4f} over {result['sentences']} sentences of {source}")
     return 0
 
 
@@ -206,7 +257,10 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": _cmd_prune, "report": _cmd_report, "info": _cmd_info, "demo": _cmd_demo}
+COMMANDS = {
+    "prune": _cmd_prune, "run": _cmd_run, "eval": _cmd_eval,
+    "report": _cmd_report, "info": _cmd_info, "demo": _cmd_demo,
+}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,186 @@
+"""YAML recipes for one-shot pruning: the same fields as the ``sparsecraft prune`` flags.
+
+```yaml
+model: smollm2-135m            # named model or a folder
+out: pruned/                   # where the compressed model goes
+overwrite: false
+prune:                         # a PruneConfig, field for field
+  method: sparsegpt
+  sparsity: 0.5
+  pattern: unstructured
+  allocation: owl
+  options: {dsnot: true}
+calibration:                   # used by calibrated methods (wanda, sparsegpt, owl, dsnot)
+  file: null                   # text or JSONL file; null = built-in Lee corpus (calibration part)
+  samples: 128
+  seq_len: 512
+  seed: 0
+evaluate: true                 # perplexity (causal LM) or embedding similarity (encoder) before/after
+```
+
+Everything is validated before the model is loaded; an error names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .prune import PruneConfig
+
+__all__ = ["Recipe", "CalibrationSpec", "load_recipe"]
+
+
+@dataclass
+class CalibrationSpec:
+    file: str | None = None
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("samples", "seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"calibration.{name} must be a positive integer, got {value!r}")
+        if self.file is not None and not Path(self.file).is_file():
+            raise ConfigError(f"calibration.file '{self.file}' does not exist")
+
+
+def _build(cls, data: Any, where: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(names)}")
+    try:
+        return cls(**data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+@dataclass
+class Recipe:
+    model: str
+    out: str
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    evaluate: bool = True
+    overwrite: bool = False
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Recipe":
+        if not isinstance(data, dict):
+            raise ConfigError("a recipe must be a YAML mapping with at least 'model' and 'out'")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"recipe: unknown keys {sorted(unknown)}; allowed: {sorted(names)}")
+        for key in ("model", "out"):
+            if not isinstance(data.get(key), str) or not data[key]:
+                raise ConfigError(f"recipe: '{key}' is required and must be a string")
+        for key in ("evaluate", "overwrite"):
+            if key in data and not isinstance(data[key], bool):
+                raise ConfigError(f"recipe: '{key}' must be true or false, got {data[key]!r}")
+        try:
+            prune = PruneConfig.from_dict(data.get("prune") or {})
+        except ConfigError as exc:
+            raise ConfigError(f"prune: {exc}") from None
+        return cls(
+            model=data["model"],
+            out=data["out"],
+            prune=prune,
+            calibration=_build(CalibrationSpec, data.get("calibration"), "calibration"),
+            evaluate=data.get("evaluate", True),
+            overwrite=data.get("overwrite", False),
+        )
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"recipe '{path}' is not valid YAML{where}") from None
+    return Recipe.from_dict(data)
+
+
+def _quality(model, tok, reference, eval_docs) -> dict:
+    from . import data, evaluate
+
+    if evaluate.is_causal_lm(model):
+        tokens = data.tokenize(tok, eval_docs)
+        return {"perplexity": evaluate.perplexity(model, tokens, 512, progress=False)}
+    sentences = evaluate.split_sentences(eval_docs)
+    return evaluate.embedding_similarity(model, reference, tok, sentences)
+
+
+def execute(recipe: Recipe, *, progress: bool = True) -> dict:
+    """Run a recipe: load, (calibrate), evaluate, prune, evaluate, save. Returns the results."""
+    import copy
+    import json
+    import logging
+    import time
+
+    from . import data, models
+    from .checkpoint import save
+    from .errors import SparsecraftError
+    from .prune import prune_
+    from .report import report
+
+    log = logging.getLogger(__name__)
+    out = Path(recipe.out)
+    if out.exists() and not recipe.overwrite:
+        raise SparsecraftError(f"'{out}' exists; set overwrite (or --overwrite) to replace it")
+    config = recipe.prune
+    start = time.perf_counter()
+    model, tok = models.load(recipe.model)
+    log.info("loaded %s in %.1f s", recipe.model, time.perf_counter() - start)
+
+    results: dict[str, Any] = {"model": recipe.model, "prune": config.to_dict()}
+    calibration = None
+    if config.needs_calibration:
+        if tok is None:
+            raise SparsecraftError(f"'{recipe.model}' has no tokenizer to build calibration samples")
+        spec = recipe.calibration
+        docs = data.load_texts(spec.file) if spec.file else None
+        calibration = data.calibration(tok, spec.samples, spec.seq_len, spec.seed, docs=docs)
+        results["calibration"] = {
+            "source": spec.file or "built-in Lee corpus, calibration part (lee_background.cor)",
+            "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed,
+        }
+    eval_docs = data.builtin_texts()["evaluation"] if recipe.evaluate and tok is not None else None
+    reference = None
+    if eval_docs is not None:
+        results["evaluation_text"] = "built-in Lee corpus, evaluation part (lee.cor), disjoint from calibration"
+        from .evaluate import is_causal_lm
+
+        reference = None if is_causal_lm(model) else copy.deepcopy(model)
+        results["dense"] = _quality(model, tok, model if reference is None else reference, eval_docs)
+
+    start = time.perf_counter()
+    state = prune_(model, config, calibration, progress=progress)
+    results["prune_seconds"] = time.perf_counter() - start
+    state.finalize_()
+    if eval_docs is not None:
+        results["pruned"] = _quality(model, tok, reference, eval_docs)
+    rep = report(model)
+    results["sparsity"] = rep.totals["sparsity"]
+    results["compressed_bytes"] = rep.totals["compressed_bytes"]
+    save(model, out, overwrite=recipe.overwrite, tokenizer=tok,
+         extra_files={"prune_results.json": json.dumps(results, indent=2) + "\n"})
+    return results
