@@ -79,3 +79,22 @@ def test_bad_override_and_method(tiny_lm):
         allocate(targets, 0.5, overrides={"nope": 0.5})
     with pytest.raises(ConfigError, match="unknown allocation 'magic'"):
         allocate(targets, 0.5, "magic")
+
+
+def test_sampled_bracket_and_full_bisection_agree(tiny_lm, monkeypatch):
+    import sparsecraft.allocation as alloc
+
+    targets = select_targets(tiny_lm)
+    with torch.no_grad():
+        targets[1].param.mul_(1e-3)  # make the cap bind on one layer
+    fast = global_counts(targets, 0.6, _magnitude, max_sparsity=0.95)
+    monkeypatch.setattr(alloc, "_counts_in_bracket", lambda *a, **k: None)  # force the fallback
+    slow = global_counts(targets, 0.6, _magnitude, max_sparsity=0.95)
+    assert fast == slow
+    # a bracket that misses the threshold is detected, not trusted
+    sizes = [t.param.numel() for t in targets]
+    caps = [int(0.95 * n) for n in sizes]
+    k = int(0.6 * sum(sizes) + 0.5)
+    high = alloc._sortable_keys(torch.tensor([10.0])).item()
+    monkeypatch.undo()
+    assert alloc._counts_in_bracket(targets, _magnitude, caps, k, high, high + 5) is None

@@ -69,27 +69,60 @@ def _sortable_keys(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
 
 
-def global_counts(
-    targets: Sequence[Target], sparsity: float, score_fn: ScoreFn, max_sparsity: float
-) -> dict[str, int]:
-    """Exact per-target pruned counts for one global threshold with a per-layer cap.
+def _distribute(below: list[int], at_or_below: list[int], k: int) -> list[int]:
+    """Prune everything strictly below the threshold, then ties in target order up to ``k``."""
+    counts = list(below)
+    short = k - sum(counts)
+    for i in range(len(counts)):
+        add = min(short, at_or_below[i] - counts[i])
+        counts[i] += add
+        short -= add
+    assert short == 0, "threshold invariant broken"
+    return counts
 
-    Finds the smallest threshold key ``t`` with ``sum_i min(#{score_i <= t}, cap_i) >= k``
-    by bisection over the float order (32 steps), recomputing scores per step so memory
-    stays at one layer's scores. Elements strictly below ``t`` are pruned; the remaining
-    budget goes to elements equal to ``t`` in target order (lowest index first inside the
-    layer, matching the patterns' tie rule).
-    """
-    sizes = [t.param.numel() for t in targets]
-    caps = [math.floor(max_sparsity * n) for n in sizes]
-    k = math.floor(sparsity * sum(sizes) + 0.5)
-    if k > sum(caps):
-        raise ConfigError(
-            f"global sparsity {sparsity} needs {k} pruned weights but the per-layer cap "
-            f"max_sparsity={max_sparsity} allows only {sum(caps)}"
-        )
-    if k == 0:
-        return {t.name: 0 for t in targets}
+
+def _sample_bracket(targets, score_fn, quantile: float, size: int = 2**20) -> tuple[int, int]:
+    """Keys that bracket the global ``quantile`` with high probability (strided sample)."""
+    total = sum(t.param.numel() for t in targets)
+    step = max(1, total // size)
+    sample = torch.cat([_sortable_keys(score_fn(t)).reshape(-1)[::step] for t in targets]).sort().values
+    m = sample.numel()
+    margin = 6.0 / math.sqrt(m) + 1e-3
+    lo_i, hi_i = math.floor((quantile - margin) * m), math.ceil((quantile + margin) * m)
+    lo = int(sample[lo_i]) if lo_i >= 0 else -(2**31)
+    hi = int(sample[hi_i]) if hi_i < m else 2**31 - 1
+    return lo, hi
+
+
+def _counts_in_bracket(targets, score_fn, caps, k, lo: int, hi: int) -> list[int] | None:
+    """Exact counts when the threshold lies in [lo, hi]; None when it does not."""
+    below_lo, candidates = [], []
+    for t in targets:
+        keys = _sortable_keys(score_fn(t)).reshape(-1)
+        below_lo.append(int((keys < lo).sum()))
+        candidates.append(keys[(keys >= lo) & (keys <= hi)].sort().values)
+
+    def f(key: int, right: bool = True) -> list[int]:
+        probe = torch.tensor([key], dtype=torch.int64)
+        return [
+            min(b + int(torch.searchsorted(c, probe, right=right)), cap)
+            for b, c, cap in zip(below_lo, candidates, caps)
+        ]
+
+    if sum(f(lo, right=False)) >= k or sum(f(hi)) < k:
+        return None  # the threshold is outside the bracket
+    a, b = lo, hi
+    while a < b:  # smallest key with f(key) >= k
+        mid = (a + b) // 2
+        if sum(f(mid)) >= k:
+            b = mid
+        else:
+            a = mid + 1
+    return _distribute(f(a, right=False), f(a), k)
+
+
+def _counts_by_bisection(targets, score_fn, caps, k) -> list[int]:
+    """Exact counts by bisection over the whole float order, one pass over the scores per step."""
 
     def capped_count(key: int, strict: bool) -> list[int]:
         out = []
@@ -106,15 +139,39 @@ def global_counts(
             hi = mid
         else:
             lo = mid + 1
-    below = capped_count(lo, strict=True)
-    at_or_below = capped_count(lo, strict=False)
-    counts = list(below)
-    short = k - sum(counts)
-    for i in range(len(counts)):
-        add = min(short, at_or_below[i] - counts[i])
-        counts[i] += add
-        short -= add
-    assert short == 0, "bisection invariant broken"
+    return _distribute(capped_count(lo, strict=True), capped_count(lo, strict=False), k)
+
+
+def global_counts(
+    targets: Sequence[Target], sparsity: float, score_fn: ScoreFn, max_sparsity: float
+) -> dict[str, int]:
+    """Exact per-target pruned counts for one global threshold with a per-layer cap.
+
+    The threshold is the smallest score key ``t`` (floats mapped to integers in the same
+    order) with ``sum_i min(#{score_i <= t}, cap_i) >= k``. Elements strictly below ``t``
+    are pruned; the remaining budget goes to elements equal to ``t`` in target order (lowest
+    index first inside the layer, matching the patterns' tie rule).
+
+    Memory stays at one layer's scores plus a small sample: a strided sample of about a
+    million scores brackets the threshold, one pass counts what lies below the bracket and
+    keeps what lies inside it, and the exact threshold is found among those. If the sample
+    misses (rare, e.g. when caps bind), an exact bisection over all scores (32 passes) runs.
+    """
+    sizes = [t.param.numel() for t in targets]
+    caps = [math.floor(max_sparsity * n) for n in sizes]
+    k = math.floor(sparsity * sum(sizes) + 0.5)
+    if k > sum(caps):
+        raise ConfigError(
+            f"global sparsity {sparsity} needs {k} pruned weights but the per-layer cap "
+            f"max_sparsity={max_sparsity} allows only {sum(caps)}"
+        )
+    if k == 0:
+        return {t.name: 0 for t in targets}
+    lo, hi = _sample_bracket(targets, score_fn, k / sum(sizes))
+    counts = _counts_in_bracket(targets, score_fn, caps, k, lo, hi)
+    if counts is None:
+        log.debug("sampled bracket missed the global threshold; exact bisection")
+        counts = _counts_by_bisection(targets, score_fn, caps, k)
     return {t.name: c for t, c in zip(targets, counts)}
 
 

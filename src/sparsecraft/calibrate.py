@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, SparsecraftError, TargetError
 from .patterns import NM, Unstructured, num_to_prune
-from .targets import Target
+from .targets import Target, match_rule
 
 __all__ = ["find_blocks", "capture_block_inputs", "calibrated_prune", "check_calibration", "CALIBRATED_METHODS"]
 
@@ -281,6 +281,8 @@ def _prune_layer(t: Target, config, sparsity: float | None, collector: _Collecto
 
 def calibrated_prune(model, targets, config, calibration, *, progress=True):
     """Block-by-block driver; returns ``(masks, info)`` like ``prune.plan_masks``."""
+    from .oneshot import relative_reconstruction_error
+
     if config.method not in CALIBRATED_METHODS:
         raise ConfigError(f"method '{config.method}' has no calibrated driver")
     calibration = check_calibration(model, calibration)
@@ -300,7 +302,8 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
     for ts in per_block:
         for t in ts:
             pattern.check(t.shape, t.name)
-    need_hessian = config.method == "sparsegpt"
+    measure = bool(config.options.get("measure_error"))
+    need_hessian = config.method == "sparsegpt" or measure
     need_norms = config.method == "wanda" or bool(config.options.get("dsnot")) or config.allocation == "owl"
     batch_size = int(config.options.get("batch_size", 8))
     estimate = _estimate_bytes(model, blocks, calibration, per_block, need_hessian)
@@ -320,8 +323,6 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
         if config.allocation == "owl" else {t.name: config.sparsity for ts in per_block for t in ts}
     )
     overrides = config.overrides or {}
-    from .targets import match_rule
-
     masks, info = {}, {}
     spill = Path(tempfile.mkdtemp(prefix="sparsecraft-originals-"))
     touched: list[int] = []
@@ -334,13 +335,16 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
                 _run_block(block, batches)
             finally:
                 collector.remove()
+            hessians = {n: h.hessian for n, h in collector.hessians.items()} if measure else {}
             results = {}
             for t in targets_i:
                 s = next((v for r, v in overrides.items() if match_rule(r, t.name, t.module_name)),
                          layer_sparsity[t.name])
                 results[t.name] = _prune_layer(t, config, s, collector)
             del collector
-            torch.save({t.name: t.param.detach().cpu().clone() for t in targets_i}, spill / f"{i}.pt")
+            # the original weights go to disk before the block changes (restored on failure)
+            originals = {t.name: t.param.detach().cpu().clone() for t in targets_i}
+            torch.save(originals, spill / f"{i}.pt")
             touched.append(i)
             with torch.no_grad():
                 for t in targets_i:
@@ -350,6 +354,9 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
                     t.param.mul_(keep)
                     masks[t.name] = keep
                     info[t.name] = {"pattern": str(pattern), "method": config.method}
+                    if measure:  # ||WX - W'X|| / ||WX|| on this block's calibration inputs
+                        info[t.name]["reconstruction_error"] = float(relative_reconstruction_error(
+                            originals[t.name].to(t.param.device), t.param.detach(), hessian=hessians[t.name]))
             outs = _run_block(block, batches)
             for b, out in zip(batches, outs):
                 b.hidden = out

@@ -37,7 +37,10 @@ FALLBACKS = ("error", "skip", "unstructured")
 METHODS: dict[str, Callable[..., tuple[dict, dict]]] = {}
 
 #: Options the calibrated (block-by-block) driver understands.
-CALIBRATED_OPTIONS = {"batch_size", "dsnot", "owl_m", "owl_lambda", "blocksize", "percdamp", "max_damp_tries"}
+CALIBRATED_OPTIONS = {
+    "batch_size", "dsnot", "owl_m", "owl_lambda", "blocksize", "percdamp", "max_damp_tries",
+    "measure_error",  # record ||WX - W'X|| / ||WX|| per layer in the sparsity info
+}
 
 
 def _calibrated_driver(model, targets, config, calibration, *, progress=True):
@@ -129,7 +132,11 @@ class PruneConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether this config runs the block-by-block calibrated driver."""
-        return self.method in METHODS or self.allocation == "owl" or bool(self.options.get("dsnot"))
+        return (
+            self.method in METHODS
+            or self.allocation == "owl"
+            or bool(self.options.get("dsnot") or self.options.get("measure_error"))
+        )
 
     @property
     def pattern_obj(self) -> Pattern:

@@ -1,0 +1,209 @@
+"""One-shot pruning quality, time and memory on the real SmolLM2-135M (and MiniLM).
+
+Every configuration runs in its own process so its peak RSS (VmHWM, including the model
+load) is its own. Results accumulate in benchmarks/results/oneshot.json; a configuration
+already there is skipped, so the benchmark can be resumed (--fresh starts over).
+
+    python benchmarks/bench_oneshot.py                     # the full grid
+    python benchmarks/bench_oneshot.py --only wanda-0.5     # one configuration
+    python benchmarks/bench_oneshot.py --table              # rewrite the table only
+
+Calibration: built-in Lee corpus (calibration part), SAMPLES x SEQ_LEN tokens (seed 0).
+Evaluation: Lee corpus evaluation part (disjoint), perplexity over windows of 512, stride 512.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+OUT = RESULTS / "oneshot.json"
+
+
+def _grid() -> dict[str, dict]:
+    grid = {"dense": {"model": "smollm2-135m", "method": None}}
+    for s in (0.5, 0.6, 0.7):
+        for m in ("magnitude", "wanda", "sparsegpt"):
+            grid[f"{m}-{s}"] = {"model": "smollm2-135m", "method": m, "sparsity": s, "pattern": "unstructured"}
+        grid[f"wanda+owl+dsnot-{s}"] = {"model": "smollm2-135m", "method": "wanda", "sparsity": s,
+                                        "pattern": "unstructured", "allocation": "owl", "options": {"dsnot": True}}
+        grid[f"sparsegpt+owl-{s}"] = {"model": "smollm2-135m", "method": "sparsegpt", "sparsity": s,
+                                      "pattern": "unstructured", "allocation": "owl"}
+    for p in ("2:4", "4:8"):
+        for m in ("magnitude", "wanda", "sparsegpt"):
+            grid[f"{m}-{p}"] = {"model": "smollm2-135m", "method": m, "sparsity": None, "pattern": p}
+        grid[f"wanda+dsnot-{p}"] = {"model": "smollm2-135m", "method": "wanda", "sparsity": None, "pattern": p,
+                                    "options": {"dsnot": True}}
+    for p in ("unstructured", "2:4"):
+        for m in ("magnitude", "wanda", "sparsegpt"):
+            grid[f"minilm-{m}-{p}"] = {"model": "minilm-l6", "method": m,
+                                       "sparsity": 0.5 if p == "unstructured" else None, "pattern": p}
+    return grid
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_one(spec: dict, samples: int, seq_len: int) -> dict:
+    """Runs in the child process."""
+    import copy
+
+    import torch
+
+    import sparsecraft as sc
+    from sparsecraft import data, evaluate, models
+
+    torch.manual_seed(0)
+    model, tok = models.load(spec["model"])
+    result: dict = {"spec": spec}
+    causal = evaluate.is_causal_lm(model)
+    eval_docs = data.builtin_texts()["evaluation"]
+    reference = None if causal else copy.deepcopy(model)
+    if spec["method"] is not None:
+        options = dict(spec.get("options", {}))
+        if causal and spec["method"] != "magnitude" or options:
+            options["measure_error"] = True
+        config = sc.PruneConfig(method=spec["method"], sparsity=spec["sparsity"], pattern=spec["pattern"],
+                                allocation=spec.get("allocation", "uniform"), options=options)
+        calib = data.calibration(tok, samples, seq_len, seed=0) if config.needs_calibration else None
+        start = time.perf_counter()
+        state = sc.prune_(model, config, calib, progress=False)
+        result["prune_seconds"] = time.perf_counter() - start
+        result["sparsity"] = state.sparsity()
+        errors = {n: i["reconstruction_error"] for n, i in state.info.items() if "reconstruction_error" in i}
+        if errors:
+            result["reconstruction_error"] = errors
+        state.finalize_()
+    if causal:
+        tokens = data.tokenize(tok, eval_docs)
+        result["perplexity"] = evaluate.perplexity(model, tokens, 512, progress=False)
+        result["eval_tokens"] = int(tokens.numel())
+    else:
+        result.update(evaluate.embedding_similarity(model, reference, tok, evaluate.split_sentences(eval_docs)))
+    result["peak_rss_bytes"] = _peak_rss()
+    result["model_param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    return result
+
+
+def _load() -> dict:
+    return json.loads(OUT.read_text()) if OUT.exists() else {"runs": {}}
+
+
+def write_table(results: dict) -> str:
+    runs = results["runs"]
+    meta = results.get("settings", {})
+    lines = [
+        f"SmolLM2-135M, calibration {meta.get('samples')} x {meta.get('seq_len')} tokens (Lee corpus), "
+        f"perplexity on {next((r.get('eval_tokens') for r in runs.values() if r.get('eval_tokens')), '?')} "
+        f"held-out tokens (windows of 512).",
+        "",
+        "| configuration | sparsity | perplexity | prune time (s) | peak RSS (MB) | mean layer error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in runs.items():
+        if r["spec"]["model"] != "smollm2-135m":
+            continue
+        err = r.get("reconstruction_error")
+        mean_err = f"{sum(err.values()) / len(err):.4f}" if err else ""
+        lines.append(
+            f"| {name} | {r.get('sparsity', 0.0):.4f} | {r['perplexity']:.2f} | "
+            f"{r.get('prune_seconds', 0.0):.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | {mean_err} |"
+        )
+    minilm = {n: r for n, r in runs.items() if r["spec"]["model"] == "minilm-l6"}
+    if minilm:
+        lines += ["", "MiniLM-L6 (BERT encoder): cosine similarity of mean-pooled sentence embeddings to the dense model.",
+                  "", "| configuration | sparsity | mean cosine | min cosine | prune time (s) |", "|---|---|---|---|---|"]
+        for name, r in minilm.items():
+            lines.append(f"| {name} | {r.get('sparsity', 0):.4f} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | "
+                         f"{r.get('prune_seconds', 0):.1f} |")
+    # per-layer comparison: where SparseGPT has the lowest reconstruction error
+    for tag in ("0.5", "2:4"):
+        trio = [runs.get(f"{m}-{tag}", {}).get("reconstruction_error") for m in ("magnitude", "wanda", "sparsegpt")]
+        if all(trio) and set(trio[0]) == set(trio[1]) == set(trio[2]):
+            wins = sum(trio[2][n] <= min(trio[0][n], trio[1][n]) for n in trio[2])
+            lines.append(f"\nPer-layer reconstruction error at {tag}: SparseGPT lowest on {wins} of {len(trio[2])} layers "
+                         "(errors measured by a `measure_error` option on calibration inputs; magnitude rows at 50% "
+                         "were run with the same option).")
+    table = "\n".join(lines) + "\n"
+    (RESULTS / "oneshot.md").write_text(table)
+    _plot(runs)
+    return table
+
+
+def _plot(runs: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trio = {m: runs.get(f"{m}-0.5", {}).get("reconstruction_error") for m in ("magnitude", "wanda", "sparsegpt")}
+    if not all(trio.values()):
+        return
+    names = list(trio["sparsegpt"])
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for method, errs in trio.items():
+        ax.plot(range(len(names)), [errs[n] for n in names], label=method, lw=1)
+    ax.set_xlabel("layer (model order: q, k, v, o, gate, up, down per block)")
+    ax.set_ylabel("||WX - W'X|| / ||WX||")
+    ax.set_title("SmolLM2-135M, 50% unstructured: per-layer reconstruction error")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "oneshot_layer_error.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", nargs="*", help="configuration names to run")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--table", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        sys.stdout.write("RESULT " + json.dumps(run_one(spec, args.samples, args.seq_len)) + "\n")
+        return
+    results = {"runs": {}} if args.fresh else _load()
+    if args.table:
+        sys.stdout.write(write_table(results))
+        return
+    settings = {"samples": args.samples, "seq_len": args.seq_len, "torch_threads": 2}
+    if results.get("settings") not in (None, settings):
+        raise SystemExit(f"existing results used {results['settings']}; pass --fresh to start over")
+    results["settings"] = settings
+    grid = _grid()
+    for name in args.only or grid:
+        if name in results["runs"] and not args.only:
+            continue
+        cmd = [sys.executable, __file__, "--child", json.dumps(grid[name]), "--samples", str(args.samples),
+               "--seq-len", str(args.seq_len)]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            sys.stderr.write(f"{name} failed:\n{proc.stderr[-3000:]}\n")
+            continue
+        run = json.loads(line[len("RESULT "):])
+        run["wall_seconds"] = time.perf_counter() - start
+        results["runs"][name] = run
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        sys.stdout.write(f"{name}: {json.dumps({k: v for k, v in run.items() if k not in ('reconstruction_error', 'spec')})}\n")
+        sys.stdout.flush()
+    sys.stdout.write(write_table(results))
+
+
+if __name__ == "__main__":
+    main()
