@@ -107,3 +107,15 @@ def test_parse_pattern_spellings():
     assert parse_pattern("filters") == Rows()
     with pytest.raises(ConfigError, match="unknown pattern 'zigzag'"):
         parse_pattern("zigzag")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_selection_equals_stable_sort_with_many_ties(seed):
+    from sparsecraft.patterns import _prune_lowest
+
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 7, (503,), generator=gen).float()  # heavy ties
+    for k in (0, 1, 50, 251, 502, 503):
+        expected = torch.ones(503, dtype=torch.bool)
+        expected[torch.sort(scores, stable=True).indices[:k]] = False
+        assert torch.equal(_prune_lowest(scores, k), expected), k

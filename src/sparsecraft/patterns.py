@@ -65,12 +65,23 @@ def _view_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask over a 1-D score vector that prunes the ``k`` lowest (stable ties)."""
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        order = torch.sort(scores, stable=True).indices
-        keep[order[:k]] = False
-    return keep
+    """Keep-mask over a 1-D score vector that prunes the ``k`` lowest (ties: lower index).
+
+    Selection, not a sort: the k-th smallest value ``v`` splits the scores; everything
+    below ``v`` goes, and of the scores equal to ``v`` the ones with the lowest indices go
+    until ``k`` are pruned. Same result as a stable sort, in linear time.
+    """
+    n = scores.numel()
+    if k <= 0:
+        return torch.ones(n, dtype=torch.bool, device=scores.device)
+    if k >= n:
+        return torch.zeros(n, dtype=torch.bool, device=scores.device)
+    v = torch.kthvalue(scores, k).values
+    below = scores < v
+    ties = scores == v
+    need = k - int(below.sum())
+    pruned = below | (ties & (torch.cumsum(ties, 0) <= need))
+    return ~pruned
 
 
 class Pattern:
