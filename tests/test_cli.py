@@ -81,3 +81,9 @@ def test_help_reads_well(capsys):
     text = capsys.readouterr().out
     for word in ("--sparsity", "--pattern", "2:4", "--allocation", "examples:"):
         assert word in text
+
+
+def test_folder_that_is_not_a_model(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is not a model" in _one_line_error(capsys)

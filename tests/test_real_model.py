@@ -44,3 +44,16 @@ def test_smollm2_prune_save_reload_identical(tmp_path, smollm):
     eval_tokens = data.evaluation_tokens(tok)
     ppl = models.perplexity(reloaded, eval_tokens[:1024], seq_len=512, progress=False)
     assert 1.0 < ppl < float("inf")
+
+
+def test_wiki_markup_is_cleaned():
+    raw = ("{{Infobox|name=X {{nested}}}}'''Anarchism''' is a [[political philosophy]] that "
+           "advocates [[self-governance|self-governed]] societies.<ref>Woodcock</ref>\n"
+           "== History ==\n{| class=wikitable\n|-\n| cell\n|}\n[[File:A.jpg|thumb|a [[b]] c]]\n* listed item")
+    clean = data.clean_wikitext(raw)
+    assert clean == ("Anarchism is a political philosophy that advocates self-governed societies.\n"
+                     "History\nlisted item")
+    texts = data.builtin_texts("wiki")
+    assert len(texts["calibration"]) > 50 and len(texts["evaluation"]) > 10
+    assert not set(texts["calibration"]) & set(texts["evaluation"])
+    assert not any("{{" in d or "[[" in d or "<ref" in d for d in texts["evaluation"])

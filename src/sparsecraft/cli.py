@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dsnot", action="store_true", help="refine masks with DSnoT (needs calibration)")
     p.add_argument("--calib", metavar="FILE", default=None,
                    help="calibration text (.txt) or JSONL with a 'text' field; default: built-in Lee corpus")
+    p.add_argument("--corpus", default="lee", choices=("lee", "wiki"),
+                   help="built-in text for calibration (when no --calib) and for --eval (default: lee)")
     p.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
     p.add_argument("--eval", action="store_true",
@@ -119,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="checkpoint folder, Hugging Face folder or named model")
     e.add_argument("--reference", help="dense model to compare an encoder's embeddings with")
     e.add_argument("--text", metavar="FILE", help="evaluation text (.txt or JSONL)")
+    e.add_argument("--corpus", default="lee", choices=("lee", "wiki"),
+                   help="built-in evaluation text when no --text (default: lee)")
     e.add_argument("--seq-len", type=int, default=512, help="perplexity window (default 512, stride = window)")
 
     r = sub.add_parser("report", help="per-layer sparsity, size and FLOPs of a model or checkpoint",
@@ -166,7 +170,8 @@ def _cmd_prune(args) -> int:
     )
     recipe = Recipe(
         model=args.model, out=args.out, prune=config, evaluate=args.eval, overwrite=args.overwrite,
-        calibration=CalibrationSpec(file=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed),
+        calibration=CalibrationSpec(file=args.calib, corpus=args.corpus, samples=args.samples,
+                                    seq_len=args.seq_len, seed=args.seed),
     )
     _finish(execute(recipe, progress=not args.quiet), recipe)
     return 0
@@ -195,8 +200,8 @@ def _cmd_eval(args) -> int:
     model, tok = models.load(args.model)
     if tok is None:
         raise SparsecraftError(f"'{args.model}' has no tokenizer; evaluation needs one")
-    docs = data.load_texts(args.text) if args.text else data.builtin_texts()["evaluation"]
-    source = args.text or "built-in Lee corpus, evaluation part"
+    docs = data.load_texts(args.text) if args.text else data.builtin_texts(args.corpus)["evaluation"]
+    source = args.text or f"built-in {args.corpus} corpus, evaluation part"
     if evaluate.is_causal_lm(model):
         ppl = evaluate.perplexity(model, data.tokenize(tok, docs), args.seq_len, progress=not args.quiet)
         _out(f"perplexity {ppl:.4f} on {source} (windows of {args.seq_len}, stride {args.seq_len})")

@@ -1,11 +1,15 @@
 """Real text for calibration and evaluation, shipped by PyPI packages (offline).
 
-The built-in corpus ``lee`` is the Lee news corpus that the ``gensim`` wheel carries as
-test data (read as files; gensim is never imported):
+Built-in corpora come from the test data that the ``gensim`` wheel carries (read as files;
+gensim is never imported):
 
-* calibration: ``lee_background.cor`` (300 news articles);
-* evaluation: ``lee.cor`` (50 other articles), minus any article that also appears in the
-  calibration file, so the two are disjoint.
+* ``lee`` (default): the Lee news corpus. Calibration: ``lee_background.cor`` (300 news
+  articles); evaluation: ``lee.cor`` (50 other articles), minus any article that also
+  appears in the calibration file, so the two are disjoint.
+* ``wiki``: a shortened English Wikipedia dump (about 200 pages). Wiki markup is removed
+  (templates, tables, references, links, emphasis, headings); redirects and pages shorter
+  than 200 characters are dropped. The first 80% of the articles calibrate, the rest
+  evaluate.
 
 Users can pass their own text or JSONL file instead (``load_texts``).
 """
@@ -44,11 +48,76 @@ def _read_docs(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+_WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def _strip_nested(text: str, open_: str, close: str) -> str:
+    """Remove balanced ``open_ ... close`` spans, nesting included (templates, tables)."""
+    out, depth, i = [], 0, 0
+    while i < len(text):
+        if text.startswith(open_, i):
+            depth += 1
+            i += len(open_)
+        elif depth and text.startswith(close, i):
+            depth -= 1
+            i += len(close)
+        else:
+            if not depth:
+                out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def clean_wikitext(text: str) -> str:
+    """Plain prose from MediaWiki markup (good enough for calibration and perplexity)."""
+    import html
+    import re
+
+    text = html.unescape(text)
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"<ref[^>/]*/>", "", text)
+    text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.S)
+    text = _strip_nested(text, "{{", "}}")
+    text = _strip_nested(text, "{|", "|}")
+    text = re.sub(r"\[\[(?:File|Image|Category):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", "", text)
+    text = re.sub(r"\[\[[^\]|]*\|([^\]]*)\]\]", r"\1", text)  # [[target|label]] -> label
+    text = re.sub(r"\[\[([^\]]*)\]\]", r"\1", text)  # [[target]] -> target
+    text = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", text)  # [url label] -> label
+    text = re.sub(r"\[https?://\S+\]", "", text)
+    text = re.sub(r"'{2,}", "", text)
+    text = re.sub(r"^=+\s*(.*?)\s*=+\s*$", r"\1", text, flags=re.M)
+    text = re.sub(r"<[^>]+>", "", text)
+    lines = [l.strip() for l in text.splitlines()]
+    lines = [l.lstrip("*#:; ").strip() for l in lines if l and not l.startswith(("|", "!"))]
+    return "\n".join(l for l in lines if l)
+
+
+def _wiki_articles(folder: Path) -> list[str]:
+    import bz2
+    import xml.etree.ElementTree as ET
+
+    articles = []
+    with bz2.open(folder / _WIKI_FILE) as f:
+        for _event, elem in ET.iterparse(f):
+            if elem.tag.endswith("}text") or elem.tag == "text":
+                raw = elem.text or ""
+                if not raw.lstrip().upper().startswith("#REDIRECT"):
+                    clean = clean_wikitext(raw)
+                    if len(clean) >= 200:
+                        articles.append(clean)
+                elem.clear()
+    return articles
+
+
 def builtin_texts(name: str = "lee") -> dict[str, list[str]]:
     """``{"calibration": [...], "evaluation": [...]}`` documents of a built-in corpus."""
-    if name != "lee":
-        raise SparsecraftError(f"unknown built-in corpus '{name}'; known: lee")
+    if name not in ("lee", "wiki"):
+        raise SparsecraftError(f"unknown built-in corpus '{name}'; known: lee, wiki")
     folder = _gensim_test_data()
+    if name == "wiki":
+        articles = _wiki_articles(folder)
+        cut = int(0.8 * len(articles))
+        return {"calibration": articles[:cut], "evaluation": articles[cut:]}
     calib = _read_docs(folder / "lee_background.cor")
     seen = set(calib)
     evaluation = [d for d in _read_docs(folder / "lee.cor") if d not in seen]

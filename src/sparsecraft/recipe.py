@@ -11,7 +11,8 @@ prune:                         # a PruneConfig, field for field
   allocation: owl
   options: {dsnot: true}
 calibration:                   # used by calibrated methods (wanda, sparsegpt, owl, dsnot)
-  file: null                   # text or JSONL file; null = built-in Lee corpus (calibration part)
+  file: null                   # text or JSONL file; null = a built-in corpus (calibration part)
+  corpus: lee                  # built-in corpus: lee (news) or wiki (Wikipedia); also used to evaluate
   samples: 128
   seq_len: 512
   seed: 0
@@ -39,6 +40,7 @@ __all__ = ["Recipe", "CalibrationSpec", "load_recipe"]
 @dataclass
 class CalibrationSpec:
     file: str | None = None
+    corpus: str = "lee"  # built-in corpus when no file is given: lee or wiki
     samples: int = 128
     seq_len: int = 512
     seed: int = 0
@@ -48,6 +50,8 @@ class CalibrationSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"calibration.{name} must be a positive integer, got {value!r}")
+        if self.corpus not in ("lee", "wiki"):
+            raise ConfigError(f"calibration.corpus must be 'lee' or 'wiki', got {self.corpus!r}")
         if self.file is not None and not Path(self.file).is_file():
             raise ConfigError(f"calibration.file '{self.file}' does not exist")
 
@@ -157,16 +161,17 @@ def execute(recipe: Recipe, *, progress: bool = True) -> dict:
         if tok is None:
             raise SparsecraftError(f"'{recipe.model}' has no tokenizer to build calibration samples")
         spec = recipe.calibration
-        docs = data.load_texts(spec.file) if spec.file else None
+        docs = data.load_texts(spec.file) if spec.file else data.builtin_texts(spec.corpus)["calibration"]
         calibration = data.calibration(tok, spec.samples, spec.seq_len, spec.seed, docs=docs)
         results["calibration"] = {
-            "source": spec.file or "built-in Lee corpus, calibration part (lee_background.cor)",
+            "source": spec.file or f"built-in {spec.corpus} corpus, calibration part",
             "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed,
         }
-    eval_docs = data.builtin_texts()["evaluation"] if recipe.evaluate and tok is not None else None
+    corpus = recipe.calibration.corpus
+    eval_docs = data.builtin_texts(corpus)["evaluation"] if recipe.evaluate and tok is not None else None
     reference = None
     if eval_docs is not None:
-        results["evaluation_text"] = "built-in Lee corpus, evaluation part (lee.cor), disjoint from calibration"
+        results["evaluation_text"] = f"built-in {corpus} corpus, evaluation part (disjoint from its calibration part)"
         from .evaluate import is_causal_lm
 
         reference = None if is_causal_lm(model) else copy.deepcopy(model)
