@@ -109,3 +109,10 @@ def test_cli_prune_wrong_tokenizer_vocabulary(tmp_path, tiny_dir, capsys):
     assert code == 2
     assert "vocabulary has 100 entries" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_example_recipe_is_valid():
+    from pathlib import Path
+
+    recipe = load_recipe(Path(__file__).parent.parent / "examples" / "recipe.yaml")
+    assert recipe.prune.method == "sparsegpt" and recipe.prune.allocation == "owl"
