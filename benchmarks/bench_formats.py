@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -190,6 +191,15 @@ def measure_times(tensors, pattern, dtype_name, workdir: Path, repeats: int) -> 
     return row
 
 
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def mib(x: float) -> str:
     return f"{x / 2**20:.2f}"
 
@@ -199,7 +209,8 @@ def to_markdown(result: dict) -> str:
         "# Storage formats: file size and save/load time",
         "",
         f"Produced by `{result['command']}` ({result['source']}; {result['n_tensors']} tensors, "
-        f"{result['n_params']:,} parameters; torch {result['torch']}, {result['machine']}; "
+        f"{result['n_params']:,} parameters; commit {result['git_commit']}; torch {result['torch']}, "
+        f"{result['machine']}; "
         f"1-min load average {result['loadavg_start'][0]:.1f} at start, {result['loadavg_end'][0]:.1f} "
         "at end: the machine was shared, so times are inflated and noisy).",
         "",
@@ -258,6 +269,7 @@ def main(argv=None) -> int:
         "command": " ".join([".venv/bin/python", "benchmarks/bench_formats.py", *sys.argv[1:]]),
         "source": source, "n_tensors": len(weights),
         "n_params": sum(w.numel() for w in weights.values()),
+        "git_commit": _git_commit(),
         "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "sizes": [], "timing": [], "entropy_bound_bytes": {},
         # The machine is shared: load averages put the timings in context.

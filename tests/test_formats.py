@@ -480,3 +480,19 @@ def test_is_nm_matches_brute_force(m):
         counts = (t.reshape(6, -1, m) != 0).sum(-1)
         for n in range(1, m):
             assert is_nm(t, n, m) == bool((counts <= n).all()), (n, m, trial)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float8_e4m3fn, torch.int8, torch.int32, torch.bool],
+                         ids=lambda d: str(d).split(".")[-1])
+def test_other_dtypes_roundtrip(dtype, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(8, 16, generator=g) * 3).to(dtype)
+    t.view(-1)[::3] = 0
+    if dtype.is_floating_point:
+        t.view(-1)[1::7] = -0.0
+    for enc, kw in [("dense", {}), ("bitmask", {}), ("csr", {})]:
+        comps = encode(t, enc, **kw)
+        assert_bit_equal(decode(comps, enc, t.shape, t.dtype, **kw), t)
+        assert encoded_nbytes(t, enc, **kw) == component_nbytes(comps)
+    write_tensors(tmp_path / "x.safetensors", {"t": t})
+    assert_bit_equal(read_tensors(tmp_path / "x.safetensors")[0]["t"], t)

@@ -57,6 +57,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# The hot paths run in numpy on integer views of the bits: numpy is single-threaded, and on a
+# busy machine torch's intra-op threads made these element-wise passes several times slower.
+
 from sparsecraft.errors import ConfigError, FormatError
 
 __all__ = [
@@ -85,7 +88,9 @@ _MAGNITUDE_MASK = {1: 0x7F, 2: 0x7FFF, 4: 0x7FFFFFFF, 8: 0x7FFFFFFFFFFFFFFF}
 # The -0.0 bit pattern viewed as the signed integer of the same width.
 _NEGZERO_BITS = {1: 0x80, 2: -(1 << 15), 4: -(1 << 31), 8: -(1 << 63)}
 _NP = {torch.uint8: np.uint8, torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64}
-_FAST_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Floats numpy compares natively (IEEE: -0.0 == 0 and NaN != 0, exactly our zero rule); numpy's
+# float16 is emulated and slow, so half floats go through their integer bits instead.
+_NUMPY_FLOATS = (torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -147,20 +152,33 @@ def index_dtype(max_value: int) -> torch.dtype:
     return torch.int64
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Flat integer view of the exact bits of a contiguous tensor (no copy)."""
-    return t.reshape(-1).view(_BITS_DTYPE[t.element_size()])
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """Flat integer view of the exact bits of a contiguous CPU tensor (no copy)."""
+    return t.reshape(-1).view(_BITS_DTYPE[t.element_size()]).numpy()
 
 
-def _nonzero_mask(t: torch.Tensor) -> torch.Tensor:
+def _as_tensor(bits: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Integer bits back to a tensor of ``dtype`` (no copy)."""
+    return torch.from_numpy(np.ascontiguousarray(bits)).view(dtype)
+
+
+def _nonzero_mask(t: torch.Tensor) -> np.ndarray:
     """Flat bool mask of stored elements: anything but +0.0/-0.0 (NaN counts as non-zero)."""
-    flat = t.reshape(-1)
-    if t.dtype in _FAST_FLOATS:
-        return flat != 0  # IEEE compare: -0.0 == 0, NaN != 0, exactly our rule
+    if t.dtype in _NUMPY_FLOATS:
+        return t.reshape(-1).numpy() != 0
+    bits = _bits(t)
+    if t.is_floating_point():  # 16- and 8-bit floats: look below the sign bit
+        return (bits & bits.dtype.type(_MAGNITUDE_MASK[t.element_size()])) != 0
+    return bits != 0
+
+
+def _count_nonzero(t: torch.Tensor) -> int:
+    if t.dtype in _NUMPY_FLOATS:
+        return int(np.count_nonzero(t.reshape(-1).numpy()))  # truthiness: -0.0 is false, NaN true
     bits = _bits(t)
     if t.is_floating_point():
-        return (bits & _MAGNITUDE_MASK[t.element_size()]) != 0
-    return bits != 0
+        bits = bits & bits.dtype.type(_MAGNITUDE_MASK[t.element_size()])
+    return int(np.count_nonzero(bits))
 
 
 def _has_negzero(t: torch.Tensor) -> bool:
@@ -169,55 +187,37 @@ def _has_negzero(t: torch.Tensor) -> bool:
     es = t.element_size()
     if es > 1:
         # -0.0 is the most negative value of the signed integer view: a min() finds it
-        # without building a bool tensor.
+        # without building a bool array.
         return int(_bits(t).min()) == _NEGZERO_BITS[es]
     return bool((_bits(t) == _NEGZERO_BITS[es]).any())
 
 
-def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    arr = mask.reshape(-1).numpy()
-    return torch.from_numpy(np.packbits(arr, bitorder="little"))
+def _pack_bits(mask: np.ndarray) -> np.ndarray:
+    return np.packbits(mask.reshape(-1), bitorder="little")
 
 
-def _unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
-    arr = np.unpackbits(packed.reshape(-1).numpy(), count=count, bitorder="little")
-    return torch.from_numpy(arr).view(torch.bool)
-
-
-def _select(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``x[mask]`` for integer/bool tensors; numpy's boolean indexing is several times faster."""
-    return torch.from_numpy(np.ascontiguousarray(x.numpy()[mask.numpy()]))
+def _unpack_bits(packed: torch.Tensor, count: int) -> np.ndarray:
+    return np.unpackbits(packed.reshape(-1).numpy(), count=count, bitorder="little").view(bool)
 
 
 def _index_bits(m: int) -> int:
     return max(1, (m - 1).bit_length())
 
 
-def _pack_indices(idx: np.ndarray, nbits: int) -> torch.Tensor:
+def _pack_indices(idx: np.ndarray, nbits: int) -> np.ndarray:
     planes = np.empty((idx.size, nbits), dtype=np.uint8)
     for j in range(nbits):
         planes[:, j] = (idx >> j) & 1
-    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
+    return np.packbits(planes.reshape(-1), bitorder="little")
 
 
 def _unpack_indices(packed: torch.Tensor, count: int, nbits: int) -> np.ndarray:
     planes = np.unpackbits(packed.reshape(-1).numpy(), count=count * nbits, bitorder="little")
     planes = planes.reshape(count, nbits)
-    out_dtype = np.uint8 if nbits <= 8 else (np.uint16 if nbits <= 16 else np.uint32)
-    idx = np.zeros(count, dtype=out_dtype)
+    idx = np.zeros(count, dtype=np.int64)
     for j in range(nbits):
-        idx |= planes[:, j].astype(out_dtype) << out_dtype(j)
+        idx |= planes[:, j].astype(np.int64) << j
     return idx
-
-
-def _nm_group_counts(nz_flat: torch.Tensor, shape, m: int) -> torch.Tensor | None:
-    """Non-zeros per group of M along the 2-D view's last dim, or None if C % M != 0."""
-    rows, cols = view_2d_shape(shape)
-    if cols % m:
-        return None
-    # Summing bytes is several times faster than summing bools into int32.
-    acc = torch.uint8 if m < 256 else torch.int32
-    return nz_flat.view(torch.uint8).view(rows, cols // m, m).sum(-1, dtype=acc)
 
 
 _POPCOUNT = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)
@@ -232,21 +232,20 @@ def _group_max_lut(m: int) -> np.ndarray:
 _GROUP_MAX = {m: _group_max_lut(m) for m in (2, 4, 8)}
 
 
-def _max_group_count(nz_flat: torch.Tensor, m: int, packed: np.ndarray | None = None) -> int:
+def _max_group_count(nz: np.ndarray, m: int, packed: np.ndarray | None = None) -> int:
     """Largest number of non-zeros in any group of ``m`` consecutive elements (numel % m == 0).
 
     For M dividing 8 or a multiple of 8 the groups are byte-aligned in the packed mask, so a
     256-entry lookup table answers with one pass over numel/8 bytes.
     """
-    if nz_flat.numel() == 0:
+    if nz.size == 0:
         return 0
-    if packed is None and (m in _GROUP_MAX or m % 8 == 0):
-        packed = _pack_bits(nz_flat).numpy()
-    if m in _GROUP_MAX:
-        return int(_GROUP_MAX[m][packed].max())
-    if m % 8 == 0:
+    if m in _GROUP_MAX or m % 8 == 0:
+        packed = _pack_bits(nz) if packed is None else packed
+        if m in _GROUP_MAX:
+            return int(_GROUP_MAX[m][packed].max())
         return int(_POPCOUNT[packed].reshape(-1, m // 8).sum(1, dtype=np.int64).max())
-    return int(nz_flat.view(torch.uint8).view(-1, m).sum(-1, dtype=torch.int32).max())
+    return int(np.count_nonzero(nz.reshape(-1, m), axis=1).max())
 
 
 # ----------------------------------------------------------------------------- stats
@@ -268,9 +267,9 @@ class TensorStats:
 
 
 def tensor_stats(t: torch.Tensor) -> TensorStats:
+    """Shape, dtype, numel, non-zeros (+0.0 and -0.0 are zeros) and whether any -0.0 is present."""
     t = _check_tensor(t)
-    nnz = int(_nonzero_mask(t).sum()) if t.dtype not in _FAST_FLOATS else int(torch.count_nonzero(t))
-    return TensorStats(tuple(t.shape), t.dtype, t.numel(), nnz, _has_negzero(t))
+    return TensorStats(tuple(t.shape), t.dtype, t.numel(), _count_nonzero(t), _has_negzero(t))
 
 
 def _nbytes_from_stats(st: TensorStats, encoding: str, nm: tuple[int, int] | None) -> int:
@@ -293,28 +292,26 @@ def _nbytes_from_stats(st: TensorStats, encoding: str, nm: tuple[int, int] | Non
     raise AssertionError(encoding)
 
 
-def _nm_fits(nz_flat: torch.Tensor, n: int, m: int, packed: np.ndarray | None = None) -> bool:
+def _nm_fits(nz: np.ndarray, n: int, m: int, packed: np.ndarray | None = None) -> bool:
     """Every group of ``m`` has at most ``n`` non-zeros (the caller checked numel % m == 0)."""
-    return _max_group_count(nz_flat, m, packed) <= n
+    return _max_group_count(nz, m, packed) <= n
 
 
-def _nm_problem(t: torch.Tensor, nz_flat: torch.Tensor, n: int, m: int,
+def _nm_problem(t: torch.Tensor, nz: np.ndarray, n: int, m: int,
                 packed: np.ndarray | None = None) -> str | None:
     """Why N:M packing does not apply to ``t`` (None when it does)."""
     rows, cols = view_2d_shape(t.shape)
     if cols % m:
         return (f"last dimension of the 2-D view {rows}x{cols} (shape {tuple(t.shape)}) "
                 f"is not divisible by M={m}")
-    if _nm_fits(nz_flat, n, m, packed):
+    if _nm_fits(nz, n, m, packed):
         return None
     # Slow path, only to say where it fails.
-    counts = _nm_group_counts(nz_flat, t.shape, m)
-    bad = counts > n
-    if bool(bad.any()):
-        r, g = (int(v) for v in bad.nonzero()[0])
-        return (f"{int(bad.sum())} group(s) of {m} have more than {n} non-zeros, e.g. row {r}, "
-                f"columns {g * m}..{g * m + m - 1} hold {int(counts[r, g])}")
-    return None
+    counts = np.count_nonzero(nz.reshape(rows, cols // m, m), axis=-1)
+    bad = np.argwhere(counts > n)
+    r, g = (int(v) for v in bad[0])
+    return (f"{len(bad)} group(s) of {m} have more than {n} non-zeros, e.g. row {r}, "
+            f"columns {g * m}..{g * m + m - 1} hold {int(counts[r, g])}")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -352,45 +349,40 @@ def _encode(t: torch.Tensor, encoding: str, nm, has_negzero: bool | None = None)
             raise FormatError(f"N:M {n}:{m} packing does not apply: {problem}")
         comps = _encode_nm(t, bits, nz, n, m)
     elif encoding == "bitmask":
-        comps = {"mask": _pack_bits(nz), "values": _select(bits, nz).view(t.dtype)}
+        comps = {"mask": torch.from_numpy(_pack_bits(nz)), "values": _as_tensor(bits[nz], t.dtype)}
     else:  # csr
         rows, cols = view_2d_shape(t.shape)
-        nz2 = nz.view(rows, cols)
-        crow = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(torch.count_nonzero(nz2, dim=1), 0)])
-        flat = np.flatnonzero(nz.numpy())
-        nnz = flat.size
-        col = torch.from_numpy((flat % max(cols, 1)).astype(_NP[index_dtype(max(cols - 1, 0))]))
+        crow = np.zeros(rows + 1, dtype=np.int64)
+        np.cumsum(np.count_nonzero(nz.reshape(rows, cols), axis=1), out=crow[1:])
+        flat = np.flatnonzero(nz)
+        col = (flat % max(cols, 1)).astype(_NP[index_dtype(max(cols - 1, 0))])
         comps = {
-            "crow_indices": crow.to(index_dtype(nnz)),
-            "col_indices": col,
-            "values": torch.from_numpy(bits.numpy().take(flat)).view(t.dtype),
+            "crow_indices": torch.from_numpy(crow.astype(_NP[index_dtype(flat.size)])),
+            "col_indices": torch.from_numpy(col),
+            "values": _as_tensor(bits.take(flat), t.dtype),
         }
     if has_negzero is None:
         has_negzero = _has_negzero(t)
     if has_negzero:
-        comps["negzero"] = _pack_bits(_negzero_signs(t, nz))
+        # Sign bits of every zero element, row-major (True = -0.0).
+        signs = bits[~nz] == _NEGZERO_BITS[t.element_size()]
+        comps["negzero"] = torch.from_numpy(_pack_bits(signs))
     return {k: v.contiguous() for k, v in comps.items()}
-
-
-def _negzero_signs(t: torch.Tensor, nz: torch.Tensor) -> torch.Tensor:
-    """Sign bits (True = -0.0) of every zero element, row-major."""
-    return _select(_bits(t), ~nz) == _NEGZERO_BITS[t.element_size()]
 
 
 def _encode_nm(t, bits, nz, n, m):
     rows, cols = view_2d_shape(t.shape)
     groups = cols // m
-    nz3 = nz.view(rows, groups, m)
+    nz3 = nz.reshape(rows, groups, m)
     # Pad short groups with their lowest-index zeros: a zero is kept while its rank among the
     # group's zeros is at most the number of missing slots, n - (m - zeros in group).
     zero = ~nz3
-    zero_rank = torch.cumsum(zero, -1, dtype=torch.int16 if m < 32768 else torch.int32)
+    zero_rank = np.cumsum(zero, axis=-1, dtype=np.int16 if m < 32768 else np.int32)
     keep = nz3 | (zero & (zero_rank + (m - n) <= zero_rank[..., -1:]))
-    flat = np.flatnonzero(keep.numpy())  # exactly n per group, ascending
-    pos = (flat % m).astype(np.uint8 if m <= 256 else np.int32)
-    values = torch.from_numpy(bits.numpy().take(flat)).view(t.dtype).view(rows, groups * n)
-    nbits = _index_bits(m)
-    return {"values": values, "indices": _pack_indices(pos, nbits)}
+    flat = np.flatnonzero(keep)  # exactly n per group, ascending
+    pos = flat % m
+    values = _as_tensor(bits.take(flat), t.dtype).view(rows, groups * n)
+    return {"values": values, "indices": torch.from_numpy(_pack_indices(pos, _index_bits(m)))}
 
 
 def _need(components: dict, names) -> None:
@@ -404,6 +396,12 @@ def _expect_numel(name: str, c: torch.Tensor, numel: int) -> None:
         raise FormatError(f"component {name!r} has {c.numel()} elements, expected {numel}")
 
 
+def _all_distinct(flat: np.ndarray, numel: int) -> bool:
+    seen = np.zeros(numel, dtype=bool)
+    seen[flat] = True
+    return int(np.count_nonzero(seen)) == flat.size
+
+
 def decode(components: dict[str, torch.Tensor], encoding: str, shape, dtype,
            nm: tuple[int, int] | None = None) -> torch.Tensor:
     """Bit-exact inverse of :func:`encode`. Raises :class:`FormatError` on inconsistent components."""
@@ -414,45 +412,39 @@ def decode(components: dict[str, torch.Tensor], encoding: str, shape, dtype,
     es = torch.empty((), dtype=dtype).element_size()
     bits_dtype = _BITS_DTYPE[es]
 
-    if encoding == "dense":
-        _need(components, ["values"])
-        v = components["values"]
-        _expect_numel("values", v, numel)
-        if v.dtype != dtype:
-            raise FormatError(f"component 'values' has dtype {v.dtype}, expected {dtype}")
-        return v.reshape(shape)
-
     _need(components, ["values"])
     values = components["values"]
     if values.dtype != dtype:
         raise FormatError(f"component 'values' has dtype {values.dtype}, expected {dtype}")
-    vbits = values.contiguous().reshape(-1).view(bits_dtype)
-    out = torch.zeros(numel, dtype=bits_dtype)
+    if encoding == "dense":
+        _expect_numel("values", values, numel)
+        return values.reshape(shape)
+
+    vbits = values.contiguous().reshape(-1).view(bits_dtype).numpy()
+    out = np.zeros(numel, dtype=_NP[bits_dtype])
     rows, cols = view_2d_shape(shape)
 
     if encoding == "bitmask":
         _need(components, ["mask"])
         _expect_numel("mask", components["mask"], (numel + 7) // 8)
         nz = _unpack_bits(components["mask"], numel)
-        nnz = int(torch.count_nonzero(nz))
-        _expect_numel("values", values, nnz)
-        out.numpy()[nz.numpy()] = vbits.numpy()
+        _expect_numel("values", values, int(np.count_nonzero(nz)))
+        out[nz] = vbits
     elif encoding == "csr":
         _need(components, ["crow_indices", "col_indices"])
-        crow = components["crow_indices"].to(torch.int64)
-        col = components["col_indices"].to(torch.int64)
-        _expect_numel("crow_indices", crow, rows + 1)
+        crow = components["crow_indices"].numpy().astype(np.int64).reshape(-1)
+        col = components["col_indices"].numpy().astype(np.int64).reshape(-1)
+        _expect_numel("crow_indices", components["crow_indices"], rows + 1)
         nnz = values.numel()
-        _expect_numel("col_indices", col, nnz)
-        counts = crow.diff()
-        if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((counts < 0).any()):
+        _expect_numel("col_indices", components["col_indices"], nnz)
+        counts = np.diff(crow)
+        if crow[0] != 0 or crow[-1] != nnz or (counts < 0).any():
             raise FormatError("component 'crow_indices' is inconsistent (not 0..nnz, non-decreasing)")
-        if nnz and (int(col.min()) < 0 or int(col.max()) >= cols):
+        if nnz and (col.min() < 0 or col.max() >= cols):
             raise FormatError(f"component 'col_indices' holds a column outside 0..{cols - 1}")
-        row = torch.repeat_interleave(torch.arange(rows), counts)
-        flat = row * cols + col
+        flat = np.repeat(np.arange(rows, dtype=np.int64) * cols, counts) + col
         # A repeated (row, col) would silently overwrite a value.
-        if int(torch.count_nonzero(torch.zeros(numel, dtype=torch.bool).index_fill_(0, flat, True))) != nnz:
+        if not _all_distinct(flat, numel):
             raise FormatError("component 'col_indices' repeats a column within a row")
         out[flat] = vbits
     else:  # nm
@@ -466,25 +458,23 @@ def decode(components: dict[str, torch.Tensor], encoding: str, shape, dtype,
         nbits = _index_bits(m)
         _expect_numel("values", values, k)
         _expect_numel("indices", components["indices"], (k * nbits + 7) // 8)
-        pos = torch.from_numpy(_unpack_indices(components["indices"], k, nbits).astype(np.int64))
+        pos = _unpack_indices(components["indices"], k, nbits)
         if k and int(pos.max()) >= m:
             raise FormatError(f"component 'indices' holds an in-group position >= M={m}")
-        pos = pos.view(rows, cols // m, n)
-        out3 = out.view(rows, cols // m, m)
-        out3.scatter_(-1, pos, vbits.view(rows, cols // m, n))
-        nz = torch.zeros(rows, cols // m, m, dtype=torch.bool).scatter_(-1, pos, True).view(-1)
-        if int(torch.count_nonzero(nz)) != k:
+        flat = (np.arange(k, dtype=np.int64) // n) * m + pos
+        if not _all_distinct(flat, numel):
             raise FormatError("component 'indices' repeats a position within a group")
+        out[flat] = vbits
 
     if "negzero" in components:
         # Stored values are exact and everything else was a zero, so the decoded tensor's
         # zero set (ignoring signs) is the original's, in the same row-major order.
-        mag = out & _MAGNITUDE_MASK[es] if dtype.is_floating_point else out
-        zero_idx = (mag == 0).nonzero().squeeze(1)
-        _expect_numel("negzero", components["negzero"], (zero_idx.numel() + 7) // 8)
-        signs = _unpack_bits(components["negzero"], zero_idx.numel())
+        mag = out & out.dtype.type(_MAGNITUDE_MASK[es]) if dtype.is_floating_point else out
+        zero_idx = np.flatnonzero(mag == 0)
+        _expect_numel("negzero", components["negzero"], (zero_idx.size + 7) // 8)
+        signs = _unpack_bits(components["negzero"], zero_idx.size)
         out[zero_idx[signs]] = _NEGZERO_BITS[es]
-    return out.view(dtype).reshape(shape)
+    return torch.from_numpy(out).view(dtype).reshape(shape)
 
 
 def encoded_nbytes(t: torch.Tensor, encoding: str, nm: tuple[int, int] | None = None) -> int:
@@ -559,7 +549,7 @@ def _choose(t: torch.Tensor, st: TensorStats, nm_hint) -> tuple[str, dict]:
             continue
         if nz is None:
             nz = _nonzero_mask(t)
-            packed = _pack_bits(nz).numpy()
+            packed = _pack_bits(nz)
         if view_2d_shape(t.shape)[1] % m == 0 and _nm_fits(nz, n, m, packed):
             return name, kw
     raise AssertionError("dense always applies")
