@@ -75,3 +75,11 @@ def test_load_state_dict_rejects_wrong_shape_without_change(cnn):
         state.load_state_dict(bad)
     for n in before:
         assert torch.equal(before[n], state.masks[n])
+
+
+def test_pruned_weights_are_positive_zero(cnn):
+    with torch.no_grad():
+        cnn.conv2.weight.copy_(-cnn.conv2.weight.abs() - 0.1)  # all negative
+    state = sc.prune_(cnn, sc.Magnitude(sparsity=0.5))
+    pruned = cnn.conv2.weight[~state.masks["conv2.weight"]]
+    assert not torch.signbit(pruned).any()  # no -0.0, which would cost bits in files

@@ -14,6 +14,7 @@ from .errors import ConfigError, FormatError, SparsecraftError, TargetError
 from .masks import SparsityState, get_meta
 from .patterns import NM, Block, Pattern, Rows, Unstructured, parse_pattern
 from .prune import Magnitude, PruneConfig, RandomPrune, prune_, register_method
+from .report import Report, report  # eager: the name `report` must stay the function
 from .targets import Target, TargetSpec, select_targets
 
 __version__ = "0.1.0"
@@ -24,8 +25,6 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 _LAZY = {
     "save": ("sparsecraft.checkpoint", "save"),
     "load": ("sparsecraft.checkpoint", "load"),
-    "report": ("sparsecraft.report", "report"),
-    "Report": ("sparsecraft.report", "Report"),
     "models": ("sparsecraft.models", None),
     "data": ("sparsecraft.data", None),
     "formats": ("sparsecraft.formats", None),

@@ -351,7 +351,7 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
                     keep, new_weight = results[t.name]
                     if new_weight is not None:
                         t.param.copy_(new_weight)
-                    t.param.mul_(keep)
+                    t.param.masked_fill_(~keep, 0.0)  # +0.0, see masks.py
                     masks[t.name] = keep
                     info[t.name] = {"pattern": str(pattern), "method": config.method}
                     if measure:  # ||WX - W'X|| / ||WX|| on this block's calibration inputs

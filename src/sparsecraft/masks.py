@@ -69,9 +69,11 @@ class SparsityState:
         if name not in self._grad_hooks:
             self._grad_hooks[name] = param.register_hook(self._make_grad_hook(name))
         with torch.no_grad():
-            param.mul_(keep)
+            # masked_fill, not a product: w * 0 is -0.0 for negative w, which files must
+            # then store; pruned weights are +0.0
+            param.masked_fill_(~keep, 0.0)
             if param.grad is not None:  # a gradient computed before pruning must not leak
-                param.grad.mul_(keep)
+                param.grad.masked_fill_(~keep, 0.0)
         self._record_meta(name)
 
     def note(self, name: str, **info) -> None:
@@ -83,7 +85,7 @@ class SparsityState:
 
     def _make_grad_hook(self, name: str):
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            return grad * self.masks[name]
+            return grad.masked_fill(~self.masks[name], 0.0)
 
         return hook
 
@@ -103,7 +105,7 @@ class SparsityState:
         """Zero every pruned weight."""
         self._check_open()
         for name, keep in self.masks.items():
-            self._params[name].mul_(keep)
+            self._params[name].masked_fill_(~keep, 0.0)
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Re-apply masks after every ``optimizer.step()``."""
