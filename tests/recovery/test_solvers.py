@@ -174,8 +174,10 @@ def test_block_and_pattern_coupled_sbl_recover_blocks():
         x[b * 5:(b + 1) * 5] = rng.standard_normal(5)
     y = A @ x
     assert relerr(R.block_sbl(A, y, 5).x, x) < 1e-5
-    assert relerr(R.pc_sbl(A, y, beta=1.0).x, x) < 1e-4
-    # Plain SBL cannot do it with 48 measurements of 15 non-zeros spread in 160.
+    # One coefficient is 0.3% of the largest: the default relative pruning (1e-3 on
+    # variances) drops it, so exactness needs a lower threshold.
+    assert relerr(R.pc_sbl(A, y, beta=1.0).x, x) < 1e-2
+    assert relerr(R.pc_sbl(A, y, beta=1.0, prune=1e-8).x, x) < 1e-5
     with pytest.raises(SparsecraftError, match="blocks"):
         R.block_sbl(A, y, 7)
 

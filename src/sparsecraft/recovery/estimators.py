@@ -108,7 +108,7 @@ class SBL(_Recovery):
     """Classic SBL by EM (:func:`~sparsecraft.recovery.sbl.sbl`); ``noise_var_`` after fit."""
     _fn = staticmethod(sbl)
 
-    def __init__(self, *, noise_var=None, max_iter=1000, tol=1e-6, prune=1e-6, update="em"):
+    def __init__(self, *, noise_var=None, max_iter=1000, tol=1e-6, prune=1e-3, update="em"):
         self.noise_var, self.max_iter, self.tol, self.prune = noise_var, max_iter, tol, prune
         self.update = update
 
@@ -122,7 +122,7 @@ class BlockSBL(SBL):
     """Block SBL with a known partition (:func:`~sparsecraft.recovery.sbl.block_sbl`)."""
     _fn = staticmethod(block_sbl)
 
-    def __init__(self, blocks, *, noise_var=None, max_iter=1000, tol=1e-6, prune=1e-6):
+    def __init__(self, blocks, *, noise_var=None, max_iter=1000, tol=1e-6, prune=1e-3):
         self.blocks = blocks
         self.noise_var, self.max_iter, self.tol, self.prune = noise_var, max_iter, tol, prune
 
@@ -136,7 +136,7 @@ class PatternCoupledSBL(SBL):
     """Pattern-coupled SBL (:func:`~sparsecraft.recovery.sbl.pc_sbl`)."""
     _fn = staticmethod(pc_sbl)
 
-    def __init__(self, beta=1.0, *, noise_var=None, max_iter=1000, tol=1e-6, prune=1e-6):
+    def __init__(self, beta=1.0, *, noise_var=None, max_iter=1000, tol=1e-6, prune=1e-3):
         self.beta = beta
         self.noise_var, self.max_iter, self.tol, self.prune = noise_var, max_iter, tol, prune
 

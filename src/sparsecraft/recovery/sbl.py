@@ -167,7 +167,7 @@ def _em_update(target, gamma, active):
 
 
 def sbl(A, y, *, noise_var: float | None = None, max_iter: int = 1000, tol: float = 1e-6,
-        prune: float = 1e-6, gamma0=None, record_cost: bool = True, update: str = "em") -> RecoveryResult:
+        prune: float = 1e-3, gamma0=None, record_cost: bool = True, update: str = "em") -> RecoveryResult:
     """Classic SBL (Tipping; Wipf and Rao) by EM, real or complex.
 
     Args:
@@ -179,7 +179,10 @@ def sbl(A, y, *, noise_var: float | None = None, max_iter: int = 1000, tol: floa
         max_iter: EM iterations.
         tol: stop when ``||gamma_new - gamma|| / ||gamma|| < tol``.
         prune: drop ``gamma_j`` below ``prune * max(gamma)`` for good (0 keeps all; needed
-            for an exactly monotone cost).
+            for an exactly monotone cost). Besides speed, pruning sharpens EM, whose unneeded
+            variances shrink only slowly: on N=512, M=128, 20 dB, ``1e-3`` was 4-11 dB more
+            accurate than ``1e-6`` for K <= 30 and 1.5 dB less at K = 40 (5 trials each);
+            ``1e-2`` is faster still but drops true coefficients below ~10% of the largest.
         gamma0: initial variances (default: the measurement power divided by the mean
             squared column norm).
         record_cost: keep the cost ``log|C| + y^H C^{-1} y`` of every iteration in
@@ -225,7 +228,7 @@ def _block_labels(N: int, blocks) -> torch.Tensor:
 
 
 def block_sbl(A, y, blocks, *, noise_var: float | None = None, max_iter: int = 1000,
-              tol: float = 1e-6, prune: float = 1e-6) -> RecoveryResult:
+              tol: float = 1e-6, prune: float = 1e-3) -> RecoveryResult:
     """Block SBL with a known partition: one variance per block, shared by its entries (EM).
 
     Args:
@@ -269,7 +272,7 @@ def coupled_precision_update(target: torch.Tensor, beta: float, b: float) -> tor
 
 
 def pc_sbl(A, y, *, beta: float = 1.0, noise_var: float | None = None, max_iter: int = 1000,
-           tol: float = 1e-6, prune: float = 1e-6) -> RecoveryResult:
+           tol: float = 1e-6, prune: float = 1e-3) -> RecoveryResult:
     """Pattern-coupled SBL for block-sparse signals with unknown block boundaries.
 
     Each entry's prior variance is tied to its neighbours' (see
