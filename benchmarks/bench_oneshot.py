@@ -44,7 +44,11 @@ def _grid() -> dict[str, dict]:
         for m in ("magnitude", "wanda", "sparsegpt"):
             grid[f"minilm-{m}-{p}"] = {"model": "minilm-l6", "method": m,
                                        "sparsity": 0.5 if p == "unstructured" else None, "pattern": p}
-    return grid
+    first = ["dense", "magnitude-0.5", "wanda-0.5", "sparsegpt-0.5", "magnitude-2:4", "wanda-2:4",
+             "sparsegpt-2:4", "minilm-magnitude-unstructured", "minilm-wanda-unstructured",
+             "minilm-sparsegpt-unstructured", "minilm-magnitude-2:4", "minilm-wanda-2:4", "minilm-sparsegpt-2:4",
+             "wanda+owl+dsnot-0.5", "sparsegpt+owl-0.5"]
+    return {name: grid[name] for name in first + [n for n in grid if n not in first]}
 
 
 def _peak_rss() -> int:

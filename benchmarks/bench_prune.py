@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import threading
@@ -100,6 +101,7 @@ def main() -> None:
             "realised_sparsity": sparsity,
         })
     out = {
+        "load_average_after": os.getloadavg(),
         "model": "SmolLM2-135M (fp32)",
         "model_param_bytes": model_bytes,
         "torch_threads": torch.get_num_threads(),
@@ -117,6 +119,13 @@ def main() -> None:
             f"| {r['config']} | {r['median_seconds']:.2f} | {r['median_extra_bytes'] / 2**20:.0f} | "
             f"{r['extra_vs_model_copy']:.2f} | {r['realised_sparsity']:.4f} |"
         )
+    header = (
+        f"Produced by `python benchmarks/bench_prune.py --repeats {args.repeats}` on SmolLM2-135M "
+        f"(fp32 parameters {model_bytes / 2**20:.0f} MB, torch threads {torch.get_num_threads()}); median of "
+        f"{args.repeats} runs. 1-min load average after the run: {out['load_average_after'][0]:.1f} "
+        f"(a shared machine: times are inflated when it is above 2).\n\n"
+    )
+    (RESULTS / "prune.md").write_text(header + "\n".join(lines) + "\n")
     sys.stdout.write("\n".join(lines) + "\n")
 
 
