@@ -68,7 +68,11 @@ CONFIGS = {
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--table", action="store_true", help="rewrite prune.md from prune.json")
     args = parser.parse_args()
+    if args.table:
+        sys.stdout.write(write_table(json.loads((RESULTS / "prune.json").read_text())))
+        return
     torch.set_num_threads(2)
     model, _ = models.load("smollm2-135m")
     pristine = {k: v.clone() for k, v in model.state_dict().items()}
@@ -110,23 +114,29 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "prune.json").write_text(json.dumps(out, indent=2) + "\n")
+    sys.stdout.write(write_table(out))
+
+
+def write_table(out: dict) -> str:
     lines = [
         "| configuration | median time (s) | extra peak RSS (MB) | extra / one model copy | realised sparsity |",
         "|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in out["rows"]:
         lines.append(
             f"| {r['config']} | {r['median_seconds']:.2f} | {r['median_extra_bytes'] / 2**20:.0f} | "
             f"{r['extra_vs_model_copy']:.2f} | {r['realised_sparsity']:.4f} |"
         )
     header = (
-        f"Produced by `python benchmarks/bench_prune.py --repeats {args.repeats}` on SmolLM2-135M "
-        f"(fp32 parameters {model_bytes / 2**20:.0f} MB, torch threads {torch.get_num_threads()}); median of "
-        f"{args.repeats} runs. 1-min load average after the run: {out['load_average_after'][0]:.1f} "
-        f"(a shared machine: times are inflated when it is above 2).\n\n"
+        f"Produced by `python benchmarks/bench_prune.py --repeats {out['repeats']}` on SmolLM2-135M "
+        f"(fp32 parameters {out['model_param_bytes'] / 2**20:.0f} MB, torch threads {out['torch_threads']}); "
+        f"median of {out['repeats']} runs. \"extra\" is the peak RSS during pruning minus the RSS just before. "
+        f"1-min load average after the run: {out['load_average_after'][0]:.1f} (a shared machine: times are "
+        f"inflated when it is above 2).\n\n"
     )
-    (RESULTS / "prune.md").write_text(header + "\n".join(lines) + "\n")
-    sys.stdout.write("\n".join(lines) + "\n")
+    table = header + "\n".join(lines) + "\n"
+    (RESULTS / "prune.md").write_text(table)
+    return table
 
 
 if __name__ == "__main__":
