@@ -378,6 +378,10 @@ def test_altered_or_malformed_header(tmp_path):
     bad.write_bytes(data.replace(old.encode(), ("0" * 64).encode()))
     with pytest.raises(FormatError, match=f"checksum mismatch for tensor '{name}'"):
         read_tensors(bad)
+    # a checksum removed from the metadata does not switch verification off
+    bad.write_bytes(data.replace(b"component_sha256", b"component_sha999"))
+    with pytest.raises(FormatError, match="no checksum"):
+        read_tensors(bad)
     # broken JSON
     altered = bytearray(data)
     altered[8] = ord("]")

@@ -322,6 +322,8 @@ def _component_spans(name: str, entry: dict, st_header: dict, data_start: int, s
                      path: Path) -> dict[str, tuple[str, torch.dtype, list[int], int, int]]:
     """Validate where each component of ``name`` lives: comp -> (key, dtype, shape, start, end)."""
     spans = {}
+    if not isinstance(entry, dict):
+        raise FormatError(f"{path}: tensor {name!r} has a malformed header entry")
     comps = entry.get("components")
     if not isinstance(comps, dict) or not comps:
         raise FormatError(f"{path}: tensor {name!r} has no component table in the header")
@@ -388,13 +390,15 @@ def read_tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict]:
                 except EOFError:
                     raise FormatError(f"{path}: tensor {name!r} is truncated: component {comp!r} "
                                       f"needs bytes {a}..{b}, file ended early") from None
-                want = entry.get("component_sha256", {}).get(comp)
-                if want is not None and _sha256(comps[comp]) != want:
+                want = (entry.get("component_sha256") or {}).get(comp)
+                if want is None:
+                    raise FormatError(f"{path}: tensor {name!r} has no checksum for component {comp!r}")
+                if _sha256(comps[comp]) != want:
                     raise FormatError(f"{path}: checksum mismatch for tensor {name!r} (component "
                                       f"{comp!r}): the file was altered or corrupted")
             try:
                 t = enc.decode(comps, entry["encoding"], entry["shape"], entry["dtype"], nm=entry.get("nm"))
-            except (FormatError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:  # FormatError is a ValueError
                 raise FormatError(f"{path}: tensor {name!r} cannot be decoded: {e}") from None
             # A dense tensor is its component, already verified above.
             if entry["encoding"] != "dense" and _sha256(t) != entry.get("sha256"):
