@@ -336,6 +336,12 @@ def test_bad_input_parameters():
         R.amp(A, y, damping=1.5)
     with pytest.raises(SparsecraftError, match="update"):
         R.sbl(A, y, update="fast")
+    with pytest.raises(SparsecraftError, match="init_scale"):
+        R.krosbl([np.eye(2), np.eye(3)], np.ones(6), init_scale=0.0)
+    with pytest.raises(SparsecraftError, match=r"prune\[1\]"):
+        R.krosbl([np.eye(2), np.eye(3)], np.ones(6), prune=[1e-3, 2.0])
+    with pytest.raises(SparsecraftError, match="n_nonzero"):
+        R.omp(A, y, 0)
 
 
 # ---------------------------------------------------------------- estimators

@@ -183,6 +183,9 @@ def sbl(A, y, *, noise_var: float | None = None, max_iter: int = 1000, tol: floa
             variances shrink only slowly: on N=512, M=128, 20 dB, ``1e-3`` was 4-11 dB more
             accurate than ``1e-6`` for K <= 30 and 1.5 dB less at K = 40 (5 trials each);
             ``1e-2`` is faster still but drops true coefficients below ~10% of the largest.
+            Without noise, pruning costs exactness once some coefficient is small: at K=20,
+            noiseless, ``1e-3`` gave -35 dB where ``1e-6`` gave -143 dB (6 trials); use
+            ``prune=1e-6`` (or 0) for exact recovery.
         gamma0: initial variances (default: the measurement power divided by the mean
             squared column norm).
         record_cost: keep the cost ``log|C| + y^H C^{-1} y`` of every iteration in
