@@ -372,3 +372,22 @@ def test_float32_and_device_of_inputs():
     res = R.sbl(At, yt)
     assert res.x.dtype == torch.float32 and res.x.device == At.device
     assert relerr(res.x.double().numpy(), x) < 1e-3
+
+
+def test_amp_damped_still_recovers():
+    A, x, y, _ = gaussian_problem(M=128, N=512, K=10)
+    res = R.amp(A, y, damping=0.5, max_iter=5000, tol=1e-10)
+    assert res.converged and relerr(res.x, x) < 1e-4
+    assert res.n_iter > R.amp(A, y, max_iter=5000, tol=1e-10).n_iter
+
+
+def test_krosbl_batch_matches_single_columns():
+    fs, x, y = _kron_problem(seed=1)
+    fs2, x2, _ = _kron_problem(seed=2)
+    y2 = R.KroneckerOperator(fs).matvec(torch.from_numpy(x2)).numpy()
+    Y = np.stack([y, y2], axis=1)
+    res = R.krosbl(fs, Y, method="svd", noise_var=0.0, tol=1e-8)
+    assert res.x.shape == (x.size, 2) and len(res.support) == 2
+    single = R.krosbl(fs, y2, method="svd", noise_var=0.0, tol=1e-8)
+    np.testing.assert_allclose(res.x[:, 1], single.x)
+    assert relerr(res.x[:, 0], x) < 1e-5
