@@ -5,7 +5,7 @@ Functional solvers (torch on the inputs' device; numpy in, numpy out) return a
 """
 
 from ._common import DivergenceError, RecoveryError, RecoveryResult
-from .amp import amp, amp_step
+from .message_passing import amp, amp_step
 from .convex import cv_lambda, fista, lambda_max, soft_threshold, universal_lambda
 from .greedy import kron_omp, omp
 from .operators import (DenseOperator, KroneckerOperator, LinearOperator, PartialDFTOperator,
@@ -14,8 +14,8 @@ from . import discovery
 from .discovery import lorenz63, polynomial_library, sbl_threshold, stlsq
 from .estimators import (AMP, OMP, SBL, BlockSBL, EquationDiscovery, KroneckerOMP, KroSBL, Lasso,
                          PatternCoupledSBL)
-from .sbl import block_sbl, pc_sbl, sbl, sbl_posterior
-from .krosbl import am_mstep, kron_posterior, krosbl, rank_one_fit
+from .sparse_bayes import block_sbl, pc_sbl, sbl, sbl_posterior
+from .kronecker_sbl import am_mstep, kron_posterior, krosbl, rank_one_fit
 
 __all__ = [
     "AMP", "BlockSBL", "EquationDiscovery", "KroSBL", "KroneckerOMP", "Lasso", "OMP",

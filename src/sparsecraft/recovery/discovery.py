@@ -23,7 +23,7 @@ import torch
 
 from ._common import RecoveryError, check_int, check_positive, output, to_tensor
 from .convex import fista
-from .sbl import sbl
+from .sparse_bayes import sbl
 
 
 def _state(X, name="X"):

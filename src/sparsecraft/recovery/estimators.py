@@ -12,12 +12,12 @@ import numpy as np
 import torch
 
 from ._common import RecoveryError, RecoveryResult, to_tensor
-from .amp import amp
+from .message_passing import amp
 from .convex import fista
 from .greedy import kron_omp, omp
-from .krosbl import krosbl
+from .kronecker_sbl import krosbl
 from .operators import KroneckerOperator, as_operator
-from .sbl import block_sbl, pc_sbl, sbl
+from .sparse_bayes import block_sbl, pc_sbl, sbl
 from . import discovery
 
 
@@ -95,7 +95,7 @@ class Lasso(_Recovery):
 
 
 class AMP(_Recovery):
-    """Damped AMP with divergence detection (:func:`~sparsecraft.recovery.amp.amp`)."""
+    """Damped AMP with divergence detection (:func:`~sparsecraft.recovery.message_passing.amp`)."""
     _fn = staticmethod(amp)
 
     def __init__(self, *, alpha=1.5, damping=1.0, max_iter=500, tol=1e-6, divergence_factor=10.0,
@@ -105,7 +105,7 @@ class AMP(_Recovery):
 
 
 class SBL(_Recovery):
-    """Classic SBL by EM (:func:`~sparsecraft.recovery.sbl.sbl`); ``noise_var_`` after fit."""
+    """Classic SBL by EM (:func:`~sparsecraft.recovery.sparse_bayes.sbl`); ``noise_var_`` after fit."""
     _fn = staticmethod(sbl)
 
     def __init__(self, *, noise_var=None, max_iter=1000, tol=1e-6, prune=1e-3, update="em"):
@@ -119,7 +119,7 @@ class SBL(_Recovery):
 
 
 class BlockSBL(SBL):
-    """Block SBL with a known partition (:func:`~sparsecraft.recovery.sbl.block_sbl`)."""
+    """Block SBL with a known partition (:func:`~sparsecraft.recovery.sparse_bayes.block_sbl`)."""
     _fn = staticmethod(block_sbl)
 
     def __init__(self, blocks, *, noise_var=None, max_iter=1000, tol=1e-6, prune=1e-3):
@@ -133,7 +133,7 @@ class BlockSBL(SBL):
 
 
 class PatternCoupledSBL(SBL):
-    """Pattern-coupled SBL (:func:`~sparsecraft.recovery.sbl.pc_sbl`)."""
+    """Pattern-coupled SBL (:func:`~sparsecraft.recovery.sparse_bayes.pc_sbl`)."""
     _fn = staticmethod(pc_sbl)
 
     def __init__(self, beta=1.0, *, noise_var=None, max_iter=1000, tol=1e-6, prune=1e-3):
@@ -142,7 +142,7 @@ class PatternCoupledSBL(SBL):
 
 
 class KroSBL(SBL):
-    """Kronecker-structured SBL (:func:`~sparsecraft.recovery.krosbl.krosbl`); ``fit(factors, y)``.
+    """Kronecker-structured SBL (:func:`~sparsecraft.recovery.kronecker_sbl.krosbl`); ``fit(factors, y)``.
 
     ``method="am"`` or ``"svd"``; ``coupling`` gives the block-coupled variant (PC-KroSBL).
     """

@@ -33,7 +33,7 @@ import torch
 from ._common import (RecoveryError, RecoveryResult, check_int, check_positive, finish, logger,
                       real_dtype, run_batched)
 from .operators import KroneckerOperator, kron_apply, prepare
-from .sbl import em_noise_update
+from .sparse_bayes import em_noise_update
 
 
 def kron_vec(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -54,7 +54,7 @@ def kron_posterior(factors: Sequence[torch.Tensor], gammas: Sequence[torch.Tenso
         noise_var: ``sigma2 > 0``.
         y: length ``prod M_i``.
 
-    Returns the same dict as :func:`sparsecraft.recovery.sbl.sbl_posterior`: ``mu``,
+    Returns the same dict as :func:`sparsecraft.recovery.sparse_bayes.sbl_posterior`: ``mu``,
     ``sigma_diag``, ``cost`` (``log|C| + y^H C^{-1} y``), ``resid_sq``, ``dof``.
     """
     rdt = real_dtype(factors[0].dtype)
