@@ -50,6 +50,8 @@ def test_finalize_removes_hooks_and_keeps_zeros(cnn):
     assert sc.get_meta(cnn)["conv2.weight"]["pattern"] == "unstructured"
     with pytest.raises(SparsecraftError, match="finalized"):
         state.apply_()
+    with pytest.raises(SparsecraftError, match="finalized"):
+        state.sparsity()  # no silent 0.0 once the masks are gone
 
 
 def test_state_dict_round_trip(cnn):

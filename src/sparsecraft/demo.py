@@ -61,8 +61,9 @@ def run_demo(
         original = {k: v.clone() for k, v in model.state_dict().items()}
         state, t = _timed(prune_, model, PruneConfig(method="magnitude", sparsity=None if nm else sparsity,
                                                      pattern=pattern), progress=progress)
+        rows["magnitude"] = {"prune_seconds": t, "sparsity": state.sparsity()}
         state.finalize_()
-        rows["magnitude"] = {"perplexity": ppl(model), "prune_seconds": t, "sparsity": state.sparsity()}
+        rows["magnitude"]["perplexity"] = ppl(model)
         model.load_state_dict(original)
         del original, state
         object.__delattr__(model, "sparsecraft_meta")

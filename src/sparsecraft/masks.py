@@ -116,12 +116,14 @@ class SparsityState:
 
     # -- introspection --------------------------------------------------------------
     def sparsity(self) -> float:
-        """Fraction of pruned weights over all masked targets."""
+        """Fraction of pruned weights over all masked targets (before ``finalize_``)."""
+        self._check_open()
         total = sum(m.numel() for m in self.masks.values())
         kept = sum(int(m.sum()) for m in self.masks.values())
         return 1.0 - kept / total if total else 0.0
 
     def layer_sparsity(self) -> dict[str, float]:
+        self._check_open()
         return {n: 1.0 - m.sum().item() / m.numel() for n, m in self.masks.items()}
 
     # -- persistence ----------------------------------------------------------------
@@ -179,4 +181,6 @@ class SparsityState:
         return self.masks.keys()
 
     def __repr__(self) -> str:
+        if self.finalized:
+            return "SparsityState(finalized)"
         return f"SparsityState({len(self.masks)} targets, sparsity={self.sparsity():.4f})"
