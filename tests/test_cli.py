@@ -87,3 +87,9 @@ def test_folder_that_is_not_a_model(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a model" in _one_line_error(capsys)
+
+
+def test_block_pattern_gets_the_default_sparsity(tmp_path, hf_dir, capsys):
+    out = tmp_path / "blocks"
+    assert main(["-q", "prune", str(hf_dir), "--pattern", "block:4x4", "--out", str(out)]) == 0
+    assert "sparsity 0.5000" in capsys.readouterr().out

@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load SmolLM2-135M, measure perplexity, prune, save, reload, compare.")
     d.add_argument("--out", default="demo_out", help="folder for the demo's files (default: demo_out)")
     d.add_argument("--method", default="wanda", help="pruning method (default: wanda)")
-    d.add_argument("--sparsity", type=_sparsity_arg, default=0.5)
+    d.add_argument("--sparsity", type=_sparsity_arg, default=None, help="default 0.5; N:M fixes it")
     d.add_argument("--pattern", default="unstructured")
     d.add_argument("--samples", type=int, default=32, help="calibration samples (default 32)")
     d.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample (default 256)")
@@ -156,12 +156,12 @@ def _configure_logging(args) -> None:
 
 
 def _cmd_prune(args) -> int:
-    from .prune import PruneConfig
+    from .prune import PruneConfig, default_sparsity
     from .recipe import CalibrationSpec, Recipe, execute
 
     config = PruneConfig(
         method=args.method,
-        sparsity=args.sparsity if args.sparsity is not None else (None if ":" in args.pattern else 0.5),
+        sparsity=default_sparsity(args.pattern, args.sparsity),
         pattern=args.pattern,
         allocation=args.allocation,
         targets={"include": args.include, "exclude": args.exclude},

@@ -33,13 +33,13 @@ def _dir_size(path: Path) -> int:
 
 
 def run_demo(
-    out: Path, method: str = "wanda", sparsity: float = 0.5, pattern: str = "unstructured",
+    out: Path, method: str = "wanda", sparsity: float | None = None, pattern: str = "unstructured",
     seq_len: int = 512, calib_samples: int = 32, calib_len: int = 256, baseline: bool = True,
     progress: bool = True,
 ) -> dict:
     from . import data, models
     from .checkpoint import load, save
-    from .prune import PruneConfig, prune_
+    from .prune import PruneConfig, default_sparsity, prune_
     from .report import report
 
     out.mkdir(parents=True, exist_ok=True)
@@ -56,10 +56,10 @@ def run_demo(
     rows = {"dense": {"perplexity": ppl_dense, "file_bytes": _dir_size(dense_dir), "sparsity": 0.0}}
     shutil.rmtree(dense_dir)  # only needed for its size
 
-    nm = ":" in pattern
+    sparsity = default_sparsity(pattern, sparsity)
     if baseline and method != "magnitude":
         original = {k: v.clone() for k, v in model.state_dict().items()}
-        state, t = _timed(prune_, model, PruneConfig(method="magnitude", sparsity=None if nm else sparsity,
+        state, t = _timed(prune_, model, PruneConfig(method="magnitude", sparsity=sparsity,
                                                      pattern=pattern), progress=progress)
         rows["magnitude"] = {"prune_seconds": t, "sparsity": state.sparsity()}
         state.finalize_()
@@ -68,7 +68,7 @@ def run_demo(
         del original, state
         object.__delattr__(model, "sparsecraft_meta")
 
-    config = PruneConfig(method=method, sparsity=None if nm else sparsity, pattern=pattern)
+    config = PruneConfig(method=method, sparsity=sparsity, pattern=pattern)
     calibration = (
         data.calibration(tok, samples=calib_samples, seq_len=calib_len, seed=0) if config.needs_calibration else None
     )

@@ -165,6 +165,18 @@ class PruneConfig:
         return out
 
 
+def default_sparsity(pattern: str | Pattern, requested: float | None = None, default: float = 0.5):
+    """Sparsity for a config built from user flags: what was asked, else None for a pattern
+    that fixes it (N:M), else ``default``. A malformed pattern is left for validation."""
+    if requested is not None:
+        return requested
+    try:
+        fixed = parse_pattern(pattern).fixed_sparsity
+    except ConfigError:
+        return default
+    return None if fixed is not None else default
+
+
 def Magnitude(**kwargs) -> PruneConfig:
     """Config for magnitude pruning, e.g. ``Magnitude(sparsity=0.5, pattern="2:4")``."""
     return PruneConfig(method="magnitude", **kwargs)
