@@ -43,6 +43,8 @@ def problem(snr, seed, G=18, n_ms=6, n_bs=16, n_irs=256, n_pilot=3, n_pat=6, spr
     F1, F2, F3 = Phi.T @ V, X.T @ np.conj(A_ms), A_bs
     x_irs, x_ms, x_bs = np.zeros(G, complex), np.zeros(G, complex), np.zeros(G, complex)
     s = rng.integers(0, G)
+    # The angle-difference block wraps around the grid, as in the paper; so may the BS
+    # block here (the authors' generator keeps BS angles from wrapping).
     x_irs[(s + np.arange(spread)) % G] = (rng.standard_normal(spread) + 1j * rng.standard_normal(spread)) / np.sqrt(2)
     x_ms[rng.integers(0, G)] = 1.0
     s = rng.integers(0, G)
@@ -74,6 +76,7 @@ def main():
     ap.add_argument("--beta", type=float, default=0.8)
     ap.add_argument("--sbl-trials", type=int, default=3, help="classic SBL runs on this many trials only")
     ap.add_argument("--sbl-iters", type=int, default=50)
+    ap.add_argument("--tag", default="", help="suffix of the output files, e.g. _20dB_50trials")
     args = ap.parse_args()
     B.setup_threads()
     out = {"trials": args.trials, "sbl_trials": args.sbl_trials, "sbl_iters": args.sbl_iters, "beta": args.beta, "published_20dB": PUBLISHED_20DB, "results": {}}
@@ -104,11 +107,11 @@ def main():
         res = {n: B.summarize(r, keys=("nmse", "nmse_db", "time", "iters")) for n, r in rows.items()}
         out["results"][f"snr={snr}"] = res
         print(f"snr={snr} " + " ".join(f"{n}:{s['nmse_mean']:.4f}/{s['time_mean']:.2f}s" for n, s in res.items()), flush=True)
-        B.write_json("irs", out)
-    _plot(out, args.snrs)
+        B.write_json("irs" + args.tag, out)
+    _plot(out, args.snrs, args.tag)
 
 
-def _plot(out, snrs):
+def _plot(out, snrs, tag=""):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -121,7 +124,7 @@ def _plot(out, snrs):
     ax.set_xlabel("SNR (dB)"); ax.set_ylabel("mean channel NMSE"); ax.grid(True, which="both"); ax.legend(fontsize=7)
     ax.set_title("IRS-aided MIMO uplink, N=5832, M=288")
     fig.tight_layout()
-    fig.savefig(B.RESULTS / "recovery_irs.png", dpi=110)
+    fig.savefig(B.RESULTS / f"recovery_irs{tag}.png", dpi=110)
 
 
 if __name__ == "__main__":

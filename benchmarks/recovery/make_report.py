@@ -126,7 +126,7 @@ def lorenz(d):
 def main():
     parts = [NOTES.read_text() if NOTES.exists() else "# Sparse recovery benchmarks\n"]
     for name, fn in (("gaussian", gaussian), ("gaussian_prune1e-6", gaussian), ("dft", dft), ("kron", kron),
-                     ("irs", irs), ("lorenz", lorenz)):
+                     ("irs", irs), ("irs_20dB_50trials", irs), ("lorenz", lorenz)):
         if name == "gaussian_prune1e-6" and load(name) is not None:
             parts.append("#### Earlier run of the same script and seeds, when `sbl` pruned at 1e-6 (its default "
                          "then); `sbl_mackay` also at 1e-6; no `sbl_prune1e-2` column\n")
