@@ -391,3 +391,16 @@ def test_krosbl_batch_matches_single_columns():
     single = R.krosbl(fs, y2, method="svd", noise_var=0.0, tol=1e-8)
     np.testing.assert_allclose(res.x[:, 1], single.x)
     assert relerr(res.x[:, 0], x) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_single_precision_noiseless_krosbl_and_sbl(dtype):
+    # The noise floor must respect float32 resolution (a 1e-12 relative floor once gave NaNs).
+    torch.manual_seed(0)
+    fs = [torch.randn(6, 10, dtype=dtype), torch.randn(7, 10, dtype=dtype)]
+    e = lambda idx: torch.zeros(10, dtype=dtype).index_fill_(0, torch.tensor(idx), 1.0)  # noqa: E731
+    x = torch.kron(e([1, 5]), e([3, 4]))
+    y = R.KroneckerOperator(fs).matvec(x)
+    for res in (R.krosbl(fs, y, noise_var=0.0), R.krosbl(fs, y, method="svd"), R.sbl(R.KroneckerOperator(fs), y, noise_var=0.0)):
+        assert res.x.dtype == dtype
+        assert float((res.x - x).abs().norm() / x.abs().norm()) < 1e-3

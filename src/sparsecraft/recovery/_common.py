@@ -98,6 +98,15 @@ def real_dtype(dtype: torch.dtype) -> torch.dtype:
     return {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dtype, dtype)
 
 
+def noise_floor(signal_power: float, dtype: torch.dtype) -> float:
+    """Smallest noise variance the SBL solvers use: keeps ``C = sigma2 I + ...`` invertible.
+
+    ``1e-12`` of the measurement power, raised to ``100 eps`` of the dtype (float32 cannot
+    resolve a smaller relative floor).
+    """
+    return signal_power * max(1e-12, 100.0 * torch.finfo(dtype).eps)
+
+
 def output(value, as_numpy: bool):
     """Convert tensors (possibly nested in lists/dicts) back to numpy when the caller gave numpy."""
     if not as_numpy:

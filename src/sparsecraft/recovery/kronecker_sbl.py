@@ -30,8 +30,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ._common import (RecoveryError, RecoveryResult, check_int, check_positive, finish, logger,
-                      real_dtype, run_batched)
+from ._common import (DivergenceError, RecoveryError, RecoveryResult, check_int, check_positive, finish,
+                      logger, noise_floor, real_dtype, run_batched)
 from .operators import KroneckerOperator, kron_apply, prepare
 from .sparse_bayes import em_noise_update
 
@@ -269,7 +269,7 @@ def _krosbl_one(op: KroneckerOperator, y, method, couplings, noise_var, max_iter
                               support=torch.zeros(0, dtype=torch.long), n_iter=0, converged=True,
                               info={"gammas": [torch.zeros(n, dtype=rdt) for n in op.in_dims],
                                     "noise_var": 0.0, "cost": [], "mode_supports": [[] for _ in range(k)]})
-    floor = 1e-12 * ypow
+    floor = noise_floor(ypow, rdt)
     s2 = max(float(noise_var), floor) if noise_var is not None else 0.1 * ypow
     colpow = float(op.column_norms().pow(2).mean())
     gammas = [torch.ones(n, dtype=rdt, device=dev) for n in op.in_dims]
@@ -290,6 +290,10 @@ def _krosbl_one(op: KroneckerOperator, y, method, couplings, noise_var, max_iter
         shape = [int(kp.numel()) for kp in keep]
         T = (post["mu"].abs().pow(2) + post["sigma_diag"]).reshape(shape)
         old = kron_vec(gammas)
+        if not bool(torch.isfinite(T).all()):
+            raise DivergenceError(
+                f"krosbl: the posterior became non-finite at iteration {it} (noise variance {s2:.3g}; "
+                f"dtype {op.dtype}); use float64 or a larger noise_var")
         if method == "am":
             # After pruning, the coupling acts between kept neighbours (as in PC-KroSBL).
             new = am_mstep(T, gammas, couplings=couplings, n_sweeps=n_sweeps)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ._common import (RecoveryError, RecoveryResult, check_int, check_positive, finish, logger,
-                      real_dtype, run_batched)
+                      noise_floor, real_dtype, run_batched)
 from .operators import prepare
 
 
@@ -109,7 +109,7 @@ def _sbl_loop(A: torch.Tensor, y: torch.Tensor, update: Callable, *, noise_var, 
                               info={"cost": [], "noise_var": 0.0 if noise_var is None else noise_var,
                                     "gamma": torch.zeros(N, dtype=rdt, device=dev)})
     # A floor keeps C positive definite when the noise is zero or shrinks to zero.
-    floor = 1e-12 * ypow
+    floor = noise_floor(ypow, rdt)
     s2 = max(float(noise_var), floor) if noise_var is not None else 0.1 * ypow
     colpow = A.abs().pow(2).sum(0)
     if gamma0 is None:
