@@ -13,7 +13,6 @@ operator), FISTA (universal penalty), oracle least squares on the true support. 
 from __future__ import annotations
 
 import argparse
-import logging
 
 import numpy as np
 import torch

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ._common import (RecoveryError, RecoveryResult, check_int, check_positive, finish, logger,
-                      real_dtype, run_batched, support_of)
+                      run_batched, support_of)
 from .operators import DenseOperator, LinearOperator, prepare
 
 

@@ -15,7 +15,6 @@ Real data only. :func:`lorenz63` simulates the benchmark system.
 from __future__ import annotations
 
 import itertools
-import math
 from typing import Sequence
 
 import numpy as np

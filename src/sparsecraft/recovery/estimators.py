@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._common import RecoveryError, RecoveryResult, to_tensor
+from ._common import RecoveryError, RecoveryResult
 from .message_passing import amp
 from .convex import fista
 from .greedy import kron_omp, omp

@@ -24,10 +24,8 @@ channel estimation", IEEE TSP 2024). EM then needs:
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ._common import (DivergenceError, RecoveryError, RecoveryResult, check_int, check_positive, finish,

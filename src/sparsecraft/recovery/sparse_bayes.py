@@ -12,7 +12,7 @@ are measurements, and the ``N_active x N_active`` form after pruning has made th
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
