@@ -34,6 +34,49 @@ def main() -> None:
             body = body.split("\n", 1)[1].strip()
         parts.append(f"## {title}\n\n{body}\n")
     (RESULTS / "README.md").write_text("\n".join(parts))
+    _headline()
+
+
+def _headline() -> None:
+    """The short table in the project README, between its results markers."""
+    import json
+
+    readme = RESULTS.parent.parent / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start not in text or end not in text:
+        return
+    lines = []
+    oneshot = RESULTS / "oneshot.json"
+    if oneshot.exists():
+        data = json.loads(oneshot.read_text())
+        runs, settings = data["runs"], data.get("settings", {})
+        rows = [n for n in ("dense", "magnitude-0.5", "wanda-0.5", "sparsegpt-0.5", "magnitude-2:4", "wanda-2:4",
+                            "sparsegpt-2:4") if n in runs]
+        lines += [
+            f"SmolLM2-135M (real weights), perplexity on held-out Lee news text; calibration "
+            f"{settings.get('samples')} x {settings.get('seq_len')} tokens (`benchmarks/bench_oneshot.py`):",
+            "",
+            "| model | sparsity | perplexity | prune time (s) |",
+            "|---|---|---|---|",
+        ]
+        for n in rows:
+            r = runs[n]
+            lines.append(f"| {n} | {r.get('sparsity', 0.0):.2f} | {r['perplexity']:.1f} | "
+                         f"{r.get('prune_seconds', 0.0):.1f} |")
+    formats = RESULTS / "formats.json"
+    if formats.exists():
+        data = json.loads(formats.read_text())
+        auto = [r for r in data["sizes"] if r["encoding"] == "auto"]
+        lines += ["", "File size of the 210 pruned Linear weights, `sparsecraft.save` (automatic encoding) "
+                  "against dense (`benchmarks/bench_formats.py`):", "",
+                  "| dtype | pattern | encoding chosen | size / dense |", "|---|---|---|---|"]
+        for r in auto:
+            lines.append(f"| {r['dtype']} | {r['pattern']} | {', '.join(r['chosen'])} | {r['file_over_dense_data']:.3f} |")
+    body = "\n".join(lines) + "\n" if lines else "Not run yet.\n"
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    readme.write_text(f"{head}{start}\n{body}{end}{tail}")
 
 
 if __name__ == "__main__":
