@@ -177,3 +177,29 @@ def test_measured_reconstruction_error_orders_methods(calib):
     # the solver minimises exactly this error, so it must win on (nearly) every layer
     wins = sum(errors["sparsegpt"][n] <= min(errors["wanda"][n], errors["magnitude"][n]) for n in errors["wanda"])
     assert wins >= 0.9 * len(errors["wanda"])
+
+
+@pytest.mark.parametrize("fallback", ["error", "skip", "unstructured"])
+def test_calibrated_fallback_for_layers_the_pattern_cannot_tile(fallback, calib):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=60, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    config = sc.PruneConfig(method="wanda", sparsity=None, pattern="4:8", fallback=fallback)
+    if fallback == "error":
+        before = snapshot(model)
+        with pytest.raises(sc.TargetError, match="layer 'model.layers.0.mlp.down_proj.weight'.*divisible by M=8"):
+            sc.prune_(model, config, calib, progress=False)
+        assert_unchanged(model, before)
+        return
+    state = sc.prune_(model, config, calib, progress=False)
+    meta = sc.get_meta(model)
+    down = "model.layers.1.mlp.down_proj.weight"
+    if fallback == "skip":
+        assert down not in state.masks and meta[down]["pattern"] == "dense"
+        assert (dict(model.named_parameters())[down] != 0).all()
+    else:
+        assert meta[down]["pattern"] == "unstructured"
+        assert int((~state.masks[down]).sum()) == state.masks[down].numel() // 2
+    assert sc.NM(4, 8).is_valid(state.masks["model.layers.1.mlp.up_proj.weight"])

@@ -254,11 +254,10 @@ def _owl_layer_sparsities(blocks, batches, per_block, config, progress) -> dict[
     return per_layer
 
 
-def _prune_layer(t: Target, config, sparsity: float | None, collector: _Collector):
+def _prune_layer(t: Target, config, pattern, sparsity: float | None, collector: _Collector):
     """Keep-mask and (for SparseGPT) the new weight of one layer."""
     from .oneshot import dsnot_refine, sparsegpt_prune, wanda_mask
 
-    pattern = config.pattern_obj
     weight = t.param.detach()
     s = None if pattern.fixed_sparsity is not None else sparsity
     new_weight = None
@@ -295,13 +294,16 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
         raise ConfigError(f"OWL allocation needs a free sparsity; pattern {pattern} fixes it")
     if not isinstance(pattern, (Unstructured, NM)):
         raise ConfigError(f"calibrated methods support unstructured and N:M patterns, got {pattern}")
+    from .prune import _resolve_patterns
+
     _, blocks = find_blocks(model, targets)
     per_block = _block_targets(blocks, targets)
     inside = {t.name for ts in per_block for t in ts}
     outside = [t.name for t in targets if t.name not in inside]
-    for ts in per_block:
-        for t in ts:
-            pattern.check(t.shape, t.name)
+    # the pattern per layer after the fallback rule (error, skip, unstructured)
+    layer_pattern = _resolve_patterns([t for ts in per_block for t in ts], config)
+    skipped = [n for n, p in layer_pattern.items() if p is None]
+    per_block = [[t for t in ts if layer_pattern[t.name] is not None] for ts in per_block]
     measure = bool(config.options.get("measure_error"))
     need_hessian = config.method == "sparsegpt" or measure
     need_norms = config.method == "wanda" or bool(config.options.get("dsnot")) or config.allocation == "owl"
@@ -320,7 +322,7 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
     batches = capture_block_inputs(model, blocks, calibration, batch_size)
     layer_sparsity = (
         _owl_layer_sparsities(blocks, batches, per_block, config, progress)
-        if config.allocation == "owl" else {t.name: config.sparsity for ts in per_block for t in ts}
+        if config.allocation == "owl" else {t.name: config.target_sparsity for ts in per_block for t in ts}
     )
     overrides = config.overrides or {}
     masks, info = {}, {}
@@ -340,7 +342,7 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
             for t in targets_i:
                 s = next((v for r, v in overrides.items() if match_rule(r, t.name, t.module_name)),
                          layer_sparsity[t.name])
-                results[t.name] = _prune_layer(t, config, s, collector)
+                results[t.name] = _prune_layer(t, config, layer_pattern[t.name], s, collector)
             del collector
             # the original weights go to disk before the block changes (restored on failure)
             originals = {t.name: t.param.detach().cpu().clone() for t in targets_i}
@@ -353,7 +355,7 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
                         t.param.copy_(new_weight)
                     t.param.masked_fill_(~keep, 0.0)  # +0.0, see masks.py
                     masks[t.name] = keep
-                    info[t.name] = {"pattern": str(pattern), "method": config.method}
+                    info[t.name] = {"pattern": str(layer_pattern[t.name]), "method": config.method}
                     if measure:  # ||WX - W'X|| / ||WX|| on this block's calibration inputs
                         info[t.name]["reconstruction_error"] = float(relative_reconstruction_error(
                             originals[t.name].to(t.param.device), t.param.detach(), hessian=hessians[t.name]))
@@ -372,5 +374,7 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
         shutil.rmtree(spill, ignore_errors=True)
     for name in outside:
         log.warning("layer '%s' is outside the repeated blocks; left dense", name)
+        info[name] = {"pattern": "dense", "method": "skipped"}
+    for name in skipped:
         info[name] = {"pattern": "dense", "method": "skipped"}
     return masks, info
