@@ -64,9 +64,14 @@ def _largest_remainder(ideal: Sequence[float], caps: Sequence[int], total: int) 
 
 
 def _sortable_keys(scores: torch.Tensor) -> torch.Tensor:
-    """Map float32 scores to int64 keys with the same total order (for exact bisection)."""
-    bits = scores.detach().float().contiguous().view(torch.int32).to(torch.int64)
-    return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
+    """Map float32 scores to int32 keys with the same total order (for exact bisection).
+
+    Non-negative floats keep their bit pattern; a negative float with magnitude bits ``m``
+    becomes ``~m = -m - 1``, so larger magnitudes sort lower. int32, not int64: half the
+    memory on layers of millions of scores.
+    """
+    bits = scores.detach().float().contiguous().view(torch.int32)
+    return torch.where(bits < 0, torch.bitwise_not(bits & 0x7FFFFFFF), bits)
 
 
 def _distribute(below: list[int], at_or_below: list[int], k: int) -> list[int]:
@@ -85,7 +90,8 @@ def _sample_bracket(targets, score_fn, quantile: float, size: int = 2**20) -> tu
     """Keys that bracket the global ``quantile`` with high probability (strided sample)."""
     total = sum(t.param.numel() for t in targets)
     step = max(1, total // size)
-    sample = torch.cat([_sortable_keys(score_fn(t)).reshape(-1)[::step] for t in targets]).sort().values
+    # copy each strided slice so no full-size layer tensor stays alive through the list
+    sample = torch.cat([_sortable_keys(score_fn(t).reshape(-1)[::step].clone()) for t in targets]).sort().values
     m = sample.numel()
     margin = 6.0 / math.sqrt(m) + 1e-3
     lo_i, hi_i = math.floor((quantile - margin) * m), math.ceil((quantile + margin) * m)
@@ -103,7 +109,7 @@ def _counts_in_bracket(targets, score_fn, caps, k, lo: int, hi: int) -> list[int
         candidates.append(keys[(keys >= lo) & (keys <= hi)].sort().values)
 
     def f(key: int, right: bool = True) -> list[int]:
-        probe = torch.tensor([key], dtype=torch.int64)
+        probe = torch.tensor([key], dtype=torch.int32)
         return [
             min(b + int(torch.searchsorted(c, probe, right=right)), cap)
             for b, c, cap in zip(below_lo, candidates, caps)
