@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the end-to-end demo on SmolLM2-135M",
                        description="Load SmolLM2-135M, measure perplexity, prune, save, reload, compare.")
     d.add_argument("--out", default="demo_out", help="folder for the demo's files (default: demo_out)")
-    d.add_argument("--method", default="wanda", help="pruning method (default: wanda)")
+    d.add_argument("--method", default="sparsegpt", help="pruning method (default: sparsegpt)")
     d.add_argument("--sparsity", type=_sparsity_arg, default=None, help="default 0.5; N:M fixes it")
     d.add_argument("--pattern", default="unstructured")
     d.add_argument("--samples", type=int, default=32, help="calibration samples (default 32)")
