@@ -43,23 +43,27 @@ def check_sparsity(value, what: str = "sparsity") -> float:
     return value
 
 
-def _largest_remainder(ideal: Sequence[float], caps: Sequence[int], total: int) -> list[int]:
-    """Integers <= caps, each floor or ceil of ``ideal``, that sum to ``total``."""
-    counts = [min(cap, math.floor(x)) for x, cap in zip(ideal, caps)]
+def bounded_round(ideal: Sequence[float], lo: Sequence[int], hi: Sequence[int], total: int) -> list[int]:
+    """Integers in ``[lo, hi]``, near ``ideal``, summing to ``total`` (largest remainder).
+
+    Start from the floors (clipped to the bounds), then move one unit at a time to the
+    entries with the largest fractional parts (smallest when taking away), index breaking
+    ties, until the total is met.
+    """
+    counts = [min(max(math.floor(x), a), b) for x, a, b in zip(ideal, lo, hi)]
+    frac = [x - math.floor(x) for x in ideal]
     short = total - sum(counts)
-    # Hand out the remaining units to the largest fractional parts; index breaks ties.
-    order = sorted(range(len(ideal)), key=lambda i: (-(ideal[i] - math.floor(ideal[i])), i))
-    for i in order:
-        if short <= 0:
-            break
-        if counts[i] < caps[i]:
-            counts[i] += 1
-            short -= 1
-    if short > 0:  # caps bind: spread what is left wherever there is room
-        for i in range(len(counts)):
-            add = min(short, caps[i] - counts[i])
-            counts[i] += add
-            short -= add
+    step = 1 if short > 0 else -1
+    order = sorted(range(len(ideal)), key=lambda i: (-step * frac[i], i))
+    while short:
+        moved = False
+        for i in order:
+            if short and lo[i] <= counts[i] + step <= hi[i]:
+                counts[i] += step
+                short -= step
+                moved = True
+        if not moved:
+            raise ConfigError(f"the per-layer bounds leave no way to reach the exact total {total}")
     return counts
 
 
@@ -199,7 +203,7 @@ def erk_counts(targets: Sequence[Target], sparsity: float, power: float = 1.0) -
     ideal_kept = [sizes[n] if n in dense else eps * raw[n] * sizes[n] for n in sizes]
     ideal_pruned = [sizes[n] - kept for n, kept in zip(sizes, ideal_kept)]
     caps = [0 if n in dense else sizes[n] for n in sizes]
-    pruned = _largest_remainder(ideal_pruned, caps, total - keep_total)
+    pruned = bounded_round(ideal_pruned, [0] * len(caps), caps, total - keep_total)
     return dict(zip(sizes, pruned))
 
 

@@ -222,7 +222,7 @@ def _estimate_bytes(model, blocks, calibration, per_block, need_hessian) -> int:
 
 
 def _owl_layer_sparsities(blocks, batches, per_block, config, progress) -> dict[str, float]:
-    from .allocation import _largest_remainder
+    from .allocation import bounded_round
     from .oneshot import outlier_ratio, owl_counts, wanda_scores
 
     ratios, numels = {}, {}
@@ -249,7 +249,7 @@ def _owl_layer_sparsities(blocks, batches, per_block, config, progress) -> dict[
     for i, targets in enumerate(per_block):
         sizes = [t.param.numel() for t in targets]
         share = counts[str(i)] / numels[str(i)]
-        split = _largest_remainder([share * n for n in sizes], sizes, counts[str(i)])
+        split = bounded_round([share * n for n in sizes], [0] * len(sizes), sizes, counts[str(i)])
         per_layer.update({t.name: k / n for t, k, n in zip(targets, split, sizes)})
     return per_layer
 

@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ..allocation import bounded_round
 from ..errors import ConfigError, TargetError
 from ..patterns import num_to_prune
 
@@ -44,28 +45,6 @@ def outlier_ratio(scores: torch.Tensor | Sequence[torch.Tensor], m: float = 5.0)
     mean = sum(float(p.detach().double().sum()) for p in parts) / total
     above = sum(int((p.detach().double() > m * mean).sum()) for p in parts)
     return above / total
-
-
-def _bounded_round(ideal: list[float], lo: list[int], hi: list[int], total: int) -> list[int]:
-    """Integers in [lo, hi], near ``ideal``, summing to ``total`` (largest remainder)."""
-    counts = [min(max(math.floor(x), a), b) for x, a, b in zip(ideal, lo, hi)]
-    frac = [x - math.floor(x) for x in ideal]
-    short = total - sum(counts)
-    if short > 0:
-        order = sorted(range(len(ideal)), key=lambda i: (-frac[i], i))
-    else:
-        order = sorted(range(len(ideal)), key=lambda i: (frac[i], i))
-    step = 1 if short > 0 else -1
-    while short:
-        moved = False
-        for i in order:
-            if short and lo[i] <= counts[i] + step <= hi[i]:
-                counts[i] += step
-                short -= step
-                moved = True
-        if not moved:
-            raise ConfigError("owl: the bounds leave no way to reach the exact total")
-    return counts
 
 
 def owl_counts(
@@ -125,13 +104,13 @@ def owl_counts(
     lo = [math.ceil(lo_s * n - 1e-9) for n in sizes]
     hi = [math.floor(hi_s * n + 1e-9) for n in sizes]
     try:
-        counts = _bounded_round(ideal, lo, hi, k_total)
+        counts = bounded_round(ideal, lo, hi, k_total)
     except ConfigError:
         # Tiny layers or lam ~ 0: the interval may hold no whole count; allow the
         # nearest counts (off the interval by less than one weight).
         lo = [min(a, math.floor(x)) for a, x in zip(lo, ideal)]
         hi = [max(b, math.ceil(x)) for b, x in zip(hi, ideal)]
-        counts = _bounded_round(ideal, lo, hi, k_total)
+        counts = bounded_round(ideal, lo, hi, k_total)
     return dict(zip(names, counts))
 
 
