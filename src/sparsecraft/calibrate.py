@@ -205,7 +205,6 @@ def _block_targets(blocks: nn.ModuleList, targets: list[Target]) -> list[list[Ta
 
 
 def _estimate_bytes(model, blocks, calibration, per_block, need_hessian) -> int:
-    hidden = None
     config = getattr(model, "config", None)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     if hidden is None:

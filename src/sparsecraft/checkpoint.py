@@ -33,13 +33,14 @@ from torch import nn
 from .errors import FormatError
 from .masks import META_ATTR, get_meta
 
-__all__ = ["save", "load", "load_tensors", "is_checkpoint", "TENSOR_FILE"]
+__all__ = ["save", "load", "load_tensors", "is_checkpoint", "tensor_file", "TENSOR_FILE"]
 
 log = logging.getLogger(__name__)
 TENSOR_FILE = "model.safetensors"
 
 
-def _tensor_file(path: Path) -> Path:
+def tensor_file(path: Path) -> Path:
+    """The safetensors file of a checkpoint: the path itself or ``path/model.safetensors``."""
     return path if path.suffix == ".safetensors" else path / TENSOR_FILE
 
 
@@ -47,7 +48,7 @@ def is_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` looks like something :func:`save` wrote."""
     from .formats import read_header
 
-    file = _tensor_file(Path(path))
+    file = tensor_file(Path(path))
     if not file.is_file():
         return False
     try:
@@ -144,7 +145,7 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, d
     from .formats import read_tensors
 
     path = Path(path)
-    file = _tensor_file(path)
+    file = tensor_file(path)
     if not file.exists():
         raise FormatError(f"no sparsecraft checkpoint at '{path}' (missing {file.name})")
     tensors, info, extra = read_tensors(file)

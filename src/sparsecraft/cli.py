@@ -233,10 +233,10 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from .checkpoint import _tensor_file
+    from .checkpoint import tensor_file
     from .formats import read_header
 
-    path = _tensor_file(Path(args.path))
+    path = tensor_file(Path(args.path))
     if not path.is_file():
         raise SparsecraftError(f"no checkpoint at '{args.path}'")
     header = read_header(path)
