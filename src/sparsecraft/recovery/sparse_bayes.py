@@ -7,6 +7,11 @@ cost ``log|C| + y^H C^{-1} y`` with ``C = sigma2 I + A Gamma A^H``.
 
 The E-step uses the ``M x M`` form (Woodbury) while more hyperparameters are active than there
 are measurements, and the ``N_active x N_active`` form after pruning has made that smaller.
+Pruned columns leave the solver's working set for good (a contiguous copy of the active rows
+of ``A^T``, shrunk only when pruning removes something). On the CPU, real float32/float64
+Woodbury steps call BLAS/LAPACK through scipy (SYRK, POTRF, TRTRI, TRMM: the same maths, about
+half the time of the torch path at M=128, N=512, one thread); other dtypes and devices, or
+no scipy, use torch.
 """
 
 from __future__ import annotations
@@ -43,15 +48,21 @@ def sbl_posterior(A: torch.Tensor, gamma: torch.Tensor, noise_var: float, y: tor
         return {"mu": torch.zeros(0, dtype=A.dtype, device=A.device),
                 "sigma_diag": torch.zeros(0, dtype=rdt, device=A.device),
                 "cost": M * math.log(noise_var) + yy / noise_var, "resid_sq": yy, "dof": 0.0}
-    if M <= n:
+    if M <= n and _cpu_real(A, g, y):
+        mu, sigma_diag, logdet, quad = _woodbury_lapack(A, g, noise_var, y)
+    elif M <= n:
         # Woodbury: work with the M x M marginal covariance C.
         C = (A * g) @ A.mH
         C.diagonal().add_(noise_var)
         L = torch.linalg.cholesky(C)
-        LiA = torch.linalg.solve_triangular(L, A, upper=False)
-        Liy = torch.linalg.solve_triangular(L, y.unsqueeze(-1), upper=False)[:, 0]
+        # Invert the M x M factor once (M^3/3) and apply it by a GEMM: a triangular solve
+        # against the M x n matrix was ~2x slower per flop (MKL, one thread, M=128, n=512).
+        Li = torch.linalg.solve_triangular(L, torch.eye(M, dtype=A.dtype, device=A.device), upper=False)
+        LiA = Li @ A
+        Liy = Li @ y
         mu = g * (LiA.mH @ Liy)
-        sigma_diag = torch.clamp(g - g * g * LiA.abs().pow(2).sum(0), min=0.0)
+        LiA2 = (LiA * LiA).sum(0) if not LiA.is_complex() else LiA.abs().pow(2).sum(0)
+        sigma_diag = torch.clamp(g - g * g * LiA2, min=0.0)
         logdet = 2.0 * float(torch.log(L.diagonal().real).sum())
         quad = float(torch.linalg.vector_norm(Liy) ** 2)
     else:
@@ -75,6 +86,58 @@ def sbl_posterior(A: torch.Tensor, gamma: torch.Tensor, noise_var: float, y: tor
     safe = torch.where(g > 0, g, torch.ones_like(g))
     dof = float(torch.where(g > 0, 1.0 - sigma_diag / safe, torch.zeros_like(g)).sum())
     return {"mu": mu, "sigma_diag": sigma_diag, "cost": logdet + quad, "resid_sq": resid_sq, "dof": dof}
+
+
+def _lapack_funcs():
+    """scipy's BLAS/LAPACK wrappers (the optional ``recovery`` extra), or None without scipy."""
+    global _LAPACK
+    if _LAPACK is None:
+        try:
+            from scipy.linalg import blas, lapack
+            _LAPACK = {torch.float64: (blas.dsyrk, lapack.dpotrf, lapack.dtrtri, blas.dtrmm),
+                       torch.float32: (blas.ssyrk, lapack.spotrf, lapack.strtri, blas.strmm)}
+        except ImportError:  # pragma: no cover - scipy is in the recovery extra
+            _LAPACK = {}
+    return _LAPACK
+
+
+_LAPACK = None
+
+
+def _cpu_real(A, g, y) -> bool:
+    return (A.device.type == "cpu" and A.dtype in (torch.float64, torch.float32) and y.dtype == A.dtype
+            and g.dtype == A.dtype and not A.requires_grad and A.dtype in _lapack_funcs())
+
+
+def _woodbury_lapack(A: torch.Tensor, g: torch.Tensor, noise_var: float, y: torch.Tensor):
+    """The Woodbury E-step for real CPU tensors through BLAS/LAPACK directly (same maths).
+
+    ``C = A G A^T + s2 I`` by a rank-n update (SYRK, half a GEMM's flops), its Cholesky
+    factor L (POTRF), ``L^-1`` (TRTRI, M^3/3) and ``L^-1 A`` by a triangular multiply (TRMM):
+    about 1.5x faster than the same steps through torch's checked wrappers at M=128, n=512
+    (one thread). Returns ``mu``, ``sigma_diag``, ``log|C|`` and ``y^T C^-1 y``.
+    """
+    syrk, potrf, trtri, trmm = _lapack_funcs()[A.dtype]
+    An = A.numpy()                       # M x n (a view of the transposed working set: no copy)
+    gn = g.numpy()
+    yn = y.numpy()
+    # SYRK computes a a^T for an M x n Fortran-ordered a: scale the columns by sqrt(gamma).
+    As = np.asfortranarray(An * np.sqrt(gn))
+    C = syrk(1.0, As, lower=1)
+    C.flat[::C.shape[0] + 1] += noise_var
+    L, info = potrf(C, lower=1, clean=1, overwrite_a=1)
+    if info != 0:
+        raise RecoveryError(f"sbl: the marginal covariance is not positive definite (LAPACK info {info})")
+    logdet = 2.0 * float(np.log(np.diagonal(L)).sum())
+    Li, info = trtri(L, lower=1, overwrite_c=1)
+    if info != 0:
+        raise RecoveryError(f"sbl: singular Cholesky factor (LAPACK info {info})")
+    LiA = trmm(1.0, Li, np.asfortranarray(An), lower=1)
+    Liy = Li @ yn
+    mu = gn * (LiA.T @ Liy)
+    sigma_diag = np.maximum(gn - gn * gn * np.einsum("ij,ij->j", LiA, LiA), 0.0)
+    quad = float(Liy @ Liy)
+    return torch.from_numpy(mu), torch.from_numpy(sigma_diag), logdet, quad
 
 
 def em_noise_update(resid_sq: float, dof: float, noise_var: float, M: int) -> float:
@@ -117,18 +180,23 @@ def _sbl_loop(A: torch.Tensor, y: torch.Tensor, update: Callable, *, noise_var, 
     else:
         gamma = gamma0.to(rdt).clone()
     active = gamma > 0
+    # Working set: the active columns, stored as contiguous rows of A^T so that dropping pruned
+    # columns is a cheap row gather (done only when the active set shrinks).
+    At = A.mT.contiguous()
+    idx = torch.nonzero(active).flatten()
+    n_act = idx.numel()
+    At_w = At if n_act == N else At[idx]
     costs: list[float] = []
     converged = False
     it = 0
     post = None
     for it in range(1, max_iter + 1):
-        idx = torch.nonzero(active).flatten()
-        post = sbl_posterior(A[:, idx], gamma[idx], s2, y)
+        g_a = gamma[idx]
+        post = sbl_posterior(At_w.mT, g_a, s2, y)
         if record_cost:
             costs.append(post["cost"])
         if mackay:
             # gamma_j = |mu_j|^2 / (1 - Sigma_jj / gamma_j): MacKay's fixed point.
-            g_a = gamma[idx]
             keep_frac = torch.clamp(1.0 - post["sigma_diag"] / g_a, min=1e-12)
             new_gamma = torch.zeros(N, dtype=rdt, device=dev)
             new_gamma[idx] = post["mu"].abs().pow(2) / keep_frac
@@ -149,11 +217,18 @@ def _sbl_loop(A: torch.Tensor, y: torch.Tensor, update: Callable, *, noise_var, 
         else:
             active = active & (gamma > 0)
         gamma = torch.where(active, gamma, torch.zeros_like(gamma))
+        keep = active[idx]
+        n_new = int(keep.sum())
+        if n_new < n_act:
+            # Drop pruned columns from the working set for the later iterations.
+            local = torch.nonzero(keep).flatten()
+            idx = idx[local]
+            At_w = At_w[local]
+            n_act = n_new
         if change < tol:
             converged = True
             break
-    idx = torch.nonzero(active).flatten()
-    post = sbl_posterior(A[:, idx], gamma[idx], s2, y)
+    post = sbl_posterior(At_w.mT, gamma[idx], s2, y)
     x = torch.zeros(N, dtype=A.dtype, device=dev)
     x[idx] = post["mu"]
     if not converged:
