@@ -54,7 +54,10 @@ def _grid() -> dict[str, dict]:
     first = ["dense", "magnitude-0.5", "wanda-0.5", "sparsegpt-0.5", "magnitude-2:4", "wanda-2:4",
              "sparsegpt-2:4", "wanda-0.5@128x512", "sparsegpt-0.5@128x512", "minilm-magnitude-unstructured", "minilm-wanda-unstructured",
              "minilm-sparsegpt-unstructured", "minilm-magnitude-2:4", "minilm-wanda-2:4", "minilm-sparsegpt-2:4",
-             "wanda+owl+dsnot-0.5", "sparsegpt+owl-0.5"]
+             "wanda+owl+dsnot-0.5", "sparsegpt+owl-0.5",
+             "magnitude-0.6", "wanda-0.6", "sparsegpt-0.6", "wanda+owl+dsnot-0.6",
+             "magnitude-0.7", "wanda-0.7", "sparsegpt-0.7", "wanda+owl+dsnot-0.7",
+             "magnitude-4:8", "wanda-4:8", "sparsegpt-4:8", "wanda+dsnot-2:4"]
     return {name: grid[name] for name in first + [n for n in grid if n not in first]}
 
 
