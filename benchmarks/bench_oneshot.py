@@ -136,9 +136,10 @@ def write_table(results: dict) -> str:
             continue
         err = r.get("reconstruction_error")
         mean_err = f"{sum(err.values()) / len(err):.4f}" if err else ""
+        prune_time = f"{r['prune_seconds']:.1f}" if "prune_seconds" in r else "-"
         lines.append(
-            f"| {name} | {r.get('sparsity', 0.0):.4f} | {r['perplexity']:.2f} | "
-            f"{r.get('prune_seconds', 0.0):.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | {mean_err} |"
+            f"| {name} | {r.get('sparsity', 0.0):.4f} | {r['perplexity']:.2f} | {prune_time} | "
+            f"{r['peak_rss_bytes'] / 2**20:.0f} | {mean_err} |"
         )
     minilm = {n: r for n, r in runs.items() if r["spec"]["model"] == "minilm-l6"}
     if minilm:
@@ -152,8 +153,8 @@ def write_table(results: dict) -> str:
         trio = [runs.get(f"{m}-{tag}", {}).get("reconstruction_error") for m in ("magnitude", "wanda", "sparsegpt")]
         if all(trio) and set(trio[0]) == set(trio[1]) == set(trio[2]):
             wins = sum(trio[2][n] <= min(trio[0][n], trio[1][n]) for n in trio[2])
-            lines.append(f"\nPer-layer reconstruction error ||WX - W'X|| / ||WX|| at {tag} (on each block's "
-                         f"calibration inputs): SparseGPT lowest on {wins} of {len(trio[2])} layers. "
+            lines.append(f"\nPer-layer reconstruction error ||WX - W'X|| / ||WX|| at {tag} (each method on "
+                         f"its own block inputs, i.e. the calibration set run through the model pruned so far): SparseGPT lowest on {wins} of {len(trio[2])} layers. "
                          "Plot: `oneshot_layer_error.png`.")
     table = "\n".join(lines) + "\n"
     (RESULTS / "oneshot.md").write_text(table)
