@@ -173,12 +173,7 @@ class _Collector:
         self.norms = {t.name: InputNormAccumulator() for t in targets} if need_norms else {}
         self.hessians = {t.name: HessianAccumulator() for t in targets} if need_hessian else {}
         self.handles = []
-        for t in targets:
-            if not isinstance(t.module, nn.Linear):
-                raise TargetError(
-                    f"layer '{t.name}': calibrated methods support Linear layers inside blocks; "
-                    f"got {type(t.module).__name__}"
-                )
+        for t in targets:  # Linear only: calibrated_prune checked that up front
             self.handles.append(t.module.register_forward_hook(self._hook(t.name)))
 
     def _hook(self, name):
@@ -303,6 +298,12 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
     layer_pattern = _resolve_patterns([t for ts in per_block for t in ts], config)
     skipped = [n for n, p in layer_pattern.items() if p is None]
     per_block = [[t for t in ts if layer_pattern[t.name] is not None] for ts in per_block]
+    for t in (t for ts in per_block for t in ts):  # checked before anything runs
+        if not isinstance(t.module, nn.Linear):
+            raise TargetError(
+                f"layer '{t.name}': calibrated methods support Linear layers inside blocks; "
+                f"got {type(t.module).__name__} (exclude it, or use magnitude)"
+            )
     measure = bool(config.options.get("measure_error"))
     need_hessian = config.method == "sparsegpt" or measure
     need_norms = config.method == "wanda" or bool(config.options.get("dsnot")) or config.allocation == "owl"
