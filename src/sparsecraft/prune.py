@@ -2,7 +2,9 @@
 
 The driver validates everything first (config, targets, pattern fit, finite weights), then
 computes every mask from the untouched weights, and only then attaches and applies them.
-An error therefore always leaves the model as it was.
+The calibrated (block-by-block) driver must change block i before it can compute block
+i+1's inputs; it spills originals to disk and restores them on any error. Either way an
+error leaves the model as it was.
 
 Methods are registered by name. A method is either a plain criterion (score then mask:
 magnitude, random) or a solver that also needs calibration data; solvers register

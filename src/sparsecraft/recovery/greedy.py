@@ -141,17 +141,21 @@ def kron_omp(factors: Sequence, y, n_nonzero: Sequence[int] | None = None, *,
         while it < limit and not converged:
             it += 1
             c = (op.rmatvec(r).abs() / norms).reshape(op.in_dims)
-            # Only multi-indices that add something on a mode below its cap are eligible.
-            mask = torch.ones_like(c, dtype=torch.bool)
-            full = True
+            # Per mode: which indices are already chosen (broadcastable over the others).
+            chosen = []
             for i in range(k):
                 shape = [1] * k
                 shape[i] = op.in_dims[i]
                 sel = torch.zeros(op.in_dims[i], dtype=torch.bool, device=c.device)
                 if sets[i]:
                     sel[torch.tensor(sets[i], device=c.device)] = True
+                chosen.append(sel.reshape(shape))
+            # Only multi-indices that add something on a mode below its cap are eligible.
+            mask = torch.ones_like(c, dtype=torch.bool)
+            full = True
+            for i in range(k):
                 if len(sets[i]) >= caps[i]:
-                    mask = mask & sel.reshape(shape)
+                    mask = mask & chosen[i]
                 else:
                     full = False
             if full:
@@ -159,13 +163,8 @@ def kron_omp(factors: Sequence, y, n_nonzero: Sequence[int] | None = None, *,
             cand = torch.where(mask, c, torch.full_like(c, -1.0))
             # Exclude multi-indices already inside the product support.
             inside = torch.ones_like(c, dtype=torch.bool)
-            for i in range(k):
-                shape = [1] * k
-                shape[i] = op.in_dims[i]
-                sel = torch.zeros(op.in_dims[i], dtype=torch.bool, device=c.device)
-                if sets[i]:
-                    sel[torch.tensor(sets[i], device=c.device)] = True
-                inside = inside & sel.reshape(shape)
+            for sel in chosen:
+                inside = inside & sel
             cand = torch.where(inside, torch.full_like(c, -1.0), cand)
             flat = int(torch.argmax(cand))
             if float(cand.reshape(-1)[flat]) <= 0:
