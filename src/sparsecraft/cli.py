@@ -7,6 +7,7 @@ Bad arguments and bad input exit with code 2 and a one-line message.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -147,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--samples", type=int, default=32, help="calibration samples (default 32)")
     d.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample (default 256)")
     d.add_argument("--no-baseline", action="store_true", help="skip the magnitude baseline row")
+    for module_name in COMMAND_MODULES:
+        COMMANDS.update(importlib.import_module(module_name).register(sub))
     return parser
 
 
@@ -270,6 +273,11 @@ COMMANDS = {
     "prune": _cmd_prune, "run": _cmd_run, "eval": _cmd_eval,
     "report": _cmd_report, "info": _cmd_info, "demo": _cmd_demo,
 }
+
+
+# Sub-packages add their own commands: each module has ``register(subparsers)`` returning
+# {command: handler}. Keep these modules light: heavy imports belong inside the handlers.
+COMMAND_MODULES: list[str] = []
 
 
 def main(argv=None) -> int:

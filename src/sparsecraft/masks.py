@@ -17,6 +17,7 @@ read it, and it survives ``finalize_``.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Iterable
 
 import torch
@@ -24,10 +25,17 @@ from torch import nn
 
 from .errors import SparsecraftError, TargetError
 
-__all__ = ["SparsityState", "META_ATTR", "get_meta"]
+__all__ = ["SparsityState", "META_ATTR", "get_meta", "has_open_state"]
 
 log = logging.getLogger(__name__)
 META_ATTR = "sparsecraft_meta"
+_OPEN_ATTR = "_sparsecraft_open_states"
+
+
+def has_open_state(model: nn.Module) -> bool:
+    """Whether a :class:`SparsityState` with masks is attached to ``model`` and not finalized."""
+    states = getattr(model, _OPEN_ATTR, None) or []
+    return any((s := ref()) is not None and not s.finalized and s.masks for ref in states)
 
 
 def get_meta(model: nn.Module) -> dict[str, dict]:
@@ -46,6 +54,9 @@ class SparsityState:
         self._grad_hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._optim_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.finalized = False
+        # the model knows its open states (weakly), so runtime code can refuse masked models
+        refs = [r for r in getattr(model, _OPEN_ATTR, []) if r() is not None]
+        object.__setattr__(model, _OPEN_ATTR, refs + [weakref.ref(self)])
 
     # -- building -------------------------------------------------------------------
     def _param(self, name: str) -> nn.Parameter:
