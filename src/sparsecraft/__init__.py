@@ -29,6 +29,7 @@ _LAZY = {
     "data": ("sparsecraft.data", None),
     "formats": ("sparsecraft.formats", None),
     "recovery": ("sparsecraft.recovery", None),
+    "train": ("sparsecraft.train", None),
 }
 
 
@@ -48,5 +49,5 @@ __all__ = [
     "Pattern", "Unstructured", "NM", "Block", "Rows", "parse_pattern",
     "Criterion", "LayerContext", "register_criterion", "allocate",
     "SparsecraftError", "ConfigError", "TargetError", "FormatError",
-    "save", "load", "report", "Report", "models", "data", "formats", "recovery",
+    "save", "load", "report", "Report", "models", "data", "formats", "recovery", "train",
 ]

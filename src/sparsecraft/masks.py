@@ -54,6 +54,9 @@ class SparsityState:
         self._grad_hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._optim_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.finalized = False
+        #: called as ``observer(name, dense_grad)`` before a gradient is masked (RigL uses
+        #: it to see the gradients of pruned weights)
+        self.grad_observer = None
         # the model knows its open states (weakly), so runtime code can refuse masked models
         refs = [r for r in getattr(model, _OPEN_ATTR, []) if r() is not None]
         object.__setattr__(model, _OPEN_ATTR, refs + [weakref.ref(self)])
@@ -96,6 +99,8 @@ class SparsityState:
 
     def _make_grad_hook(self, name: str):
         def hook(grad: torch.Tensor) -> torch.Tensor:
+            if self.grad_observer is not None:
+                self.grad_observer(name, grad)
             return grad.masked_fill(~self.masks[name], 0.0)
 
         return hook

@@ -1,0 +1,30 @@
+"""Training-time sparsity: optimizer-like objects with ``step()`` and ``state_dict()``.
+
+```
+sparsity = sc.train.RigL(model, sparsity=0.9, optimizer=opt, update_every=100, end=7500)
+for x, y in loader:
+    loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad(); sparsity.step()
+sparsity.finalize_()
+```
+
+Methods: :class:`StaticSparsity` (random/ERK, SNIP, magnitude, existing zeros), :class:`GMP`,
+:class:`IMP`, :class:`SET`, :class:`RigL`, :class:`SRSTE`, :class:`DecayingNM`; and
+:func:`sparse_soup`. The built-in experiment runner (data sets, models, ``sparsecraft train``)
+lives in :mod:`sparsecraft.train.runner`.
+"""
+
+from .base import StateMismatch, TrainingSparsity, current_sparsity, unwrap_model
+from .dynamic import SET, DynamicSparsity, RigL, drop_and_grow
+from .nm import SRSTE, DecayingNM, NMTraining, sr_ste
+from .pruning import GMP, IMP, SNIP, StaticSparsity, accumulate_gradients
+from .schedules import CubicSchedule, DecaySchedule, UpdateSchedule
+from .soup import average_models, sparse_soup, zero_masks
+
+__all__ = [
+    "TrainingSparsity", "StateMismatch", "current_sparsity", "unwrap_model",
+    "StaticSparsity", "GMP", "IMP", "SNIP", "accumulate_gradients",
+    "DynamicSparsity", "SET", "RigL", "drop_and_grow",
+    "NMTraining", "SRSTE", "DecayingNM", "sr_ste",
+    "CubicSchedule", "UpdateSchedule", "DecaySchedule",
+    "average_models", "sparse_soup", "zero_masks",
+]

@@ -1,0 +1,197 @@
+"""Dynamic sparse training: prune and regrow connections during training at fixed sparsity.
+
+Both methods start from a random mask with ERK densities (by default) and, every
+``update_every`` steps until ``end``, move a decaying fraction of each layer's active
+connections: the ones with the smallest |w| are dropped, and as many are grown among the
+inactive ones (including those just dropped), so every layer keeps its exact count.
+
+* :class:`SET` (Mocanu et al., 2018) grows at random (a seeded generator whose state is saved).
+* :class:`RigL` (Evci et al., 2020) grows where the dense gradient |dL/dw| is largest. The
+  dense gradient is read (before masking) only on the backward passes that precede an update
+  step, and averaged over ranks under DDP, so every rank makes the same decision.
+
+Grown connections start at zero and their optimizer state (momentum, Adam moments) is reset,
+as is the state of dropped ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..allocation import check_sparsity
+from ..criteria import get_criterion, LayerContext
+from ..errors import ConfigError, SparsecraftError
+from ..patterns import Unstructured
+from ..targets import TargetSpec
+from .base import TrainingSparsity, distributed_world
+from .pruning import _check_allocation
+from .schedules import UpdateSchedule
+
+__all__ = ["DynamicSparsity", "SET", "RigL", "drop_and_grow"]
+
+log = logging.getLogger(__name__)
+
+
+def drop_and_grow(
+    keep: torch.Tensor, weight: torch.Tensor, grow_scores: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New keep-mask after dropping the ``count`` active weights of smallest |w| and growing
+    the ``count`` inactive positions (after the drop) of largest ``grow_scores``.
+
+    Returns ``(new_keep, grown)``; ``grown`` marks the positions grown at this update.
+    Pure function of its inputs; ties go to the lower index on both sides.
+    """
+    flat_keep = keep.reshape(-1)
+    active = int(flat_keep.sum())
+    count = min(count, active, flat_keep.numel() - active + count)
+    if count <= 0:
+        return keep.clone(), torch.zeros_like(keep)
+    big = torch.finfo(torch.float32).max
+    drop_scores = weight.detach().abs().float().reshape(-1).masked_fill(~flat_keep, big)
+    # stable sorts give "lower index first" on ties, and identical results on every rank
+    drop_idx = torch.sort(drop_scores, stable=True).indices[:count]
+    after_drop = flat_keep.clone()
+    after_drop[drop_idx] = False
+    grow = grow_scores.detach().float().reshape(-1).masked_fill(after_drop, -big)
+    grow_idx = torch.sort(grow, descending=True, stable=True).indices[:count]
+    new_keep = after_drop.clone()
+    new_keep[grow_idx] = True
+    grown = torch.zeros_like(flat_keep)
+    grown[grow_idx] = True
+    return new_keep.reshape(keep.shape), grown.reshape(keep.shape)
+
+
+class DynamicSparsity(TrainingSparsity):
+    """Prune-and-regrow at a cadence; subclasses choose where to grow (:meth:`grow_scores`)."""
+
+    method = ""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        optimizer=None,
+        *,
+        update_every: int = 100,
+        end: int,
+        fraction: float = 0.3,
+        decay: str = "cosine",
+        allocation: str = "erk",
+        init: str = "random",
+        seed: int = 0,
+        targets: TargetSpec | dict | None = None,
+        max_sparsity: float = 0.99,
+    ):
+        super().__init__(model, optimizer, targets=targets)
+        self.target = check_sparsity(sparsity, f"{type(self).__name__} sparsity")
+        self.schedule = UpdateSchedule(every=update_every, end=end, fraction=fraction, decay=decay)
+        self.allocation = _check_allocation(allocation)
+        if init not in ("random", "magnitude"):
+            raise ConfigError(f"unknown initial mask '{init}'; known: random, magnitude")
+        self.init, self.seed, self.max_sparsity = init, int(seed), max_sparsity
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(self.seed)
+        criterion = get_criterion("random", seed=self.seed) if init == "random" else get_criterion("magnitude")
+        masks = self._plan_scores(
+            lambda t: criterion(LayerContext(t.name, t.module, t.param)),
+            self.target, self.allocation, Unstructured(),
+        )
+        self._start(masks, pattern="unstructured")
+
+    def grow_scores(self, name: str, keep: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _before_update(self) -> None:
+        """Hook for state the grow scores need (e.g. RigL's averaged gradients)."""
+
+    def _after_update(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def _update(self, step: int) -> dict[str, Any] | None:
+        if not self.schedule.is_update_step(step):
+            return None
+        fraction = self.schedule.fraction_at(step)
+        self._before_update()
+        new_masks, grown_all, moved = {}, {}, 0
+        for t in self.targets:
+            keep = self.state.masks[t.name]
+            count = int(fraction * int(keep.sum()) + 0.5)
+            new_keep, grown = drop_and_grow(keep, t.param, self.grow_scores(t.name, keep), count)
+            new_masks[t.name], grown_all[t.name] = new_keep, grown
+            moved += int(grown.sum())
+        self._after_update()
+        grown_all = self._synchronise(grown_all)
+        self._install(new_masks, pattern="unstructured")
+        for t in self.targets:
+            grown = grown_all[t.name].to(t.param.device)
+            t.param.masked_fill_(grown, 0.0)  # new connections start from zero
+            self.reset_optimizer_state_(t.name, grown)
+        log.debug("%s step %d: moved %d connections (fraction %.4f)", self.method, step, moved, fraction)
+        return {"updated": True, "fraction": fraction, "moved": moved}
+
+    def config_dict(self):
+        s = self.schedule
+        return {"sparsity": self.target, "update_every": s.every, "end": s.end,
+                "fraction": s.fraction, "decay": s.decay, "allocation": self.allocation,
+                "init": self.init, "seed": self.seed}
+
+    def _extra_state(self):
+        return {"generator": self.generator.get_state()}
+
+    def _load_extra_state(self, extra):
+        if "generator" in extra:
+            self.generator.set_state(extra["generator"])
+
+
+class SET(DynamicSparsity):
+    """Sparse Evolutionary Training: drop the smallest weights, regrow at random."""
+
+    method = "set"
+
+    def grow_scores(self, name, keep):
+        return torch.rand(keep.shape, generator=self.generator).to(keep.device)
+
+
+class RigL(DynamicSparsity):
+    """Rigged Lottery: drop the smallest weights, regrow where the dense gradient is largest."""
+
+    method = "rigl"
+
+    def __init__(self, model, sparsity, optimizer=None, **kwargs):
+        super().__init__(model, sparsity, optimizer, **kwargs)
+        self._dense_grads: dict[str, torch.Tensor] = {}
+        self.state.grad_observer = self._observe
+
+    def _observe(self, name: str, grad: torch.Tensor) -> None:
+        # only the backward passes feeding the next update are kept
+        if not self.schedule.is_update_step(self.step_count + 1):
+            return
+        g = grad.detach()
+        if name in self._dense_grads:
+            self._dense_grads[name] += g
+        else:
+            self._dense_grads[name] = g.clone()
+
+    def _before_update(self):
+        missing = [t.name for t in self.targets if t.name not in self._dense_grads]
+        if missing:
+            raise SparsecraftError(
+                f"RigL update at step {self.step_count} found no dense gradient for "
+                f"{missing[:3]}: call sparsity.step() once per optimizer step, after backward()"
+            )
+        world = distributed_world()
+        if world > 1:
+            for g in self._dense_grads.values():
+                torch.distributed.all_reduce(g)
+                g /= world
+
+    def grow_scores(self, name, keep):
+        return self._dense_grads[name].abs()
+
+    def _after_update(self):
+        self._dense_grads.clear()

@@ -1,0 +1,323 @@
+"""Pruning during training: static masks, gradual magnitude pruning, iterative pruning.
+
+* :class:`StaticSparsity`: one mask at initialisation from any criterion (seeded random
+  with ERK densities, SNIP's connection sensitivity |g * w|, magnitude, or the zeros of an
+  already-pruned model), kept for the whole run.
+* :class:`GMP`: magnitude pruning on the cubic schedule of Zhu & Gupta.
+* :class:`IMP`: iterative magnitude pruning with weight rewinding (lottery tickets):
+  train a round, prune a fraction of what is left, rewind every parameter to its value at
+  step ``rewind_step``, repeat.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..allocation import ALLOCATIONS, check_sparsity
+from ..criteria import Criterion, LayerContext, get_criterion, register_criterion
+from ..errors import ConfigError
+from ..patterns import Pattern
+from ..targets import TargetSpec
+from .base import StateMismatch, TrainingSparsity, check_pattern_for_training, current_sparsity
+from .schedules import CubicSchedule
+
+__all__ = ["StaticSparsity", "GMP", "IMP", "SNIP", "accumulate_gradients"]
+
+log = logging.getLogger(__name__)
+
+
+def _check_allocation(allocation: str) -> str:
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"unknown allocation '{allocation}'; known: {', '.join(ALLOCATIONS)}")
+    return allocation
+
+
+@register_criterion
+class SNIP(Criterion):
+    """Connection sensitivity |dL/dw * w| (Lee et al., 2019), from gradients at initialisation."""
+
+    name = "snip"
+    requires = ("grad",)
+    globally_comparable = True
+
+    def __call__(self, ctx: LayerContext) -> torch.Tensor:
+        if ctx.grad is None:
+            raise ConfigError(f"layer '{ctx.name}': SNIP needs a gradient; none was computed")
+        return (ctx.grad.detach() * ctx.param.detach()).abs().float()
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    batches: Iterable[Any],
+    names: Iterable[str],
+) -> dict[str, torch.Tensor]:
+    """Sum of gradients of ``loss_fn(model, batch)`` over ``batches`` for parameters ``names``.
+
+    The model's own ``.grad`` fields are left as they were.
+    """
+    params = dict(model.named_parameters())
+    wanted = [params[n] for n in names]
+    total = {n: torch.zeros_like(params[n]) for n in names}
+    seen = 0
+    for batch in batches:
+        loss = loss_fn(model, batch)
+        grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+        for n, g in zip(names, grads):
+            if g is not None:
+                total[n] += g
+        seen += 1
+    if seen == 0:
+        raise ConfigError("gradient-based criterion needs at least one batch")
+    return total
+
+
+class StaticSparsity(TrainingSparsity):
+    """A fixed mask chosen once, at construction, and kept through training.
+
+    ``criterion``: ``random`` (seeded; the default with ``erk`` allocation, as in the
+    dynamic-sparse-training papers' static baselines), ``snip`` (needs ``loss_fn`` and
+    ``batches``), ``magnitude``, or ``existing`` (keep the model's current zeros, e.g. to
+    fine-tune a one-shot pruned model without losing its mask).
+    """
+
+    method = "static"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float | None = None,
+        optimizer=None,
+        *,
+        criterion: str = "random",
+        allocation: str = "erk",
+        pattern: str | Pattern = "unstructured",
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        batches: Iterable[Any] | None = None,
+        targets: TargetSpec | dict | None = None,
+        seed: int = 0,
+        max_sparsity: float = 0.99,
+    ):
+        super().__init__(model, optimizer, targets=targets)
+        self.criterion_name = criterion
+        self.allocation = _check_allocation(allocation)
+        self.max_sparsity = max_sparsity
+        self.seed = int(seed)
+        from ..patterns import parse_pattern
+
+        self.pattern = parse_pattern(pattern)
+        if criterion == "existing":
+            masks = {t.name: t.param.detach() != 0 for t in self.targets}
+            self.target = current_sparsity(self.targets)
+        else:
+            if self.pattern.fixed_sparsity is not None:
+                sparsity = self.pattern.fixed_sparsity if sparsity is None else sparsity
+            if sparsity is None:
+                raise ConfigError("StaticSparsity needs a sparsity")
+            self.target = check_sparsity(sparsity)
+            masks = self._plan(criterion, loss_fn, batches)
+        self._start(masks, pattern=str(self.pattern), criterion=criterion)
+
+    def _plan(self, criterion_name, loss_fn, batches) -> dict[str, torch.Tensor]:
+        kwargs = {"seed": self.seed} if criterion_name == "random" else {}
+        criterion = get_criterion(criterion_name, **kwargs)
+        grads: dict[str, torch.Tensor] = {}
+        if "grad" in criterion.requires:
+            if loss_fn is None or batches is None:
+                raise ConfigError(f"criterion '{criterion_name}' needs loss_fn and batches")
+            grads = accumulate_gradients(self.model, loss_fn, batches, [t.name for t in self.targets])
+        elif criterion.requires:
+            raise ConfigError(f"criterion '{criterion_name}' needs {criterion.requires}; not available here")
+
+        def score(t):
+            return criterion(LayerContext(t.name, t.module, t.param, grad=grads.get(t.name)))
+
+        if self.allocation == "global" and not criterion.globally_comparable:
+            raise ConfigError(f"global allocation needs comparable scores; '{criterion_name}' has none")
+        return self._plan_scores(score, self.target, self.allocation, self.pattern)
+
+    def config_dict(self):
+        return {"criterion": self.criterion_name, "allocation": self.allocation,
+                "pattern": str(self.pattern), "sparsity": self.target, "seed": self.seed}
+
+
+class GMP(TrainingSparsity):
+    """Gradual magnitude pruning: prune by |w| at the steps of a :class:`CubicSchedule`.
+
+    ``GMP(model, sparsity=0.9, start=1000, end=8000, frequency=100)`` reaches exactly 90% at
+    step 8000. A model that already has zeros starts from them: its current sparsity is the
+    schedule's initial value (it must not exceed the target) and its zeros stay pruned.
+    """
+
+    method = "gmp"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        start: int,
+        end: int,
+        frequency: int = 100,
+        optimizer=None,
+        *,
+        allocation: str = "uniform",
+        pattern: str | Pattern = "unstructured",
+        targets: TargetSpec | dict | None = None,
+        max_sparsity: float = 0.99,
+    ):
+        super().__init__(model, optimizer, targets=targets)
+        self.allocation = _check_allocation(allocation)
+        self.pattern = check_pattern_for_training(pattern, "GMP")
+        self.max_sparsity = max_sparsity
+        initial = current_sparsity(self.targets)
+        check_sparsity(sparsity, "GMP sparsity")
+        if sparsity < initial - 1e-12:
+            raise ConfigError(
+                f"GMP prunes only: target sparsity {sparsity} is below the model's current "
+                f"sparsity {initial:.4f}"
+            )
+        self.schedule = CubicSchedule(final=float(sparsity), start=start, end=end,
+                                      frequency=frequency, initial=min(initial, float(sparsity)))
+        self._start({t.name: t.param.detach() != 0 for t in self.targets}, pattern=str(self.pattern))
+
+    def _update(self, step: int):
+        if not self.schedule.is_pruning_step(step):
+            return None
+        target = self.schedule.sparsity(step)
+        self._install(self._plan_magnitude(target, self.allocation, self.pattern), pattern=str(self.pattern))
+        log.debug("GMP step %d: sparsity %.4f", step, self.state.sparsity())
+        return {"pruned": True, "sparsity": target}
+
+    def config_dict(self):
+        s = self.schedule
+        return {"sparsity": s.final, "start": s.start, "end": s.end, "frequency": s.frequency,
+                "initial": s.initial, "allocation": self.allocation, "pattern": str(self.pattern)}
+
+
+class IMP(TrainingSparsity):
+    """Iterative magnitude pruning with rewinding (Frankle & Carbin; Frankle et al. 2020).
+
+    The run is ``rounds + 1`` rounds of ``round_steps`` steps. At step ``rewind_step`` every
+    parameter of the model is recorded. At the end of round r (step ``r * round_steps``,
+    r = 1..rounds) the weights are pruned by magnitude to ``1 - (1 - sparsity)^(r / rounds)``,
+    every parameter is rewound to its recorded value (pruned ones stay zero) and the optimizer
+    state is cleared; the last round trains the final ticket. :attr:`schedule_step` is the step
+    to feed a learning-rate schedule, so it rewinds too.
+    """
+
+    method = "imp"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        rounds: int,
+        round_steps: int,
+        rewind_step: int = 0,
+        optimizer=None,
+        *,
+        allocation: str = "global",
+        pattern: str | Pattern = "unstructured",
+        targets: TargetSpec | dict | None = None,
+        max_sparsity: float = 0.99,
+    ):
+        super().__init__(model, optimizer, targets=targets)
+        self.target = check_sparsity(sparsity, "IMP sparsity")
+        if int(rounds) != rounds or rounds < 1:
+            raise ConfigError(f"IMP rounds must be a positive integer, got {rounds}")
+        if int(round_steps) != round_steps or round_steps < 1:
+            raise ConfigError(f"IMP round_steps must be a positive integer, got {round_steps}")
+        if not 0 <= rewind_step < round_steps:
+            raise ConfigError(
+                f"IMP rewind_step must be in [0, round_steps={round_steps}), got {rewind_step}"
+            )
+        initial = current_sparsity(self.targets)
+        if self.target < initial - 1e-12:
+            raise ConfigError(
+                f"IMP prunes only: target sparsity {self.target} is below the model's current "
+                f"sparsity {initial:.4f}"
+            )
+        self.rounds, self.round_steps, self.rewind_step = int(rounds), int(round_steps), int(rewind_step)
+        self.allocation = _check_allocation(allocation)
+        self.pattern = check_pattern_for_training(pattern, "IMP")
+        self.max_sparsity = max_sparsity
+        self.rounds_done = 0
+        self.rewind_weights: dict[str, torch.Tensor] | None = None
+        self._start({t.name: t.param.detach() != 0 for t in self.targets}, pattern=str(self.pattern))
+        if self.rewind_step == 0:
+            self._record()
+
+    @property
+    def total_steps(self) -> int:
+        return (self.rounds + 1) * self.round_steps
+
+    def round_sparsity(self, r: int) -> float:
+        return 1.0 - (1.0 - self.target) ** (r / self.rounds)
+
+    @property
+    def schedule_step(self) -> int:
+        """Position in the current round's learning-rate schedule (rewinds with the weights)."""
+        if self.rounds_done == 0:
+            return self.step_count
+        return self.rewind_step + (self.step_count - self.rounds_done * self.round_steps)
+
+    def _record(self) -> None:
+        self.rewind_weights = {
+            n: p.detach().clone() for n, p in self.model.named_parameters()
+        }
+
+    def _update(self, step: int):
+        if step == self.rewind_step and self.rounds_done == 0:
+            self._record()
+        if step % self.round_steps or self.rounds_done >= self.rounds:
+            return None
+        r = step // self.round_steps
+        target = self.round_sparsity(r)
+        masks = self._plan_magnitude(target, self.allocation, self.pattern)
+        self._rewind_()
+        self._install(masks, pattern=str(self.pattern))
+        self.rounds_done = r
+        log.info("IMP round %d/%d: pruned to %.4f and rewound to step %d", r, self.rounds,
+                 self.state.sparsity(), self.rewind_step)
+        return {"pruned": True, "rewound": True, "round": r, "sparsity": target}
+
+    @torch.no_grad()
+    def _rewind_(self) -> None:
+        for name, param in self.model.named_parameters():
+            param.copy_(self.rewind_weights[name])
+        for opt in self.optimizers:
+            opt.state.clear()  # moments from the previous round belong to other weights
+
+    def config_dict(self):
+        return {"sparsity": self.target, "rounds": self.rounds, "round_steps": self.round_steps,
+                "rewind_step": self.rewind_step, "allocation": self.allocation,
+                "pattern": str(self.pattern)}
+
+    def _extra_state(self):
+        weights = None if self.rewind_weights is None else {
+            n: w.detach().cpu().clone() for n, w in self.rewind_weights.items()
+        }
+        return {"rounds_done": self.rounds_done, "rewind_weights": weights}
+
+    def _load_extra_state(self, extra):
+        self.rounds_done = int(extra.get("rounds_done", 0))
+        weights = extra.get("rewind_weights")
+        params = dict(self.model.named_parameters())
+        self.rewind_weights = None if weights is None else {
+            n: w.to(params[n].device, params[n].dtype) for n, w in weights.items()
+        }
+
+    def _check_state(self, state):
+        super()._check_state(state)
+        weights = state.get("extra", {}).get("rewind_weights")
+        if weights is not None:
+            params = dict(self.model.named_parameters())
+            if set(weights) != set(params) or any(
+                tuple(weights[n].shape) != tuple(params[n].shape) for n in params
+            ):
+                raise StateMismatch("IMP checkpoint's rewind weights do not fit this model")
+
