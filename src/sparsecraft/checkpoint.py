@@ -15,7 +15,8 @@ leaves half a checkpoint; an existing path is replaced only with ``overwrite=Tru
 
 ``load(path)`` rebuilds Hugging Face models from the recorded class and config; any other
 model is loaded into a module you pass (``load(path, model=module)``). The model never
-gets pickled.
+gets pickled. Structurally shrunk models (:mod:`sparsecraft.structured`) carry a record of
+their resized modules; ``load`` resizes those modules of the freshly built model first.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = ["save", "load", "load_tensors", "is_checkpoint", "tensor_file", "TENS
 
 log = logging.getLogger(__name__)
 TENSOR_FILE = "model.safetensors"
+SHAPES_ATTR = "sparsecraft_shapes"  # set by sparsecraft.structured on shrunk models
 
 
 def tensor_file(path: Path) -> Path:
@@ -100,6 +102,9 @@ def save(
     meta = get_meta(model)
     info = {name: dict(meta[name]) for name in tensors if name in meta}
     extra = {"model": _model_record(model), "aliases": aliases}
+    shapes = getattr(model, SHAPES_ATTR, None)
+    if shapes:  # structurally shrunk modules: their shapes, so load can rebuild them
+        extra["shapes"] = shapes
 
     if path.suffix == ".safetensors":
         if extra_files:
@@ -179,6 +184,10 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                 f"build it yourself and call load(path, model=module)"
             )
         model = _build_transformers(record)
+    if extra.get("shapes"):
+        from .structured.resize import apply_shapes_
+
+        apply_shapes_(model, extra["shapes"])  # resize shrunk modules before loading tensors
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -1,0 +1,146 @@
+"""The ``sparsecraft shrink`` command (registered through ``cli.COMMAND_MODULES``).
+
+Light on imports on purpose: the CLI imports this module to build its parser; torch,
+transformers and the shrinking code load inside the handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """examples:
+  sparsecraft shrink smollm2-135m --mlp 0.3 --out shrunk/
+  sparsecraft shrink smollm2-135m --mlp 0.5 --heads 0.33 --criterion wanda \\
+      --samples 32 --seq-len 512 --eval --out shrunk-wanda/
+  sparsecraft shrink minilm-l6 --heads 0.25 --mlp 0.25 --eval --out minilm-small/
+  sparsecraft shrink ./my-hf-model --mlp 0.5 --override 'model.layers.0.*=0' --out shrunk/
+
+--heads removes whole key/value groups under GQA (with all their query heads);
+--query-heads removes the same number of query heads inside every group.
+"""
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"fraction must be a number, got '{text}'") from None
+
+
+def _override(text: str) -> tuple[str, float]:
+    rule, sep, value = text.rpartition("=")
+    if not sep or not rule:
+        raise argparse.ArgumentTypeError(f"override must look like RULE=FRACTION, got '{text}'")
+    return rule, _fraction(value)
+
+
+def register(subparsers) -> dict:
+    p = subparsers.add_parser(
+        "shrink",
+        help="remove whole MLP channels / attention heads / conv filters; tensors get smaller",
+        description="Shrink MODEL structurally (named model, Hugging Face folder or sparsecraft "
+        "checkpoint) and save it to --out; sparsecraft.load and `sparsecraft eval` reopen it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="named model (smollm2-135m, minilm-l6) or a folder")
+    p.add_argument("--out", required=True, help="output folder (or file ending in .safetensors)")
+    p.add_argument("--mlp", type=_fraction, default=0.0, help="fraction of MLP channels to remove per block")
+    p.add_argument("--heads", type=_fraction, default=0.0,
+                   help="fraction of attention heads to remove per block (k/v groups under GQA)")
+    p.add_argument("--query-heads", type=_fraction, default=0.0,
+                   help="fraction of query heads to remove inside every k/v group (GQA only)")
+    p.add_argument("--criterion", default="magnitude", choices=("magnitude", "wanda", "taylor"),
+                   help="unit importance (default: magnitude; wanda and taylor use calibration text)")
+    p.add_argument("--override", action="append", default=[], type=_override, metavar="RULE=F",
+                   help="fraction for layers matching RULE (glob or re:, on e.g. model.layers.0.mlp); repeatable")
+    p.add_argument("--round-to", type=int, default=1, help="keep a multiple of this many MLP channels")
+    p.add_argument("--calib", metavar="FILE", default=None, help="calibration text (.txt or JSONL with 'text')")
+    p.add_argument("--corpus", default="lee", choices=("lee", "wiki"),
+                   help="built-in text for calibration (when no --calib) and for --eval (default: lee)")
+    p.add_argument("--samples", type=int, default=32, help="calibration samples (default 32)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration samples per forward pass (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling")
+    p.add_argument("--eval", action="store_true",
+                   help="quality before and after on held-out text (perplexity or embedding cosine)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return {"shrink": run}
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _quality(model, tok, reference, docs) -> dict:
+    from .. import data, evaluate
+
+    if evaluate.is_causal_lm(model):
+        return {"perplexity": evaluate.perplexity(model, data.tokenize(tok, docs), 512, progress=False)}
+    return evaluate.embedding_similarity(model, reference, tok, evaluate.split_sentences(docs))
+
+
+def run(args) -> int:
+    import copy
+    import json
+    import logging
+    import time
+    from pathlib import Path
+
+    from .. import data, evaluate, models
+    from ..checkpoint import save
+    from ..errors import SparsecraftError
+    from ..recipe import CalibrationSpec
+    from .config import ShrinkConfig
+    from .shrink import shrink_
+
+    log = logging.getLogger("sparsecraft.cli")
+    # everything the user typed is checked before the model loads
+    config = ShrinkConfig(mlp=args.mlp, heads=args.heads, query_heads=args.query_heads,
+                          criterion=args.criterion, overrides=dict(args.override),
+                          round_to=args.round_to, batch_size=args.batch_size)
+    spec = CalibrationSpec(file=args.calib, corpus=args.corpus, samples=args.samples,
+                           seq_len=args.seq_len, seed=args.seed)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SparsecraftError(f"'{out}' exists; pass --overwrite to replace it")
+
+    start = time.perf_counter()
+    model, tok = models.load(args.model)
+    log.info("loaded %s in %.1f s", args.model, time.perf_counter() - start)
+    results: dict = {"model": args.model, "shrink": config.to_dict()}
+    calibration = None
+    if config.needs_calibration:
+        if tok is None:
+            raise SparsecraftError(f"'{args.model}' has no tokenizer to build calibration samples")
+        docs = data.load_texts(spec.file) if spec.file else data.builtin_texts(spec.corpus)["calibration"]
+        calibration = data.calibration(tok, spec.samples, spec.seq_len, spec.seed, docs=docs)
+        results["calibration"] = {"source": spec.file or f"built-in {spec.corpus} corpus, calibration part",
+                                  "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed}
+    eval_docs = data.builtin_texts(args.corpus)["evaluation"] if args.eval and tok is not None else None
+    if args.eval and tok is None:
+        log.warning("'%s' has no tokenizer; --eval skipped", args.model)
+    reference = None
+    if eval_docs is not None:
+        reference = None if evaluate.is_causal_lm(model) else copy.deepcopy(model)
+        results["dense"] = _quality(model, tok, reference, eval_docs)
+
+    start = time.perf_counter()
+    rep = shrink_(model, config, calibration, progress=not args.quiet)
+    results["shrink_seconds"] = time.perf_counter() - start
+    results["report"] = rep.to_dict()
+    if eval_docs is not None:
+        results["shrunk"] = _quality(model, tok, reference, eval_docs)
+    save(model, out, overwrite=args.overwrite, tokenizer=tok,
+         extra_files=None if out.suffix == ".safetensors" else
+         {"shrink_results.json": json.dumps(results, indent=2) + "\n"})
+
+    _out(str(rep))
+    _out(f"shrunk {args.model} with {config.criterion} in {results['shrink_seconds']:.1f} s: "
+         f"{rep.params_before:,} -> {rep.params_after:,} parameters; saved to {out}")
+    for key in ("dense", "shrunk"):
+        if key in results:
+            _out(f"  {key}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in results[key].items()))
+    return 0
