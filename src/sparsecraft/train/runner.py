@@ -326,17 +326,25 @@ def run_training(
     resume: bool = True,
     stop_after: int | None = None,
     progress: bool = True,
+    model: nn.Module | None = None,
+    return_model: bool = False,
 ) -> dict[str, Any]:
     """Train ``recipe``; returns (and writes to ``out/report.json``) the results.
 
     With ``out``, a checkpoint is written every ``checkpoint_every`` steps and at the end,
     and a run whose folder holds a checkpoint of the same recipe continues from it.
     ``stop_after`` stops early after that many steps (used to test resuming).
+    ``model`` starts from a given model of the recipe's architecture (e.g. a pruned one, with
+    method ``static`` and option ``criterion: existing`` to keep its mask) instead of a fresh
+    one; ``return_model`` puts the trained model into the result under ``"model"``.
     """
     recipe.validate()
     torch.manual_seed(recipe.seed)
     x_train, y_train, x_test, y_test = load_dataset(recipe.data)
-    model = build_model(recipe.model, x_train[:1])
+    fresh = build_model(recipe.model, x_train[:1])
+    if model is not None:
+        fresh.load_state_dict(model.state_dict())
+    model = fresh
     params = model.parameters()
     if recipe.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
@@ -410,6 +418,8 @@ def run_training(
         result["flops_dense"] = rep.totals.get("dense_flops")
         result["flops_effective"] = rep.totals.get("effective_flops")
         (out / "report.json").write_text(json.dumps(result, indent=2))
+    if return_model:
+        result["model"] = model
     return result
 
 
@@ -429,9 +439,11 @@ def _resume(path, recipe, model, optimizer, sparsity) -> tuple[int, float]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise SparsecraftError(f"checkpoint '{path}' cannot be read ({type(exc).__name__}: {exc})") from None
-    if state.get("recipe") != recipe.to_dict():
-        theirs = state.get("recipe") or {}
-        diff = sorted(k for k in recipe.to_dict() if theirs.get(k) != recipe.to_dict()[k])
+    # how often checkpoints are written does not change the run
+    mine = {k: v for k, v in recipe.to_dict().items() if k != "checkpoint_every"}
+    theirs = {k: v for k, v in (state.get("recipe") or {}).items() if k != "checkpoint_every"}
+    if mine != theirs:
+        diff = sorted(k for k in set(mine) | set(theirs) if theirs.get(k) != mine.get(k))
         raise SparsecraftError(
             f"checkpoint '{path}' is from a different recipe (differs in {diff}); "
             "use another --out folder or --no-resume"
