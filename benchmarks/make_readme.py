@@ -13,6 +13,7 @@ SECTIONS = [
     ("prune.md", "One-shot magnitude pruning: time and extra memory (issue: Foundation)"),
     ("formats.md", "Storage formats: file size and save/load time (issue: Foundation)"),
     ("oneshot.md", "Calibrated one-shot pruning of real models (issue: One-shot)"),
+    ("train.md", "Sparse training on real data (issue: Sparse training)"),
     ("recovery.md", "Sparse recovery (issue: Sparse recovery)"),
 ]
 
