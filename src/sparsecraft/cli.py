@@ -277,7 +277,7 @@ COMMANDS = {
 
 # Sub-packages add their own commands: each module has ``register(subparsers)`` returning
 # {command: handler}. Keep these modules light: heavy imports belong inside the handlers.
-COMMAND_MODULES: list[str] = ["sparsecraft.train.commands", "sparsecraft.structured.commands"]
+COMMAND_MODULES: list[str] = ["sparsecraft.train.commands", "sparsecraft.structured.commands", "sparsecraft.runtime.commands"]
 
 
 def main(argv=None) -> int:

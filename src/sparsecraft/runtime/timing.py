@@ -1,0 +1,120 @@
+"""Measuring: kernels side by side, prefill latency and decode speed of causal LMs.
+
+``interleaved_medians`` is the planner's default timer. It times the candidates in turns
+(dense, csr, ..., dense, csr, ...) rather than one after the other, so a burst of load from
+another process hits all of them alike, and reports the median of ``repeats`` samples;
+each sample loops a kernel long enough (``min_seconds``) for the clock to resolve it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+__all__ = ["interleaved_medians", "prefill_seconds", "greedy_decode", "DecodeResult"]
+
+log = logging.getLogger(__name__)
+
+
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 7,
+    min_seconds: float = 1e-3,
+    device: torch.device | None = None,
+    **_context,
+) -> dict[str, float]:
+    """Median seconds per call of each function, sampled in turns.
+
+    Extra keyword arguments (the planner passes ``layer`` and ``rows``) are accepted so
+    that this function and injected test timers share one signature.
+    """
+    loops: dict[str, int] = {}
+    for name, fn in fns.items():  # warm up and size each sample
+        fn()
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        once = max(time.perf_counter() - start, 1e-7)
+        loops[name] = max(1, min(10_000, round(min_seconds / once)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(loops[name]):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) / loops[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _forward_kwargs(model) -> dict:
+    """Ask for the last position's logits only when the model can (as ``generate`` does)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+@torch.inference_mode()
+def prefill_seconds(model, ids: torch.Tensor, repeats: int = 3) -> float:
+    """Median latency of one forward pass over the prompt ``ids`` ([batch, length])."""
+    kwargs = _forward_kwargs(model)
+    device = ids.device
+    model(ids, use_cache=False, **kwargs)  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        model(ids, use_cache=False, **kwargs)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class DecodeResult:
+    """Tokens produced by greedy decoding and the time the decode steps took."""
+
+    def __init__(self, tokens: list[int], prefill_seconds: float, decode_seconds: float):
+        self.tokens = tokens
+        self.prefill_seconds = prefill_seconds
+        self.decode_seconds = decode_seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.decode_seconds
+
+
+@torch.inference_mode()
+def greedy_decode(model, ids: torch.Tensor, new_tokens: int) -> DecodeResult:
+    """Prefill ``ids`` ([1, length]) with a KV cache, then ``new_tokens`` greedy steps of one
+    token each; ``decode_seconds`` covers those steps only (the prefill is timed apart)."""
+    kwargs = _forward_kwargs(model)
+    device = ids.device
+    _sync(device)
+    start = time.perf_counter()
+    out = model(ids, use_cache=True, **kwargs)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    prefill = time.perf_counter() - start
+    cache, produced = out.past_key_values, []
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(nxt, past_key_values=cache, use_cache=True, **kwargs)
+        cache = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        produced.append(int(nxt))
+    _sync(device)
+    return DecodeResult(produced, prefill, time.perf_counter() - start)
