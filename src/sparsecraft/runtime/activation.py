@@ -21,6 +21,7 @@ remaining ones need reading: ``W x ~= sum_{j active} x_j W[:, j]``.
   ``prefill="masked"`` zeroes the inputs below threshold and computes densely: what every
   token would see if it were decoded, used to measure quality (perplexity).
 * A threshold of 0 (``sparsity=0``) computes the layer exactly as ``nn.Linear`` does.
+* Memory: none extra; the weight is only stored transposed. Not for training.
 
 ``remove()`` on the returned handle puts the original layers back, with their row-major
 weights, bit for bit.
@@ -100,8 +101,10 @@ class ActivationSparseLinear(nn.Module):
 
     @property
     def exact(self) -> bool:
-        """A threshold <= 0 skips nothing that matters: the layer runs as nn.Linear."""
-        return self.threshold <= 0.0
+        """Threshold 0 skips nothing that matters: the layer runs as nn.Linear, bit for bit.
+        (A negative threshold keeps every input but still runs the gather kernel: a control
+        that measures the kernel apart from the sparsity.)"""
+        return self.threshold == 0.0
 
     def _count(self, x: torch.Tensor) -> None:
         s = scores(x, self.scale) > self.threshold

@@ -61,11 +61,9 @@ def _csr_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def _transposed_add(yt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Contiguous ``yt^T (+ bias)`` in one pass (the layout ``F.linear`` returns)."""
-    y = torch.empty(yt.shape[1], yt.shape[0], dtype=yt.dtype, device=yt.device)
-    if bias is None:
-        return y.copy_(yt.t())
-    return torch.add(yt.t(), bias, out=y)
+    """Contiguous ``yt^T (+ bias)``: the layout ``F.linear`` returns."""
+    y = torch.empty(yt.shape[1], yt.shape[0], dtype=yt.dtype, device=yt.device).copy_(yt.t())
+    return y if bias is None else y.add_(bias)
 
 
 class Dense(Kernel):
