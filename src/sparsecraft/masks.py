@@ -49,6 +49,9 @@ class SparsityState:
     def __init__(self, model: nn.Module):
         self.model = model
         self.masks: dict[str, torch.Tensor] = {}
+        # the same masks as 0/1 in the parameter's dtype: multiplying by them is an order of
+        # magnitude faster than masked_fill on CPU, which matters once per training step
+        self._scales: dict[str, torch.Tensor] = {}
         self.info: dict[str, dict] = {}
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters())
         self._grad_hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
@@ -79,6 +82,7 @@ class SparsityState:
             )
         keep = keep.to(device=param.device, dtype=torch.bool)
         self.masks[name] = keep
+        self._scales[name] = keep.to(param.dtype)
         self.info[name] = dict(info)
         if name not in self._grad_hooks:
             self._grad_hooks[name] = param.register_hook(self._make_grad_hook(name))
@@ -101,7 +105,7 @@ class SparsityState:
         def hook(grad: torch.Tensor) -> torch.Tensor:
             if self.grad_observer is not None:
                 self.grad_observer(name, grad)
-            return grad.masked_fill(~self.masks[name], 0.0)
+            return grad * self._scales[name]
 
         return hook
 
@@ -118,8 +122,14 @@ class SparsityState:
     # -- keeping masks applied ------------------------------------------------------
     @torch.no_grad()
     def apply_(self) -> None:
-        """Zero every pruned weight."""
+        """Zero every pruned weight (kept applied: pruned weights are already zero unless
+        an optimizer moved them, so a multiply is enough; ``finalize_`` writes exact +0.0)."""
         self._check_open()
+        for name, scale in self._scales.items():
+            self._params[name].mul_(scale)
+
+    @torch.no_grad()
+    def _apply_exact_(self) -> None:
         for name, keep in self.masks.items():
             self._params[name].masked_fill_(~keep, 0.0)
 
@@ -175,12 +185,13 @@ class SparsityState:
         if handle is not None:
             handle.remove()
         self.masks.pop(name, None)
+        self._scales.pop(name, None)
         self.info.pop(name, None)
 
     def finalize_(self) -> nn.Module:
         """Apply masks one last time and remove hooks and masks; returns the model."""
         self._check_open()
-        self.apply_()
+        self._apply_exact_()
         for name in list(self.masks):
             self._drop(name)
         for handle in self._optim_hooks:

@@ -125,7 +125,8 @@ class TrainingSparsity:
         self._check_open()
         self.step_count += 1
         event = self._update(self.step_count) or {}
-        self.state.apply_()
+        if not self.optimizers:  # attached optimizers already re-masked after their step
+            self.state.apply_()
         return event
 
     def _update(self, step: int) -> dict[str, Any] | None:
