@@ -46,10 +46,18 @@ def _load() -> dict:
 
 
 def _store(results: dict) -> None:
+    """Merge ``results`` into the file (several processes may run different parts at once)."""
+    import fcntl
+
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
-    os.replace(tmp, OUT)
+    with open(RESULTS / ".train.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = _load()
+        merged.update(results)
+        results.update(merged)
+        tmp = OUT.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
+        os.replace(tmp, OUT)
 
 
 def _run(results, key, recipe: TrainRecipe, **kwargs):
@@ -65,8 +73,8 @@ def _run(results, key, recipe: TrainRecipe, **kwargs):
     return results[key]
 
 
-def part_grid(results):
-    for data, model in SETTINGS:
+def part_grid(results, settings=None):
+    for data, model in settings or SETTINGS:
         for seed in SEEDS:
             _run(results, f"grid/{data}/{model}/dense/0/{seed}",
                  TrainRecipe(data=data, model=model, method="dense", sparsity=None, seed=seed))
@@ -91,7 +99,7 @@ def part_nm(results):
 def part_soup(results):
     """Prune a trained LeNet-300-100 to 90% (GMP), retrain 3 copies with different data
     orders under the shared mask, average them; compare with each ingredient."""
-    if "soup" in results:
+    if "soup_v2" in results:
         return
     from sparsecraft.train import sparse_soup
     from sparsecraft.train.runner import accuracy, load_dataset
@@ -117,7 +125,7 @@ def part_soup(results):
     def distance(a, b):
         return float(sum((p - q).pow(2).sum() for p, q in zip(a.parameters(), b.parameters())).sqrt())
 
-    results["soup"] = {
+    results["soup_v2"] = {
         "pruned_start": base["test_accuracy"],
         "pruned_start_loss": test_loss(base["model"]),
         "ingredients": [accuracy(m, x_test, y_test) for m in models],
@@ -236,7 +244,7 @@ def write_table(results) -> None:
                 cells.append(f"{_stats(vals)[0]:.2f} ± {_stats(vals)[1]:.2f}" if vals else "")
             lines.append(f"| {p} | " + " | ".join(cells) + " |")
         lines.append("")
-    soup = results.get("soup")
+    soup = results.get("soup_v2")
     if soup:
         ing = ", ".join(f"{100 * a:.2f}" for a in soup["ingredients"])
         losses = ", ".join(f"{v:.4f}" for v in soup.get("ingredient_losses", []))
@@ -298,12 +306,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=("grid", "nm", "soup", "overhead"), action="append")
     parser.add_argument("--table", action="store_true", help="only rewrite the table and plot")
+    parser.add_argument("--setting", action="append", help="grid part: only DATA/MODEL, e.g. mnist/cnn")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     results = _load()
     if not args.table:
         for part in args.part or ("nm", "soup", "grid", "overhead"):
-            globals()[f"part_{part}"](results)
+            if part == "grid":
+                part_grid(results, [tuple(x.split("/")) for x in args.setting] if args.setting else None)
+            else:
+                globals()[f"part_{part}"](results)
     write_table(results)
     write_plot(results)
 

@@ -85,3 +85,15 @@ def test_pruned_weights_are_positive_zero(cnn):
     state = sc.prune_(cnn, sc.Magnitude(sparsity=0.5))
     pruned = cnn.conv2.weight[~state.masks["conv2.weight"]]
     assert not torch.signbit(pruned).any()  # no -0.0, which would cost bits in files
+
+
+def test_finalize_writes_positive_zero_even_after_a_weight_was_moved_negative(cnn):
+    state = sc.prune_(cnn, sc.Magnitude(sparsity=0.5))
+    name = "conv1.weight"
+    keep = state.masks[name]
+    with torch.no_grad():
+        cnn.conv1.weight[~keep] = -1.0  # something moved pruned weights (not our optimizers)
+    state.apply_()
+    assert torch.all(cnn.conv1.weight[~keep] == 0)
+    state.finalize_()
+    assert not torch.signbit(cnn.conv1.weight[~keep]).any()
