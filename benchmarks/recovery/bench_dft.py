@@ -42,7 +42,7 @@ def main():
                 "omp": lambda: R.omp(op, y, K).x,
                 "fista": lambda: R.fista(op, y, lam="universal", noise_var=nv).x,
                 "amp": lambda: R.amp(op, y, on_divergence="return").x,
-                "sbl": lambda: R.sbl(op, y, record_cost=False).x,
+                "sbl": lambda: R.sbl(op, y, update="em", record_cost=False).x,
             }
             for name, fn in meths.items():
                 xh, dt = B.timed(fn)

@@ -49,9 +49,10 @@ def main():
                     "fista": lambda: R.fista(A, y, lam="universal", noise_var=nv).x if nv > 0
                     else R.fista(A, y, lam=1e-4 * R.lambda_max(R.as_operator(A), torch.from_numpy(y)), max_iter=5000).x,
                     "amp": lambda: R.amp(A, y, on_divergence="return", max_iter=1000).x,
-                    "sbl": lambda: R.sbl(A, y, record_cost=False).x,
+                    "sbl_fast": lambda: R.sbl(A, y, update="fast", record_cost=False).x,
+                    "sbl": lambda: R.sbl(A, y, update="em", record_cost=False).x,
                     "sbl_mackay": lambda: R.sbl(A, y, update="mackay").x,
-                    "sbl_prune1e-2": lambda: R.sbl(A, y, prune=1e-2).x,
+                    "sbl_prune1e-2": lambda: R.sbl(A, y, update="em", prune=1e-2).x,
                     "sk_omp": lambda: OrthogonalMatchingPursuit(n_nonzero_coefs=K, fit_intercept=False).fit(A, y).coef_,
                     "sk_ard": lambda: ARDRegression(fit_intercept=False).fit(A, y).coef_,
                 }

@@ -99,7 +99,7 @@ def main():
                 "omp": lambda: R.omp(op, y, tol=float(np.sqrt(len(y) * nv))),
             }
             if t < args.sbl_trials:
-                meths["classic_sbl"] = lambda: R.sbl(op, y, noise_var=nv, max_iter=args.sbl_iters, tol=1e-4)
+                meths["classic_sbl"] = lambda: R.sbl(op, y, noise_var=nv, max_iter=args.sbl_iters, tol=1e-4, update="em")
             for name, fn in meths.items():
                 r, dt = B.timed(fn)
                 rows.setdefault(name, []).append({"nmse": channel_nmse(r.x, x, chan), "nmse_db": B.nmse_db(r.x, x),

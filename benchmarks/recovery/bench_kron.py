@@ -52,7 +52,7 @@ def run(M1, K, snr, trials, seed0, with_sbl=False):
         }
         if with_sbl:
             # EM capped at 50 iterations (about 2 s each here); MacKay updates converge faster.
-            meths["classic_sbl"] = lambda: (lambda r: (r.x, r.n_iter))(R.sbl(A, y, noise_var=nv, max_iter=50, tol=1e-4))
+            meths["classic_sbl"] = lambda: (lambda r: (r.x, r.n_iter))(R.sbl(A, y, noise_var=nv, max_iter=50, tol=1e-4, update="em"))
             meths["classic_sbl_mackay"] = lambda: (lambda r: (r.x, r.n_iter))(
                 R.sbl(A, y, noise_var=nv, max_iter=200, tol=1e-4, update="mackay"))
         for name, fn in meths.items():

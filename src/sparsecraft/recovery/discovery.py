@@ -152,7 +152,7 @@ def sbl_threshold(Theta, dXdt, threshold: float = 0.1, *, max_iter: int = 500, t
             idx = torch.nonzero(keep).flatten()
             if idx.numel() == 0:
                 break
-            res = sbl(Th[:, idx] / scale[idx], D[:, j], max_iter=max_iter, tol=tol)
+            res = sbl(Th[:, idx] / scale[idx], D[:, j], max_iter=max_iter, tol=tol, update="em")
             coef = torch.zeros(P, dtype=Th.dtype, device=Th.device)
             coef[idx] = res.x / scale[idx]
             new_keep = keep & (coef.abs() >= threshold)

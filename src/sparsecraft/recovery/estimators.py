@@ -105,12 +105,13 @@ class AMP(_Recovery):
 
 
 class SBL(_Recovery):
-    """Classic SBL by EM (:func:`~sparsecraft.recovery.sparse_bayes.sbl`); ``noise_var_`` after fit."""
+    """Classic SBL (:func:`~sparsecraft.recovery.sparse_bayes.sbl`): ``update="fast"`` (default,
+    Tipping and Faul's sequential method), ``"em"`` or ``"mackay"``; ``noise_var_`` after fit."""
     _fn = staticmethod(sbl)
 
-    def __init__(self, *, noise_var=None, max_iter=1000, tol=1e-6, prune=1e-3, update="em"):
+    def __init__(self, *, noise_var=None, max_iter=1000, tol=None, prune=None, update="fast", add_level=0.1):
         self.noise_var, self.max_iter, self.tol, self.prune = noise_var, max_iter, tol, prune
-        self.update = update
+        self.update, self.add_level = update, add_level
 
     def fit(self, A, y):
         super().fit(A, y)

@@ -1,4 +1,8 @@
-"""Sparse Bayesian learning (SBL) by expectation-maximisation, and its block variants.
+"""Sparse Bayesian learning (SBL): fast sequential, by expectation-maximisation, and block variants.
+
+:func:`sbl` defaults to Tipping and Faul's fast marginal-likelihood maximisation (one
+hyperparameter per step, active columns only; see the section at the end of this module);
+``update="em"`` gives the EM described here, which the block variants use.
 
 Model: ``y = A x + n``, ``n ~ N(0, sigma2 I)``, prior ``x_j ~ N(0, gamma_j)`` (complex normal
 for complex data). EM alternates the Gaussian posterior of ``x`` (E-step) with closed-form
@@ -16,6 +20,7 @@ no scipy, use torch.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -241,42 +246,72 @@ def _em_update(target, gamma, active):
     return target
 
 
-def sbl(A, y, *, noise_var: float | None = None, max_iter: int = 1000, tol: float = 1e-6,
-        prune: float = 1e-3, gamma0=None, record_cost: bool = True, update: str = "em") -> RecoveryResult:
-    """Classic SBL (Tipping; Wipf and Rao) by EM, real or complex.
+def sbl(A, y, *, noise_var: float | None = None, max_iter: int = 1000, tol: float | None = None,
+        prune: float | None = None, gamma0=None, record_cost: bool = True, update: str = "fast",
+        add_level: float | None = 0.1) -> RecoveryResult:
+    """Classic SBL (Tipping; Wipf and Rao), real or complex: fast sequential, EM or MacKay.
 
     Args:
         A: matrix or operator (operators are densified: memory ``M N``).
         y: ``(M,)`` or ``(M, B)`` (columns solved independently).
-        noise_var: known noise variance; ``None`` estimates it by EM (starting from 10% of the
+        noise_var: known noise variance; ``None`` estimates it (starting from 10% of the
             measurement power). ``0`` means noiseless (a ``1e-12`` relative floor keeps the
             covariance invertible).
-        max_iter: EM iterations.
-        tol: stop when ``||gamma_new - gamma|| / ||gamma|| < tol``.
-        prune: drop ``gamma_j`` below ``prune * max(gamma)`` for good (0 keeps all; needed
-            for an exactly monotone cost). Besides speed, pruning sharpens EM, whose unneeded
-            variances shrink only slowly: on N=512, M=128, 20 dB, ``1e-3`` was 4-11 dB more
-            accurate than ``1e-6`` for K <= 30 and 1.5 dB less at K = 40 (5 trials each);
-            ``1e-2`` is faster still but drops true coefficients below ~10% of the largest.
-            Without noise, pruning costs exactness once some coefficient is small: at K=20,
-            noiseless, ``1e-3`` gave -35 dB where ``1e-6`` gave -143 dB (6 trials); use
-            ``prune=1e-6`` (or 0) for exact recovery.
-        gamma0: initial variances (default: the measurement power divided by the mean
-            squared column norm).
+        max_iter: iterations (EM steps, or single-column steps for ``"fast"``).
+        tol: EM / MacKay: stop when ``||gamma_new - gamma|| / ||gamma|| < tol`` (default
+            ``1e-6``). Fast: stop when no step lowers the cost by more than ``tol`` and a noise
+            update changes the noise variance by less than ``tol`` relatively (default ``1e-3``:
+            on N=512, M=128, K=5..40, ``1e-6`` took up to 30% more steps for the same NMSE
+            within 0.05 dB, 8 trials).
+        prune: EM / MacKay (default ``1e-3``): drop ``gamma_j`` below ``prune * max(gamma)``
+            for good (0 keeps all; needed for an exactly monotone cost). Besides speed,
+            pruning sharpens EM, whose unneeded variances shrink only slowly: on N=512, M=128,
+            20 dB, ``1e-3`` was 4-11 dB more accurate than ``1e-6`` for K <= 30 and 1.5 dB
+            less at K = 40 (5 trials each); ``1e-2`` is faster still but drops true
+            coefficients below ~10% of the largest. Without noise, pruning costs exactness
+            once some coefficient is small: at K=20, noiseless, ``1e-3`` gave -35 dB where
+            ``1e-6`` gave -143 dB (6 trials); use ``prune=1e-6`` (or 0) for exact recovery.
+            Fast (default ``1e-2``): a column whose variance would be at least ``prune`` times
+            the largest may enter even if it fails the ``add_level`` test (see there).
+        gamma0: EM / MacKay initial variances (default: the measurement power divided by the
+            mean squared column norm). Not accepted by ``"fast"``.
         record_cost: keep the cost ``log|C| + y^H C^{-1} y`` of every iteration in
             ``info["cost"]``.
-        update: ``"em"`` (monotone cost) or ``"mackay"`` (MacKay / Tipping fixed-point
-            updates of ``gamma`` and the noise, as in scikit-learn's ARDRegression; usually
-            far fewer iterations, no monotonicity guarantee).
+        update: ``"fast"`` (default): Tipping and Faul's (2003) fast marginal-likelihood
+            maximisation, which starts from an empty model and at each step adds, deletes or
+            re-estimates the one hyperparameter that lowers the cost most, in closed form,
+            working only with the active columns (numpy on the CPU whatever the input's device;
+            the result comes back on it). ``"em"``: EM over all columns (monotone cost,
+            Woodbury E-step). ``"mackay"``: MacKay / Tipping fixed-point updates of ``gamma``
+            and the noise, as in scikit-learn's ARDRegression (fewer iterations than EM, no
+            monotonicity guarantee).
+        add_level: fast only: false discovery rate of the test a column must pass to enter
+            (Benjamini-Hochberg on ``|q|^2 / s``, which has mean 1 for a column ``y`` does not
+            depend on). Without it (``None``, and ``prune=0``) any column with ``|q|^2 > s``
+            enters, as in the original algorithm: with a learned noise variance the model then
+            keeps adding columns that fit the noise while the noise estimate shrinks towards
+            zero (the marginal likelihood keeps rising that way when N > M).
 
     Returns:
         :class:`RecoveryResult` with ``x`` the posterior mean; ``support`` the hyperparameters
-        left after pruning; ``info`` has ``cost``, ``noise_var``, ``gamma``.
+        left after pruning (fast: the active columns); ``info`` has ``cost``, ``noise_var``,
+        ``gamma``; fast also ``n_added``, ``n_deleted``, ``n_reestimated``. With a known noise
+        variance the fast method's cost never increases; with a learned one a noise update is
+        kept only if it lowers the cost, so it does not increase either.
     """
     op, yt, as_numpy = prepare(A, y)
+    if update not in ("em", "mackay", "fast"):
+        raise RecoveryError(f"update must be 'fast', 'em' or 'mackay', got {update!r}")
+    fast = update == "fast"
+    tol = (1e-3 if fast else 1e-6) if tol is None else tol
+    prune = (1e-2 if fast else 1e-3) if prune is None else prune
     _check_common(noise_var, max_iter, tol, prune)
-    if update not in ("em", "mackay"):
-        raise RecoveryError(f"update must be 'em' or 'mackay', got {update!r}")
+    if add_level is not None:
+        check_positive(add_level, "add_level")
+        if add_level >= 1:
+            raise RecoveryError(f"add_level is a false discovery rate and must be < 1, got {add_level}")
+    if update == "fast" and gamma0 is not None:
+        raise RecoveryError("gamma0 is not used by update='fast', which starts from an empty model")
     Ad = op.to_dense()
     g0 = None
     if gamma0 is not None:
@@ -286,6 +321,9 @@ def sbl(A, y, *, noise_var: float | None = None, max_iter: int = 1000, tol: floa
             raise RecoveryError(f"gamma0 must be {Ad.shape[1]} non-negative values")
 
     def solve_one(yv):
+        if update == "fast":
+            return _fast_sbl_loop(Ad, yv, noise_var=noise_var, max_iter=max_iter, tol=tol,
+                                  prune=prune, record_cost=record_cost, add_level=add_level)
         return _sbl_loop(Ad, yv, _em_update, noise_var=noise_var, max_iter=max_iter, tol=tol,
                          prune=prune, gamma0=g0, learn_noise=noise_var is None,
                          record_cost=record_cost, name="sbl", mackay=update == "mackay")
@@ -371,3 +409,351 @@ def pc_sbl(A, y, *, beta: float = 1.0, noise_var: float | None = None, max_iter:
                          prune=prune, learn_noise=noise_var is None, name="pc_sbl")
 
     return finish(run_batched(solve_one, yt), as_numpy)
+
+
+# ---------------------------------------------------------------- fast marginal likelihood
+# Tipping and Faul (2003): the cost log|C| + y^H C^-1 y separates in one hyperparameter,
+# cost = cost_without_j - l_j(alpha_j), l(alpha) = log(alpha / (alpha + s)) + |q|^2 / (alpha + s)
+# with s, q the "sparsity" and "quality" of column j measured against C without j. l has a
+# closed-form maximiser (alpha = s^2 / (|q|^2 - s) if |q|^2 > s, else alpha = inf, i.e. prune),
+# so each step adds, deletes or re-estimates the one column that lowers the cost most, and
+# works only with the active set. alpha = 1 / gamma is the prior precision.
+
+
+class _FastSBLState:
+    """Active-set statistics of fast SBL, kept up to date by rank-one updates.
+
+    Float64 / complex128 numpy on the CPU: the method is a long chain of tiny sequential
+    steps (vectors of length N, matrices K x K), for which numpy's per-call overhead is lower
+    than torch's. ``B`` holds the Gram columns ``Phi^H phi_a`` of the active columns, so that
+    ``S`` and ``Q`` (for all N columns) update in O(N K) per step.
+    """
+
+    def __init__(self, Phi: np.ndarray, y: np.ndarray, beta: float):
+        self.Phi, self.y = Phi, y
+        self.M, self.N = Phi.shape
+        self.complex_ = Phi.dtype.kind == "c"
+        self.d = np.einsum("ij,ij->j", Phi.conj(), Phi).real     # ||phi_m||^2
+        self.set_beta(beta)
+        # Smallest precision (largest variance) allowed: 1e12 times the signal scale.
+        self.alpha_floor = 1e-12 * float(self.d.mean()) * self.M / max(float(np.vdot(y, y).real), 1e-300)
+        self.Pty = Phi.conj().T @ y                               # Phi^H y
+        self.yy = float(np.vdot(y, y).real)
+        self.idx = np.zeros(0, dtype=np.int64)
+        self.alpha = np.zeros(0)
+        self.B = np.zeros((self.N, 0), dtype=Phi.dtype)
+        self.Sigma = np.zeros((0, 0), dtype=Phi.dtype)
+        self.mu = np.zeros(0, dtype=Phi.dtype)
+        self.S = beta * self.d
+        self.Q = beta * self.Pty
+        self.cost = self.M * math.log(1.0 / beta) + beta * self.yy
+
+    def abs2(self, v: np.ndarray) -> np.ndarray:
+        """``|v|^2`` elementwise, real."""
+        return v.real * v.real + v.imag * v.imag if self.complex_ else v * v
+
+    def set_beta(self, beta: float):
+        """Set the noise precision (statistics must then be refreshed)."""
+        self.beta = beta
+        # S below this is rounding noise (the rank-one updates lose a few digits): the column
+        # is already explained by the active ones and must not enter (H would be singular).
+        self.tiny_s = 1e-8 * beta * self.d
+
+    def full_refresh(self):
+        """Recompute Sigma, mu, S, Q and the cost from scratch (after a noise change, and
+        now and then against the drift of the rank-one updates)."""
+        b = self.beta
+        self.S = b * self.d
+        self.Q = b * self.Pty
+        if self.idx.size == 0:
+            self.Sigma = np.zeros((0, 0), dtype=self.Phi.dtype)
+            self.mu = np.zeros(0, dtype=self.Phi.dtype)
+            self.cost = self.M * math.log(1.0 / b) + b * self.yy
+            return
+        H = b * self.B[self.idx]
+        H[np.diag_indices_from(H)] += self.alpha
+        try:
+            L = np.linalg.cholesky(H)
+        except np.linalg.LinAlgError:
+            raise RecoveryError("sbl (fast): the active columns became numerically dependent "
+                                "(noise variance too small for them); try update='em'") from None
+        Li = np.linalg.inv(L)                                     # K x K: cheap
+        self.Sigma = Li.conj().T @ Li
+        self.mu = b * (self.Sigma @ self.Pty[self.idx])
+        W = self.B @ Li.conj().T                                  # rows: phi_m^H Phi_A L^-H
+        self.S = self.S - b * b * np.einsum("ij,ij->i", W, W.conj()).real
+        self.Q = self.Q - b * (self.B @ self.mu)
+        logdet = self.M * math.log(1.0 / b) - float(np.log(self.alpha).sum()) \
+            + 2.0 * float(np.log(np.diagonal(L).real).sum())
+        quad = b * (self.yy - float(np.vdot(self.Pty[self.idx], self.mu).real))
+        self.cost = logdet + quad
+
+    def reestimate(self, j: int, new_alpha: float):
+        """Change the precision of active position ``j`` (rank-one downdate of Sigma)."""
+        old = self.alpha[j]
+        Sj = self.Sigma[:, j].copy()
+        kappa = 1.0 / (Sj[j].real + 1.0 / (new_alpha - old))
+        mu_j = self.mu[j]
+        self.Sigma -= kappa * np.outer(Sj, Sj.conj())
+        self.mu = self.mu - kappa * mu_j * Sj
+        comm = self.beta * (self.B @ Sj)
+        self.S = self.S + kappa * (comm * comm.conj()).real
+        self.Q = self.Q + kappa * mu_j * comm
+        self.alpha[j] = new_alpha
+
+    def add(self, i: int, new_alpha: float):
+        """Bring column ``i`` into the model with precision ``new_alpha``."""
+        b = self.beta
+        gcol = self.Phi.conj().T @ self.Phi[:, i]                 # Phi^H phi_i
+        comm = b * (self.Sigma @ self.B[i].conj())                # beta Sigma Phi_A^H phi_i
+        s_ii = 1.0 / (new_alpha + self.S[i])
+        mu_i = s_ii * self.Q[i]
+        K = self.idx.size
+        Sig = np.empty((K + 1, K + 1), dtype=self.Sigma.dtype)
+        Sig[:K, :K] = self.Sigma + s_ii * np.outer(comm, comm.conj())
+        Sig[:K, K] = -s_ii * comm
+        Sig[K, :K] = -s_ii * comm.conj()
+        Sig[K, K] = s_ii
+        e = b * (gcol - self.B @ comm)
+        self.S = self.S - s_ii * (e * e.conj()).real
+        self.Q = self.Q - mu_i * e
+        self.Sigma = Sig
+        self.mu = np.append(self.mu - mu_i * comm, mu_i)
+        self.B = np.column_stack([self.B, gcol])
+        self.idx = np.append(self.idx, i)
+        self.alpha = np.append(self.alpha, new_alpha)
+
+    def delete(self, j: int):
+        """Remove active position ``j`` from the model (alpha_j -> infinity)."""
+        Sj = self.Sigma[:, j].copy()
+        s_jj = Sj[j].real
+        mu_j = self.mu[j]
+        comm = self.beta * (self.B @ Sj)
+        self.S = self.S + (comm * comm.conj()).real / s_jj
+        self.Q = self.Q + (mu_j / s_jj) * comm
+        Sig = self.Sigma - np.outer(Sj, Sj.conj()) / s_jj
+        mu = self.mu - (mu_j / s_jj) * Sj
+        keep = np.arange(self.idx.size) != j
+        self.Sigma = Sig[np.ix_(keep, keep)]
+        self.mu = mu[keep]
+        self.B = self.B[:, keep]
+        self.idx = self.idx[keep]
+        self.alpha = self.alpha[keep]
+
+    def residual_and_dof(self):
+        """``||y - Phi_A mu||^2`` and ``sum_j (1 - alpha_j Sigma_jj)`` (the well-determined count)."""
+        r = self.y - self.Phi[:, self.idx] @ self.mu
+        dof = float(np.sum(1.0 - self.alpha * np.diagonal(self.Sigma).real))
+        return float(np.vdot(r, r).real), dof
+
+
+def _ell(alpha, s, q2):
+    """The cost reduction ``l(alpha) = log(alpha / (alpha + s)) + |q|^2 / (alpha + s)``."""
+    return -np.log1p(s / alpha) + q2 / (alpha + s)
+
+
+def _ell_change(old, new, s, q2):
+    """``l(new) - l(old)`` written without subtracting two large ``l`` values (they are of
+    order ``|q|^2 / s``, huge at small noise, while their difference is small)."""
+    d = new - old
+    return np.log(new / old) - np.log1p(d / (old + s)) - q2 * d / ((old + s) * (new + s))
+
+
+def _fast_best_action(st: _FastSBLState, prune: float, add_level: float | None):
+    """Pick the add / delete / re-estimate step that lowers the cost most.
+
+    Each column's cost term has its optimum at ``alpha = s^2 / (|q|^2 - s)`` if ``|q|^2 > s``
+    (else at infinity: delete). If ``y`` did not depend on column j, ``|q_j|^2 / s_j`` would
+    have mean 1, so taking every column with ``|q|^2 > s`` lets in many that only fit noise
+    (with a learned noise variance this snowballs: the noise estimate shrinks and more enter).
+    An inactive column therefore enters only if it passes a Benjamini-Hochberg test at false
+    discovery rate ``add_level`` against that null, or if its variance would be at least
+    ``prune`` times the largest (see :func:`sbl`). Active columns are re-estimated or deleted
+    by the plain rule. Returns ``(gain, column, new_alpha)``, ``new_alpha = inf`` for a
+    deletion; the gain is the exact cost decrease of that step.
+    """
+    add = _best_add(st, prune, add_level)
+    if st.idx.size:
+        change = _best_change(st)
+        if add is None or change[0] > add[0]:
+            return change
+    return add if add is not None else (0.0, 0, math.inf)
+
+
+def _best_add(st: _FastSBLState, prune: float, add_level: float | None):
+    """``(gain, column, alpha)`` of the best admissible inactive column, or None.
+
+    For an inactive column ``s = S`` and ``q = Q``; the gain ``r - log(1 + r)`` with
+    ``r = |q|^2 / s - 1`` grows with the score ``|q|^2 / s``, so the best admissible column
+    is the one with the highest admissible score.
+    """
+    # Columns with (numerically) no sparsity left are already explained: score 0.
+    score = st.abs2(st.Q) / np.maximum(st.S, st.tiny_s)
+    score[st.idx] = -np.inf
+    m = int(np.argmax(score))
+    if score[m] <= 1.0:
+        return None
+    if add_level is None:
+        admissible = prune <= 0              # the original rule: any column with |q|^2 > s
+    else:
+        admissible = _passes_add_test(score, add_level, st.complex_, st.N - st.idx.size)
+    if not admissible:
+        if prune <= 0:
+            return None
+        # gamma = theta / s^2 = (score - 1) / s for the candidates.
+        g_new = (score - 1.0) / np.maximum(st.S, st.tiny_s)
+        gmax = max(float(g_new.max()), 1.0 / float(st.alpha.min()) if st.idx.size else 0.0)
+        score = np.where(g_new >= prune * gmax, score, -np.inf)
+        m = int(np.argmax(score))
+        if score[m] <= 1.0:
+            return None
+    r = float(score[m]) - 1.0
+    s_m = max(float(st.S[m]), float(st.tiny_s[m]))
+    return r - math.log1p(r), m, max(s_m / r, st.alpha_floor)
+
+
+def _best_change(st: _FastSBLState):
+    """``(gain, column, alpha)`` of the best re-estimation or deletion of an active column.
+
+    For an active column, ``Sigma_jj = 1 / (alpha_j + s_j)`` and ``mu_j = Sigma_jj q_j``; the
+    textbook ``s = alpha S / (alpha - S)`` cancels catastrophically once ``s >> alpha``
+    (small noise), this form does not.
+    """
+    a = st.alpha
+    sjj = np.diagonal(st.Sigma).real
+    s = 1.0 / sjj - a
+    q2 = st.abs2(st.mu) / (sjj * sjj)
+    theta = q2 - s
+    keep = theta > 0
+    new_alpha = np.where(keep, np.maximum(s * s / np.where(keep, theta, 1.0), st.alpha_floor), np.inf)
+    with np.errstate(all="ignore"):
+        gain = np.where(keep, _ell_change(a, np.where(keep, new_alpha, a), s, q2), -_ell(a, s, q2))
+    # A step whose gain rounding cannot resolve (NaN) is not taken.
+    gain = np.where(np.isnan(gain), -np.inf, gain)
+    if a.size == 1:
+        # Keep at least one column: deleting the last would leave nothing to re-estimate.
+        gain = np.where(keep, gain, -np.inf)
+    j = int(np.argmax(gain))
+    return float(gain[j]), int(st.idx[j]), float(new_alpha[j])
+
+
+def _passes_add_test(score, level: float, complex_: bool, n: int) -> bool:
+    """Does the highest score pass Benjamini-Hochberg at false discovery rate ``level``?
+
+    If ``y`` did not depend on column j, ``|q_j|^2 / s_j`` would be chi-square(1) (real) or
+    exponential (complex) with mean 1. BH admits the ``k`` highest scores, ``k`` the largest
+    rank whose p-value is at most ``level k / n`` (``n`` inactive columns); it admits any
+    column only if it admits the highest. Only scores with p-value <= ``level`` can count,
+    so just those few are sorted.
+    """
+    z = score[score > _null_quantile(level, complex_)]
+    if z.size == 0:
+        return False
+    p = np.exp(-z) if complex_ else torch.special.erfc(torch.from_numpy(np.sqrt(z / 2.0))).numpy()
+    p.sort()
+    return bool((p <= level * np.arange(1, z.size + 1) / n).any())
+
+
+@functools.lru_cache(maxsize=16)
+def _null_quantile(level: float, complex_: bool) -> float:
+    """The score whose null p-value is ``level`` (chi-square(1) or exponential upper tail)."""
+    if complex_:
+        return -math.log(level)
+    return 2.0 * float(torch.special.erfinv(torch.tensor(1.0 - level, dtype=torch.float64))) ** 2
+
+
+def _fast_noise_step(st: _FastSBLState, floor: float) -> float:
+    """MacKay's noise update ``sigma2 = ||y - Phi mu||^2 / (M - dof)``, kept only if it lowers
+    the cost (so the cost stays monotone). Returns the relative change of sigma2 applied."""
+    resid, dof = st.residual_and_dof()
+    old_beta, old_cost = st.beta, st.cost
+    s2 = max(resid / max(st.M - dof, 1e-3 * st.M), floor)
+    beta = 1.0 / s2
+    if abs(beta - old_beta) <= 1e-12 * old_beta:
+        return 0.0
+    saved = (st.S, st.Q, st.Sigma, st.mu, st.cost)
+    st.set_beta(beta)
+    try:
+        st.full_refresh()
+    except RecoveryError:                    # too small a noise for this active set
+        st.cost = math.nan
+    if not st.cost <= old_cost:              # also rejects a NaN cost
+        st.set_beta(old_beta)
+        st.S, st.Q, st.Sigma, st.mu, st.cost = saved
+        return 0.0
+    return abs(old_beta / beta - 1.0)
+
+
+def _fast_sbl_loop(A: torch.Tensor, y: torch.Tensor, *, noise_var, max_iter: int, tol: float,
+                   prune: float, record_cost: bool, add_level: float | None = 0.1) -> RecoveryResult:
+    """One measurement vector of fast SBL; ``A`` and ``y`` are torch tensors (any device)."""
+    M, N = A.shape
+    rdt = real_dtype(A.dtype)
+    dev = A.device
+    cdt = np.complex128 if A.is_complex() or y.is_complex() else np.float64
+    Phi = A.detach().cpu().numpy().astype(cdt, copy=False)
+    yn = y.detach().cpu().numpy().astype(cdt, copy=False)
+    ypow = float(np.vdot(yn, yn).real) / M
+    if ypow == 0.0:
+        return RecoveryResult(x=torch.zeros(N, dtype=A.dtype, device=dev),
+                              support=torch.zeros(0, dtype=torch.long), n_iter=0, converged=True,
+                              info={"cost": [], "noise_var": 0.0 if noise_var is None else noise_var,
+                                    "gamma": torch.zeros(N, dtype=rdt, device=dev),
+                                    "n_added": 0, "n_deleted": 0, "n_reestimated": 0})
+    floor = noise_floor(ypow, rdt)
+    learn = noise_var is None
+    s2 = 0.1 * ypow if learn else max(float(noise_var), floor)
+    st = _FastSBLState(Phi, yn, 1.0 / s2)
+    counts = {"n_added": 0, "n_deleted": 0, "n_reestimated": 0}
+    costs = [st.cost] if record_cost else []
+    converged = False
+    it = 0
+    for it in range(1, max_iter + 1):
+        gain, m, new_alpha = _fast_best_action(st, prune, add_level)
+        if gain <= tol:
+            # No single step helps: done, unless a noise update still moves.
+            if not learn or _fast_noise_step(st, floor) <= tol:
+                converged = True
+                break
+        else:
+            _fast_apply(st, m, new_alpha, counts)
+            st.cost -= gain
+            if learn and it % _NOISE_EVERY == 0:
+                _fast_noise_step(st, floor)
+            elif it % _REFRESH_EVERY == 0:
+                st.full_refresh()
+        if record_cost:
+            costs.append(st.cost)
+    st.full_refresh()
+    x = torch.zeros(N, dtype=A.dtype, device=dev)
+    idx = torch.from_numpy(np.sort(st.idx))
+    order = np.argsort(st.idx)
+    x[idx.to(dev)] = torch.from_numpy(st.mu[order]).to(device=dev, dtype=A.dtype)
+    gamma = torch.zeros(N, dtype=rdt, device=dev)
+    gamma[idx.to(dev)] = torch.from_numpy(1.0 / st.alpha[order]).to(device=dev, dtype=rdt)
+    if not converged:
+        logger.info("sbl (fast): not converged after %d iterations", it)
+    return RecoveryResult(x=x, support=idx, n_iter=it, converged=converged,
+                          info={"cost": costs, "noise_var": 1.0 / st.beta, "gamma": gamma, **counts})
+
+
+# Full recomputation of the active-set statistics every this many steps bounds the rounding
+# drift of the rank-one updates. A learned noise variance is updated every _NOISE_EVERY steps
+# (each update needs a full recomputation; every step was no more accurate, 8 trials of
+# N=512, M=128, K=5..40).
+_REFRESH_EVERY = 50
+_NOISE_EVERY = 3
+
+
+def _fast_apply(st: _FastSBLState, m: int, new_alpha: float, counts: dict):
+    """Carry out the chosen step on column ``m``."""
+    pos = np.nonzero(st.idx == m)[0]
+    if pos.size == 0:
+        st.add(m, new_alpha)
+        counts["n_added"] += 1
+    elif math.isinf(new_alpha):
+        st.delete(int(pos[0]))
+        counts["n_deleted"] += 1
+    else:
+        st.reestimate(int(pos[0]), new_alpha)
+        counts["n_reestimated"] += 1
