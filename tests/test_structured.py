@@ -253,8 +253,8 @@ def test_wanda_on_llama_reads_activations():
     with torch.no_grad():  # channel c: tiny down_proj column, huge activation (large gate/up rows)
         for layer in model.model.layers:
             layer.mlp.down_proj.weight[:, c] *= 1e-3
-            layer.mlp.gate_proj.weight[c] *= 30
-            layer.mlp.up_proj.weight[c] *= 30
+            layer.mlp.gate_proj.weight[c] *= 100
+            layer.mlp.up_proj.weight[c] *= 100
     calib = _ids(4, 16, seed=3)
     wanda = shrink_(copy.deepcopy(model), ShrinkConfig(mlp=0.5, criterion="wanda"), calib, progress=False)
     assert c not in wanda.layers[0].removed

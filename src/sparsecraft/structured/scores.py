@@ -8,9 +8,10 @@ mode and restores mode, ``requires_grad`` flags and any existing ``.grad`` after
 model is unchanged.
 
 * ``magnitude``: L2 norm of all the unit's weights (producing rows and consuming columns).
-* ``wanda``: ``sum |W_ij| * ||X_j||`` over the unit's weights, with ``X_j`` the input channel
-  the weight multiplies (for consuming columns that is the unit's own activation, so a unit
-  with small weights but large activations scores high).
+* ``wanda``: ``sum |W_ij| * ||X_j||`` over the weights that read the unit (the next layer's
+  columns), ``X_j`` being the unit's own activation over the calibration tokens; a unit with
+  small weights but large activations scores high. See :func:`wanda_slices` for why the
+  producing rows are left out.
 * ``taylor``: ``sum |w * dL/dw|`` over the unit's parameters (biases and norm parameters
   included), the first-order estimate of the loss change when the unit is removed; ``L`` is
   the language-model loss for causal LMs, or a ``loss_fn(model, batch)`` you pass.
@@ -30,7 +31,7 @@ from ..errors import ConfigError
 from .groups import Slice, UnitGroup
 
 __all__ = ["unit_sums", "magnitude_map", "wanda_map", "taylor_map", "group_scores", "select_units",
-           "input_norms", "taylor_grads", "default_loss"]
+           "input_norms", "taylor_grads", "default_loss", "weight_slices", "wanda_slices"]
 
 log = logging.getLogger(__name__)
 _WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
@@ -207,12 +208,23 @@ def taylor_grads(model: nn.Module, params: dict[str, nn.Parameter], calibration:
             p.requires_grad_(flag)
 
 
-def weighted_modules(model: nn.Module, groups: list[UnitGroup]) -> dict[str, nn.Module]:
-    """Linear/Conv modules among the groups' slices (the ones whose inputs Wanda needs)."""
-    out = {}
-    for g in groups:
-        for s in g.slices:
-            m = model.get_submodule(s.module)
-            if isinstance(m, _WEIGHTED) and "weight" in s.tensors:
-                out[s.module] = m
-    return out
+def weight_slices(model: nn.Module, group: UnitGroup) -> list[Slice]:
+    """Slices of a group that cut a Linear/Conv weight."""
+    return [s for s in group.slices
+            if "weight" in s.tensors and isinstance(model.get_submodule(s.module), _WEIGHTED)]
+
+
+def wanda_slices(model: nn.Module, group: UnitGroup) -> list[Slice]:
+    """The slices Wanda scores: the weights that read the unit (consuming columns).
+
+    Removing a unit removes exactly those weights from the next layer, and Wanda's
+    ``|W_ij| * ||X_j||`` is the size of what each of them adds to that layer's output. The
+    producing rows add nothing once the unit's output is gone, and their ``|W| * ||x||``
+    measures how large the unit's pre-activation is rather than what it contributes (on
+    SmolLM2-135M, scoring rows and columns together gave perplexity 88.9 at 30% MLP removal
+    and 373 at 50%; columns only 74.9 and 258). A group without consuming weights falls
+    back to all its weight slices.
+    """
+    slices = weight_slices(model, group)
+    consumers = [s for s in slices if s.dim == 1]
+    return consumers or slices

@@ -82,7 +82,7 @@ class ShrinkReport:
         width = max([len(l.name) for l in self.layers] + [5])
         lines = [f"{'layer'.ljust(width)}  {'kind':>5}  {'units':>13}  {'k/v groups':>10}"]
         for l in self.layers:
-            kv = f"{l.buckets_before}->{l.buckets_after}" if l.kind == "heads" else ""
+            kv = f"{l.buckets_before}->{l.buckets_after}" if l.buckets_before != l.before else ""
             lines.append(f"{l.name.ljust(width)}  {l.kind:>5}  {f'{l.before}->{l.after}':>13}  {kv:>10}")
         ratio = self.params_after / self.params_before if self.params_before else 1.0
         lines.append(f"parameters {self.params_before:,} -> {self.params_after:,} ({ratio:.3f} of dense); "
@@ -251,16 +251,14 @@ def _score_maps(model, plan: ShrinkPlan, config: ShrinkConfig, calibration, loss
     groups = [st.group for st in plan.steps]
     maps: dict[Slice, list[torch.Tensor]] = {}
     if config.criterion == "magnitude":
-        for s in (s for g in groups for s in g.slices):
-            m = model.get_submodule(s.module)
-            if isinstance(m, S._WEIGHTED) and "weight" in s.tensors:
-                maps[s] = [S.magnitude_map(m.weight)]
+        for s in (s for g in groups for s in S.weight_slices(model, g)):
+            maps[s] = [S.magnitude_map(model.get_submodule(s.module).weight)]
     elif config.criterion == "wanda":
-        modules = S.weighted_modules(model, groups)
+        slices = [s for g in groups for s in S.wanda_slices(model, g)]
+        modules = {s.module: model.get_submodule(s.module) for s in slices}
         norms = S.input_norms(model, modules, calibration, config.batch_size, progress)
-        for s in (s for g in groups for s in g.slices):
-            if s.module in modules:
-                maps[s] = [S.wanda_map(modules[s.module].weight, norms[s.module])]
+        for s in slices:
+            maps[s] = [S.wanda_map(modules[s.module].weight, norms[s.module])]
     else:
         params = {f"{s.module}.{t}": model.get_submodule(s.module)._parameters[t]
                   for g in groups for s in g.slices for t in s.tensors
