@@ -14,6 +14,7 @@ SECTIONS = [
     ("formats.md", "Storage formats: file size and save/load time (issue: Foundation)"),
     ("oneshot.md", "Calibrated one-shot pruning of real models (issue: One-shot)"),
     ("train.md", "Sparse training on real data (issue: Sparse training)"),
+    ("shrink.md", "Structured shrinking: smaller and faster tensors (issue 5)"),
     ("recovery.md", "Sparse recovery (issue: Sparse recovery)"),
 ]
 
