@@ -350,8 +350,8 @@ def test_greedy_decode_matches_generate(tiny_llama_dir):
     model, _ = sc.models.load(str(tiny_llama_dir))
     ids = _tokens(1, 8, seed=7)
     result = rt.greedy_decode(model, ids, 5)
-    expected = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)[0, 9:].tolist()
-    assert result.tokens == expected
+    expected = model.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5)[0, 8:].tolist()
+    assert result.tokens == expected and result.decode_steps == 4
     assert result.tokens_per_second > 0 and rt.prefill_seconds(model, ids, repeats=1) > 0
 
 
@@ -369,7 +369,7 @@ def test_cli_compile_and_bench(tmp_path, tiny_llama_dir, capsys):
     model, _ = rt.load_compiled(tmp_path / "compiled")
     plan = json.loads((tmp_path / "compiled" / rt.PLAN_FILE).read_text())["plan"]
     assert {n for n, m in model.named_modules() if isinstance(m, rt.SparseLinear)} == set(plan)
-    assert main(["-q", "bench", str(pruned), "--prompt-len", "16", "--new-tokens", "3", "--repeats", "1",
+    assert main(["-q", "bench", str(pruned), "--prompt-len", "16", "--new-tokens", "4", "--repeats", "1",
                  "--act-sparsity", "0.5", "--calib-samples", "2", "--calib-len", "16",
                  "--json", str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out

@@ -123,9 +123,7 @@ class ActivationSparseLinear(nn.Module):
                 _column_major_(self.weight)
             wt = self.weight.t()  # contiguous: the weight is stored column-major
             if self.kernel == "cpp":
-                from .extension import get_extension
-
-                y = get_extension().act_gemv(x1.contiguous(), wt, self.scale, self.threshold, self.bias)
+                y = _extension().act_gemv(x1.contiguous(), wt, self.scale, self.threshold, self.bias)
             else:
                 y = gather_decode(x1, wt, self.bias, self.threshold, self.scale)
             return y.view(*x.shape[:-1], self.out_features)
@@ -137,6 +135,12 @@ class ActivationSparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"threshold={self.threshold:.4g}, scale={'wina' if self.scale is not None else 'none'}, "
                 f"kernel={self.kernel}, prefill={self.prefill}")
+
+
+def _extension():
+    from .extension import get_extension
+
+    return get_extension()
 
 
 def _column_major_(param: nn.Parameter) -> None:

@@ -9,7 +9,8 @@ handlers, so ``sparsecraft --help`` stays fast.
   plan (``runtime_plan.json``); ``sparsecraft.runtime.load_compiled(DIR)`` applies it
   without measuring again.
 * ``bench MODEL``: prefill latency (one pass over ``--prompt-len`` tokens) and decode speed
-  (batch 1, KV cache, greedy, ``--new-tokens`` steps) of the dense model, of the planned
+  (batch 1, KV cache, greedy: ``--new-tokens`` tokens, the first from the prefill, then one
+  decode step per token) of the dense model, of the planned
   kernels when MODEL has sparse weights, and with activation sparsity (``--act-sparsity``).
 """
 
@@ -54,6 +55,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _int_at_least_2(text: str) -> int:
+    value = _positive(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("--new-tokens needs at least 2 (one from the prefill, one decode step)")
+    return value
+
+
 def register(subparsers) -> dict:
     c = subparsers.add_parser(
         "compile", help="measure sparse kernels per layer and plan the fastest (never slower than dense)",
@@ -74,14 +82,15 @@ def register(subparsers) -> dict:
     b = subparsers.add_parser(
         "bench", help="prefill latency and decode tokens/s: dense, planned sparse kernels, activation sparsity",
         description="Measure a causal LM: one prefill pass over --prompt-len tokens and --new-tokens greedy "
-        "decode steps (batch 1, KV cache), dense and sparse. The prompt is held-out text.",
+        "tokens (batch 1, KV cache; decode tokens/s counts the one-token steps after the prefill), dense and "
+        "sparse. The prompt is held-out text.",
         epilog=EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("model", help="checkpoint folder, Hugging Face folder or named model")
     b.add_argument("--act-sparsity", type=_fraction, default=None, metavar="S",
                    help="also measure activation sparsity S (fraction of inputs skipped per layer)")
     b.add_argument("--act-method", choices=("teal", "wina"), default="teal", help="activation scores (default teal)")
     b.add_argument("--prompt-len", type=_positive, default=512, help="prompt tokens (default 512)")
-    b.add_argument("--new-tokens", type=_positive, default=64, help="greedy decode steps (default 64)")
+    b.add_argument("--new-tokens", type=_int_at_least_2, default=64, help="tokens to generate greedily (default 64)")
     b.add_argument("--repeats", type=_positive, default=3, help="measurements per configuration; medians (default 3)")
     b.add_argument("--calib-samples", type=_positive, default=16, help="calibration windows for thresholds (default 16)")
     b.add_argument("--calib-len", type=_positive, default=512, help="tokens per calibration window (default 512)")

@@ -85,7 +85,7 @@ def prefill_seconds(model, ids: torch.Tensor, repeats: int = 3) -> float:
 
 
 class DecodeResult:
-    """Tokens produced by greedy decoding and the time the decode steps took."""
+    """Tokens produced by greedy decoding; the time of the prefill and of the decode steps."""
 
     def __init__(self, tokens: list[int], prefill_seconds: float, decode_seconds: float):
         self.tokens = tokens
@@ -93,14 +93,22 @@ class DecodeResult:
         self.decode_seconds = decode_seconds
 
     @property
+    def decode_steps(self) -> int:
+        return len(self.tokens) - 1  # the first token comes from the prefill
+
+    @property
     def tokens_per_second(self) -> float:
-        return len(self.tokens) / self.decode_seconds
+        return self.decode_steps / self.decode_seconds
 
 
 @torch.inference_mode()
 def greedy_decode(model, ids: torch.Tensor, new_tokens: int) -> DecodeResult:
-    """Prefill ``ids`` ([1, length]) with a KV cache, then ``new_tokens`` greedy steps of one
-    token each; ``decode_seconds`` covers those steps only (the prefill is timed apart)."""
+    """``new_tokens`` greedy tokens after the prompt ``ids`` ([1, length]), as
+    ``generate(max_new_tokens=new_tokens, do_sample=False)`` makes them: the first from the
+    prefill (which fills the KV cache), each further one from a one-token decode step.
+    ``decode_seconds`` covers the ``new_tokens - 1`` decode steps only."""
+    if new_tokens < 2:
+        raise ValueError("greedy_decode needs new_tokens >= 2 (one prefill token, one decode step)")
     kwargs = _forward_kwargs(model)
     device = ids.device
     _sync(device)
@@ -109,9 +117,9 @@ def greedy_decode(model, ids: torch.Tensor, new_tokens: int) -> DecodeResult:
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     prefill = time.perf_counter() - start
-    cache, produced = out.past_key_values, []
+    cache, produced = out.past_key_values, [int(nxt)]
     start = time.perf_counter()
-    for _ in range(new_tokens):
+    for _ in range(new_tokens - 1):
         out = model(nxt, past_key_values=cache, use_cache=True, **kwargs)
         cache = out.past_key_values
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)

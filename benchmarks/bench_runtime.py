@@ -1,0 +1,347 @@
+"""Does sparsity buy speed? Layer kernels against density, and SmolLM2-135M end to end.
+
+    flock /tmp/sparsecraft-bench.lock env .venv/bin/python benchmarks/bench_runtime.py layers
+    flock /tmp/sparsecraft-bench.lock env .venv/bin/python benchmarks/bench_runtime.py model
+    .venv/bin/python benchmarks/bench_runtime.py table     # rewrite runtime.md / the plot
+
+``layers``: y = x W^T + b for W of shape 2048x2048 and 576x1536 (out x in), unstructured
+random zeros at 50..99% sparsity, x with 1, 16 and 256 rows. Every kernel is timed in the
+same run as dense, in turns (``interleaved_medians``: median of ``--repeats`` samples), on
+warm caches. "planner" is the kernel the planner's rule picks from that measurement (dense
+unless a sparse kernel is >= 5% faster), re-timed against dense in a second, independent
+measurement: that is the check that its choice is never slower than dense. At one row the
+activation-sparse decode kernels are timed too (x-axis: the fraction of inputs skipped).
+
+``model``: SmolLM2-135M (fp32): prefill latency of a 512-token prompt (one forward pass,
+last-position logits only) and decode tokens/s (batch 1, KV cache, greedy, 64 tokens: one
+from the prefill, 63 one-token steps timed) for dense; activation sparsity (TEAL) at 25, 40,
+50% (and WINA at 50%), calibrated on 16 x 512 Lee-corpus tokens; a control with every input
+kept but the gather kernel used; and the MLP weights (gate/up/down) magnitude-pruned to 90%
+unstructured, finalised, run with dense kernels and then with the planner's kernels.
+Perplexity: held-out Lee text, windows of 512; activation sparsity applied to every token
+(prefill="masked"), as if each were decoded.
+
+Results: benchmarks/results/runtime_layers.json, runtime_model.json, runtime.md,
+runtime_layers.png. The script sets torch's thread count (``--threads``, default 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).parent / "results"
+LAYERS_OUT = RESULTS / "runtime_layers.json"
+MODEL_OUT = RESULTS / "runtime_model.json"
+SHAPES = [(2048, 2048), (576, 1536)]
+SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
+BATCHES = [1, 16, 256]
+
+log = logging.getLogger("bench_runtime")
+
+
+def _env(threads: int) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    from sparsecraft.runtime.extension import extension_status
+
+    return {"commit": commit, "torch": torch.__version__, "machine": platform.machine(),
+            "cpus": os.cpu_count(), "threads": threads, "load_avg_start": os.getloadavg()[0],
+            "extension": extension_status(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
+
+
+# -- layers ------------------------------------------------------------------------------
+def _weight(shape, sparsity, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=g) / shape[1] ** 0.5
+    return w.masked_fill(torch.rand(*shape, generator=g) < sparsity, 0.0)
+
+
+def run_layers(repeats: int, margin: float = 0.05) -> dict:
+    from sparsecraft.runtime import KERNELS, interleaved_medians
+    from sparsecraft.runtime import activation as act
+    from sparsecraft.runtime.extension import get_extension
+
+    ext = get_extension()
+    rows = []
+    for out_f, in_f in SHAPES:
+        bias = torch.randn(out_f) * 0.01
+        for s in SPARSITIES:
+            w = _weight((out_f, in_f), s)
+            packed = {k: kern.pack(w) for k, kern in KERNELS.items() if k != "csr_cpp" or ext is not None}
+            for n in BATCHES:
+                x = torch.randn(n, in_f)
+                fns = {k: (lambda k=k, p=p: KERNELS[k].run(p, x, bias, out_f)) for k, p in packed.items()}
+                times = interleaved_medians(fns, repeats=repeats)
+                best = min(times, key=times.get)
+                choice = best if best == "dense" or times[best] <= (1 - margin) * times["dense"] else "dense"
+                check = interleaved_medians({"dense": fns["dense"], "chosen": fns[choice]}, repeats=repeats)
+                row = {"shape": [out_f, in_f], "sparsity": s, "batch": n, "times": times, "planner": choice,
+                       "planner_recheck": check["dense"] / check["chosen"]}
+                rows.append(row)
+                print(f"{out_f}x{in_f} s={s} n={n}: dense {times['dense'] * 1e3:.3f} ms; "
+                      + ", ".join(f"{k} {times['dense'] / t:.2f}x" for k, t in times.items() if k != "dense")
+                      + f"; planner {choice} (re-check {row['planner_recheck']:.2f}x)", flush=True)
+    # activation sparsity, one token: the weight stays dense, a fraction s of inputs is skipped
+    act_rows = []
+    for out_f, in_f in SHAPES:
+        w, bias = _weight((out_f, in_f), 0.0), torch.randn(out_f) * 0.01
+        wt = w.t().contiguous()
+        x = torch.randn(in_f)
+        for s in [0.0, 0.25, 0.4, 0.5] + SPARSITIES[1:]:
+            thr = float(x.abs().kthvalue(max(1, round(s * in_f))).values) if s > 0 else -1.0
+            fns = {"dense": lambda: F.linear(x, w, bias),
+                   "act_embag": lambda thr=thr: act.gather_decode(x, wt, bias, thr)}
+            if ext is not None:
+                fns["act_cpp"] = lambda thr=thr: ext.act_gemv(x, wt, None, thr, bias)
+            times = interleaved_medians(fns, repeats=repeats)
+            act_rows.append({"shape": [out_f, in_f], "skipped": s, "times": times})
+            print(f"act {out_f}x{in_f} skip={s}: dense {times['dense'] * 1e3:.3f} ms; "
+                  + ", ".join(f"{k} {times['dense'] / t:.2f}x" for k, t in times.items() if k != "dense"), flush=True)
+    return {"rows": rows, "activation": act_rows}
+
+
+# -- SmolLM2 end to end -------------------------------------------------------------------
+def run_model(prompt_len: int, new_tokens: int, repeats: int, calib_samples: int) -> dict:
+    import sparsecraft as sc
+    from sparsecraft import data, evaluate, models, runtime as rt
+
+    model, tok = models.load("smollm2-135m")
+    eval_tokens = data.evaluation_tokens(tok)
+    ids = eval_tokens[:prompt_len].unsqueeze(0)
+    calib = data.calibration(tok, calib_samples, 512, seed=0)
+    results: dict = {"settings": {"prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+                                  "calibration": [calib_samples, 512], "eval_tokens": int(eval_tokens.numel())},
+                     "runs": {}}
+
+    def measure(name: str, ppl_hook=None, **extra) -> None:
+        start = time.perf_counter()
+        prefill = rt.prefill_seconds(model, ids, repeats=repeats)
+        decodes = [rt.greedy_decode(model, ids, new_tokens) for _ in range(repeats)]
+        rates = sorted(d.tokens_per_second for d in decodes)
+        run = {"prefill_ms": prefill * 1e3, "decode_tok_s": rates[len(rates) // 2], "decode_tok_s_all": rates,
+               "tokens": decodes[0].tokens, **extra}
+        if ppl_hook is not None:
+            ppl_hook(True)
+        run["perplexity"] = evaluate.perplexity(model, eval_tokens, 512, progress=False)
+        if ppl_hook is not None:
+            ppl_hook(False)
+        dense = results["runs"].get("dense")
+        if dense:
+            run["same_tokens"] = sum(a == b for a, b in zip(run["tokens"], dense["tokens"]))
+            run["decode_speedup"] = run["decode_tok_s"] / dense["decode_tok_s"]
+            run["prefill_speedup"] = dense["prefill_ms"] / run["prefill_ms"]
+        run["load_avg"] = os.getloadavg()[0]
+        run["seconds"] = time.perf_counter() - start
+        results["runs"][name] = run
+        print(f"{name}: " + json.dumps({k: v for k, v in run.items() if k not in ("tokens",)}), flush=True)
+
+    measure("dense")
+    for method, s in [("teal", 0.25), ("teal", 0.4), ("teal", 0.5), ("wina", 0.5)]:
+        handle = rt.sparsify_activations_(model, calib, s, method)
+        reached = handle.measure_sparsity(eval_tokens[: 4 * 512].reshape(4, 512))["overall"]
+        measure(f"act-{method}-{s:g}", ppl_hook=lambda on: handle.set_mode(prefill="masked" if on else "dense"),
+                kind="activation", method=method, target=s, reached_held_out=reached, kernel=handle.kernel)
+        handle.remove()
+    # control: the gather kernel with every input kept (threshold below every score)
+    handle = rt.sparsify_activations_(model, calib, 0.0)
+    for m in handle.modules.values():
+        m.threshold = -1.0
+    measure("act-control-0", kind="activation", method="teal", target=0.0, kernel=handle.kernel)
+    handle.remove()
+
+    state = sc.prune_(model, sc.Magnitude(sparsity=0.9, targets={"include": ["*.mlp.*"]}), progress=False)
+    sparsity = state.sparsity()
+    state.finalize_()
+    measure("mlp90-dense-kernels", kind="weights", sparsity=sparsity)
+    start = time.perf_counter()
+    report = rt.compile_(model, ids, ids[:, :1])
+    plan_seconds = time.perf_counter() - start
+    print(report, flush=True)
+    chosen: dict[str, int] = {}
+    for p in report.layers:
+        chosen[f"{p.rows} rows: {p.chosen}"] = chosen.get(f"{p.rows} rows: {p.chosen}", 0) + 1
+    measure("mlp90-planner", kind="weights", sparsity=sparsity, plan_seconds=plan_seconds, chosen=chosen,
+            planned_layer_ms={str(r): t for r, t in report.totals().items()})
+    results["plan"] = report.to_dict()
+    return results
+
+
+# -- tables and plot ------------------------------------------------------------------------
+def _f(x, spec=".2f"):
+    return format(x, spec) if isinstance(x, (int, float)) else "-"
+
+
+def write_table() -> str:
+    lines = ["# Runtime: sparse kernels and activation sparsity", ""]
+    if LAYERS_OUT.exists():
+        res = json.loads(LAYERS_OUT.read_text())
+        env = res["env"]
+        lines += [f"Produced by `{env['command']}` under `flock /tmp/sparsecraft-bench.lock` (commit {env['commit']}, "
+                  f"torch {env['torch']}, {env['cpus']} CPUs, **torch threads {env['threads']}**, compiled kernels: "
+                  f"{env['extension']}; 1-min load average {env['load_avg_start']:.1f} at start, "
+                  f"{env.get('load_avg_end', float('nan')):.1f} at end).", "",
+                  "Layer `y = x W^T + b`, W unstructured random zeros, x with *batch* rows; speed-up = dense time / "
+                  "kernel time, medians of interleaved samples in one run, warm caches. *ideal* = 1/density. "
+                  "*planner* = the kernel the planner's rule picks from these times (dense unless >= 5% faster), "
+                  "re-timed against dense in a second measurement.", ""]
+        for shape in SHAPES:
+            for n in BATCHES:
+                rows = [r for r in res["rows"] if tuple(r["shape"]) == shape and r["batch"] == n]
+                if not rows:
+                    continue
+                kernels = [k for k in rows[0]["times"] if k != "dense"]
+                lines += [f"**W {shape[0]}x{shape[1]}, batch {n}**", "",
+                          "| sparsity | dense ms | " + " | ".join(kernels) + " | ideal | planner (re-check) |",
+                          "|---|---|" + "---|" * len(kernels) + "---|---|"]
+                for r in rows:
+                    t = r["times"]
+                    lines.append(f"| {r['sparsity']:.2f} | {t['dense'] * 1e3:.3f} | "
+                                 + " | ".join(f"{t['dense'] / t[k]:.2f}x" for k in kernels)
+                                 + f" | {1 / (1 - r['sparsity']):.0f}x | {r['planner']} ({r['planner_recheck']:.2f}x) |")
+                lines.append("")
+        worst = min(res["rows"], key=lambda r: r["planner_recheck"])
+        lines += [f"Lowest planner re-check over all {len(res['rows'])} cells: {worst['planner_recheck']:.2f}x "
+                  f"(W {worst['shape'][0]}x{worst['shape'][1]}, sparsity {worst['sparsity']}, batch {worst['batch']}, "
+                  f"{worst['planner']}).", ""]
+        if res.get("activation"):
+            lines += ["**Activation-sparse decode (one token, dense weight, a fraction of inputs skipped)**: "
+                      "speed-up over dense `F.linear`; *act_embag* = `F.embedding_bag` over the active rows of "
+                      "W^T, *act_cpp* = the compiled gather-GEMV. Skip 0 keeps every input (kernel only).", "",
+                      "| W | skipped | dense ms | act_embag | act_cpp | ideal |", "|---|---|---|---|---|---|"]
+            for r in res["activation"]:
+                t = r["times"]
+                ideal = 1 / (1 - r["skipped"])
+                lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['skipped']:.2f} | {t['dense'] * 1e3:.3f} | "
+                             f"{t['dense'] / t['act_embag']:.2f}x | "
+                             f"{(t['dense'] / t['act_cpp']) if 'act_cpp' in t else float('nan'):.2f}x | {ideal:.1f}x |")
+            lines.append("")
+        lines += ["Plot: `runtime_layers.png`.", ""]
+    if MODEL_OUT.exists():
+        res = json.loads(MODEL_OUT.read_text())
+        env, st = res["env"], res["settings"]
+        lines += ["## SmolLM2-135M end to end", "",
+                  f"Produced by `{env['command']}` under `flock /tmp/sparsecraft-bench.lock` (commit {env['commit']}, "
+                  f"**torch threads {env['threads']}**, compiled kernels: {env['extension']}; 1-min load average "
+                  f"{env['load_avg_start']:.1f} at start, {env.get('load_avg_end', float('nan')):.1f} at end). "
+                  f"fp32; prompt {st['prompt_len']} tokens of held-out Lee text; prefill = one forward pass "
+                  f"(last-position logits), median of {st['repeats']}; decode = {st['new_tokens']} greedy tokens with "
+                  f"a KV cache, batch 1, tokens/s over the {st['new_tokens'] - 1} one-token steps, median of "
+                  f"{st['repeats']}; *same tokens* = greedy tokens equal to dense's, position by position. "
+                  f"Perplexity on {st['eval_tokens']} held-out tokens (windows of 512); activation sparsity is applied "
+                  f"to every token there. Thresholds calibrated on {st['calibration'][0]} x {st['calibration'][1]} "
+                  f"Lee-corpus tokens.", "",
+                  "| configuration | kernel | sparsity | prefill ms | prefill x | decode tok/s | decode x | same tokens | perplexity |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, r in res["runs"].items():
+            if r.get("kind") == "activation":
+                sp = (f"act {r['target']:.2f} (held-out {r['reached_held_out']:.3f})" if "reached_held_out" in r
+                      else "act 0 (all inputs kept)")
+            elif r.get("kind") == "weights":
+                sp = f"MLP weights {r['sparsity']:.2f}"
+            else:
+                sp = "-"
+            kernel = r.get("kernel", "planner" if name.endswith("planner") else "dense")
+            lines.append(f"| {name} | {kernel} | {sp} | {r['prefill_ms']:.1f} | {_f(r.get('prefill_speedup'))} | "
+                         f"{r['decode_tok_s']:.2f} | {_f(r.get('decode_speedup'))} | "
+                         f"{r.get('same_tokens', '-')}/{len(r['tokens'])} | {r['perplexity']:.2f} |")
+        planner = res["runs"].get("mlp90-planner")
+        if planner:
+            lines += ["", f"Planner on the 90% model: {planner['plan_seconds']:.0f} s to measure; choices "
+                      + ", ".join(f"{k} x{v}" for k, v in sorted(planner["chosen"].items()))
+                      + "; summed layer times (dense -> chosen) "
+                      + ", ".join(f"{r} rows {t['dense'] * 1e3:.1f} -> {t['chosen'] * 1e3:.1f} ms"
+                                  for r, t in planner["planned_layer_ms"].items()) + "."]
+        lines.append("")
+    text = "\n".join(lines)
+    (RESULTS / "runtime.md").write_text(text)
+    _plot()
+    return text
+
+
+def _plot() -> None:
+    if not LAYERS_OUT.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = json.loads(LAYERS_OUT.read_text())
+    fig, axes = plt.subplots(len(SHAPES), len(BATCHES), figsize=(13, 7.5), sharex=True, squeeze=False)
+    colors = {"csr": "#888", "csr_embag": "#3a6ea5", "csr_cpp": "#c03", "planner": "#2a2"}
+    for i, shape in enumerate(SHAPES):
+        for j, n in enumerate(BATCHES):
+            ax = axes[i][j]
+            rows = [r for r in res["rows"] if tuple(r["shape"]) == shape and r["batch"] == n]
+            dens = [1 - r["sparsity"] for r in rows]
+            ax.plot(dens, [1 / d for d in dens], "k--", lw=1, label="ideal 1/density")
+            ax.axhline(1.0, color="k", lw=0.6)
+            for k in rows[0]["times"]:
+                if k != "dense":
+                    ax.plot(dens, [r["times"]["dense"] / r["times"][k] for r in rows], "o-", ms=3,
+                            color=colors.get(k), label=k)
+            ax.plot(dens, [r["planner_recheck"] for r in rows], "s", ms=6, mfc="none", color=colors["planner"],
+                    label="planner (re-check)")
+            if n == 1 and res.get("activation"):
+                acts = [r for r in res["activation"] if tuple(r["shape"]) == shape and r["skipped"] > 0]
+                for k, c in (("act_cpp", "#e80"), ("act_embag", "#a6c")):
+                    if acts and k in acts[0]["times"]:
+                        ax.plot([1 - r["skipped"] for r in acts], [r["times"]["dense"] / r["times"][k] for r in acts],
+                                "^:", ms=4, color=c, label=f"{k} (x = active inputs)")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"W {shape[0]}x{shape[1]}, batch {n}", fontsize=9)
+            if i == len(SHAPES) - 1:
+                ax.set_xlabel("density (1 - sparsity)")
+            if j == 0:
+                ax.set_ylabel("speed-up over dense")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Sparse kernels against density (torch threads {res['env']['threads']}, medians)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "runtime_layers.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("layers", "model", "table"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None, help="default: 9 for layers, 3 for model")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--calib-samples", type=int, default=16)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.what == "table":
+        sys.stdout.write(write_table())
+        return
+    torch.set_num_threads(args.threads)
+    env = _env(args.threads)
+    if args.what == "layers":
+        res = run_layers(args.repeats or 9)
+        out = LAYERS_OUT
+    else:
+        res = run_model(args.prompt_len, args.new_tokens, args.repeats or 3, args.calib_samples)
+        out = MODEL_OUT
+    from sparsecraft.runtime.extension import extension_status
+
+    env["extension"] = extension_status()
+    env["load_avg_end"] = os.getloadavg()[0]
+    res["env"] = env
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    sys.stdout.write(write_table())
+
+
+if __name__ == "__main__":
+    main()
