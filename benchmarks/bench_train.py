@@ -37,6 +37,8 @@ SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 METHODS = ("static", "snip", "gmp", "imp", "set", "rigl")
 SETTINGS = [("mnist", "lenet300"), ("mnist", "cnn"), ("mnist1d", "lenet300")]
 NM_PATTERNS = ("2:4", "1:4", "1:8")
+SOUP_STEPS, SOUP_LR = 1500, 0.05  # each ingredient retrains with the full schedule
+SOUP_SPARSITIES = (0.9, 0.95)
 
 log = logging.getLogger("bench_train")
 
@@ -100,47 +102,54 @@ def part_nm(results):
 
 
 def part_soup(results):
-    """Prune a trained LeNet-300-100 to 90% (GMP), retrain 3 copies with different data
-    orders under the shared mask, average them; compare with each ingredient."""
-    if "soup_v2" in results:
+    """Sparse model soup: train LeNet-300-100 dense, then two rounds of (magnitude-prune to
+    90% / 95%, retrain 3 copies with different data orders under the shared mask, average);
+    each round starts from the previous soup. Each ingredient and soup is evaluated."""
+    if "soup_v4" in results:
         return
+    import sparsecraft as sc
     from sparsecraft.train import sparse_soup
     from sparsecraft.train.runner import accuracy, load_dataset
 
-    base = run_training(TrainRecipe(method="gmp", sparsity=0.9, seed=0), progress=False, return_model=True)
+    base = run_training(TrainRecipe(method="dense", sparsity=None, seed=0), progress=False, return_model=True)
     _, _, x_test, y_test = load_dataset("mnist")
+
+    def prune(model, round_):
+        sc.prune_(model, sc.Magnitude(sparsity=SOUP_SPARSITIES[round_])).finalize_()
+        return model
 
     def retrain(model, seed, round_):
         r = run_training(
-            TrainRecipe(method="static", sparsity=None, seed=100 + seed, steps=750, lr=0.02,
-                        options={"criterion": "existing"}),
+            TrainRecipe(method="static", sparsity=None, seed=100 * (round_ + 1) + seed, steps=SOUP_STEPS,
+                        lr=SOUP_LR, options={"criterion": "existing"}),
             progress=False, model=model, return_model=True,
         )
         return r["model"]
-
-    soup, ingredients = sparse_soup(base["model"], retrain, seeds=SEEDS)
-    models = ingredients[0]
 
     def test_loss(m):
         with torch.no_grad():
             return float(torch.nn.functional.cross_entropy(m(x_test), y_test))
 
     def distance(a, b):
-        return float(sum((p - q).pow(2).sum() for p, q in zip(a.parameters(), b.parameters())).sqrt())
+        with torch.no_grad():
+            return float(sum((p - q).pow(2).sum() for p, q in zip(a.parameters(), b.parameters())).sqrt())
 
-    results["soup_v2"] = {
-        "pruned_start": base["test_accuracy"],
-        "pruned_start_loss": test_loss(base["model"]),
-        "ingredients": [accuracy(m, x_test, y_test) for m in models],
-        "ingredient_losses": [test_loss(m) for m in models],
-        "ingredient_distance_to_first": [distance(models[0], m) for m in models[1:]],
-        "soup": accuracy(soup, x_test, y_test),
-        "soup_loss": test_loss(soup),
-        "soup_sparsity": float(sum(int((p == 0).sum()) for n, p in soup.named_parameters()
-                                   if n.endswith("weight") and not n.startswith("head"))
-                               / sum(p.numel() for n, p in soup.named_parameters()
-                                     if n.endswith("weight") and not n.startswith("head"))),
-    }
+    rounds_out, current = [], base["model"]
+    for r in range(len(SOUP_SPARSITIES)):
+        # one round at a time, so every round's soup is evaluated too
+        soup, ingredients = sparse_soup(current, retrain, seeds=SEEDS, prune=lambda m, _r, r=r: prune(m, r))
+        models = ingredients[0]
+        rounds_out.append({
+            "sparsity": SOUP_SPARSITIES[r],
+            "ingredients": [accuracy(m, x_test, y_test) for m in models],
+            "ingredient_losses": [test_loss(m) for m in models],
+            "ingredient_distance_to_first": [distance(models[0], m) for m in models[1:]],
+            "soup": accuracy(soup, x_test, y_test),
+            "soup_loss": test_loss(soup),
+        })
+        current = soup
+    results["soup_v4"] = {"dense": base["test_accuracy"], "dense_loss": test_loss(base["model"]),
+                          "rounds": rounds_out}
     _store(results)
 
 
@@ -247,19 +256,19 @@ def write_table(results) -> None:
                 cells.append(f"{_stats(vals)[0]:.2f} ± {_stats(vals)[1]:.2f}" if vals else "")
             lines.append(f"| {p} | " + " | ".join(cells) + " |")
         lines.append("")
-    soup = results.get("soup_v2")
+    soup = results.get("soup_v4")
     if soup:
-        ing = ", ".join(f"{100 * a:.2f}" for a in soup["ingredients"])
-        losses = ", ".join(f"{v:.4f}" for v in soup.get("ingredient_losses", []))
-        dist = ", ".join(f"{v:.3f}" for v in soup.get("ingredient_distance_to_first", []))
-        lines += ["**Sparse model soup** (LeNet-300-100, mnist, GMP to 90%, then 3 retrains of 750 steps "
-                  "(lr 0.02, cosine) with different data orders under the shared mask, averaged):", "",
-                  "| model | test accuracy % | test loss |", "|---|---|---|",
-                  f"| pruned start | {100 * soup['pruned_start']:.2f} | {soup.get('pruned_start_loss', float('nan')):.4f} |",
-                  f"| ingredients | {ing} | {losses} |",
-                  f"| soup | {100 * soup['soup']:.2f} | {soup.get('soup_loss', float('nan')):.4f} |", "",
-                  f"Soup sparsity {100 * soup['soup_sparsity']:.2f}% (the shared mask); weight distance "
-                  f"of ingredients 2 and 3 to ingredient 1: {dist}.", ""]
+        lines += [f"**Sparse model soups** (LeNet-300-100 on mnist: dense {100 * soup['dense']:.2f}; each round "
+                  f"magnitude-prunes the previous model, retrains 3 copies for {SOUP_STEPS} steps (lr {SOUP_LR}, "
+                  "cosine) with different data orders under the shared mask, and averages them)", "",
+                  "| round | sparsity | ingredients: accuracy % (test loss) | soup: accuracy % (test loss) | "
+                  "ingredient distance to the first |", "|---|---|---|---|---|"]
+        for i, r in enumerate(soup["rounds"], start=1):
+            ing = ", ".join(f"{100 * a:.2f} ({l:.4f})" for a, l in zip(r["ingredients"], r["ingredient_losses"]))
+            dist = ", ".join(f"{d:.2f}" for d in r["ingredient_distance_to_first"])
+            lines.append(f"| {i} | {100 * r['sparsity']:.0f}% | {ing} | {100 * r['soup']:.2f} ({r['soup_loss']:.4f}) "
+                         f"| {dist} |")
+        lines.append("")
     over = results.get("overhead")
     if over:
         lines += ["**Training-step overhead of a static 90% mask** (median of 7 blocks of 60 steps, "
