@@ -40,6 +40,21 @@ def _load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def _lock_held(path: str = "/tmp/sparsecraft-bench.lock") -> bool:
+    """Whether the shared benchmark lock is held (by the ``flock`` that started us)."""
+    import fcntl
+
+    try:
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
 def prefill_seconds(model, ids) -> float:
     import torch
 
@@ -84,8 +99,59 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--decode-repeats", type=int, default=5)
     parser.add_argument("--out", default=str(RESULTS / "shrink.json"))
+    parser.add_argument("--timing-only", action="store_true",
+                        help="keep the perplexity rows of --out, measure the timings again")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+
+    import torch
+
+    from sparsecraft import data, models
+
+    torch.manual_seed(0)
+    command = ("flock /tmp/sparsecraft-bench.lock " if _lock_held() else "") + \
+        f"env OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python " + \
+        shlex.join(["benchmarks/bench_shrink.py", *sys.argv[1:]])
+    dense, tok = models.load("smollm2-135m")
+    eval_tokens = data.evaluation_tokens(tok)
+    out = Path(args.out)
+    if args.timing_only:
+        result = json.loads(out.read_text())
+        timed = _timing_models(dense, result)
+    else:
+        result = {
+            "command": command,
+            "settings": {**vars(args), "torch": torch.__version__, "eval_tokens": int(eval_tokens.numel())},
+            "rows": {},
+        }
+        timed = _quality(dense, tok, eval_tokens, args, result)
+    result["timing"] = {
+        "command": command, "torch_threads": torch.get_num_threads(),
+        "shapes_from": "magnitude-shrunk copies (same shapes as every criterion)" if args.timing_only
+        else f"the {args.criteria[0]} rows",
+        **{k: getattr(args, k) for k in ("prefill_len", "repeats", "prompt_len", "new_tokens", "decode_repeats")},
+        "load_average_start": _load_average(),
+    }
+    _measure(timed, eval_tokens, args, result["rows"])
+    result["timing"]["load_average_end"] = _load_average()
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    table = write_table(result, out.with_suffix(".md"))
+    sys.stdout.write(table)
+    _plot(result, out.with_suffix(".png"))
+
+
+def _log(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _quality(dense, tok, eval_tokens, args, result) -> dict:
+    """Perplexity rows for every fraction and criterion; returns the models to time."""
+    import tempfile
 
     import torch
 
@@ -93,28 +159,11 @@ def main() -> None:
     from sparsecraft import data, models
     from sparsecraft.structured import ShrinkConfig, shrink_
 
-    torch.manual_seed(0)
-    command = "flock /tmp/sparsecraft-bench.lock env OMP_NUM_THREADS=2 .venv/bin/python " + \
-        shlex.join(["benchmarks/bench_shrink.py", *sys.argv[1:]])
-    result: dict = {
-        "command": command,
-        "settings": {**vars(args), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-        "load_average_start": _load_average(),
-        "rows": {},
-    }
-    log = lambda text: (sys.stdout.write(text + "\n"), sys.stdout.flush())  # noqa: E731
-    dense, tok = models.load("smollm2-135m")
-    eval_tokens = data.evaluation_tokens(tok)
     calib = data.calibration(tok, args.samples, args.seq_len, seed=0)
-    result["settings"]["eval_tokens"] = int(eval_tokens.numel())
-
-    def params(m) -> int:
-        return sum(p.numel() for p in m.parameters())
-
     rows = result["rows"]
-    rows["dense"] = {"fraction": 0.0, "criterion": None, "params": params(dense),
+    rows["dense"] = {"fraction": 0.0, "criterion": None, "params": _params(dense),
                      "perplexity": models.perplexity(dense, eval_tokens, 512, progress=False)}
-    log(f"dense: perplexity {rows['dense']['perplexity']:.2f}")
+    _log(f"dense: perplexity {rows['dense']['perplexity']:.2f}")
     timed = {"dense": dense}
     for frac in args.fractions:
         for i, criterion in enumerate(args.criteria):
@@ -123,20 +172,18 @@ def main() -> None:
             report = shrink_(model, ShrinkConfig(mlp=frac, criterion=criterion), calib, progress=False)
             name = f"mlp-{frac:g}-{criterion}"
             rows[name] = {
-                "fraction": frac, "criterion": criterion, "params": params(model),
+                "fraction": frac, "criterion": criterion, "params": _params(model),
                 "shrink_seconds": time.perf_counter() - start,
                 "mlp_channels": report.layers[0].after,
                 "perplexity": models.perplexity(model, eval_tokens, 512, progress=False),
             }
-            log(f"{name}: {json.dumps(rows[name])}")
+            _log(f"{name}: {json.dumps(rows[name])}")
             if i == 0:
                 timed[name] = model
             else:
                 del model
     # a save/reload round trip of the largest shrink, checked bit for bit
     last = list(timed)[-1]
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         path = sc.save(timed[last], Path(tmp) / "shrunk", tokenizer=tok)
         reloaded, _ = models.load(str(path))
@@ -145,19 +192,36 @@ def main() -> None:
             same = torch.equal(timed[last](ids).logits, reloaded(ids).logits)
         result["reload_identical_logits"] = {last: bool(same)}
         result["checkpoint_bytes"] = {last: (path / "model.safetensors").stat().st_size}
-        del reloaded
+    return timed
 
-    # prefill: models in turn inside each repeat; one warm-up each
+
+def _timing_models(dense, result) -> dict:
+    """Models with the timed rows' shapes (magnitude needs no calibration; speed is shapes only)."""
+    from sparsecraft.structured import ShrinkConfig, shrink_
+
+    timed = {"dense": dense}
+    criterion = result["settings"]["criteria"][0]
+    for frac in result["settings"]["fractions"]:
+        model = copy.deepcopy(dense)
+        shrink_(model, ShrinkConfig(mlp=frac), progress=False)
+        name = f"mlp-{frac:g}-{criterion}"
+        assert result["rows"][name]["params"] == _params(model), name
+        timed[name] = model
+    return timed
+
+
+def _measure(timed: dict, eval_tokens, args, rows: dict) -> None:
+    """Prefill and decode timings, the models measured in turn inside every repeat."""
     ids = eval_tokens[: args.prefill_len].unsqueeze(0)
     for m in timed.values():
-        prefill_seconds(m, ids)
+        prefill_seconds(m, ids)  # warm-up
     times = {n: [] for n in timed}
     for _ in range(args.repeats):
         for n, m in timed.items():
             times[n].append(prefill_seconds(m, ids))
     prompt = eval_tokens[: args.prompt_len].unsqueeze(0)
     dec = {n: [] for n in timed}
-    for n, m in timed.items():
+    for m in timed.values():
         decode_seconds(m, prompt, 4)  # warm-up
     for _ in range(args.decode_repeats):
         for n, m in timed.items():
@@ -168,31 +232,30 @@ def main() -> None:
     base_decode = statistics.median(dec["dense"])
     for n in timed:
         rows[n]["prefill_ms_median"] = 1000 * statistics.median(times[n])
+        rows[n]["prefill_ms_min"] = 1000 * min(times[n])
         rows[n]["prefill_ms_all"] = [round(1000 * t, 2) for t in times[n]]
         rows[n]["prefill_speedup"] = base_prefill / statistics.median(times[n])
         rows[n]["decode_tokens_per_s"] = args.new_tokens / statistics.median(dec[n])
+        rows[n]["decode_tokens_per_s_all"] = [round(args.new_tokens / t, 2) for t in dec[n]]
         rows[n]["decode_speedup"] = base_decode / statistics.median(dec[n])
-        log(f"{n}: prefill {rows[n]['prefill_ms_median']:.1f} ms ({rows[n]['prefill_speedup']:.2f}x), "
-            f"decode {rows[n]['decode_tokens_per_s']:.1f} tok/s ({rows[n]['decode_speedup']:.2f}x)")
-    result["load_average_end"] = _load_average()
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    table = write_table(result)
-    sys.stdout.write(table)
-    _plot(result)
+        _log(f"{n}: prefill {rows[n]['prefill_ms_median']:.1f} ms ({rows[n]['prefill_speedup']:.2f}x), "
+             f"decode {rows[n]['decode_tokens_per_s']:.1f} tok/s ({rows[n]['decode_speedup']:.2f}x)")
 
 
-def write_table(result: dict) -> str:
+def write_table(result: dict, path: Path = RESULTS / "shrink.md") -> str:
     s = result["settings"]
+    t = result["timing"]
     rows = result["rows"]
     lines = [
-        f"SmolLM2-135M (fp32, CPU, {s['torch_threads']} threads), MLP intermediate channels removed in every "
+        f"SmolLM2-135M (fp32, CPU, {t['torch_threads']} threads), MLP intermediate channels removed in every "
         f"block (1536 per block before). Calibration {s['samples']} x {s['seq_len']} tokens (Lee corpus); "
         f"perplexity on {s['eval_tokens']} held-out tokens (windows of 512). No fine-tuning after shrinking.",
         "",
-        f"Prefill: {s['prefill_len']} tokens, batch 1, KV cache on, last-position logits only; median of "
-        f"{s['repeats']} repeats with the models measured in turn. Decode: {s['new_tokens']} greedy tokens after a "
-        f"{s['prompt_len']}-token prompt, KV cache, batch 1; median of {s['decode_repeats']} runs. "
-        f"Load average {result['load_average_start']} at start, {result['load_average_end']} at end.",
+        f"Prefill: {t['prefill_len']} tokens, batch 1, KV cache on, last-position logits only; median of "
+        f"{t['repeats']} repeats with the models measured in turn (min in brackets). Decode: {t['new_tokens']} "
+        f"greedy tokens after a {t['prompt_len']}-token prompt, KV cache, batch 1; median of {t['decode_repeats']} "
+        f"runs. Timed: {t['shapes_from']}. Load average {t['load_average_start']} at start, "
+        f"{t['load_average_end']} at end (the machine is shared; other jobs ran alongside).",
         "",
         "| model | criterion | MLP channels | parameters | perplexity | prefill (ms) | prefill speed-up | "
         "decode (tok/s) | decode speed-up | shrink time (s) |",
@@ -200,10 +263,11 @@ def write_table(result: dict) -> str:
     ]
     for name, r in rows.items():
         timed = "prefill_ms_median" in r
+        label = "dense" if name == "dense" else f"MLP -{r['fraction']:.0%}"
         lines.append(
-            f"| {'dense' if name == 'dense' else f'MLP -{r['fraction']:.0%}'} | {r['criterion'] or '-'} | "
+            f"| {label} | {r['criterion'] or '-'} | "
             f"{r.get('mlp_channels', 1536)} | {r['params'] / 1e6:.1f} M | {r['perplexity']:.2f} | "
-            + (f"{r['prefill_ms_median']:.1f} | {r['prefill_speedup']:.2f}x | {r['decode_tokens_per_s']:.1f} | "
+            + (f"{r['prefill_ms_median']:.1f} ({r['prefill_ms_min']:.1f}) | {r['prefill_speedup']:.2f}x | {r['decode_tokens_per_s']:.1f} | "
                f"{r['decode_speedup']:.2f}x" if timed else "| | |")
             + f" | {r.get('shrink_seconds', 0.0):.1f} |"
         )
@@ -212,12 +276,14 @@ def write_table(result: dict) -> str:
         lines.append(f"\n`sparsecraft.save` + `models.load` of {name}: identical logits {same}; "
                      f"checkpoint {size / 2**20:.0f} MiB.")
     lines.append(f"\nCommand: `{result['command']}`")
+    if t["command"] != result["command"]:
+        lines.append(f"\nTimings: `{t['command']}`")
     table = "\n".join(lines) + "\n"
-    (RESULTS / "shrink.md").write_text(table)
+    path.write_text(table)
     return table
 
 
-def _plot(result: dict) -> None:
+def _plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,7 +300,7 @@ def _plot(result: dict) -> None:
         ax.set_title(title, fontsize=10)
     fig.suptitle("SmolLM2-135M, MLP channels shrunk (no fine-tuning)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "shrink.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
