@@ -101,6 +101,11 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+def _bias(linear: nn.Linear) -> tuple[str, ...]:
+    """The tensors a Linear's output units own: its rows, and its bias if it has one."""
+    return ("weight", "bias") if linear.bias is not None else ("weight",)
+
+
 class GatedMLP(Family):
     """``down(act(gate(x)) * up(x))``: Llama, Mistral, Qwen2, Gemma ... MLPs."""
 
@@ -115,10 +120,9 @@ class GatedMLP(Family):
             if not (gate.out_features == up.out_features == down.in_features):
                 continue
             base = _join(prefix, name)
-            produce = ("weight", "bias") if gate.bias is not None else ("weight",)
             slices = [
-                Slice(_join(base, "gate_proj"), 0, tensors=produce),
-                Slice(_join(base, "up_proj"), 0, tensors=("weight", "bias") if up.bias is not None else ("weight",)),
+                Slice(_join(base, "gate_proj"), 0, tensors=_bias(gate)),
+                Slice(_join(base, "up_proj"), 0, tensors=_bias(up)),
                 Slice(_join(base, "down_proj"), 1),
             ]
             has_size = hasattr(m, "intermediate_size")
@@ -138,16 +142,11 @@ class TwoLayerMLP(Family):
         up, down = _linear(block, "intermediate", "dense"), _linear(block, "output", "dense")
         if not (up and down) or up.out_features != down.in_features:
             return []
-        produce = ("weight", "bias") if up.bias is not None else ("weight",)
         return [UnitGroup(
             _join(prefix, "intermediate"), "mlp", "channel", up.out_features,
-            [Slice(_join(prefix, "intermediate.dense"), 0, tensors=produce),
+            [Slice(_join(prefix, "intermediate.dense"), 0, tensors=_bias(up)),
              Slice(_join(prefix, "output.dense"), 1)],
         )]
-
-
-def _bias(linear: nn.Linear) -> tuple[str, ...]:
-    return ("weight", "bias") if linear.bias is not None else ("weight",)
 
 
 class QKVOAttention(Family):
