@@ -90,6 +90,18 @@ def part_grid(results, settings=None):
                          TrainRecipe(data=data, model=model, method=method, sparsity=s, seed=seed))
 
 
+LONG_STEPS = 6000
+
+
+def part_long(results):
+    """mnist1d at 90% with 4x the training steps: do the from-scratch methods catch up?"""
+    for method in ("dense", "static", "set", "rigl", "gmp"):
+        for seed in SEEDS:
+            _run(results, f"long/mnist1d/lenet300/{method}/0.9/{seed}",
+                 TrainRecipe(data="mnist1d", model="lenet300", method=method,
+                             sparsity=None if method == "dense" else 0.9, steps=LONG_STEPS, seed=seed))
+
+
 def part_nm(results):
     for seed in SEEDS:
         _run(results, f"nm/mnist/mlp/dense/-/{seed}",
@@ -243,6 +255,17 @@ def write_table(results) -> None:
             lines += ["", "At 90%: " + ", ".join(
                 f"{m} {v:.2f} ({v - dm:+.2f} points vs dense; aim within -1.5)" for m, v in at90.items())]
         lines.append("")
+    long = _collect(results, "long/")
+    if long:
+        lines += [f"**Longer training: lenet300 on mnist1d, 90% sparsity, {LONG_STEPS} steps** (4x the grid's)", "",
+                  "| method | accuracy % |", "|---|---|"]
+        for method in ("dense", "static", "set", "rigl", "gmp"):
+            vals = long.get(("mnist1d", "lenet300", method, "0.9"))
+            if vals:
+                m, sd = _stats(vals)
+                note = f" [{len(vals)}]" if len(vals) < len(SEEDS) else ""
+                lines.append(f"| {method} | {m:.2f} ± {sd:.2f}{note} |")
+        lines.append("")
     nm = _collect(results, "nm/")
     if nm:
         dense = nm.get(("mnist", "mlp", "dense", "-"))
@@ -316,14 +339,14 @@ def write_plot(results) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=("grid", "nm", "soup", "overhead"), action="append")
+    parser.add_argument("--part", choices=("grid", "nm", "soup", "long", "overhead"), action="append")
     parser.add_argument("--table", action="store_true", help="only rewrite the table and plot")
     parser.add_argument("--setting", action="append", help="grid part: only DATA/MODEL, e.g. mnist/cnn")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     results = _load()
     if not args.table:
-        for part in args.part or ("nm", "soup", "grid", "overhead"):
+        for part in args.part or ("nm", "soup", "grid", "long", "overhead"):
             if part == "grid":
                 part_grid(results, [tuple(x.split("/")) for x in args.setting] if args.setting else None)
             else:
