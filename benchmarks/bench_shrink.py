@@ -101,8 +101,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "shrink.json"))
     parser.add_argument("--timing-only", action="store_true",
                         help="keep the perplexity rows of --out, measure the timings again")
+    parser.add_argument("--table", action="store_true", help="rewrite the table and plot from --out only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out)
+    if args.table:
+        result = json.loads(out.read_text())
+        sys.stdout.write(write_table(result, out.with_suffix(".md")))
+        _plot(result, out.with_suffix(".png"))
+        return
 
     import torch
 
@@ -114,7 +121,6 @@ def main() -> None:
         shlex.join(["benchmarks/bench_shrink.py", *sys.argv[1:]])
     dense, tok = models.load("smollm2-135m")
     eval_tokens = data.evaluation_tokens(tok)
-    out = Path(args.out)
     if args.timing_only:
         result = json.loads(out.read_text())
         timed = _timing_models(dense, result)
@@ -159,6 +165,7 @@ def _quality(dense, tok, eval_tokens, args, result) -> dict:
     from sparsecraft import data, models
     from sparsecraft.structured import ShrinkConfig, shrink_
 
+    result["quality_run_load_average"] = {"start": _load_average()}
     calib = data.calibration(tok, args.samples, args.seq_len, seed=0)
     rows = result["rows"]
     rows["dense"] = {"fraction": 0.0, "criterion": None, "params": _params(dense),
@@ -192,6 +199,7 @@ def _quality(dense, tok, eval_tokens, args, result) -> dict:
             same = torch.equal(timed[last](ids).logits, reloaded(ids).logits)
         result["reload_identical_logits"] = {last: bool(same)}
         result["checkpoint_bytes"] = {last: (path / "model.safetensors").stat().st_size}
+    result["quality_run_load_average"]["end"] = _load_average()
     return timed
 
 
@@ -271,6 +279,20 @@ def write_table(result: dict, path: Path = RESULTS / "shrink.md") -> str:
                f"{r['decode_speedup']:.2f}x" if timed else "| | |")
             + f" | {r.get('shrink_seconds', 0.0):.1f} |"
         )
+    for frac in s["fractions"]:
+        by = {r["criterion"]: r["perplexity"] for r in rows.values() if r["fraction"] == frac}
+        best = min(by, key=by.get)
+        lines.append(f"\nAt {frac:.0%} the lowest perplexity comes from {best} "
+                     f"({', '.join(f'{c} {p:.1f}' for c, p in sorted(by.items(), key=lambda kv: kv[1]))}).")
+    lines.append(
+        "\nMagnitude (L2 norm of a channel's weights) is catastrophic on this model: channels with small "
+        "weights carry some of the largest activations (in block 0 the highest-Wanda channels are among the "
+        "lowest-norm ones), which Wanda and Taylor see and magnitude cannot.")
+    timed_rows = {n: r for n, r in rows.items() if "prefill_speedup" in r and r["fraction"] == 0.5}
+    for n, r in timed_rows.items():
+        verdict = "met" if r["prefill_speedup"] >= 1.3 else "missed"
+        lines.append(f"\nAim: 50% MLP shrink gives >= 1.3x prefill speed-up: {verdict} "
+                     f"({r['prefill_speedup']:.2f}x; decode {r['decode_speedup']:.2f}x).")
     for name, same in result.get("reload_identical_logits", {}).items():
         size = result.get("checkpoint_bytes", {}).get(name)
         lines.append(f"\n`sparsecraft.save` + `models.load` of {name}: identical logits {same}; "
