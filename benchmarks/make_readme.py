@@ -15,6 +15,7 @@ SECTIONS = [
     ("oneshot.md", "Calibrated one-shot pruning of real models (issue: One-shot)"),
     ("train.md", "Sparse training on real data (issue: Sparse training)"),
     ("shrink.md", "Structured shrinking: smaller and faster tensors (issue 5)"),
+    ("runtime.md", "Runtime: sparse kernels, the measuring planner, activation sparsity (issue 5)"),
     ("recovery.md", "Sparse recovery (issue: Sparse recovery)"),
 ]
 
