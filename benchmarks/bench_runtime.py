@@ -125,18 +125,19 @@ def run_model(prompt_len: int, new_tokens: int, repeats: int, calib_samples: int
                                   "calibration": [calib_samples, 512], "eval_tokens": int(eval_tokens.numel())},
                      "runs": {}}
 
-    def measure(name: str, ppl_hook=None, **extra) -> None:
+    def measure(name: str, ppl_hook=None, quality: bool = True, **extra) -> None:
         start = time.perf_counter()
         prefill = rt.prefill_seconds(model, ids, repeats=repeats)
         decodes = [rt.greedy_decode(model, ids, new_tokens) for _ in range(repeats)]
         rates = sorted(d.tokens_per_second for d in decodes)
         run = {"prefill_ms": prefill * 1e3, "decode_tok_s": rates[len(rates) // 2], "decode_tok_s_all": rates,
                "tokens": decodes[0].tokens, **extra}
-        if ppl_hook is not None:
-            ppl_hook(True)
-        run["perplexity"] = evaluate.perplexity(model, eval_tokens, 512, progress=False)
-        if ppl_hook is not None:
-            ppl_hook(False)
+        if quality:
+            if ppl_hook is not None:
+                ppl_hook(True)
+            run["perplexity"] = evaluate.perplexity(model, eval_tokens, 512, progress=False)
+            if ppl_hook is not None:
+                ppl_hook(False)
         dense = results["runs"].get("dense")
         if dense:
             run["same_tokens"] = sum(a == b for a, b in zip(run["tokens"], dense["tokens"]))
@@ -175,6 +176,23 @@ def run_model(prompt_len: int, new_tokens: int, repeats: int, calib_samples: int
     measure("mlp90-planner", kind="weights", sparsity=sparsity, plan_seconds=plan_seconds, chosen=chosen,
             planned_layer_ms={str(r): t for r, t in report.totals().items()})
     results["plan"] = report.to_dict()
+
+    # floors: what a decode step costs besides the block linears (and besides the head too)
+    class Zero(torch.nn.Module):
+        def __init__(self, out_features):
+            super().__init__()
+            self.out_features = out_features
+
+        def forward(self, x):
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (torch.nn.Linear, rt.SparseLinear)) and name != "lm_head":
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, Zero(module.out_features))
+    measure("floor-no-block-linears", quality=False, kind="floor")
+    model.lm_head = Zero(model.lm_head.out_features)
+    measure("floor-no-linears-no-head", quality=False, kind="floor")
     return results
 
 
@@ -259,12 +277,34 @@ def write_table() -> str:
                       else "act 0 (all inputs kept)")
             elif r.get("kind") == "weights":
                 sp = f"MLP weights {r['sparsity']:.2f}"
+            elif r.get("kind") == "floor":
+                sp = "no compute (floor)"
             else:
                 sp = "-"
-            kernel = r.get("kernel", "planner" if name.endswith("planner") else "dense")
+            kernel = r.get("kernel", {"weights": "planner" if name.endswith("planner") else "dense",
+                                      "floor": "-"}.get(r.get("kind"), "dense"))
             lines.append(f"| {name} | {kernel} | {sp} | {r['prefill_ms']:.1f} | {_f(r.get('prefill_speedup'))} | "
                          f"{r['decode_tok_s']:.2f} | {_f(r.get('decode_speedup'))} | "
-                         f"{r.get('same_tokens', '-')}/{len(r['tokens'])} | {r['perplexity']:.2f} |")
+                         f"{r.get('same_tokens', '-')}/{len(r['tokens'])} | {_f(r.get('perplexity'))} |")
+        runs = res["runs"]
+        notes = []
+        if "act-control-0" in runs:
+            ctl = runs["act-control-0"]["decode_tok_s"]
+            notes.append("Against the control (the same gather kernel, every input kept), activation sparsity "
+                         "changes decode speed by " + ", ".join(
+                             f"{r['target']:.2f}: {r['decode_tok_s'] / ctl:.2f}x" for n, r in runs.items()
+                             if r.get("kind") == "activation" and r.get("target")) + " (TEAL, WINA in table order); "
+                         f"the control itself is {ctl / runs['dense']['decode_tok_s']:.2f}x dense, i.e. that much of "
+                         "the gain is the kernel, not the skipped inputs.")
+        if "floor-no-block-linears" in runs:
+            f1, f2 = runs["floor-no-block-linears"], runs["floor-no-linears-no-head"]
+            ms = lambda r: 1e3 / r["decode_tok_s"]
+            notes.append(f"Floors: with the 210 block linears replaced by zeros a decode step still takes "
+                         f"{ms(f1):.1f} ms ({f1['decode_tok_s']:.1f} tok/s; the dense lm_head and everything else), "
+                         f"{ms(f2):.1f} ms without the lm_head as well; dense takes {ms(runs['dense']):.1f} ms. "
+                         "Sparsity in the block linears can only shrink the difference.")
+        if notes:
+            lines += [""] + notes
         planner = res["runs"].get("mlp90-planner")
         if planner:
             lines += ["", f"Planner on the 90% model: {planner['plan_seconds']:.0f} s to measure; choices "

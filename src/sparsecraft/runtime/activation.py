@@ -119,9 +119,10 @@ class ActivationSparseLinear(nn.Module):
         one_token = x.numel() == self.in_features
         if one_token and self.kernel in ("cpp", "embag"):
             x1 = x.reshape(-1)
-            if not self.weight.t().is_contiguous():  # e.g. a weight assigned anew: restore the layout
-                _column_major_(self.weight)
             wt = self.weight.t()  # contiguous: the weight is stored column-major
+            if not wt.is_contiguous():  # e.g. a weight assigned anew: restore the layout
+                _column_major_(self.weight)
+                wt = self.weight.t()
             if self.kernel == "cpp":
                 y = _extension().act_gemv(x1.contiguous(), wt, self.scale, self.threshold, self.bias)
             else:
@@ -137,10 +138,19 @@ class ActivationSparseLinear(nn.Module):
                 f"kernel={self.kernel}, prefill={self.prefill}")
 
 
-def _extension():
-    from .extension import get_extension
+_EXT: list = []
 
-    return get_extension()
+
+def _extension():
+    """The compiled module (looked up once; decoding calls this per layer and token)."""
+    if not _EXT:
+        from .extension import get_extension
+
+        ext = get_extension()
+        if ext is None:
+            raise SparsecraftError("the compiled kernels are unavailable; use kernel='embag'")
+        _EXT.append(ext)
+    return _EXT[0]
 
 
 def _column_major_(param: nn.Parameter) -> None:
