@@ -21,8 +21,8 @@ unstructured, finalised, run with dense kernels and then with the planner's kern
 Perplexity: held-out Lee text, windows of 512; activation sparsity applied to every token
 (prefill="masked"), as if each were decoded.
 
-Results: benchmarks/results/runtime_layers.json, runtime_model.json, runtime.md,
-runtime_layers.png. The script sets torch's thread count (``--threads``, default 2).
+Results: benchmarks/results/runtime_layers.json, runtime_model.json (runtime_model_Nthread.json
+for other --threads), runtime.md, runtime_layers.png. The script sets torch's thread count (``--threads``, default 2).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ import torch.nn.functional as F
 
 RESULTS = Path(__file__).parent / "results"
 LAYERS_OUT = RESULTS / "runtime_layers.json"
-MODEL_OUT = RESULTS / "runtime_model.json"
 SHAPES = [(2048, 2048), (576, 1536)]
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
 BATCHES = [1, 16, 256]
@@ -255,68 +254,75 @@ def write_table() -> str:
                              f"{(t['dense'] / t['act_cpp']) if 'act_cpp' in t else float('nan'):.2f}x | {ideal:.1f}x |")
             lines.append("")
         lines += ["Plot: `runtime_layers.png`.", ""]
-    if MODEL_OUT.exists():
-        res = json.loads(MODEL_OUT.read_text())
-        env, st = res["env"], res["settings"]
-        lines += ["## SmolLM2-135M end to end", "",
-                  f"Produced by `{env['command']}` under `flock /tmp/sparsecraft-bench.lock` (commit {env['commit']}, "
-                  f"**torch threads {env['threads']}**, compiled kernels: {env['extension']}; 1-min load average "
-                  f"{env['load_avg_start']:.1f} at start, {env.get('load_avg_end', float('nan')):.1f} at end). "
-                  f"fp32; prompt {st['prompt_len']} tokens of held-out Lee text; prefill = one forward pass "
-                  f"(last-position logits), median of {st['repeats']}; decode = {st['new_tokens']} greedy tokens with "
-                  f"a KV cache, batch 1, tokens/s over the {st['new_tokens'] - 1} one-token steps, median of "
-                  f"{st['repeats']}; *same tokens* = greedy tokens equal to dense's, position by position. "
-                  f"Perplexity on {st['eval_tokens']} held-out tokens (windows of 512); activation sparsity is applied "
-                  f"to every token there. Thresholds calibrated on {st['calibration'][0]} x {st['calibration'][1]} "
-                  f"Lee-corpus tokens.", "",
-                  "| configuration | kernel | sparsity | prefill ms | prefill x | decode tok/s | decode x | same tokens | perplexity |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for name, r in res["runs"].items():
-            if r.get("kind") == "activation":
-                sp = (f"act {r['target']:.2f} (held-out {r['reached_held_out']:.3f})" if "reached_held_out" in r
-                      else "act 0 (all inputs kept)")
-            elif r.get("kind") == "weights":
-                sp = f"MLP weights {r['sparsity']:.2f}"
-            elif r.get("kind") == "floor":
-                sp = "no compute (floor)"
-            else:
-                sp = "-"
-            kernel = r.get("kernel", {"weights": "planner" if name.endswith("planner") else "dense",
-                                      "floor": "-"}.get(r.get("kind"), "dense"))
-            lines.append(f"| {name} | {kernel} | {sp} | {r['prefill_ms']:.1f} | {_f(r.get('prefill_speedup'))} | "
-                         f"{r['decode_tok_s']:.2f} | {_f(r.get('decode_speedup'))} | "
-                         f"{r.get('same_tokens', '-')}/{len(r['tokens'])} | {_f(r.get('perplexity'))} |")
-        runs = res["runs"]
-        notes = []
-        if "act-control-0" in runs:
-            ctl = runs["act-control-0"]["decode_tok_s"]
-            notes.append("Against the control (the same gather kernel, every input kept), activation sparsity "
-                         "changes decode speed by " + ", ".join(
-                             f"{r['target']:.2f}: {r['decode_tok_s'] / ctl:.2f}x" for n, r in runs.items()
-                             if r.get("kind") == "activation" and r.get("target")) + " (TEAL, WINA in table order); "
-                         f"the control itself is {ctl / runs['dense']['decode_tok_s']:.2f}x dense, i.e. that much of "
-                         "the gain is the kernel, not the skipped inputs.")
-        if "floor-no-block-linears" in runs:
-            f1, f2 = runs["floor-no-block-linears"], runs["floor-no-linears-no-head"]
-            ms = lambda r: 1e3 / r["decode_tok_s"]
-            notes.append(f"Floors: with the 210 block linears replaced by zeros a decode step still takes "
-                         f"{ms(f1):.1f} ms ({f1['decode_tok_s']:.1f} tok/s; the dense lm_head and everything else), "
-                         f"{ms(f2):.1f} ms without the lm_head as well; dense takes {ms(runs['dense']):.1f} ms. "
-                         "Sparsity in the block linears can only shrink the difference.")
-        if notes:
-            lines += [""] + notes
-        planner = res["runs"].get("mlp90-planner")
-        if planner:
-            lines += ["", f"Planner on the 90% model: {planner['plan_seconds']:.0f} s to measure; choices "
-                      + ", ".join(f"{k} x{v}" for k, v in sorted(planner["chosen"].items()))
-                      + "; summed layer times (dense -> chosen) "
-                      + ", ".join(f"{r} rows {t['dense'] * 1e3:.1f} -> {t['chosen'] * 1e3:.1f} ms"
-                                  for r, t in planner["planned_layer_ms"].items()) + "."]
-        lines.append("")
+    for path in sorted(RESULTS.glob("runtime_model*.json"), key=lambda p: (len(p.name), p.name)):
+        lines += _model_section(json.loads(path.read_text()))
     text = "\n".join(lines)
     (RESULTS / "runtime.md").write_text(text)
     _plot()
     return text
+
+
+def _model_section(res: dict) -> list[str]:
+    lines: list[str] = []
+    env, st = res["env"], res["settings"]
+    lines += [f"## SmolLM2-135M end to end, torch threads {res['env']['threads']}", "",
+              f"Produced by `{env['command']}` under `flock /tmp/sparsecraft-bench.lock` (commit {env['commit']}, "
+              f"**torch threads {env['threads']}**, compiled kernels: {env['extension']}; 1-min load average "
+              f"{env['load_avg_start']:.1f} at start, {env.get('load_avg_end', float('nan')):.1f} at end). "
+              f"fp32; prompt {st['prompt_len']} tokens of held-out Lee text; prefill = one forward pass "
+              f"(last-position logits), median of {st['repeats']}; decode = {st['new_tokens']} greedy tokens with "
+              f"a KV cache, batch 1, tokens/s over the {st['new_tokens'] - 1} one-token steps, median of "
+              f"{st['repeats']}; *same tokens* = greedy tokens equal to dense's, position by position. "
+              f"Perplexity on {st['eval_tokens']} held-out tokens (windows of 512); activation sparsity is applied "
+              f"to every token there. Thresholds calibrated on {st['calibration'][0]} x {st['calibration'][1]} "
+              f"Lee-corpus tokens. *load* = 1-min load average after the row (2 cores: above ~{env['threads']} "
+              "someone else was running too, and times are inflated).", "",
+              "| configuration | kernel | sparsity | prefill ms | prefill x | decode tok/s | (min-max) | decode x | same tokens | perplexity | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in res["runs"].items():
+        if r.get("kind") == "activation":
+            sp = (f"act {r['target']:.2f} (held-out {r['reached_held_out']:.3f})" if "reached_held_out" in r
+                  else "act 0 (all inputs kept)")
+        elif r.get("kind") == "weights":
+            sp = f"MLP weights {r['sparsity']:.2f}"
+        elif r.get("kind") == "floor":
+            sp = "no compute (floor)"
+        else:
+            sp = "-"
+        kernel = r.get("kernel", {"weights": "planner" if name.endswith("planner") else "dense",
+                                  "floor": "-"}.get(r.get("kind"), "dense"))
+        lines.append(f"| {name} | {kernel} | {sp} | {r['prefill_ms']:.1f} | {_f(r.get('prefill_speedup'))} | "
+                     f"{r['decode_tok_s']:.2f} | {min(r['decode_tok_s_all']):.1f}-{max(r['decode_tok_s_all']):.1f} | "
+                     f"{_f(r.get('decode_speedup'))} | "
+                     f"{r.get('same_tokens', '-')}/{len(r['tokens'])} | {_f(r.get('perplexity'))} | {r['load_avg']:.1f} |")
+    runs = res["runs"]
+    notes = []
+    if "act-control-0" in runs:
+        ctl = runs["act-control-0"]["decode_tok_s"]
+        notes.append("Against the control (the same gather kernel, every input kept), activation sparsity "
+                     "changes decode speed by " + ", ".join(
+                         f"{r['target']:.2f}: {r['decode_tok_s'] / ctl:.2f}x" for n, r in runs.items()
+                         if r.get("kind") == "activation" and r.get("target")) + " (TEAL, WINA in table order); "
+                     f"the control itself is {ctl / runs['dense']['decode_tok_s']:.2f}x dense, i.e. that much of "
+                     "the gain is the kernel, not the skipped inputs.")
+    if "floor-no-block-linears" in runs:
+        f1, f2 = runs["floor-no-block-linears"], runs["floor-no-linears-no-head"]
+        ms = lambda r: 1e3 / r["decode_tok_s"]
+        notes.append(f"Floors: with the 210 block linears replaced by zeros a decode step still takes "
+                     f"{ms(f1):.1f} ms ({f1['decode_tok_s']:.1f} tok/s; the dense lm_head and everything else), "
+                     f"{ms(f2):.1f} ms without the lm_head as well; dense takes {ms(runs['dense']):.1f} ms. "
+                     "Sparsity in the block linears can only shrink the difference.")
+    if notes:
+        lines += [""] + notes
+    planner = res["runs"].get("mlp90-planner")
+    if planner:
+        lines += ["", f"Planner on the 90% model: {planner['plan_seconds']:.0f} s to measure; choices "
+                  + ", ".join(f"{k} x{v}" for k, v in sorted(planner["chosen"].items()))
+                  + "; summed layer times (dense -> chosen) "
+                  + ", ".join(f"{r} rows {t['dense'] * 1e3:.1f} -> {t['chosen'] * 1e3:.1f} ms"
+                              for r, t in planner["planned_layer_ms"].items()) + "."]
+    lines.append("")
+    return lines
 
 
 def _plot() -> None:
@@ -384,7 +390,7 @@ def main() -> None:
         out = LAYERS_OUT
     else:
         res = run_model(args.prompt_len, args.new_tokens, args.repeats or 3, args.calib_samples)
-        out = MODEL_OUT
+        out = RESULTS / f"runtime_model{'' if args.threads == 2 else f'_{args.threads}thread'}.json"
     from sparsecraft.runtime.extension import extension_status
 
     env["extension"] = extension_status()
