@@ -265,7 +265,7 @@ def write_table() -> str:
 def _model_section(res: dict) -> list[str]:
     lines: list[str] = []
     env, st = res["env"], res["settings"]
-    lines += [f"## SmolLM2-135M end to end, torch threads {res['env']['threads']}", "",
+    lines += [f"### SmolLM2-135M end to end, torch threads {res['env']['threads']}", "",
               f"Produced by `{env['command']}` under `flock /tmp/sparsecraft-bench.lock` (commit {env['commit']}, "
               f"**torch threads {env['threads']}**, compiled kernels: {env['extension']}; 1-min load average "
               f"{env['load_avg_start']:.1f} at start, {env.get('load_avg_end', float('nan')):.1f} at end). "
@@ -312,6 +312,10 @@ def _model_section(res: dict) -> list[str]:
                      f"{ms(f1):.1f} ms ({f1['decode_tok_s']:.1f} tok/s; the dense lm_head and everything else), "
                      f"{ms(f2):.1f} ms without the lm_head as well; dense takes {ms(runs['dense']):.1f} ms. "
                      "Sparsity in the block linears can only shrink the difference.")
+    if "mlp90-planner" in runs:
+        notes.append("The mlp90 rows measure speed only: magnitude pruning 90% of the MLP weights without "
+                     "calibration or retraining destroys the model (their perplexity); the point is what the "
+                     "planner makes of such zeros. Prefill runs dense in the activation-sparsity rows.")
     if notes:
         lines += [""] + notes
     planner = res["runs"].get("mlp90-planner")
