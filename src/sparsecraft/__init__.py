@@ -30,6 +30,8 @@ _LAZY = {
     "formats": ("sparsecraft.formats", None),
     "recovery": ("sparsecraft.recovery", None),
     "train": ("sparsecraft.train", None),
+    "structured": ("sparsecraft.structured", None),
+    "runtime": ("sparsecraft.runtime", None),
 }
 
 
@@ -49,5 +51,5 @@ __all__ = [
     "Pattern", "Unstructured", "NM", "Block", "Rows", "parse_pattern",
     "Criterion", "LayerContext", "register_criterion", "allocate",
     "SparsecraftError", "ConfigError", "TargetError", "FormatError",
-    "save", "load", "report", "Report", "models", "data", "formats", "recovery", "train",
+    "save", "load", "report", "Report", "models", "data", "formats", "recovery", "train", "structured", "runtime",
 ]
