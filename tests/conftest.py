@@ -68,6 +68,19 @@ def tiny_lm():
     return TinyLM()
 
 
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    """A small Llama with GQA (4 query heads, 2 key/value heads) saved as a Hugging Face folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    path = tmp_path / "tiny-llama"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
 def snapshot(model: nn.Module) -> dict:
     """A deep copy of the state dict, to compare before/after."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

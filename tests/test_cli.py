@@ -8,15 +8,8 @@ from sparsecraft.cli import main
 
 
 @pytest.fixture
-def hf_dir(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    path = tmp_path / "tiny-llama"
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+def hf_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 def _one_line_error(capsys):

@@ -334,18 +334,6 @@ def test_activation_sparsity_bad_input_leaves_model_unchanged(tiny_lm):
 
 
 # -- timing and the CLI ------------------------------------------------------------------
-@pytest.fixture
-def tiny_llama_dir(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    path = tmp_path / "tiny-llama"
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
-
-
 def test_greedy_decode_matches_generate(tiny_llama_dir):
     model, _ = sc.models.load(str(tiny_llama_dir))
     ids = _tokens(1, 8, seed=7)

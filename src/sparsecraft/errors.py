@@ -19,3 +19,22 @@ class TargetError(SparsecraftError):
 
 class FormatError(SparsecraftError):
     """A saved file is missing, truncated, tampered with, or cannot be written."""
+
+
+def config_fields(cls, data, what: str, unknown: str) -> dict:
+    """``data`` as keyword arguments for the dataclass ``cls``, checked first.
+
+    A non-mapping is an error naming ``what``; keys that are not fields of ``cls`` are an
+    error starting with ``unknown`` (e.g. "unknown prune config keys") and listing the
+    allowed ones. Every config built from YAML or a dict goes through here.
+    """
+    import dataclasses
+    from collections.abc import Mapping
+
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{what} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    extra = set(data) - names
+    if extra:
+        raise ConfigError(f"{unknown} {sorted(extra)}; allowed: {sorted(names)}")
+    return dict(data)

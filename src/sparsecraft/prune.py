@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .allocation import ALLOCATIONS, allocate, check_sparsity
 from .criteria import CRITERIA, Criterion, LayerContext, get_criterion
-from .errors import ConfigError, TargetError
+from .errors import ConfigError, TargetError, config_fields
 from .masks import SparsityState
 from .patterns import NM, Pattern, PatternMismatch, Unstructured, parse_pattern
 from .targets import Target, TargetSpec, select_targets
@@ -151,15 +151,7 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PruneConfig":
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"prune config must be a mapping, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ConfigError(
-                f"unknown prune config keys {sorted(unknown)}; allowed: {sorted(names)}"
-            )
-        return cls(**dict(data))
+        return cls(**config_fields(cls, data, "prune config", "unknown prune config keys"))
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

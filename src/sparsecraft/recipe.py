@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, config_fields
 from .prune import PruneConfig
 
 __all__ = ["Recipe", "CalibrationSpec", "load_recipe"]
@@ -59,14 +59,9 @@ class CalibrationSpec:
 def _build(cls, data: Any, where: str):
     if data is None:
         return cls()
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(names)}")
+    kwargs = config_fields(cls, data, where, f"{where}: unknown keys")
     try:
-        return cls(**data)
+        return cls(**kwargs)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     except TypeError as exc:

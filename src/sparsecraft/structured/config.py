@@ -25,7 +25,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..errors import ConfigError
+from ..errors import ConfigError, config_fields
 
 __all__ = ["ShrinkConfig", "CRITERIA", "FRACTIONS"]
 
@@ -93,13 +93,7 @@ class ShrinkConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ShrinkConfig":
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"shrink config must be a mapping, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ConfigError(f"unknown shrink config keys {sorted(unknown)}; allowed: {sorted(names)}")
-        return cls(**dict(data))
+        return cls(**config_fields(cls, data, "shrink config", "unknown shrink config keys"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

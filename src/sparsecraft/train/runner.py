@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, SparsecraftError
+from ..errors import ConfigError, SparsecraftError, config_fields
 
 __all__ = ["TrainRecipe", "run_training", "load_dataset", "build_model", "DATASETS", "MODELS", "METHODS"]
 
@@ -182,13 +182,7 @@ class TrainRecipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainRecipe":
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"train recipe must be a mapping, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ConfigError(f"train recipe: unknown keys {sorted(unknown)}; allowed: {sorted(names)}")
-        return cls(**dict(data))
+        return cls(**config_fields(cls, data, "train recipe", "train recipe: unknown keys"))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainRecipe":
