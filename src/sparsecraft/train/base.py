@@ -26,7 +26,7 @@ from torch import nn
 from ..allocation import allocate
 from ..errors import ConfigError, SparsecraftError, TargetError
 from ..masks import SparsityState
-from ..patterns import Pattern, Unstructured
+from ..patterns import Pattern
 from ..targets import Target, TargetSpec, select_targets
 
 __all__ = [
@@ -231,6 +231,9 @@ class TrainingSparsity:
     def _extra_state(self) -> dict[str, Any]:
         return {}
 
+    def _mask_state(self) -> dict[str, Any]:
+        return self.state.state_dict()
+
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         pass
 
@@ -242,7 +245,7 @@ class TrainingSparsity:
             "step": self.step_count,
             "targets": {t.name: list(t.shape) for t in self.targets},
             "config": self.config_dict(),
-            "masks": self.state.state_dict(),
+            "masks": self._mask_state(),
             "extra": self._extra_state(),
         }
 
@@ -310,7 +313,3 @@ def check_pattern_for_training(pattern: str | Pattern, method: str) -> Pattern:
             "DecayingNM for N:M training"
         )
     return pattern
-
-
-def default_pattern() -> Pattern:
-    return Unstructured()

@@ -47,7 +47,7 @@ def drop_and_grow(
     """
     flat_keep = keep.reshape(-1)
     active = int(flat_keep.sum())
-    count = min(count, active, flat_keep.numel() - active + count)
+    count = min(count, active)
     if count <= 0:
         return keep.clone(), torch.zeros_like(keep)
     big = torch.finfo(torch.float32).max

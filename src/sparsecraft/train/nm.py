@@ -175,17 +175,8 @@ class NMTraining(TrainingSparsity):
                 state.attach(t.name, keep, pattern=str(final), method=self.method)
         return state.finalize_()
 
-    def state_dict(self) -> dict[str, Any]:
-        self._check_open()
-        return {
-            "version": 1,
-            "method": self.method,
-            "step": self.step_count,
-            "targets": {t.name: list(t.shape) for t in self.targets},
-            "config": self.config_dict(),
-            "masks": {"masks": {n: k.detach().cpu().clone() for n, k in self.keep.items()}},
-            "extra": {},
-        }
+    def _mask_state(self) -> dict[str, Any]:
+        return {"masks": {n: k.detach().cpu().clone() for n, k in self.keep.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._check_open()
