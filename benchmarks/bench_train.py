@@ -226,8 +226,11 @@ def _collect(results, prefix):
 
 
 def write_table(results) -> None:
-    lines = ["Command: `OMP_NUM_THREADS=1 python benchmarks/bench_train.py` (overhead part: 2 threads, "
-             "alone on the machine). Test accuracy in %, mean ± standard deviation over seeds "
+    lines = ["Command: `OMP_NUM_THREADS=1 python benchmarks/bench_train.py` (all parts). This run used "
+             "`--part nm --part soup`, then `--part grid --setting mnist/lenet300 --setting mnist1d/lenet300` and "
+             "`--part grid --setting mnist/cnn` as two processes at once, `--part long`, and `--part overhead` "
+             "with `OMP_NUM_THREADS=2` under `flock /tmp/sparsecraft-bench.lock` (no other timing run at the "
+             "same time). Test accuracy in %, mean ± standard deviation over seeds "
              f"{', '.join(map(str, SEEDS))}; the number of seeds finished is in brackets when fewer.", ""]
     grid = _collect(results, "grid/")
     for data, model in SETTINGS:
