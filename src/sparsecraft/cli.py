@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_args import number_arg, override_arg
 from .errors import SparsecraftError
 
 log = logging.getLogger("sparsecraft.cli")
@@ -40,21 +41,8 @@ def _out(text: str) -> None:
     sys.stdout.write(text + "\n")
 
 
-def _sparsity_arg(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"sparsity must be a number, got '{text}'") from None
-
-
-def _override_arg(text: str) -> tuple[str, float]:
-    rule, sep, value = text.rpartition("=")
-    if not sep or not rule:
-        raise argparse.ArgumentTypeError(f"override must look like RULE=SPARSITY, got '{text}'")
-    try:
-        return rule, float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"override sparsity must be a number in '{text}'") from None
+_sparsity_arg = number_arg("sparsity")
+_override_arg = override_arg("sparsity")
 
 
 def _shape_arg(text: str) -> tuple[int, ...]:

@@ -47,6 +47,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -54,7 +55,7 @@ from safetensors.torch import save_file
 from sparsecraft.errors import FormatError, SparsecraftError
 from sparsecraft.formats import encodings as enc
 
-__all__ = ["FORMAT_VERSION", "write_tensors", "read_tensors", "read_header"]
+__all__ = ["FORMAT_VERSION", "write_tensors", "read_tensors", "read_header", "atomic_write"]
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,40 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def atomic_write(path, write: Callable[[Path], object], *, overwrite: bool = True) -> None:
+    """Create or replace ``path`` atomically with what ``write(tmp)`` writes to the path ``tmp``.
+
+    ``tmp`` is a new empty file next to ``path``; once ``write`` returns it is fsynced, given
+    ``path``'s current mode (a new file gets the usual ``0o666 & ~umask``), moved into place and
+    the directory is fsynced. So ``path`` holds either its old content or the complete new
+    file. On any failure the temporary file is removed and the exception propagates unchanged.
+    With ``overwrite`` false an existing ``path`` is never replaced, not even one created by
+    someone else meanwhile: :class:`FileExistsError`.
+    """
+    path = Path(os.fspath(path))
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_UMASK
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, mode)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # link() refuses to clobber, unlike replace()
+            tmp.unlink()
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_tensors(path, tensors: dict[str, torch.Tensor], info: dict[str, dict] | None = None,
                   extra: dict | None = None, overwrite: bool = False,
                   encoding: str | dict[str, str] = "auto") -> dict:
@@ -240,35 +275,15 @@ def write_tensors(path, tensors: dict[str, torch.Tensor], info: dict[str, dict] 
         raise FormatError(f"info/extra must be JSON-serialisable (no NaN/inf): {e}") from None
     _unshare(flat)
 
-    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_UMASK
-    fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
-        save_file(flat, tmp, metadata={"format": "pt", "sparsecraft": header_json})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, mode)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            # link() refuses to clobber, so a file created meanwhile by someone else survives.
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FormatError(f"{path} exists; pass overwrite=True to replace it") from None
-            tmp.unlink()
-        _fsync_dir(parent)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, (FormatError, KeyboardInterrupt)):
-            raise
-        if isinstance(e, Exception):
-            raise FormatError(f"could not write {path}: {e}") from e
+        atomic_write(path, lambda tmp: save_file(flat, tmp, metadata={"format": "pt", "sparsecraft": header_json}),
+                     overwrite=overwrite)
+    except FileExistsError:  # created by someone else since the check above
+        raise FormatError(f"{path} exists; pass overwrite=True to replace it") from None
+    except FormatError:
         raise
+    except Exception as e:
+        raise FormatError(f"could not write {path}: {e}") from e
     log.info("wrote %d tensors to %s (%d bytes)", len(entries), path, path.stat().st_size)
     return header
 

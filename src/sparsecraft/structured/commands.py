@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli_args import number_arg, override_arg
+
 EPILOG = """examples:
   sparsecraft shrink smollm2-135m --mlp 0.3 --out shrunk/
   sparsecraft shrink smollm2-135m --mlp 0.5 --heads 0.33 --criterion wanda \\
@@ -21,18 +23,8 @@ EPILOG = """examples:
 """
 
 
-def _fraction(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"fraction must be a number, got '{text}'") from None
-
-
-def _override(text: str) -> tuple[str, float]:
-    rule, sep, value = text.rpartition("=")
-    if not sep or not rule:
-        raise argparse.ArgumentTypeError(f"override must look like RULE=FRACTION, got '{text}'")
-    return rule, _fraction(value)
+_fraction = number_arg("fraction")
+_override = override_arg("fraction")
 
 
 def register(subparsers) -> dict:

@@ -20,8 +20,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, SparsecraftError, config_fields
+from ..formats.io import atomic_write
 
 __all__ = ["TrainRecipe", "run_training", "load_dataset", "build_model", "DATASETS", "MODELS", "METHODS"]
 
@@ -302,17 +301,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     return correct / len(x)
 
 
-def _save_atomic(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_training(
     recipe: TrainRecipe,
     out: str | Path | None = None,
@@ -418,14 +406,15 @@ def run_training(
 
 
 def _checkpoint(path, recipe, model, optimizer, sparsity, step, elapsed) -> None:
-    _save_atomic({
+    state = {
         "recipe": recipe.to_dict(),
         "step": step,
         "elapsed": elapsed,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "sparsity": None if sparsity is None else sparsity.state_dict(),
-    }, path)
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def _resume(path, recipe, model, optimizer, sparsity) -> tuple[int, float]:
