@@ -24,6 +24,7 @@ channel estimation", IEEE TSP 2024). EM then needs:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -198,7 +199,8 @@ def _parse_couplings(coupling, k: int):
 
 def krosbl(factors, y, *, method: str = "am", coupling=None, noise_var: float | None = None,
            max_iter: int = 300, tol: float = 1e-4, prune: float | Sequence[float] = 1e-3,
-           n_sweeps: int = 10, record_cost: bool = True, init_scale: float = 1.0) -> RecoveryResult:
+           n_sweeps: int = 10, record_cost: bool = True, init_scale: float = 1.0,
+           restarts: int = 2) -> RecoveryResult:
     """KroSBL: SBL with Kronecker-structured prior variances, by EM with the fast E-step.
 
     Args:
@@ -220,10 +222,17 @@ def krosbl(factors, y, *, method: str = "am", coupling=None, noise_var: float | 
         record_cost: keep the cost of every iteration in ``info["cost"]``.
         init_scale: the initial ``gamma`` is ``init_scale`` times the measurement power over
             the mean squared column norm (the same for every entry).
+        restarts: rounds of factor restarts after EM converges. In each round every factor in
+            turn is re-opened (all its entries, flat) with the others kept, EM runs again, and
+            the result replaces the current one only if its cost (negative log marginal
+            likelihood, exact from the same eigendecompositions) is lower; rounds stop early
+            when none improves. EM from a flat start can settle on a wrong support in one
+            factor while the others are right (a local optimum); 0 disables.
 
     Returns:
         :class:`RecoveryResult`; ``info`` has ``gammas`` (per-factor, zeros where pruned),
-        ``noise_var``, ``cost``, ``mode_supports`` (kept indices per factor).
+        ``noise_var``, ``cost`` (per iteration of the run kept), ``final_cost``,
+        ``mode_supports`` (kept indices per factor), ``restarts_accepted``.
     """
     op = factors if isinstance(factors, KroneckerOperator) else KroneckerOperator(factors)
     op, yt, as_numpy = prepare(op, y)
@@ -246,79 +255,58 @@ def krosbl(factors, y, *, method: str = "am", coupling=None, noise_var: float | 
         if p >= 1:
             raise RecoveryError(f"prune[{i}] must be < 1, got {p}")
 
+    check_int(restarts, "restarts", minimum=0)
+
     def solve_one(yv):
         return _krosbl_one(op, yv, method, couplings, noise_var, max_iter, tol, prunes, n_sweeps, record_cost,
-                           float(init_scale))
+                           float(init_scale), int(restarts))
 
     return finish(run_batched(solve_one, yt), as_numpy)
 
 
 def _krosbl_one(op: KroneckerOperator, y, method, couplings, noise_var, max_iter, tol, prunes,
-                n_sweeps, record_cost, init_scale=1.0) -> RecoveryResult:
+                n_sweeps, record_cost, init_scale=1.0, restarts=0) -> RecoveryResult:
     factors_full = op.factors
     k = len(factors_full)
     M = op.shape[0]
     dev = op.device
     rdt = real_dtype(op.dtype)
     ypow = float(torch.linalg.vector_norm(y) ** 2) / M
-    keep = [torch.arange(n, device=dev) for n in op.in_dims]
     if ypow == 0.0:
         return RecoveryResult(x=torch.zeros(op.shape[1], dtype=op.dtype, device=dev),
                               support=torch.zeros(0, dtype=torch.long), n_iter=0, converged=True,
                               info={"gammas": [torch.zeros(n, dtype=rdt) for n in op.in_dims],
-                                    "noise_var": 0.0, "cost": [], "mode_supports": [[] for _ in range(k)]})
+                                    "noise_var": 0.0, "cost": [], "mode_supports": [[] for _ in range(k)],
+                                    "restarts_accepted": 0})
     floor = noise_floor(ypow, rdt)
     s2 = max(float(noise_var), floor) if noise_var is not None else 0.1 * ypow
     colpow = float(op.column_norms().pow(2).mean())
+    keep = [torch.arange(n, device=dev) for n in op.in_dims]
     gammas = [torch.ones(n, dtype=rdt, device=dev) for n in op.in_dims]
     gammas[-1] = gammas[-1] * (init_scale * ypow / max(colpow, 1e-300))
-    if couplings is not None:
-        # Start coupled factors inside their constraint set.
-        for i, b in enumerate(couplings):
-            if b:
-                gammas[i] = coupling_matrix(op.in_dims[i], b, rdt, dev) @ gammas[i]
-    costs: list[float] = []
-    converged = False
-    it = 0
-    for it in range(1, max_iter + 1):
-        facs = [f[:, kp] for f, kp in zip(factors_full, keep)]
-        post = kron_posterior(facs, gammas, s2, y)
-        if record_cost:
-            costs.append(post["cost"])
-        shape = [int(kp.numel()) for kp in keep]
-        T = (post["mu"].abs().pow(2) + post["sigma_diag"]).reshape(shape)
-        old = kron_vec(gammas)
-        if not bool(torch.isfinite(T).all()):
-            raise DivergenceError(
-                f"krosbl: the posterior became non-finite at iteration {it} (noise variance {s2:.3g}; "
-                f"dtype {op.dtype}); use float64 or a larger noise_var")
-        if method == "am":
-            # After pruning, the coupling acts between kept neighbours (as in PC-KroSBL).
-            new = am_mstep(T, gammas, couplings=couplings, n_sweeps=n_sweeps)
-        else:
-            new = rank_one_fit(T)
-        if noise_var is None:
-            s2 = max(em_noise_update(post["resid_sq"], post["dof"], s2, M), floor)
-        cur = kron_vec(new)
-        change = float(torch.linalg.vector_norm(cur - old)) / max(float(torch.linalg.vector_norm(old)), 1e-300)
-        gammas = new
-        # Prune per factor: small entries and their dictionary columns leave for good.
-        pruned_any = False
+    gammas = [_flat_start(g, couplings, i) for i, g in enumerate(gammas)]
+    run = _EMRun(factors_full, y, method, couplings, noise_var, floor, max_iter, tol, prunes, n_sweeps,
+                 record_cost)
+    best = run(keep, gammas, s2)
+    n_iter, accepted = best.n_iter, 0
+    # Restarts: EM from a flat start can lock one factor onto a wrong support while the others
+    # are right. Re-open that factor (every entry, flat at its current largest value), keep the
+    # others, run EM again, and keep the result only if the marginal likelihood improved.
+    for _ in range(restarts):
+        improved = False
         for i in range(k):
-            g = gammas[i]
-            m = float(g.max())
-            ok = g > max(prunes[i] * m, 0.0) if prunes[i] > 0 else g > 0
-            if m <= 0 or not bool(ok.any()):
-                ok = g >= m  # keep the largest so the model stays defined
-            if not bool(ok.all()):
-                pruned_any = True
-                keep[i] = keep[i][ok]
-                gammas[i] = g[ok]
-        if change < tol and not pruned_any:
-            converged = True
+            keep_i, gammas_i = list(best.keep), list(best.gammas)
+            keep_i[i] = torch.arange(op.in_dims[i], device=dev)
+            flat = torch.full((op.in_dims[i],), float(best.gammas[i].max()), dtype=rdt, device=dev)
+            gammas_i[i] = _flat_start(flat, couplings, i)
+            trial = run(keep_i, gammas_i, best.noise_var)
+            n_iter += trial.n_iter
+            if trial.final["cost"] < best.final["cost"] - 1e-9 * abs(best.final["cost"]):
+                best, improved = trial, True
+                accepted += 1
+        if not improved:
             break
-    facs = [f[:, kp] for f, kp in zip(factors_full, keep)]
-    post = kron_posterior(facs, gammas, s2, y)
+    post, keep, gammas = best.final, best.keep, best.gammas
     x = torch.zeros(op.in_dims, dtype=op.dtype, device=dev)
     grids = torch.meshgrid(*keep, indexing="ij")
     x[grids] = post["mu"].reshape([int(kp.numel()) for kp in keep])
@@ -329,8 +317,87 @@ def _krosbl_one(op: KroneckerOperator, y, method, couplings, noise_var, max_iter
         fg[kp] = g
         full_gammas.append(fg)
     support = torch.nonzero(kron_vec(full_gammas) > 0).flatten().cpu()
-    if not converged:
-        logger.info("krosbl(%s): not converged after %d iterations", method, it)
-    return RecoveryResult(x=x, support=support, n_iter=it, converged=converged,
-                          info={"gammas": full_gammas, "noise_var": s2, "cost": costs,
-                                "mode_supports": [kp.cpu().tolist() for kp in keep]})
+    if not best.converged:
+        logger.info("krosbl(%s): not converged after %d iterations", method, best.n_iter)
+    return RecoveryResult(x=x, support=support, n_iter=n_iter, converged=best.converged,
+                          info={"gammas": full_gammas, "noise_var": best.noise_var, "cost": best.costs,
+                                "final_cost": post["cost"], "mode_supports": [kp.cpu().tolist() for kp in keep],
+                                "restarts_accepted": accepted})
+
+
+def _flat_start(g: torch.Tensor, couplings, i: int) -> torch.Tensor:
+    """A coupled factor starts inside its constraint set ``{C_beta h : h >= 0}``."""
+    if couplings is not None and couplings[i]:
+        return coupling_matrix(g.numel(), couplings[i], g.dtype, g.device) @ g
+    return g
+
+
+@dataclass
+class _EMOutcome:
+    keep: list          # kept indices per factor
+    gammas: list        # kept entries of each factor
+    noise_var: float
+    final: dict         # posterior at the end (``kron_posterior``)
+    costs: list
+    n_iter: int
+    converged: bool
+
+
+class _EMRun:
+    """EM iterations of KroSBL from a given start (kept indices per factor, factors, noise)."""
+
+    def __init__(self, factors, y, method, couplings, noise_var, floor, max_iter, tol, prunes, n_sweeps,
+                 record_cost):
+        self.factors, self.y, self.method, self.couplings = factors, y, method, couplings
+        self.noise_known, self.floor = noise_var is not None, floor
+        self.max_iter, self.tol, self.prunes, self.n_sweeps = max_iter, tol, prunes, n_sweeps
+        self.record_cost = record_cost
+
+    def __call__(self, keep, gammas, s2) -> _EMOutcome:
+        k = len(self.factors)
+        M = self.y.shape[0]
+        keep, gammas = list(keep), list(gammas)
+        costs: list[float] = []
+        converged = False
+        it = 0
+        for it in range(1, self.max_iter + 1):
+            facs = [f[:, kp] for f, kp in zip(self.factors, keep)]
+            post = kron_posterior(facs, gammas, s2, self.y)
+            if self.record_cost:
+                costs.append(post["cost"])
+            shape = [int(kp.numel()) for kp in keep]
+            T = (post["mu"].abs().pow(2) + post["sigma_diag"]).reshape(shape)
+            old = kron_vec(gammas)
+            if not bool(torch.isfinite(T).all()):
+                raise DivergenceError(
+                    f"krosbl: the posterior became non-finite at iteration {it} (noise variance {s2:.3g}; "
+                    f"dtype {self.factors[0].dtype}); use float64 or a larger noise_var")
+            if self.method == "am":
+                # After pruning, the coupling acts between kept neighbours (as in PC-KroSBL).
+                new = am_mstep(T, gammas, couplings=self.couplings, n_sweeps=self.n_sweeps)
+            else:
+                new = rank_one_fit(T)
+            if not self.noise_known:
+                s2 = max(em_noise_update(post["resid_sq"], post["dof"], s2, M), self.floor)
+            cur = kron_vec(new)
+            change = float(torch.linalg.vector_norm(cur - old)) / max(float(torch.linalg.vector_norm(old)), 1e-300)
+            gammas = new
+            # Prune per factor: small entries and their dictionary columns leave for good.
+            pruned_any = False
+            for i in range(k):
+                g = gammas[i]
+                m = float(g.max())
+                ok = g > max(self.prunes[i] * m, 0.0) if self.prunes[i] > 0 else g > 0
+                if m <= 0 or not bool(ok.any()):
+                    ok = g >= m  # keep the largest so the model stays defined
+                if not bool(ok.all()):
+                    pruned_any = True
+                    keep[i] = keep[i][ok]
+                    gammas[i] = g[ok]
+            if change < self.tol and not pruned_any:
+                converged = True
+                break
+        facs = [f[:, kp] for f, kp in zip(self.factors, keep)]
+        final = kron_posterior(facs, gammas, s2, self.y)
+        return _EMOutcome(keep=keep, gammas=gammas, noise_var=s2, final=final, costs=costs, n_iter=it,
+                          converged=converged)
