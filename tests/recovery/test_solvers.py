@@ -386,13 +386,14 @@ def test_krosbl_unknown_noise_and_cost_monotone_for_am():
     assert 0.1 * nv < un.info["noise_var"] < 10 * nv
 
 
-def _noisy_kron_problem(seed, ms=(6, 8, 10), n=12, K=3, snr=30):
+def _noisy_kron_problem(seed, ms=(8, 12, 15), n=15, K=4, snr=25):
+    """The published KroSBL configuration (benchmarks/recovery/bench_kron.py draws the same)."""
     rng = np.random.default_rng(seed)
     fs = [rng.standard_normal((m, n)) / np.sqrt(m) for m in ms]
     xs = []
     for _ in ms:
         v = np.zeros(n)
-        v[rng.choice(n, K, replace=False)] = rng.standard_normal(K) + np.sign(rng.standard_normal(K))
+        v[rng.choice(n, K, replace=False)] = rng.standard_normal(K)
         xs.append(v)
     x = xs[0]
     for v in xs[1:]:
@@ -403,9 +404,10 @@ def _noisy_kron_problem(seed, ms=(6, 8, 10), n=12, K=3, snr=30):
 
 
 def test_krosbl_restarts_escape_a_wrong_factor_support():
-    # Measured: from the flat start EM settles on a wrong support in one factor (relative error
-    # 1.24); re-opening that factor with the others kept finds the true support with a lower cost.
-    fs, x, y, nv = _noisy_kron_problem(14)
+    # Measured: from the flat start EM settles on a wrong support in the first factor (7 entries,
+    # relative error 1.31); re-opening that factor with the others kept finds its true support
+    # with a lower cost.
+    fs, x, y, nv = _noisy_kron_problem(80018)
     plain = R.krosbl(fs, y, noise_var=nv, restarts=0)
     res = R.krosbl(fs, y, noise_var=nv, restarts=2)
     assert relerr(plain.x, x) > 0.5
@@ -418,13 +420,40 @@ def test_krosbl_restarts_escape_a_wrong_factor_support():
 
 @pytest.mark.parametrize("method", ["am", "svd"])
 def test_krosbl_restarts_never_raise_the_cost(method):
-    for seed in (0, 8, 22):
+    for seed in (80000, 80005, 80011):
         fs, x, y, nv = _noisy_kron_problem(seed)
         plain = R.krosbl(fs, y, noise_var=nv, method=method, restarts=0)
         res = R.krosbl(fs, y, noise_var=nv, method=method, restarts=2)
         assert res.info["final_cost"] <= plain.info["final_cost"]
         if res.info["restarts_accepted"] == 0:
             np.testing.assert_array_equal(res.x, plain.x)
+
+
+def test_krosbl_acceleration_keeps_the_cost_monotone_and_converges_sooner():
+    # IRS-like factor shapes: one factor with far fewer measurements than entries, where plain
+    # EM crawls. Over-relaxed EM must still lower the cost at every iteration.
+    rng = np.random.default_rng(5)
+    n = 18
+    fs = [rng.standard_normal((m, n)) / np.sqrt(m) for m in (6, 3, 16)]
+    x1, x2, x3 = np.zeros(n), np.zeros(n), np.zeros(n)
+    x1[[2, 3, 4]] = rng.standard_normal(3)
+    x2[7] = 1.0
+    x3[[10, 11, 12]] = rng.standard_normal(3)
+    x = np.kron(np.kron(x1, x2), x3)
+    y0 = R.KroneckerOperator(fs).matvec(torch.from_numpy(x)).numpy()
+    nv = float(np.mean(y0 ** 2) / 100)
+    y = y0 + np.sqrt(nv) * rng.standard_normal(y0.shape)
+    # prune=0: removing a column can itself raise the cost a little, in plain EM too.
+    fast = R.krosbl(fs, y, noise_var=nv, restarts=0, max_iter=3000, prune=0.0)
+    slow = R.krosbl(fs, y, noise_var=nv, restarts=0, max_iter=3000, prune=0.0, accelerate=False)
+    for res in (fast, slow):
+        c = np.asarray(res.info["cost"])
+        assert np.all(np.diff(c) <= 1e-9 * np.abs(c[:-1])), np.diff(c).max()
+    assert fast.converged
+    assert fast.n_iter < slow.n_iter / 2
+    # Measured: 0.032 against 0.27 for plain EM, which had not converged after 3000 iterations.
+    assert relerr(fast.x, x) < 0.1
+    assert fast.info["final_cost"] <= slow.info["final_cost"] + 1e-6 * abs(slow.info["final_cost"])
 
 
 def test_block_coupled_krosbl_recovers_block_sparse_modes():
