@@ -265,7 +265,8 @@ COMMANDS = {
 
 # Sub-packages add their own commands: each module has ``register(subparsers)`` returning
 # {command: handler}. Keep these modules light: heavy imports belong inside the handlers.
-COMMAND_MODULES: list[str] = ["sparsecraft.train.commands", "sparsecraft.structured.commands", "sparsecraft.runtime.commands"]
+COMMAND_MODULES: list[str] = ["sparsecraft.train.commands", "sparsecraft.structured.commands", "sparsecraft.runtime.commands",
+                              "sparsecraft.recovery.commands"]
 
 
 def main(argv=None) -> int:

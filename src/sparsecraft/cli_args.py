@@ -8,17 +8,47 @@ parser reports in one line before exiting with code 2.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Callable
 
 
-def number_arg(what: str) -> Callable[[str], float]:
-    """A ``type=`` for a number called ``what`` in messages ("sparsity must be a number, got 'x'")."""
+def number_arg(what: str, *, minimum: float | None = None, exclusive: bool = False,
+               below: float | None = None) -> Callable[[str], float]:
+    """A ``type=`` for a number called ``what`` in messages ("sparsity must be a number, got 'x'").
+
+    With ``minimum`` (``exclusive``: strictly above it) or ``below`` (strictly below it) the
+    number must also be finite and in that range.
+    """
 
     def parse(text: str) -> float:
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} must be a number, got '{text}'") from None
+        if minimum is None and below is None:
+            return value
+        above_min = minimum is None or value > minimum or (value == minimum and not exclusive)
+        if not (math.isfinite(value) and above_min and (below is None or value < below)):
+            low = "" if minimum is None else f"{'>' if exclusive else '>='} {minimum:g}"
+            high = "" if below is None else f"< {below:g}"
+            raise argparse.ArgumentTypeError(f"{what} must be {' and '.join(filter(None, (low, high)))}, got '{text}'")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+def int_arg(what: str, minimum: int = 1) -> Callable[[str], int]:
+    """A ``type=`` for an integer ``>= minimum`` called ``what`` in messages."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer >= {minimum}, got '{text}'")
+        return value
 
     parse.__name__ = what
     return parse
