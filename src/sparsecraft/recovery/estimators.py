@@ -150,7 +150,7 @@ class KroSBL(SBL):
     _fn = staticmethod(krosbl)
 
     def __init__(self, method="am", *, coupling=None, noise_var=None, max_iter=300, tol=1e-4,
-                 prune=1e-3, n_sweeps=10, init_scale=1.0, restarts=2, accelerate=True):
+                 prune=1e-3, n_sweeps=10, init_scale=None, restarts=2, accelerate=True):
         self.method, self.coupling, self.n_sweeps, self.init_scale = method, coupling, n_sweeps, init_scale
         self.restarts, self.accelerate = restarts, accelerate
         self.noise_var, self.max_iter, self.tol, self.prune = noise_var, max_iter, tol, prune
