@@ -70,7 +70,8 @@ def dft(d):
 
 def kron(d):
     sw = d["sweeps"]
-    out = [f"### Kronecker Gaussian (published configuration), {d['trials']} trials per point\n"]
+    out = [f"### Kronecker Gaussian (published configuration), {d['trials']} trials per point\n"
+           if set(sw) - {"classic"} else "### Kronecker Gaussian (published configuration): classic SBL\n"]
     c = sw.get("classic", {}).get("M1=10_K=4_snr=25")
     if c:
         classics = [k for k in ("classic_sbl", "classic_sbl_prune1e-6", "classic_sbl_mackay") if k in c]
