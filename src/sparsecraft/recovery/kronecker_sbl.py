@@ -20,6 +20,10 @@ channel estimation", IEEE TSP 2024). EM then needs:
 * **Block coupling** (PC-KroSBL, for block-sparse modes): the factor ``gamma_i`` is
   constrained to ``C_beta g`` with ``C_beta`` tridiagonal (1 on the diagonal, ``beta`` next to
   it) and ``g >= 0``; the AM update is projected on that set by non-negative least squares.
+* **Beyond the paper** (each measured in ``benchmarks/recovery``): the cost
+  ``log|C| + y^H C^{-1} y`` comes exactly from the same eigendecompositions, which allows
+  over-relaxed EM for AM (a step is lengthened only while the cost falls), pruning that is
+  refused when it would raise the cost, and factor restarts kept only when the cost falls.
 """
 
 from __future__ import annotations
@@ -281,8 +285,8 @@ def _krosbl_one(op: KroneckerOperator, y, method, couplings, noise_var, max_iter
         return RecoveryResult(x=torch.zeros(op.shape[1], dtype=op.dtype, device=dev),
                               support=torch.zeros(0, dtype=torch.long), n_iter=0, converged=True,
                               info={"gammas": [torch.zeros(n, dtype=rdt) for n in op.in_dims],
-                                    "noise_var": 0.0, "cost": [], "mode_supports": [[] for _ in range(k)],
-                                    "restarts_accepted": 0})
+                                    "noise_var": 0.0, "cost": [], "final_cost": None,
+                                    "mode_supports": [[] for _ in range(k)], "restarts_accepted": 0})
     floor = noise_floor(ypow, rdt)
     s2 = max(float(noise_var), floor) if noise_var is not None else 0.1 * ypow
     colpow = float(op.column_norms().pow(2).mean())
