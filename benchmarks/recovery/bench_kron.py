@@ -40,7 +40,7 @@ def problem(M1, K, snr, seed, M2=12, M3=15, n=15):
 
 def one_trial(args):
     """All methods back to back on one problem (so per-trial time ratios are like for like)."""
-    M1, K, snr, seed, with_sbl = args
+    M1, K, snr, seed, with_sbl, draws = args
     B.setup_threads()
     fs, op, x, y, nv = problem(M1, K, snr, seed)
     A = op.to_dense().numpy()
@@ -56,6 +56,8 @@ def one_trial(args):
         # The same without factor restarts (restarts=0): what the restarts change.
         "am_krosbl_r0": lambda: krosbl(method="am", restarts=0),
         "svd_krosbl_r0": lambda: krosbl(method="svd", restarts=0),
+        **({f"am_krosbl_draws{draws}": lambda: krosbl(method="am", restart_draws=draws),
+            f"svd_krosbl_draws{draws}": lambda: krosbl(method="svd", restart_draws=draws)} if draws else {}),
         "kron_omp": lambda: (lambda r: (r.x, r.n_iter))(R.kron_omp(fs, y, [K, K, K])),
         "omp": lambda: (lambda r: (r.x, r.n_iter))(R.omp(op, y, K ** 3)),
         "fista": lambda: (lambda r: (r.x, r.n_iter))(R.fista(op, y, lam="universal", noise_var=nv, max_iter=2000)),
@@ -79,8 +81,8 @@ def one_trial(args):
     return rows
 
 
-def run(M1, K, snr, trials, seed0, pool, with_sbl=False):
-    jobs = [(M1, K, snr, seed0 + t, with_sbl) for t in range(trials)]
+def run(M1, K, snr, trials, seed0, pool, with_sbl=False, draws=0):
+    jobs = [(M1, K, snr, seed0 + t, with_sbl, draws) for t in range(trials)]
     per_trial = list(pool.imap(one_trial, jobs)) if pool is not None else [one_trial(j) for j in jobs]
     rows: dict[str, list] = {}
     for tr in per_trial:
@@ -109,11 +111,13 @@ def main():
     ap.add_argument("--sbl-trials", type=int, default=2)
     ap.add_argument("--sweeps", nargs="+", default=["classic", *SWEEPS], choices=["classic", *SWEEPS])
     ap.add_argument("--tag", default="", help="suffix of the output file, e.g. _classic")
+    ap.add_argument("--draws", type=int, default=0, help="also run KroSBL with this many random restart draws")
     ap.add_argument("--workers", type=int, default=1,
                     help="processes, one thread each; a trial's methods always run back to back in one process")
     args = ap.parse_args()
     B.setup_threads()
-    out = {"trials": args.trials, "sbl_trials": args.sbl_trials, "workers": args.workers, "sweeps": {}}
+    out = {"trials": args.trials, "sbl_trials": args.sbl_trials, "workers": args.workers, "draws": args.draws,
+           "sweeps": {}}
     pool = multiprocessing.get_context("fork").Pool(args.workers) if args.workers > 1 else None
 
     def log(tag, res):
@@ -136,7 +140,7 @@ def main():
         out["sweeps"][sweep] = {}
         for M1, K, snr in points:
             key = f"M1={M1}_K={K}_snr={snr}"
-            res = run(M1, K, snr, args.trials, seed_of(M1, K, snr), pool)
+            res = run(M1, K, snr, args.trials, seed_of(M1, K, snr), pool, draws=args.draws)
             out["sweeps"][sweep][key] = res
             log(f"{sweep} {key}", res)
             B.write_json("kron" + args.tag, out)

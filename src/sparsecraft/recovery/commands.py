@@ -57,7 +57,8 @@ METHODS = {
     "sbl": ("sbl", False, {"noise_var": "noise_var", "update": "update", "prune": "prune", **_COMMON}),
     "block_sbl": ("block_sbl", False, {"blocks": "blocks", "noise_var": "noise_var", "prune": "prune", **_COMMON}),
     "krosbl": ("krosbl", True, {"noise_var": "noise_var", "krosbl_method": "method", "coupling": "coupling",
-                                "prune": "prune", "restarts": "restarts", **_COMMON}),
+                                "prune": "prune", "restarts": "restarts", "restart_draws": "restart_draws",
+                                **_COMMON}),
 }
 _OPTIONS = tuple(dict.fromkeys(dest for _, _, mapping in METHODS.values() for dest in mapping))
 
@@ -119,6 +120,9 @@ def register(subparsers) -> dict:
                    help="sbl, block_sbl, krosbl: drop variances below this fraction of the largest")
     p.add_argument("--restarts", type=int_arg("restarts", minimum=0), metavar="N",
                    help="krosbl: rounds of factor restarts (0 disables; default: krosbl's)")
+    p.add_argument("--restart-draws", type=int_arg("restart-draws", minimum=0), metavar="N",
+                   help="krosbl: random re-openings per factor and restart round, besides the flat one "
+                        "(slower, fewer wrong supports; default: krosbl's)")
     p.add_argument("--max-iter", type=int_arg("max-iter"), metavar="N", help="iteration cap (default: the solver's)")
     p.add_argument("--tol", type=number_arg("tol", minimum=0.0), help="stopping tolerance (default: the solver's)")
     p.add_argument("--device", default="cpu", help="torch device for the solve, e.g. cpu or cuda:0 (default cpu)")

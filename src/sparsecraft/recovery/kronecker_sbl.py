@@ -205,7 +205,7 @@ def _parse_couplings(coupling, k: int):
 def krosbl(factors, y, *, method: str = "am", coupling=None, noise_var: float | None = None,
            max_iter: int = 300, tol: float = 1e-4, prune: float | Sequence[float] = 1e-3,
            n_sweeps: int = 10, record_cost: bool = True, init_scale: float | None = None,
-           restarts: int = 2, accelerate: bool = True) -> RecoveryResult:
+           restarts: int = 2, restart_draws: int = 0, seed: int = 0, accelerate: bool = True) -> RecoveryResult:
     """KroSBL: SBL with Kronecker-structured prior variances, by EM with the fast E-step.
 
     Args:
@@ -265,16 +265,19 @@ def krosbl(factors, y, *, method: str = "am", coupling=None, noise_var: float | 
             raise RecoveryError(f"prune[{i}] must be < 1, got {p}")
 
     check_int(restarts, "restarts", minimum=0)
+    check_int(restart_draws, "restart_draws", minimum=0)
+    check_int(seed, "seed", minimum=0)
 
     def solve_one(yv):
         return _krosbl_one(op, yv, method, couplings, noise_var, max_iter, tol, prunes, n_sweeps, record_cost,
-                           init_scale, int(restarts), bool(accelerate))
+                           init_scale, int(restarts), int(restart_draws), int(seed), bool(accelerate))
 
     return finish(run_batched(solve_one, yt), as_numpy)
 
 
 def _krosbl_one(op: KroneckerOperator, y, method, couplings, noise_var, max_iter, tol, prunes,
-                n_sweeps, record_cost, init_scale=None, restarts=0, accelerate=True) -> RecoveryResult:
+                n_sweeps, record_cost, init_scale=None, restarts=0, restart_draws=0, seed=0,
+                accelerate=True) -> RecoveryResult:
     factors_full = op.factors
     k = len(factors_full)
     M = op.shape[0]
@@ -303,20 +306,25 @@ def _krosbl_one(op: KroneckerOperator, y, method, couplings, noise_var, max_iter
     best = run(keep, gammas, s2)
     n_iter, accepted = best.n_iter, 0
     # Restarts: EM from a flat start can lock one factor onto a wrong support while the others
-    # are right. Re-open that factor (every entry, flat at its current largest value), keep the
-    # others, run EM again, and keep the result only if the marginal likelihood improved.
+    # are right. Re-open that factor (every entry, flat at its current largest value, then from
+    # restart_draws random levels), keep the others, run EM again, and keep the result only if
+    # the marginal likelihood improved.
+    gen = torch.Generator().manual_seed(seed)  # the same call gives the same result
     for _ in range(restarts):
         improved = False
         for i in range(k):
-            keep_i, gammas_i = list(best.keep), list(best.gammas)
-            keep_i[i] = torch.arange(op.in_dims[i], device=dev)
-            flat = torch.full((op.in_dims[i],), float(best.gammas[i].max()), dtype=rdt, device=dev)
-            gammas_i[i] = _flat_start(flat, couplings, i)
-            trial = run(keep_i, gammas_i, best.noise_var)
-            n_iter += trial.n_iter
-            if trial.final["cost"] < best.final["cost"] - 1e-9 * abs(best.final["cost"]):
-                best, improved = trial, True
-                accepted += 1
+            for draw in range(1 + restart_draws):
+                keep_i, gammas_i = list(best.keep), list(best.gammas)
+                keep_i[i] = torch.arange(op.in_dims[i], device=dev)
+                level = torch.full((op.in_dims[i],), float(best.gammas[i].max()), dtype=rdt)
+                if draw:  # log-uniform over two decades below the flat level
+                    level = level * torch.pow(10.0, -2.0 * torch.rand(op.in_dims[i], generator=gen, dtype=rdt))
+                gammas_i[i] = _flat_start(level.to(dev), couplings, i)
+                trial = run(keep_i, gammas_i, best.noise_var)
+                n_iter += trial.n_iter
+                if trial.final["cost"] < best.final["cost"] - 1e-9 * abs(best.final["cost"]):
+                    best, improved = trial, True
+                    accepted += 1
         if not improved:
             break
     post, keep, gammas = best.final, best.keep, best.gammas
