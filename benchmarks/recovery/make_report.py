@@ -70,7 +70,8 @@ def dft(d):
 
 def kron(d):
     sw = d["sweeps"]
-    out = [f"### Kronecker Gaussian (published configuration), {d['trials']} trials per point\n"
+    draws = f", with rows for restart_draws={d['draws']}" if d.get("draws") else ""
+    out = [f"### Kronecker Gaussian (published configuration), {d['trials']} trials per point{draws}\n"
            if set(sw) - {"classic"} else "### Kronecker Gaussian (published configuration): classic SBL\n"]
     c = sw.get("classic", {}).get("M1=10_K=4_snr=25")
     if c:
@@ -140,7 +141,7 @@ def lorenz(d):
 def main():
     parts = [NOTES.read_text() if NOTES.exists() else "# Sparse recovery benchmarks\n"]
     for name, fn in (("gaussian", gaussian), ("gaussian_prune1e-6", gaussian), ("dft", dft), ("kron", kron),
-                     ("kron_classic", kron), ("kron_sklearn", kron_sklearn), ("irs", irs), ("irs_20dB_50trials", irs), ("lorenz", lorenz)):
+                     ("kron_classic", kron), ("kron_m1_draws4", kron), ("kron_sklearn", kron_sklearn), ("irs", irs), ("lorenz", lorenz)):
         if name == "gaussian_prune1e-6" and load(name) is not None:
             parts.append("#### Earlier run of the same script and seeds, when `sbl` pruned at 1e-6 (its default "
                          "then); `sbl_mackay` also at 1e-6; no `sbl_prune1e-2` column\n")
