@@ -116,6 +116,20 @@ def _nnls(C: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(g).to(device=u.device, dtype=u.dtype)
 
 
+def project_coupled(u: torch.Tensor, beta: float) -> torch.Tensor:
+    """The point of ``{C_beta g : g >= 0}`` closest to ``u > 0`` in relative error (pure).
+
+    Around its minimum ``u`` the M-step objective ``sum_n u_n / g_n + log g_n`` grows like
+    ``sum_n ((g_n - u_n) / u_n)^2 / 2``, so a plain Euclidean projection over-weights the large
+    entries. The weights are capped (``u`` floored at 1e-2 of its largest) so that tiny entries
+    do not dictate the block. Measured on the IRS case (20 trials, 20 dB, library defaults):
+    mean channel NMSE 0.013 with the Euclidean projection, 0.0029 with this one.
+    """
+    C = coupling_matrix(u.numel(), beta, dtype=u.dtype, device=u.device)
+    wgt = 1.0 / torch.clamp(u, min=1e-2 * max(float(u.max()), 1e-300))
+    return C @ _nnls(C * wgt[:, None], u * wgt)
+
+
 def am_mstep(T: torch.Tensor, gammas: list[torch.Tensor], *, couplings=None, n_sweeps: int = 10,
              tol: float = 1e-4) -> list[torch.Tensor]:
     """Alternating-minimisation M-step (pure).
@@ -136,15 +150,7 @@ def am_mstep(T: torch.Tensor, gammas: list[torch.Tensor], *, couplings=None, n_s
             u = (T / _others_product(gs, i, shape)).mean(dim=dims)
             beta = couplings[i] if couplings is not None else None
             if beta:
-                C = coupling_matrix(shape[i], beta, dtype=u.dtype, device=u.device)
-                # Project in relative terms: around its minimum u the objective
-                # sum_n u_n / g_n + log g_n grows like sum_n ((g_n - u_n) / u_n)^2 / 2, so a
-                # plain Euclidean projection over-weights the large entries. The weights are
-                # capped (u floored at 1e-2 of its largest) so tiny entries do not dictate the
-                # block. Measured on the IRS case (20 trials, 20 dB, library defaults): mean
-                # channel NMSE 0.013 with the Euclidean projection, 0.0029 with this one.
-                wgt = 1.0 / torch.clamp(u, min=1e-2 * max(float(u.max()), 1e-300))
-                u = C @ _nnls(C * wgt[:, None], u * wgt)
+                u = project_coupled(u, beta)
             # A strictly positive floor keeps the other factors' division finite.
             gs[i] = torch.clamp(u, min=1e-12 * max(float(u.max()), 1e-300))
         for i in range(k - 1):
@@ -392,8 +398,7 @@ class _EMRun:
             # Bounded in log space, so that no entry overflows whatever eta reached.
             p = torch.exp(log_p.clamp(min=math.log(lo), max=math.log(top) + 20.0))
             if self.couplings is not None and self.couplings[i]:
-                C = coupling_matrix(p.numel(), self.couplings[i], dtype=p.dtype, device=p.device)
-                p = torch.clamp(C @ _nnls(C, p), min=lo)
+                p = torch.clamp(project_coupled(p, self.couplings[i]), min=lo)
             out.append(p)
         return out
 
@@ -455,8 +460,8 @@ class _EMRun:
                     new_keep[i], new_gammas[i] = keep[i][ok], g[ok]
             pruned_any = any(a.numel() != b.numel() for a, b in zip(new_keep, keep))
             if pruned_any:
-                # A prune that raises the cost by more than a likelihood ratio of e^5 (plus
-                # 1e-3 relative) removed a column the data need: refuse it. Measured: it happened
+                # A prune that raises the cost by more than 10 (plus 1e-3 relative) removed a
+                # column the data need: refuse it. Measured: it happened
                 # after large over-relaxed steps (IRS case, cost -987 -> 9317; noiseless complex
                 # case, -11296 -> 9e6) and EM never recovered.
                 if post is None:
