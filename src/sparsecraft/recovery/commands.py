@@ -481,7 +481,7 @@ def _cmd_discover(args) -> int:
 
     from ..errors import ConfigError
     from ._common import RecoveryError
-    from .discovery import derivative
+    from .discovery import default_state_names, derivative
     from .estimators import EquationDiscovery
 
     if args.derivatives is None and args.dt is None:
@@ -523,7 +523,7 @@ def _cmd_discover(args) -> int:
     equations = model.equations(precision=args.precision)
     resid = model.predict(X).reshape(T, d) - D
     rel = np.linalg.norm(resid, axis=0) / np.maximum(np.linalg.norm(D, axis=0), np.finfo(float).tiny)
-    state_names = names or (["x", "y", "z"] if d == 3 else [f"x{i}" for i in range(d)])
+    state_names = names or default_state_names(d)
     result = {
         "method": args.method, "degree": args.degree, "threshold": args.threshold,
         "states": state_names, "feature_names": model.feature_names_, "coefficients": coef,

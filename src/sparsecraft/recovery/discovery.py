@@ -31,6 +31,11 @@ def _state(X, name="X"):
     return t, as_numpy
 
 
+def default_state_names(d: int) -> list[str]:
+    """``x, y, z`` for three states, else ``x0, x1, ...``."""
+    return ["x", "y", "z"] if d == 3 else [f"x{i}" for i in range(d)]
+
+
 def polynomial_library(X, degree: int = 2, *, include_bias: bool = True,
                        names: Sequence[str] | None = None):
     """All monomials of the state columns up to ``degree``.
@@ -48,7 +53,7 @@ def polynomial_library(X, degree: int = 2, *, include_bias: bool = True,
     check_int(degree, "degree")
     d = Xt.shape[1]
     if names is None:
-        names = ["x", "y", "z"] if d == 3 else [f"x{i}" for i in range(d)]
+        names = default_state_names(d)
     if len(names) != d:
         raise RecoveryError(f"names must give {d} state names, got {len(names)}")
     cols, fnames = [], []

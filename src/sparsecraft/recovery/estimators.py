@@ -195,7 +195,7 @@ class EquationDiscovery:
             raise RecoveryError("EquationDiscovery is not fitted; call fit(X, dXdt) first")
         C = np.asarray(self.coef_.cpu() if isinstance(self.coef_, torch.Tensor) else self.coef_)
         C = C.reshape(C.shape[0], -1)
-        lhs = self.names or (["x", "y", "z"] if C.shape[1] == 3 else [f"x{i}" for i in range(C.shape[1])])
+        lhs = self.names or discovery.default_state_names(C.shape[1])
         out = []
         for j in range(C.shape[1]):
             terms = [f"{C[i, j]:+.{precision}g} {n}".replace(" 1", "") if n == "1" else f"{C[i, j]:+.{precision}g} {n}"

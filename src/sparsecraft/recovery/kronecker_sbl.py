@@ -465,7 +465,7 @@ class _EMRun:
                 # after large over-relaxed steps (IRS case, cost -987 -> 9317; noiseless complex
                 # case, -11296 -> 9e6) and EM never recovered.
                 if post is None:
-                    post = kron_posterior([f[:, kp] for f, kp in zip(self.factors, keep)], gammas, s2, self.y)
+                    post = kron_posterior(facs, gammas, s2, self.y)
                 pruned_post = kron_posterior([f[:, kp] for f, kp in zip(self.factors, new_keep)], new_gammas, s2,
                                              self.y)
                 if pruned_post["cost"] <= post["cost"] + 10.0 + 1e-3 * abs(post["cost"]):
@@ -475,7 +475,8 @@ class _EMRun:
             if change < self.tol and not pruned_any:
                 converged = True
                 break
-        facs = [f[:, kp] for f, kp in zip(self.factors, keep)]
-        final = kron_posterior(facs, gammas, s2, self.y)
+        # ``post``, when set, is already the posterior of the final point.
+        final = post if post is not None else kron_posterior(
+            [f[:, kp] for f, kp in zip(self.factors, keep)], gammas, s2, self.y)
         return _EMOutcome(keep=keep, gammas=gammas, noise_var=s2, final=final, costs=costs, n_iter=it,
                           converged=converged)
