@@ -29,6 +29,8 @@ channel estimation", IEEE TSP 2024). EM then needs:
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -198,6 +200,147 @@ def rank_one_fit(T: torch.Tensor, n_iter: int = 30, tol: float = 1e-8) -> list[t
     return gs
 
 
+@functools.lru_cache(maxsize=64)
+def _all_subsets(n: int, k: int) -> torch.Tensor:
+    # itertools is many times faster than torch.combinations here (measured: that call was a
+    # third of KroSBL's time).
+    return torch.tensor(list(itertools.combinations(range(n), k)), dtype=torch.long).reshape(-1, k)
+
+
+def best_subsets(A: torch.Tensor, Z: torch.Tensor, noise_var: float, *, n_sigma: float = 3.0,
+                 budget: int = 20000, extra: int = 1) -> list[torch.Tensor]:
+    """Smallest sets of columns of ``A`` whose span leaves only noise in ``Z`` (pure).
+
+    ``Z`` is ``A X + E`` with ``X`` row-sparse and ``E`` white noise of variance ``noise_var``
+    per entry. For ``k = 1, 2, ...`` (below the number of rows) the ``k`` columns whose span
+    captures most of ``||Z||_F^2`` are found, exhaustively while there are at most ``budget``
+    subsets of that size and by extending the previous best by one column after that. The
+    first ``k`` whose residual ``||(I - P_S) Z||_F^2`` is within ``n_sigma`` standard
+    deviations of the noise's (a chi-square over ``(M - k) * columns`` terms) qualifies; it
+    and the best sets of the next ``extra`` sizes are returned (sorted indices), since a weak
+    true column can hide below the noise test. Empty when no size qualifies.
+    """
+    M, N = A.shape
+    G = A.mH @ A
+    AZ = A.mH @ Z
+    H = AZ @ AZ.mH
+    total = float(torch.linalg.vector_norm(Z) ** 2)
+    ridge = 1e-12 * float(torch.diagonal(G).real.mean())
+    terms_per_row = Z.shape[1] * (2 if Z.is_complex() else 1)
+    found: list[torch.Tensor] = []
+    prev = None
+    for k in range(1, min(M, N)):
+        if math.comb(N, k) <= budget:
+            subsets = _all_subsets(N, k).to(A.device)
+        else:
+            taken = set(prev.tolist())
+            rest = torch.tensor([n for n in range(N) if n not in taken], device=A.device)
+            subsets = torch.cat([prev.expand(rest.numel(), -1), rest[:, None]], dim=1)
+        Gs = G[subsets[:, :, None], subsets[:, None, :]]
+        Hs = H[subsets[:, :, None], subsets[:, None, :]]
+        eye = torch.eye(k, dtype=G.dtype, device=G.device)
+        captured = torch.diagonal(torch.linalg.solve(Gs + ridge * eye, Hs), dim1=-2, dim2=-1).sum(-1).real
+        j = int(torch.argmax(captured))
+        prev = subsets[j]
+        if found:
+            found.append(torch.sort(prev).values)
+        else:
+            terms = (M - k) * terms_per_row
+            expected = noise_var * (M - k) * Z.shape[1]
+            if total - float(captured[j]) <= expected * (1.0 + n_sigma * math.sqrt(2.0 / terms)):
+                found.append(torch.sort(prev).values)
+        if len(found) > extra:
+            break
+    return found
+
+
+def mode_subset_candidates(factors: Sequence[torch.Tensor], keep: Sequence[torch.Tensor], y: torch.Tensor,
+                           noise_var: float, i: int) -> list[torch.Tensor]:
+    """Supports for factor ``i`` read from the data with the other factors' supports fixed.
+
+    Projecting ``y`` on the span of the other modes' kept columns (orthonormal bases, so the
+    noise stays white with the same variance) leaves ``Z = A_i X``, a multiple-measurement
+    problem in mode ``i``; :func:`best_subsets` finds its smallest adequate supports. Returns
+    indices into the columns of ``A_i`` (possibly none).
+    """
+    mats = []
+    for j, (A_j, kp) in enumerate(zip(factors, keep)):
+        if j == i:
+            mats.append(torch.eye(A_j.shape[0], dtype=A_j.dtype, device=A_j.device))
+        else:
+            U, S, _ = torch.linalg.svd(A_j[:, kp], full_matrices=False)
+            rank = int((S > S[0] * 1e-10).sum()) if S.numel() and float(S[0]) > 0 else 0
+            if rank == 0:
+                return []
+            mats.append(U[:, :rank].mH)
+    t = kron_apply(mats, y.to(factors[0].dtype)).reshape([m.shape[0] for m in mats])
+    Z = torch.movedim(t, i, 0).reshape(factors[i].shape[0], -1)
+    return best_subsets(factors[i], Z, float(noise_var))
+
+
+def joint_subset_candidate(factors: Sequence[torch.Tensor], keep: Sequence[torch.Tensor], y: torch.Tensor,
+                           noise_var: float, max_columns: int = 5_000_000) -> list[torch.Tensor] | None:
+    """The smallest Kronecker support, among the per-mode subset candidates, that fits ``y``
+    to within the noise by least squares (pure); ``None`` when none does.
+
+    One Gauss-Seidel sweep of :func:`mode_subset_candidates` (each mode read with the others'
+    newest supports) gives each mode its smallest adequate support and the best one a column
+    larger; the combinations are tried from the smallest total size up.
+    """
+    current = list(keep)
+    options = []
+    for i in range(len(factors)):
+        cands = mode_subset_candidates(factors, current, y, noise_var, i)
+        if not cands:
+            return None
+        current[i] = cands[0]
+        options.append(cands)
+    M = y.shape[0]
+    combos = sorted(itertools.product(*options), key=lambda c: math.prod(int(s.numel()) for s in c))
+    for combo in combos:
+        size = math.prod(int(s.numel()) for s in combo)
+        if size >= M or size * M > max_columns:
+            continue
+        A_S = kron_vec_matrices([f[:, s] for f, s in zip(factors, combo)])
+        coef = torch.linalg.lstsq(A_S, y.to(A_S.dtype).unsqueeze(1)).solution
+        if residual_is_noise(factors, y - (A_S @ coef).squeeze(1), noise_var, size):
+            return list(combo)
+    return None
+
+
+def residual_is_noise(factors: Sequence[torch.Tensor], r: torch.Tensor, noise_var: float, dof: float,
+                      alpha: float = 0.01) -> bool:
+    """Could the residual ``r`` of a fit with ``dof`` parameters be noise alone (pure)?
+
+    Two tests at level about ``alpha``: the total ``||r||^2`` against its chi-square (within
+    3 standard deviations), and, more sensitive to one missing column, the largest normalised
+    correlation ``|a_j^H r|^2 / ||a_j||^2`` over all columns of the Kronecker dictionary against
+    the maximum of that many chi-square(1) (real) or exponential (complex) variables.
+    """
+    from scipy.stats import chi2
+
+    M = r.shape[0]
+    free = max(M - dof, 1.0)
+    complex_ = r.is_complex()
+    terms = free * (2 if complex_ else 1)
+    if float(torch.linalg.vector_norm(r) ** 2) > noise_var * free * (1.0 + 3.0 * math.sqrt(2.0 / terms)):
+        return False
+    corr = kron_apply([A.mH for A in factors], r).abs().pow(2)
+    norms = kron_vec([A.abs().pow(2).sum(0) for A in factors])
+    score = float((corr / norms.clamp_min(1e-300)).max()) / noise_var
+    n = corr.numel()
+    limit = math.log(n / alpha) if complex_ else float(chi2.isf(alpha / n, 1))
+    return score <= limit
+
+
+def kron_vec_matrices(mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``M_1 (x) ... (x) M_k`` formed explicitly (only for small matrices)."""
+    out = mats[0]
+    for m in mats[1:]:
+        out = torch.kron(out, m)
+    return out
+
+
 def _parse_couplings(coupling, k: int):
     if coupling is None:
         return None
@@ -220,7 +363,8 @@ def _parse_couplings(coupling, k: int):
 def krosbl(factors, y, *, method: str = "am", coupling=None, noise_var: float | None = None,
            max_iter: int = 300, tol: float = 1e-4, prune: float | Sequence[float] = 1e-3,
            n_sweeps: int = 10, record_cost: bool = True, init_scale: float | None = None,
-           restarts: int = 2, restart_draws: int = 0, seed: int = 0, accelerate: bool = True) -> RecoveryResult:
+           restarts: int = 2, restart_draws: int = 0, seed: int = 0, accelerate: bool = True,
+           subset_restarts: bool = True) -> RecoveryResult:
     """KroSBL: SBL with Kronecker-structured prior variances, by EM with the fast E-step.
 
     Args:
@@ -285,14 +429,15 @@ def krosbl(factors, y, *, method: str = "am", coupling=None, noise_var: float | 
 
     def solve_one(yv):
         return _krosbl_one(op, yv, method, couplings, noise_var, max_iter, tol, prunes, n_sweeps, record_cost,
-                           init_scale, int(restarts), int(restart_draws), int(seed), bool(accelerate))
+                           init_scale, int(restarts), int(restart_draws), int(seed), bool(accelerate),
+                           bool(subset_restarts))
 
     return finish(run_batched(solve_one, yt), as_numpy)
 
 
 def _krosbl_one(op: KroneckerOperator, y, method, couplings, noise_var, max_iter, tol, prunes,
                 n_sweeps, record_cost, init_scale=None, restarts=0, restart_draws=0, seed=0,
-                accelerate=True) -> RecoveryResult:
+                accelerate=True, subset_restarts=True) -> RecoveryResult:
     factors_full = op.factors
     k = len(factors_full)
     M = op.shape[0]
@@ -321,23 +466,47 @@ def _krosbl_one(op: KroneckerOperator, y, method, couplings, noise_var, max_iter
     best = run(keep, gammas, s2)
     n_iter, accepted = best.n_iter, 0
     # Restarts: EM from a flat start can lock one factor onto a wrong support while the others
-    # are right. Re-open that factor (every entry, flat at its current largest value, then from
-    # restart_draws random levels), keep the others, run EM again, and keep the result only if
-    # the marginal likelihood improved.
+    # are right (measured: 6-14 of 15 entries kept in an 8-row factor where 4 were true). Each
+    # round tries (1) the smallest Kronecker support that fits the data to within a known
+    # noise, from per-mode subset searches; (2) per factor, the supports its subset search
+    # suggests with the others kept (uncoupled factors; a coupled one is re-opened flat, as the
+    # search knows nothing of blocks); (3) restart_draws random re-openings. EM runs from each
+    # and the result replaces the current one when ``_better`` says so.
     gen = torch.Generator().manual_seed(seed)  # the same call gives the same result
     for _ in range(restarts):
         improved = False
+        if subset_restarts and noise_var is not None and not any(couplings or []):
+            joint = joint_subset_candidate(factors_full, best.keep, y, best.noise_var)
+            if joint is not None and not all(torch.equal(a, b) for a, b in zip(joint, best.keep)):
+                level = [torch.full((int(s.numel()),), float(g.max()), dtype=rdt, device=dev)
+                         for s, g in zip(joint, best.gammas)]
+                trial = run(joint, level, best.noise_var)
+                n_iter += trial.n_iter
+                if _better(trial, best, factors_full, y, noise_var is not None):
+                    best, improved = trial, True
+                    accepted += 1
         for i in range(k):
-            for draw in range(1 + restart_draws):
+            full = torch.arange(op.in_dims[i], device=dev)
+            coupled = couplings is not None and bool(couplings[i])
+            # (support, random levels?). Measured at M1 = 6, 8, 10: the subset candidates
+            # instead of a flat re-opening were as accurate and 2-3x faster.
+            starts = [] if subset_restarts and not coupled else [(full, False)]
+            if subset_restarts and not coupled:
+                cands = mode_subset_candidates(factors_full, best.keep, y, best.noise_var, i)
+                # When the smallest adequate support is the current one, nothing to try.
+                if cands and not torch.equal(cands[0], best.keep[i]):
+                    starts += [(c, False) for c in cands if not torch.equal(c, best.keep[i])]
+            starts += [(full, True)] * restart_draws
+            for support, random_levels in starts:
                 keep_i, gammas_i = list(best.keep), list(best.gammas)
-                keep_i[i] = torch.arange(op.in_dims[i], device=dev)
-                level = torch.full((op.in_dims[i],), float(best.gammas[i].max()), dtype=rdt)
-                if draw:  # log-uniform over two decades below the flat level
-                    level = level * torch.pow(10.0, -2.0 * torch.rand(op.in_dims[i], generator=gen, dtype=rdt))
+                keep_i[i] = support
+                level = torch.full((support.numel(),), float(best.gammas[i].max()), dtype=rdt)
+                if random_levels:  # log-uniform over two decades below the flat level
+                    level = level * torch.pow(10.0, -2.0 * torch.rand(support.numel(), generator=gen, dtype=rdt))
                 gammas_i[i] = _flat_start(level.to(dev), couplings, i)
                 trial = run(keep_i, gammas_i, best.noise_var)
                 n_iter += trial.n_iter
-                if trial.final["cost"] < best.final["cost"] - 1e-9 * abs(best.final["cost"]):
+                if _better(trial, best, factors_full, y, noise_var is not None):
                     best, improved = trial, True
                     accepted += 1
         if not improved:
@@ -361,6 +530,30 @@ def _krosbl_one(op: KroneckerOperator, y, method, couplings, noise_var, max_iter
                                 "restarts_accepted": accepted})
 
 
+def _better(trial, best, factors, y, noise_known: bool) -> bool:
+    """Does a restart's outcome replace the current one?
+
+    Without a known noise level: when its cost is lower. With one, outcomes whose residual is
+    noise (:func:`residual_is_noise`) come first, the smaller support among them, then the
+    lower cost. Measured at M1 = 6 (6 rows, 4 of 15 entries true): the subset search found
+    the true supports, EM from them fit to the noise, and the cost still preferred 5 wrong
+    entries in the 6-row factor.
+    """
+    if not noise_known:
+        return trial.final["cost"] < best.final["cost"] - 1e-9 * abs(best.final["cost"])
+    return _rank(trial, factors, y) < _rank(best, factors, y)
+
+
+def _rank(outcome, factors, y):
+    if outcome.fits is None:
+        facs = [f[:, kp] for f, kp in zip(factors, outcome.keep)]
+        r = y - kron_apply(facs, outcome.final["mu"])
+        outcome.fits = residual_is_noise(factors, r, outcome.noise_var, outcome.final["dof"])
+    size = math.prod(int(kp.numel()) for kp in outcome.keep)
+    cost = outcome.final["cost"]
+    return (0, size, cost) if outcome.fits else (1, 0, cost)
+
+
 def _flat_start(g: torch.Tensor, couplings, i: int) -> torch.Tensor:
     """A coupled factor starts inside its constraint set ``{C_beta h : h >= 0}``."""
     if couplings is not None and couplings[i]:
@@ -377,6 +570,7 @@ class _EMOutcome:
     costs: list
     n_iter: int
     converged: bool
+    fits: bool | None = None  # residual is noise (set when first asked, by ``_rank``)
 
 
 class _EMRun:
