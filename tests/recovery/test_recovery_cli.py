@@ -98,6 +98,15 @@ def test_recover_krosbl_three_factors(tmp_path, complex_, snr_db):
     assert "noise_var" in result and result["support_f1"] > 0.9
 
 
+def test_recover_krosbl_passes_restart_options(tmp_path):
+    factors, x = _kron_problem(tmp_path, False, 40.0)
+    out = tmp_path / "kro"
+    assert _run(["recover", "--y", str(tmp_path / "yk.npy"), "--factors", *factors, "--method", "krosbl",
+                 "--no-subset-restarts", "--restart-draws", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["arguments"] == {"subset_restarts": False, "restart_draws": 1}
+
+
 def test_recover_kron_omp_batch_npz_and_csv_inputs(tmp_path, gaussian):
     factors, x = _kron_problem(tmp_path, False)
     y = np.load(tmp_path / "yk.npy")
@@ -169,6 +178,8 @@ def _bad_inputs(tmp_path, paths):
         (["recover", "--y", y, "--A", A, "--method", "krosbl"], ["--method krosbl", "--factors", "not --A"]),
         (["recover", "--y", str(tmp_path / "y_nan.npy"), "--A", A, "--method", "sbl"], ["--y", "NaN"]),
         (["recover", "--y", y, "--A", A, "--method", "omp", "--lam", "0.1"], ["--lam", "not used", "omp"]),
+        (["recover", "--y", y, "--A", A, "--method", "sbl", "--no-subset-restarts"],
+         ["--no-subset-restarts", "not used", "sbl"]),
         (["recover", "--y", y, "--A", A, "--method", "omp", "--k", "0"], ["--k", ">= 1"]),
         (["recover", "--y", y, "--A", A, "--method", "block_sbl", "--blocks", "7"], ["--blocks 7", "divide"]),
         (["recover", "--y", y, "--A", A, "--method", "omp", "--x-true", y], ["--x-true", "shape"]),

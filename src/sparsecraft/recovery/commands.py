@@ -58,7 +58,7 @@ METHODS = {
     "block_sbl": ("block_sbl", False, {"blocks": "blocks", "noise_var": "noise_var", "prune": "prune", **_COMMON}),
     "krosbl": ("krosbl", True, {"noise_var": "noise_var", "krosbl_method": "method", "coupling": "coupling",
                                 "prune": "prune", "restarts": "restarts", "restart_draws": "restart_draws",
-                                **_COMMON}),
+                                "subset_restarts": "subset_restarts", **_COMMON}),
 }
 _OPTIONS = tuple(dict.fromkeys(dest for _, _, mapping in METHODS.values() for dest in mapping))
 
@@ -121,8 +121,11 @@ def register(subparsers) -> dict:
     p.add_argument("--restarts", type=int_arg("restarts", minimum=0), metavar="N",
                    help="krosbl: rounds of factor restarts (0 disables; default: krosbl's)")
     p.add_argument("--restart-draws", type=int_arg("restart-draws", minimum=0), metavar="N",
-                   help="krosbl: random re-openings per factor and restart round, besides the flat one "
+                   help="krosbl: random re-openings per factor and restart round "
                         "(slower, fewer wrong supports; default: krosbl's)")
+    p.add_argument("--no-subset-restarts", dest="subset_restarts", action="store_const", const=False,
+                   help="krosbl: restart factors flat instead of at the supports a per-mode subset search suggests, "
+                        "and choose by marginal likelihood alone")
     p.add_argument("--max-iter", type=int_arg("max-iter"), metavar="N", help="iteration cap (default: the solver's)")
     p.add_argument("--tol", type=number_arg("tol", minimum=0.0), help="stopping tolerance (default: the solver's)")
     p.add_argument("--device", default="cpu", help="torch device for the solve, e.g. cpu or cuda:0 (default cpu)")
@@ -153,7 +156,7 @@ def _out(text: str) -> None:
 
 
 def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
+    return "--no-subset-restarts" if dest == "subset_restarts" else "--" + dest.replace("_", "-")
 
 
 # ---------------------------------------------------------------- inputs and outputs
