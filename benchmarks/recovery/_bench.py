@@ -52,6 +52,17 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+def solution(out):
+    """``(x, iterations or None)`` from a RecoveryResult, a fitted scikit-learn estimator or an array."""
+    if hasattr(out, "coef_"):
+        it = getattr(out, "n_iter_", None)
+        return np.asarray(out.coef_), None if it is None else int(np.max(it))
+    if hasattr(out, "x") and hasattr(out, "n_iter"):
+        x = out.x
+        return (x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)), int(out.n_iter)
+    return (out.numpy() if isinstance(out, torch.Tensor) else np.asarray(out)), None
+
+
 def summarize(rows: list[dict], keys=("nmse_db", "f1", "time", "iters")) -> dict:
     out = {}
     for k in keys:

@@ -39,15 +39,17 @@ def main():
             A = op.to_dense().numpy()
             meths = {
                 "oracle": lambda: B.oracle_ls(A, y, x),
-                "omp": lambda: R.omp(op, y, K).x,
-                "fista": lambda: R.fista(op, y, lam="universal", noise_var=nv).x,
-                "amp": lambda: R.amp(op, y, on_divergence="return").x,
-                "sbl": lambda: R.sbl(op, y, update="em", record_cost=False).x,
+                "omp": lambda: R.omp(op, y, K),
+                "fista": lambda: R.fista(op, y, lam="universal", noise_var=nv),
+                "amp": lambda: R.amp(op, y, on_divergence="return"),
+                "sbl": lambda: R.sbl(op, y, update="em", record_cost=False),
+                "sbl_fast": lambda: R.sbl(op, y, update="fast", record_cost=False),
             }
             for name, fn in meths.items():
-                xh, dt = B.timed(fn)
-                xh = xh.numpy() if isinstance(xh, torch.Tensor) else xh
-                rows.setdefault(name, []).append({"nmse_db": B.nmse_db(xh, x), "f1": B.support_f1(xh, x), "time": dt})
+                got, dt = B.timed(fn)
+                xh, it = B.solution(got)
+                rows.setdefault(name, []).append({"nmse_db": B.nmse_db(xh, x), "f1": B.support_f1(xh, x), "time": dt,
+                                                  "iters": it})
         res = {n: B.summarize(r) for n, r in rows.items()}
         for n, s in res.items():
             if n != "oracle":

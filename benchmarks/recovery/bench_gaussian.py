@@ -45,22 +45,24 @@ def main():
                 y = y0 + np.sqrt(nv) * rng.standard_normal(M)
                 meths = {
                     "oracle": lambda: B.oracle_ls(A, y, x),
-                    "omp": lambda: R.omp(A, y, K).x,
-                    "fista": lambda: R.fista(A, y, lam="universal", noise_var=nv).x if nv > 0
-                    else R.fista(A, y, lam=1e-4 * R.lambda_max(R.as_operator(A), torch.from_numpy(y)), max_iter=5000).x,
-                    "amp": lambda: R.amp(A, y, on_divergence="return", max_iter=1000).x,
-                    "sbl_fast": lambda: R.sbl(A, y, update="fast", record_cost=False).x,
-                    "sbl": lambda: R.sbl(A, y, update="em", record_cost=False).x,
-                    "sbl_mackay": lambda: R.sbl(A, y, update="mackay").x,
-                    "sbl_prune1e-2": lambda: R.sbl(A, y, update="em", prune=1e-2).x,
-                    "sk_omp": lambda: OrthogonalMatchingPursuit(n_nonzero_coefs=K, fit_intercept=False).fit(A, y).coef_,
-                    "sk_ard": lambda: ARDRegression(fit_intercept=False).fit(A, y).coef_,
+                    "omp": lambda: R.omp(A, y, K),
+                    "fista": lambda: R.fista(A, y, lam="universal", noise_var=nv) if nv > 0
+                    else R.fista(A, y, lam=1e-4 * R.lambda_max(R.as_operator(A), torch.from_numpy(y)), max_iter=5000),
+                    "amp": lambda: R.amp(A, y, on_divergence="return", max_iter=1000),
+                    "sbl_fast": lambda: R.sbl(A, y, update="fast", record_cost=False),
+                    "sbl": lambda: R.sbl(A, y, update="em", record_cost=False),
+                    "sbl_mackay": lambda: R.sbl(A, y, update="mackay"),
+                    "sbl_prune1e-2": lambda: R.sbl(A, y, update="em", prune=1e-2),
+                    "sk_omp": lambda: OrthogonalMatchingPursuit(n_nonzero_coefs=K, fit_intercept=False).fit(A, y),
+                    "sk_ard": lambda: ARDRegression(fit_intercept=False).fit(A, y),
                 }
                 if not args.no_sklearn_lasso:
-                    meths["sk_lassocv"] = lambda: LassoCV(fit_intercept=False, cv=5, alphas=20).fit(A, y).coef_
+                    meths["sk_lassocv"] = lambda: LassoCV(fit_intercept=False, cv=5, alphas=20).fit(A, y)
                 for name, fn in meths.items():
-                    xh, dt = B.timed(fn)
-                    rows.setdefault(name, []).append({"nmse_db": B.nmse_db(xh, x), "f1": B.support_f1(xh, x), "time": dt})
+                    out, dt = B.timed(fn)
+                    xh, it = B.solution(out)
+                    rows.setdefault(name, []).append({"nmse_db": B.nmse_db(xh, x), "f1": B.support_f1(xh, x), "time": dt,
+                                                      "iters": it})
             res = {name: B.summarize(r) for name, r in rows.items()}
             for name, s in res.items():
                 if name != "oracle":

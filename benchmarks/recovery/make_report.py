@@ -27,6 +27,12 @@ def f1(v, nd=1):
     return "" if v is None else f"{v:.{nd}f}"
 
 
+def iters(s):
+    """Mean iterations, or '-' where the method has none (oracle) or the run did not record them."""
+    v = s.get("iters_mean")
+    return "-" if v is None else f"{v:.0f}"
+
+
 def gaussian(d):
     lines = [f"### Gaussian N(0, 1/M), N={d['N']}, M={d['M']}, {d['trials']} trials per point\n"]
     res = d["results"]
@@ -34,13 +40,14 @@ def gaussian(d):
     for snr in snrs:
         keys = [k for k in res if k.startswith(snr + ",")]
         names = list(res[keys[0]].keys())
-        lines.append(f"**{snr} dB** - mean NMSE dB (median) / support F1 / mean time ms\n")
+        lines.append(f"**{snr} dB** - mean NMSE dB (median) / support F1 / mean time ms / mean iterations\n")
         rows = []
         for n in names:
             row = [n]
             for k in keys:
                 s = res[k][n]
-                row.append(f"{s['nmse_db_mean']:.1f} ({s['nmse_db_median']:.1f}) / {s['f1_mean']:.2f} / {1e3 * s['time_mean']:.1f}")
+                row.append(f"{s['nmse_db_mean']:.1f} ({s['nmse_db_median']:.1f}) / {s['f1_mean']:.2f} / "
+                           f"{1e3 * s['time_mean']:.1f} / {iters(s)}")
             rows.append(row)
         lines.append(table(["method"] + [k.split(",")[1] for k in keys], rows))
         if "sk_ard" in names:
@@ -63,9 +70,10 @@ def dft(d):
     res = d["results"]
     keys = list(res)
     names = list(res[keys[0]])
-    rows = [[n] + [f"{res[k][n]['nmse_db_mean']:.1f} ({res[k][n]['nmse_db_median']:.1f}) / {1e3 * res[k][n]['time_mean']:.0f}" for k in keys] for n in names]
+    rows = [[n] + [f"{res[k][n]['nmse_db_mean']:.1f} ({res[k][n]['nmse_db_median']:.1f}) / {res[k][n]['f1_mean']:.2f} / "
+                   f"{1e3 * res[k][n]['time_mean']:.0f} / {iters(res[k][n])}" for k in keys] for n in names]
     return (f"### Partial DFT (complex), N={d['N']}, M={d['M']}, {d['snr']:g} dB, {d['trials']} trials per point\n\n"
-            "mean NMSE dB (median) / mean time ms\n\n" + table(["method"] + keys, rows) + "\n")
+            "mean NMSE dB (median) / support F1 / mean time ms / mean iterations\n\n" + table(["method"] + keys, rows) + "\n")
 
 
 def kron(d):
@@ -91,7 +99,7 @@ def kron(d):
         keys = list(points)
         names = list(points[keys[0]])
         out.append(f"\n{title}: mean NMSE dB (median); [gap of the mean to the oracle's mean, dB]; "
-                   "trials more than 1 dB above the oracle; mean time s\n")
+                   "trials more than 1 dB above the oracle; support F1; mean time s; mean iterations\n")
         rows = []
         for n in names:
             row = [n]
@@ -100,7 +108,8 @@ def kron(d):
                 gap = s.get("gap_to_oracle_db_mean")
                 row.append(f"{s['nmse_db_mean']:.1f} ({s['nmse_db_median']:.1f})" + (f" [{gap:+.1f}]" if gap is not None else "")
                            + (f" {s['trials_over_1db']}/{s['n']}" if "trials_over_1db" in s else "")
-                           + f" {s['time_mean']:.2f}s")
+                           + (f" F1 {s['f1_mean']:.2f}" if "f1_mean" in s else "")
+                           + f" {s['time_mean']:.2f}s it {iters(s)}")
             rows.append(row)
         out.append(table(["method"] + [k.replace("_snr=", " snr=").replace("_K=", " K=") for k in keys], rows))
     return "\n".join(out) + "\n"
@@ -131,11 +140,12 @@ def irs(d):
     names = list(res[keys[0]])
     rows = []
     for n in names:
-        rows.append([n] + [f"{res[k][n]['nmse_mean']:.4f} ({res[k][n]['nmse_median']:.4f}) n={res[k][n]['n']}" for k in keys])
+        rows.append([n] + [f"{res[k][n]['nmse_mean']:.4f} ({res[k][n]['nmse_median']:.4f}) n={res[k][n]['n']} "
+                           f"{res[k][n]['time_mean']:.2f}s it {iters(res[k][n])}" for k in keys])
     pub = ", ".join(f"{k} {v}" for k, v in d["published_20dB"].items())
     return (f"### IRS-aided MIMO uplink, N=5832, M=288, {d['trials']} trials (classic SBL: {d['sbl_trials']} trials, "
             f"{d['sbl_iters']} EM iterations), coupling beta={d['beta']}\n\n"
-            "mean channel NMSE (median), linear\n\n" + table(["method"] + keys, rows)
+            "mean channel NMSE (median), linear; trials; mean time s; mean iterations\n\n" + table(["method"] + keys, rows)
             + f"\n\nPublished (authors' stored results, 20 dB): {pub}.\n")
 
 
