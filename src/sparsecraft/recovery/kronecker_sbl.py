@@ -224,7 +224,6 @@ def best_subsets(A: torch.Tensor, Z: torch.Tensor, noise_var: float, *, n_sigma:
     G = A.mH @ A
     AZ = A.mH @ Z
     H = AZ @ AZ.mH
-    total = float(torch.linalg.vector_norm(Z) ** 2)
     ridge = 1e-12 * float(torch.diagonal(G).real.mean())
     terms_per_row = Z.shape[1] * (2 if Z.is_complex() else 1)
     found: list[torch.Tensor] = []
@@ -240,14 +239,18 @@ def best_subsets(A: torch.Tensor, Z: torch.Tensor, noise_var: float, *, n_sigma:
         Hs = H[subsets[:, :, None], subsets[:, None, :]]
         eye = torch.eye(k, dtype=G.dtype, device=G.device)
         captured = torch.diagonal(torch.linalg.solve(Gs + ridge * eye, Hs), dim1=-2, dim2=-1).sum(-1).real
-        j = int(torch.argmax(captured))
+        j = int(torch.argmax(torch.nan_to_num(captured, nan=-math.inf)))
         prev = subsets[j]
         if found:
             found.append(torch.sort(prev).values)
         else:
+            # The winner's residual exactly (the ridge that keeps the batch solvable would
+            # swamp a noise level near the floor).
+            A_S = A[:, prev]
+            resid = float(torch.linalg.vector_norm(Z - A_S @ torch.linalg.lstsq(A_S, Z).solution) ** 2)
             terms = (M - k) * terms_per_row
             expected = noise_var * (M - k) * Z.shape[1]
-            if total - float(captured[j]) <= expected * (1.0 + n_sigma * math.sqrt(2.0 / terms)):
+            if resid <= expected * (1.0 + n_sigma * math.sqrt(2.0 / terms)):
                 found.append(torch.sort(prev).values)
         if len(found) > extra:
             break
