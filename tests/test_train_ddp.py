@@ -103,8 +103,16 @@ def _worker(rank, init_file, out_dir):
 def test_rigl_under_ddp_has_identical_masks_and_resumes_from_rank0():
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(init_file, tmp), nprocs=WORLD, join=True)
-        results = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+        paths = [os.path.join(tmp, f"rank{r}.pt") for r in range(WORLD)]
+        try:
+            mp.spawn(_worker, args=(init_file, tmp), nprocs=WORLD, join=True)
+        except mp.ProcessExitedException:
+            # Seen about once in six runs on a busy machine: gloo aborts a worker while the
+            # process group is torn down ("terminate called without an active exception"),
+            # after the worker saved its results. Only that case is let through.
+            if not all(os.path.exists(p) for p in paths):
+                raise
+        results = [torch.load(p, weights_only=False) for p in paths]
     for r in results:
         assert r["identical"], "ranks hold different masks"
         assert r["checks"] and all(r["checks"]), "regrowth did not follow the rank-averaged gradient"
