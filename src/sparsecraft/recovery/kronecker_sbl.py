@@ -229,18 +229,15 @@ def best_subsets(A: torch.Tensor, Z: torch.Tensor, noise_var: float, *, n_sigma:
     found: list[torch.Tensor] = []
     prev = None
     for k in range(1, min(M, N)):
-        if math.comb(N, k) <= budget:
+        if prev is None or math.comb(N, k) <= budget:
             subsets = _all_subsets(N, k).to(A.device)
+            Gs = G[subsets[:, :, None], subsets[:, None, :]]
+            Hs = H[subsets[:, :, None], subsets[:, None, :]]
+            eye = torch.eye(k, dtype=G.dtype, device=G.device)
+            captured = torch.diagonal(torch.linalg.solve(Gs + ridge * eye, Hs), dim1=-2, dim2=-1).sum(-1).real
+            prev = subsets[int(torch.argmax(torch.nan_to_num(captured, nan=-math.inf)))]
         else:
-            taken = set(prev.tolist())
-            rest = torch.tensor([n for n in range(N) if n not in taken], device=A.device)
-            subsets = torch.cat([prev.expand(rest.numel(), -1), rest[:, None]], dim=1)
-        Gs = G[subsets[:, :, None], subsets[:, None, :]]
-        Hs = H[subsets[:, :, None], subsets[:, None, :]]
-        eye = torch.eye(k, dtype=G.dtype, device=G.device)
-        captured = torch.diagonal(torch.linalg.solve(Gs + ridge * eye, Hs), dim1=-2, dim2=-1).sum(-1).real
-        j = int(torch.argmax(torch.nan_to_num(captured, nan=-math.inf)))
-        prev = subsets[j]
+            prev = torch.cat([prev, _best_extension(A, Z, prev).reshape(1)])
         if found:
             found.append(torch.sort(prev).values)
         else:
@@ -255,6 +252,16 @@ def best_subsets(A: torch.Tensor, Z: torch.Tensor, noise_var: float, *, n_sigma:
         if len(found) > extra:
             break
     return found
+
+
+def _best_extension(A: torch.Tensor, Z: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The column that, added to ``chosen``, captures most of ``Z`` (orthogonal least squares)."""
+    Q, _ = torch.linalg.qr(A[:, chosen])
+    A_perp = A - Q @ (Q.mH @ A)
+    R = Z - Q @ (Q.mH @ Z)
+    gain = (A_perp.mH @ R).abs().pow(2).sum(1) / A_perp.abs().pow(2).sum(0).clamp_min(1e-300)
+    gain[chosen] = -math.inf
+    return torch.argmax(gain)
 
 
 def mode_subset_candidates(factors: Sequence[torch.Tensor], keep: Sequence[torch.Tensor], y: torch.Tensor,
