@@ -116,13 +116,15 @@ def kron(d):
 
 
 def kron_failures(d):
-    rows = [[k, d["trials"], c["failed"], c["truth_cost_lower"], c["truth_cost_higher"]] for k, c in d["results"].items()]
+    rows = [[k, d["trials"], c["failed"], c["truth_cost_lower"], c["truth_cost_higher"],
+             c.get("failed_with_defaults_am", "-"), c.get("failed_with_defaults_svd", "-")] for k, c in d["results"].items()]
     return ("### KroSBL failures on the Kronecker configuration (25 dB, K_i=4; `bench_kron_failures.py`)\n\n"
             "failed = more than 1 dB above the oracle (the better by cost of AM and SVD with restart_draws=4 and "
             "subset_restarts=False: restarts judged by the cost alone); "
             "EM started from the true supports then reaches a lower cost (a search failure) or a higher one "
             "(the SBL cost prefers the wrong support)\n\n"
-            + table(["point", "trials", "failed", "truth cost lower (search)", "truth cost higher (model)"], rows) + "\n")
+            + table(["point", "trials", "failed", "truth cost lower (search)", "truth cost higher (model)",
+                     "failed with the defaults (AM)", "failed with the defaults (SVD)"], rows) + "\n")
 
 
 def kron_sklearn(d):

@@ -98,13 +98,28 @@ def test_recover_krosbl_three_factors(tmp_path, complex_, snr_db):
     assert "noise_var" in result and result["support_f1"] > 0.9
 
 
-def test_recover_krosbl_passes_restart_options(tmp_path):
+def test_recover_krosbl_passes_restart_options_and_a_warm_start(tmp_path, capsys):
     factors, x = _kron_problem(tmp_path, False, 40.0)
     out = tmp_path / "kro"
     assert _run(["recover", "--y", str(tmp_path / "yk.npy"), "--factors", *factors, "--method", "krosbl",
                  "--no-subset-restarts", "--restart-draws", "1", "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["arguments"] == {"subset_restarts": False, "restart_draws": 1}
+    truth = [sorted(set(t.tolist())) for t in np.nonzero(np.abs(x.reshape(10, 10, 10)))]
+    lists = [",".join(map(str, t)) for t in truth]
+    warm = tmp_path / "warm"
+    assert _run(["recover", "--y", str(tmp_path / "yk.npy"), "--factors", *factors, "--method", "krosbl",
+                 "--init-supports", *lists, "--restarts", "0", "--out", str(warm)]) == 0
+    result = json.loads((warm / "result.json").read_text())
+    assert result["arguments"]["init_supports"] == truth
+    assert set(result["support"]) <= set(np.flatnonzero(x).tolist())
+    capsys.readouterr()
+    never = tmp_path / "never"
+    assert _run(["recover", "--y", str(tmp_path / "yk.npy"), "--factors", *factors, "--method", "krosbl",
+                 "--init-supports", *lists[:2], "--out", str(never)]) == 2
+    message = _one_line_error(capsys)
+    assert "--init-supports" in message and "one index list per factor (3), got 2" in message
+    assert not never.exists()
 
 
 def test_recover_kron_omp_batch_npz_and_csv_inputs(tmp_path, gaussian):
@@ -180,6 +195,7 @@ def _bad_inputs(tmp_path, paths):
         (["recover", "--y", y, "--A", A, "--method", "omp", "--lam", "0.1"], ["--lam", "not used", "omp"]),
         (["recover", "--y", y, "--A", A, "--method", "sbl", "--no-subset-restarts"],
          ["--no-subset-restarts", "not used", "sbl"]),
+        (["recover", "--y", y, "--A", A, "--method", "omp", "--init-supports", "1,x"], ["--init-supports", "indices"]),
         (["recover", "--y", y, "--A", A, "--method", "omp", "--k", "0"], ["--k", ">= 1"]),
         (["recover", "--y", y, "--A", A, "--method", "block_sbl", "--blocks", "7"], ["--blocks 7", "divide"]),
         (["recover", "--y", y, "--A", A, "--method", "omp", "--x-true", y], ["--x-true", "shape"]),

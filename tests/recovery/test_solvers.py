@@ -481,6 +481,24 @@ def test_krosbl_subset_restarts_work_at_the_noise_floor():
     assert relerr(res.x, x) < 1e-8
 
 
+def test_krosbl_warm_start_from_given_supports():
+    fs, x, y, nv = _noisy_kron_problem(60001, ms=(6, 12, 15))
+    truth = [np.nonzero(np.abs(x.reshape(15, 15, 15)).sum(axis=tuple(j for j in range(3) if j != i)))[0]
+             for i in range(3)]
+    cold = R.krosbl(fs, y, noise_var=nv, restarts=0)
+    warm = R.krosbl(fs, y, noise_var=nv, restarts=0, init_supports=[t.tolist() for t in truth])
+    assert relerr(cold.x, x) > 0.5
+    assert relerr(warm.x, x) < 0.05
+    assert all(set(m) <= set(t.tolist()) for m, t in zip(warm.info["mode_supports"], truth))
+    for bad, words in [([[0, 1], [2]], ["init_supports", "one index sequence per factor (3)"]),
+                       ([[0], [15], [1]], ["init_supports[1]", "outside 0..14"]),
+                       ([[0], [], [1]], ["init_supports[1]", "non-empty"]),
+                       ([[0.5], [1], [1]], ["init_supports[0]", "integer"])]:
+        with pytest.raises(R.RecoveryError) as err:
+            R.krosbl(fs, y, noise_var=nv, init_supports=bad)
+        assert all(w in str(err.value) for w in words), str(err.value)
+
+
 def test_best_subsets_reads_the_row_support_of_a_noisy_mmv_problem():
     from sparsecraft.recovery.kronecker_sbl import best_subsets
 

@@ -58,12 +58,23 @@ METHODS = {
     "block_sbl": ("block_sbl", False, {"blocks": "blocks", "noise_var": "noise_var", "prune": "prune", **_COMMON}),
     "krosbl": ("krosbl", True, {"noise_var": "noise_var", "krosbl_method": "method", "coupling": "coupling",
                                 "prune": "prune", "restarts": "restarts", "restart_draws": "restart_draws",
-                                "subset_restarts": "subset_restarts", **_COMMON}),
+                                "subset_restarts": "subset_restarts", "init_supports": "init_supports",
+                                **_COMMON}),
 }
 _OPTIONS = tuple(dict.fromkeys(dest for _, _, mapping in METHODS.values() for dest in mapping))
 
 
 _lam_number = number_arg("lam", minimum=0.0)
+
+
+def _index_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--init-supports takes comma-separated column indices, got '{text}'") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"--init-supports takes non-negative column indices, got '{text}'")
+    return values
 
 
 def _lam(text: str):
@@ -126,6 +137,9 @@ def register(subparsers) -> dict:
     p.add_argument("--no-subset-restarts", dest="subset_restarts", action="store_const", const=False,
                    help="krosbl: restart factors flat instead of at the supports a per-mode subset search suggests, "
                         "and choose by marginal likelihood alone")
+    p.add_argument("--init-supports", nargs="+", type=_index_list, metavar="I,J,...",
+                   help="krosbl: warm start, one comma-separated list of column indices per factor "
+                        "(e.g. a previous result's mode supports)")
     p.add_argument("--max-iter", type=int_arg("max-iter"), metavar="N", help="iteration cap (default: the solver's)")
     p.add_argument("--tol", type=number_arg("tol", minimum=0.0), help="stopping tolerance (default: the solver's)")
     p.add_argument("--device", default="cpu", help="torch device for the solve, e.g. cpu or cuda:0 (default cpu)")
@@ -320,6 +334,8 @@ def _check_method_options(args) -> dict:
             raise ConfigError(f"--k takes {'one sparsity per factor' if want > 1 else 'one sparsity'} "
                               f"for --method {args.method} ({want}), got {len(args.k)}")
         kwargs["n_nonzero"] = list(args.k) if args.method == "kron_omp" else args.k[0]
+    if args.init_supports is not None and len(args.init_supports) != n_factors:
+        raise ConfigError(f"--init-supports takes one index list per factor ({n_factors}), got {len(args.init_supports)}")
     if args.coupling is not None:
         if len(args.coupling) not in (1, n_factors):
             raise ConfigError(f"--coupling takes one value or one per factor ({n_factors}), got {len(args.coupling)}")

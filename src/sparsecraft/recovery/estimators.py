@@ -151,10 +151,10 @@ class KroSBL(SBL):
 
     def __init__(self, method="am", *, coupling=None, noise_var=None, max_iter=300, tol=1e-4,
                  prune=1e-3, n_sweeps=10, init_scale=None, restarts=2, restart_draws=0, seed=0, accelerate=True,
-                 subset_restarts=True):
+                 subset_restarts=True, init_supports=None):
         self.method, self.coupling, self.n_sweeps, self.init_scale = method, coupling, n_sweeps, init_scale
         self.restarts, self.restart_draws, self.seed, self.accelerate = restarts, restart_draws, seed, accelerate
-        self.subset_restarts = subset_restarts
+        self.subset_restarts, self.init_supports = subset_restarts, init_supports
         self.noise_var, self.max_iter, self.tol, self.prune = noise_var, max_iter, tol, prune
 
 

@@ -344,6 +344,23 @@ def residual_is_noise(factors: Sequence[torch.Tensor], r: torch.Tensor, noise_va
     return score <= limit
 
 
+def _parse_supports(supports, dims, device):
+    """Validated ``init_supports``: sorted unique index tensors, one per factor, or ``None``."""
+    if supports is None:
+        return None
+    if isinstance(supports, (str, bytes)) or len(supports) != len(dims):
+        raise RecoveryError(f"init_supports must hold one index sequence per factor ({len(dims)})")
+    out = []
+    for i, (sup, n) in enumerate(zip(supports, dims)):
+        idx = torch.as_tensor(sup).reshape(-1)
+        if idx.numel() == 0 or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise RecoveryError(f"init_supports[{i}] must be a non-empty sequence of integer column indices")
+        if int(idx.min()) < 0 or int(idx.max()) >= n:
+            raise RecoveryError(f"init_supports[{i}] has an index outside 0..{n - 1} (factor {i} has {n} columns)")
+        out.append(torch.unique(idx.long()).to(device))
+    return out
+
+
 def _parse_couplings(coupling, k: int):
     if coupling is None:
         return None
@@ -367,7 +384,7 @@ def krosbl(factors, y, *, method: str = "am", coupling=None, noise_var: float | 
            max_iter: int = 300, tol: float = 1e-4, prune: float | Sequence[float] = 1e-3,
            n_sweeps: int = 10, record_cost: bool = True, init_scale: float | None = None,
            restarts: int = 2, restart_draws: int = 0, seed: int = 0, accelerate: bool = True,
-           subset_restarts: bool = True) -> RecoveryResult:
+           subset_restarts: bool = True, init_supports=None) -> RecoveryResult:
     """KroSBL: SBL with Kronecker-structured prior variances, by EM with the fast E-step.
 
     Args:
@@ -415,6 +432,11 @@ def krosbl(factors, y, *, method: str = "am", coupling=None, noise_var: float | 
             (``benchmarks/recovery/bench_kron_failures.py``). ``False``: flat re-openings
             and the cost alone (the behaviour before this option).
 
+        init_supports: optional warm start, one sequence of column indices per factor (e.g. the
+            ``mode_supports`` of a previous frame when tracking a channel): EM starts with only
+            these columns, flat, and the default start level counts only them. Restarts may
+            still re-open other columns.
+
     Returns:
         :class:`RecoveryResult`; ``info`` has ``gammas`` (per-factor, zeros where pruned),
         ``noise_var``, ``cost`` (per iteration of the run kept), ``final_cost``,
@@ -445,17 +467,19 @@ def krosbl(factors, y, *, method: str = "am", coupling=None, noise_var: float | 
     check_int(restart_draws, "restart_draws", minimum=0)
     check_int(seed, "seed", minimum=0)
 
+    supports = _parse_supports(init_supports, op.in_dims, op.device)
+
     def solve_one(yv):
         return _krosbl_one(op, yv, method, couplings, noise_var, max_iter, tol, prunes, n_sweeps, record_cost,
                            init_scale, int(restarts), int(restart_draws), int(seed), bool(accelerate),
-                           bool(subset_restarts))
+                           bool(subset_restarts), supports)
 
     return finish(run_batched(solve_one, yt), as_numpy)
 
 
 def _krosbl_one(op: KroneckerOperator, y, method, couplings, noise_var, max_iter, tol, prunes,
                 n_sweeps, record_cost, init_scale=None, restarts=0, restart_draws=0, seed=0,
-                accelerate=True, subset_restarts=True) -> RecoveryResult:
+                accelerate=True, subset_restarts=True, supports=None) -> RecoveryResult:
     factors_full = op.factors
     k = len(factors_full)
     M = op.shape[0]
@@ -471,10 +495,10 @@ def _krosbl_one(op: KroneckerOperator, y, method, couplings, noise_var, max_iter
     floor = noise_floor(ypow, rdt)
     s2 = max(float(noise_var), floor) if noise_var is not None else 0.1 * ypow
     colpow = float(op.column_norms().pow(2).mean())
-    keep = [torch.arange(n, device=dev) for n in op.in_dims]
-    gammas = [torch.ones(n, dtype=rdt, device=dev) for n in op.in_dims]
+    keep = list(supports) if supports is not None else [torch.arange(n, device=dev) for n in op.in_dims]
+    gammas = [torch.ones(int(kp.numel()), dtype=rdt, device=dev) for kp in keep]
     if init_scale is None:
-        init_scale = M / op.shape[1] * max(1.0 - s2 / ypow, 1e-3)
+        init_scale = M / math.prod(int(kp.numel()) for kp in keep) * max(1.0 - s2 / ypow, 1e-3)
     gammas[-1] = gammas[-1] * (float(init_scale) * ypow / max(colpow, 1e-300))
     gammas = [_flat_start(g, couplings, i) for i, g in enumerate(gammas)]
     # Over-relaxation needs a true M-step (AM); the rank-one fit is not one, and measured on the
