@@ -427,7 +427,7 @@ def krosbl(factors, y, *, method: str = "am", coupling=None, noise_var: float | 
             best set one larger are restart candidates. A restart is kept when its cost
             (negative log marginal likelihood, exact) is lower, except that with a known
             ``noise_var`` outcomes whose residual is noise come first and among them the
-            smaller support: on the published configuration at M1 = 6, in 11 of 40 trials the
+            smaller support: on the published configuration at M1 = 6, in 8 of 40 trials the
             cost was lower at a wrong support than at EM's optimum from the true one
             (``benchmarks/recovery/bench_kron_failures.py``). ``False``: flat re-openings
             and the cost alone (the behaviour before this option).
