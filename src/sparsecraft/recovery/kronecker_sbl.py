@@ -431,7 +431,6 @@ def krosbl(factors, y, *, method: str = "am", coupling=None, noise_var: float | 
             cost was lower at a wrong support than at EM's optimum from the true one
             (``benchmarks/recovery/bench_kron_failures.py``). ``False``: flat re-openings
             and the cost alone (the behaviour before this option).
-
         init_supports: optional warm start, one sequence of column indices per factor (e.g. the
             ``mode_supports`` of a previous frame when tracking a channel): EM starts with only
             these columns, flat, and the default start level counts only them. Restarts may
