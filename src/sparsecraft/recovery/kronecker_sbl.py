@@ -245,13 +245,17 @@ def best_subsets(A: torch.Tensor, Z: torch.Tensor, noise_var: float, *, n_sigma:
             # swamp a noise level near the floor).
             A_S = A[:, prev]
             resid = float(torch.linalg.vector_norm(Z - A_S @ torch.linalg.lstsq(A_S, Z).solution) ** 2)
-            terms = (M - k) * terms_per_row
-            expected = noise_var * (M - k) * Z.shape[1]
-            if resid <= expected * (1.0 + n_sigma * math.sqrt(2.0 / terms)):
+            if _within_noise(resid, noise_var * (M - k) * Z.shape[1], (M - k) * terms_per_row, n_sigma):
                 found.append(torch.sort(prev).values)
         if len(found) > extra:
             break
     return found
+
+
+def _within_noise(energy: float, expected: float, terms: float, n_sigma: float = 3.0) -> bool:
+    """Is ``energy``, a sum of ``terms`` squared noise components expected to total ``expected``,
+    within ``n_sigma`` standard deviations of that (chi-square: relative deviation sqrt(2/terms))?"""
+    return energy <= expected * (1.0 + n_sigma * math.sqrt(2.0 / terms))
 
 
 def _best_extension(A: torch.Tensor, Z: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -327,11 +331,9 @@ def residual_is_noise(factors: Sequence[torch.Tensor], r: torch.Tensor, noise_va
     correlation ``|a_j^H r|^2 / ||a_j||^2`` over all columns of the Kronecker dictionary against
     the maximum of that many chi-square(1) (real) or exponential (complex) variables.
     """
-    M = r.shape[0]
-    free = max(M - dof, 1.0)
+    free = max(r.shape[0] - dof, 1.0)
     complex_ = r.is_complex()
-    terms = free * (2 if complex_ else 1)
-    if float(torch.linalg.vector_norm(r) ** 2) > noise_var * free * (1.0 + 3.0 * math.sqrt(2.0 / terms)):
+    if not _within_noise(float(torch.linalg.vector_norm(r) ** 2), noise_var * free, free * (2 if complex_ else 1)):
         return False
     corr = kron_apply([A.mH for A in factors], r).abs().pow(2)
     norms = kron_vec([A.abs().pow(2).sum(0) for A in factors])
