@@ -48,8 +48,8 @@ METHODS = {
     "static": lambda m, o: StaticSparsity(m, 0.8, o),
     "gmp": lambda m, o: GMP(m, 0.8, start=2, end=17, frequency=4, optimizer=o),
     "imp": lambda m, o: IMP(m, 0.8, rounds=2, round_steps=8, rewind_step=2, optimizer=o),
-    "set": lambda m, o: SET(m, 0.8, o, update_every=3, end=20),
-    "rigl": lambda m, o: RigL(m, 0.8, o, update_every=3, end=20),
+    "set": lambda m, o: SET(m, 0.8, 3, 20, o),
+    "rigl": lambda m, o: RigL(m, 0.8, 3, 20, o),
 }
 
 
@@ -139,7 +139,7 @@ def test_pruned_weights_stay_exactly_zero(method, kind):
 def test_dynamic_methods_keep_each_layer_count_and_move_connections():
     model, (x, y) = mlp(), data()
     opt = make_opt(model, "sgd")
-    rigl = RigL(model, 0.8, opt, update_every=3, end=20, fraction=0.5)
+    rigl = RigL(model, 0.8, 3, 20, opt, fraction=0.5)
     counts = {n: int(k.sum()) for n, k in rigl.masks.items()}
     first = {n: k.clone() for n, k in rigl.masks.items()}
     train(model, rigl, opt, 19, x, y)
@@ -388,7 +388,7 @@ def test_gmp_target_below_current_sparsity_is_refused():
 def test_finalize_leaves_plain_zero_weights():
     model, (x, y) = mlp(), data()
     opt = make_opt(model, "sgd")
-    rigl = RigL(model, 0.8, opt, update_every=3, end=20)
+    rigl = RigL(model, 0.8, update_every=3, end=20, optimizer=opt)
     train(model, rigl, opt, 5, x, y)
     masks = {n: k.clone() for n, k in rigl.masks.items()}
     rigl.finalize_()

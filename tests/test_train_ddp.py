@@ -29,7 +29,7 @@ def _batch(rank, step):
 def _setup(model):
     ddp = DDP(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-    rigl = RigL(ddp, 0.75, opt, update_every=2, end=40, fraction=0.4, seed=3)
+    rigl = RigL(ddp, 0.75, update_every=2, end=40, optimizer=opt, fraction=0.4, seed=3)
     return ddp, opt, rigl
 
 

@@ -254,12 +254,17 @@ class TrainingSparsity:
             raise StateMismatch("not a training-sparsity state (expected the dict from state_dict())")
         if state.get("version") != STATE_VERSION:
             raise StateMismatch(f"training-sparsity state version {state.get('version')} != {STATE_VERSION}")
+        if not isinstance(state.get("extra", {}), dict):
+            raise StateMismatch("training-sparsity state: 'extra' must be a mapping")
         if state["method"] != self.method:
             raise StateMismatch(
                 f"checkpoint is from method '{state['method']}', this run uses '{self.method}'"
             )
         mine = {t.name: list(t.shape) for t in self.targets}
-        theirs = {k: list(v) for k, v in state.get("targets", {}).items()}
+        targets = state.get("targets", {})
+        if not isinstance(targets, dict) or not all(isinstance(v, (list, tuple)) for v in targets.values()):
+            raise StateMismatch("training-sparsity state: 'targets' must map layer names to shapes")
+        theirs = {k: list(v) for k, v in targets.items()}
         if mine != theirs:
             missing = sorted(set(theirs) - set(mine))
             extra = sorted(set(mine) - set(theirs))
@@ -275,6 +280,8 @@ class TrainingSparsity:
                 )
             )
         config = self.config_dict()
+        if not isinstance(state.get("config"), dict):
+            raise StateMismatch("training-sparsity state: 'config' must be a mapping")
         if state.get("config") != config:
             diff = sorted(
                 k for k in set(config) | set(state.get("config", {}))
@@ -285,14 +292,31 @@ class TrainingSparsity:
                 f"{ {k: state.get('config', {}).get(k) for k in diff} } vs { {k: config.get(k) for k in diff} }"
             )
 
+    def validate_state(self, state: Any) -> None:
+        """Check ``state`` completely (method, model, settings, step, masks, extra) without
+        changing anything: :class:`StateMismatch` names what does not fit."""
+        self._check_state(state)
+        step = state.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise StateMismatch(f"training-sparsity state: step must be an integer >= 0, got {step!r}")
+        masks = state["masks"].get("masks") if isinstance(state["masks"], dict) else None
+        if not isinstance(masks, dict) or set(masks) != set(self._by_name):
+            raise StateMismatch("training-sparsity state: masks must cover exactly this model's targets")
+        for name, keep in masks.items():
+            if not torch.is_tensor(keep) or keep.dtype != torch.bool or list(keep.shape) != list(self._by_name[name].shape):
+                raise StateMismatch(f"layer '{name}': saved mask does not fit this model")
+        info = state["masks"].get("info", {})
+        simple = (str, int, float, bool, type(None))
+        if not isinstance(info, dict) or any(
+            not isinstance(entry, dict) or not all(isinstance(k, str) and isinstance(v, simple) for k, v in entry.items())
+            for entry in info.values()
+        ):
+            raise StateMismatch("training-sparsity state: mask info must map names to plain settings")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``; everything is checked before anything changes."""
         self._check_open()
-        self._check_state(state)
-        masks = state["masks"].get("masks", {})
-        for name, keep in masks.items():
-            if name not in self._by_name or keep.dtype != torch.bool or list(keep.shape) != list(self._by_name[name].shape):
-                raise StateMismatch(f"layer '{name}': saved mask does not fit this model")
+        self.validate_state(state)
         self.state.load_state_dict(state["masks"])
         self.step_count = int(state["step"])
         self._load_extra_state(state.get("extra", {}))

@@ -27,8 +27,10 @@ from ..criteria import get_criterion, LayerContext
 from ..errors import ConfigError, SparsecraftError
 from ..patterns import Unstructured
 from ..targets import TargetSpec
-from .base import TrainingSparsity, distributed_world
+from ..allocation import ALLOCATIONS
+from .base import StateMismatch, TrainingSparsity, distributed_world
 from .pruning import _check_allocation
+from .registry import Plan, option_choice, option_int, option_number, option_steps, recipe_method, recipe_sparsity
 from .schedules import UpdateSchedule
 
 __all__ = ["DynamicSparsity", "SET", "RigL", "drop_and_grow"]
@@ -74,10 +76,10 @@ class DynamicSparsity(TrainingSparsity):
         self,
         model: nn.Module,
         sparsity: float,
+        update_every: int = 100,
+        end: int | None = None,
         optimizer=None,
         *,
-        update_every: int = 100,
-        end: int,
         fraction: float = 0.3,
         decay: str = "cosine",
         allocation: str = "erk",
@@ -86,8 +88,16 @@ class DynamicSparsity(TrainingSparsity):
         targets: TargetSpec | dict | None = None,
         max_sparsity: float = 0.99,
     ):
+        name = type(self).__name__
+        if isinstance(update_every, torch.optim.Optimizer) or isinstance(end, torch.optim.Optimizer):
+            raise ConfigError(
+                f"{name}(model, sparsity, update_every, end, optimizer): pass the optimizer as "
+                "optimizer=opt (the third argument is update_every)"
+            )
+        if end is None:
+            raise ConfigError(f"{name} needs end: the step after which masks stop changing")
         super().__init__(model, optimizer, targets=targets)
-        self.target = check_sparsity(sparsity, f"{type(self).__name__} sparsity")
+        self.target = check_sparsity(sparsity, f"{name} sparsity")
         self.schedule = UpdateSchedule(every=update_every, end=end, fraction=fraction, decay=decay)
         self.allocation = _check_allocation(allocation)
         if init not in ("random", "magnitude"):
@@ -143,6 +153,15 @@ class DynamicSparsity(TrainingSparsity):
     def _extra_state(self):
         return {"generator": self.generator.get_state()}
 
+    def _check_state(self, state):
+        super()._check_state(state)
+        saved = (state.get("extra") or {}).get("generator")
+        mine = self.generator.get_state()
+        if saved is not None and not (
+            torch.is_tensor(saved) and saved.dtype == mine.dtype and saved.shape == mine.shape
+        ):
+            raise StateMismatch(f"{self.method} state: the random generator state does not fit")
+
     def _load_extra_state(self, extra):
         if "generator" in extra:
             self.generator.set_state(extra["generator"])
@@ -162,8 +181,8 @@ class RigL(DynamicSparsity):
 
     method = "rigl"
 
-    def __init__(self, model, sparsity, optimizer=None, **kwargs):
-        super().__init__(model, sparsity, optimizer, **kwargs)
+    def __init__(self, model, sparsity, *args, **kwargs):
+        super().__init__(model, sparsity, *args, **kwargs)
         self._dense_grads: dict[str, torch.Tensor] = {}
         self.state.grad_observer = self._observe
 
@@ -195,3 +214,35 @@ class RigL(DynamicSparsity):
 
     def _after_update(self):
         self._dense_grads.clear()
+
+
+# -- recipes (sparsecraft train) -------------------------------------------------------------
+def _plan_dynamic(cls):
+    def plan(recipe) -> Plan:
+        sparsity = recipe_sparsity(recipe)
+        if recipe.pattern != "unstructured":
+            raise ConfigError(f"train recipe: method '{recipe.method}' is unstructured only, got pattern {recipe.pattern!r}")
+        end = option_steps(recipe, "end", 0.75, low=1)
+        every = option_int(recipe, "update_every", 50)
+        if every >= end:
+            raise ConfigError(
+                f"train recipe: options.update_every ({every}) must be below options.end (step {end}); "
+                "otherwise the masks never change"
+            )
+        fraction = option_number(recipe, "fraction", 0.3, high=1.0)
+        if fraction == 0:
+            raise ConfigError("train recipe: options.fraction must be in (0, 1], got 0")
+        decay = option_choice(recipe, "decay", "cosine", ("cosine", "linear", "constant"))
+        allocation = option_choice(recipe, "allocation", "erk", ALLOCATIONS)
+
+        def build(model, optimizer, context):
+            return cls(model, sparsity, every, end, optimizer, fraction=fraction, decay=decay,
+                       allocation=allocation, seed=recipe.seed)
+
+        return Plan(build, recipe.steps)
+
+    return plan
+
+
+recipe_method("set", options={"update_every", "end", "fraction", "decay", "allocation"})(_plan_dynamic(SET))
+recipe_method("rigl", options={"update_every", "end", "fraction", "decay", "allocation"})(_plan_dynamic(RigL))

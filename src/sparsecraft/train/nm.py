@@ -32,6 +32,7 @@ from ..masks import SparsityState
 from ..patterns import NM, parse_pattern
 from ..targets import TargetSpec
 from .base import TrainingSparsity, distributed_world
+from .registry import Plan, option_choice, option_number, option_steps, quote_hint, recipe_method
 from .schedules import DecaySchedule
 
 __all__ = ["NMTraining", "SRSTE", "DecayingNM", "sr_ste"]
@@ -180,7 +181,7 @@ class NMTraining(TrainingSparsity):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._check_open()
-        self._check_state(state)
+        self.validate_state(state)
         self.step_count = int(state["step"])
         self._recompute_masks()  # masks follow from the (already restored) dense weights
 
@@ -284,3 +285,61 @@ class DecayingNM(NMTraining):
     def config_dict(self):
         return {"pattern": str(self.pattern), "start": self.beta.start, "end": self.beta.end,
                 "shape": self.beta.shape, "stages": [[s, str(p)] for s, p in self.stages]}
+
+
+# -- recipes (sparsecraft train) -------------------------------------------------------------
+def _recipe_nm(recipe) -> NM:
+    try:
+        return _parse_nm(recipe.pattern)
+    except ConfigError as exc:
+        raise ConfigError(f"train recipe: pattern: {exc}") from None
+
+
+@recipe_method("srste", options={"decay"})
+def _plan_srste(recipe) -> Plan:
+    pattern = _recipe_nm(recipe)
+    decay = option_number(recipe, "decay", 2e-4)
+
+    def build(model, optimizer, context):
+        return SRSTE(model, pattern, optimizer, decay=decay)
+
+    return Plan(build, recipe.steps)
+
+
+@recipe_method("decaying-nm", options={"start", "end", "tighten", "stages", "shape"})
+def _plan_decaying_nm(recipe) -> Plan:
+    pattern = _recipe_nm(recipe)
+    end = option_steps(recipe, "end", 0.75)
+    start = option_steps(recipe, "start", 0.0, high=end)
+    tighten = recipe.options.get("tighten", True)
+    if not isinstance(tighten, bool):
+        raise ConfigError(f"train recipe: options.tighten must be true or false, got {tighten!r}")
+    shape = option_choice(recipe, "shape", "linear", ("linear", "cosine"))
+    stages = recipe.options.get("stages")
+    if stages is not None:
+        if not isinstance(stages, (list, tuple)):
+            raise ConfigError(f"train recipe: options.stages must be a list of [step, \"N:M\"], got {stages!r}")
+        checked = []
+        for i, item in enumerate(stages):
+            if not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise ConfigError(f"train recipe: options.stages[{i}] must be [step, \"N:M\"], got {item!r}")
+            step, spec = item
+            if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+                raise quote_hint(f"options.stages[{i}] pattern", spec)
+            if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= recipe.steps:
+                raise ConfigError(
+                    f"train recipe: options.stages[{i}] step must be a whole step in [0, steps={recipe.steps}], "
+                    f"got {step!r}"
+                )
+            try:
+                _parse_nm(spec)
+            except ConfigError as exc:
+                raise ConfigError(f"train recipe: options.stages[{i}]: {exc}") from None
+            checked.append((step, spec))
+        stages = checked
+
+    def build(model, optimizer, context):
+        return DecayingNM(model, pattern, optimizer, start=start, end=end, tighten=tighten,
+                          stages=stages, shape=shape)
+
+    return Plan(build, recipe.steps)

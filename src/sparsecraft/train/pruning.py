@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from ..patterns import Pattern
 from ..targets import TargetSpec
 from .base import StateMismatch, TrainingSparsity, check_pattern_for_training, current_sparsity
+from .registry import Plan, option_choice, option_int, option_steps, recipe_method, recipe_sparsity
 from .schedules import CubicSchedule
 
 __all__ = ["StaticSparsity", "GMP", "IMP", "SNIP", "accumulate_gradients"]
@@ -170,6 +171,9 @@ class GMP(TrainingSparsity):
         max_sparsity: float = 0.99,
     ):
         super().__init__(model, optimizer, targets=targets)
+        if isinstance(end, (int, float)) and not isinstance(end, bool) and end < 1:
+            # sparsity.step() is first called after optimizer step 1: step 0 never comes
+            raise ConfigError(f"GMP end must be a step >= 1 (steps count from 1), got {end}")
         self.allocation = _check_allocation(allocation)
         self.pattern = check_pattern_for_training(pattern, "GMP")
         self.max_sparsity = max_sparsity
@@ -313,11 +317,97 @@ class IMP(TrainingSparsity):
 
     def _check_state(self, state):
         super()._check_state(state)
-        weights = state.get("extra", {}).get("rewind_weights")
+        extra = state.get("extra") or {}
+        done = extra.get("rounds_done", 0)
+        if isinstance(done, bool) or not isinstance(done, int) or not 0 <= done <= self.rounds:
+            raise StateMismatch(f"IMP state: rounds_done must be in [0, {self.rounds}], got {done!r}")
+        weights = extra.get("rewind_weights")
         if weights is not None:
             params = dict(self.model.named_parameters())
-            if set(weights) != set(params) or any(
-                tuple(weights[n].shape) != tuple(params[n].shape) for n in params
+            if not isinstance(weights, dict) or set(weights) != set(params) or any(
+                not torch.is_tensor(weights[n]) or tuple(weights[n].shape) != tuple(params[n].shape)
+                for n in params
             ):
                 raise StateMismatch("IMP checkpoint's rewind weights do not fit this model")
+            bad = [n for n, w in weights.items() if w.is_floating_point() and not torch.isfinite(w).all()]
+            if bad:
+                raise StateMismatch(f"IMP checkpoint's rewind weights hold NaN or inf in {bad[:3]}")
 
+
+
+# -- recipes (sparsecraft train): each planner checks its options against the run's length ----
+def _recipe_allocation(recipe, default: str) -> str:
+    return option_choice(recipe, "allocation", default, ALLOCATIONS)
+
+
+def _recipe_pattern(recipe, method: str | None) -> Pattern:
+    """The recipe's pattern; ``method`` names a schedule that cannot take a fixed N:M pattern."""
+    from ..patterns import parse_pattern
+
+    return parse_pattern(recipe.pattern) if method is None else check_pattern_for_training(recipe.pattern, method)
+
+
+@recipe_method("static", options={"criterion", "allocation"})
+def _plan_static(recipe) -> Plan:
+    sparsity = recipe_sparsity(recipe)
+    criterion = option_choice(recipe, "criterion", "random", ("random", "magnitude", "existing"))
+    allocation = _recipe_allocation(recipe, "erk")
+    pattern = _recipe_pattern(recipe, None)
+
+    def build(model, optimizer, context):
+        return StaticSparsity(model, sparsity, optimizer, criterion=criterion, allocation=allocation,
+                              pattern=pattern, seed=recipe.seed)
+
+    return Plan(build, recipe.steps)
+
+
+@recipe_method("snip", options={"allocation", "snip_batches"})
+def _plan_snip(recipe) -> Plan:
+    sparsity = recipe_sparsity(recipe)
+    allocation = _recipe_allocation(recipe, "global")
+    batches = option_int(recipe, "snip_batches", 1)
+    if batches > recipe.steps:
+        raise ConfigError(f"train recipe: options.snip_batches ({batches}) exceeds steps ({recipe.steps})")
+    pattern = _recipe_pattern(recipe, None)
+
+    def build(model, optimizer, context):
+        return StaticSparsity(model, sparsity, optimizer, criterion="snip", allocation=allocation,
+                              pattern=pattern, loss_fn=context.loss_fn,
+                              batches=[context.batch_at(i) for i in range(batches)], seed=recipe.seed)
+
+    return Plan(build, recipe.steps)
+
+
+@recipe_method("gmp", options={"start", "end", "frequency", "allocation"})
+def _plan_gmp(recipe) -> Plan:
+    sparsity = recipe_sparsity(recipe)
+    end = option_steps(recipe, "end", 0.75, low=1)
+    start = option_steps(recipe, "start", 0.1, high=end)
+    frequency = option_int(recipe, "frequency", max(1, (end - start) // 40))
+    if frequency > max(1, end - start):
+        raise ConfigError(
+            f"train recipe: options.frequency ({frequency}) is longer than the pruning span "
+            f"start..end ({start}..{end}); GMP would jump to the target in one step"
+        )
+    allocation = _recipe_allocation(recipe, "uniform")
+    pattern = _recipe_pattern(recipe, "GMP")
+
+    def build(model, optimizer, context):
+        return GMP(model, sparsity, start, end, frequency, optimizer, allocation=allocation, pattern=pattern)
+
+    return Plan(build, recipe.steps)
+
+
+@recipe_method("imp", options={"rounds", "rewind_step", "allocation"})
+def _plan_imp(recipe) -> Plan:
+    sparsity = recipe_sparsity(recipe)
+    rounds = option_int(recipe, "rounds", 3)
+    rewind = option_steps(recipe, "rewind_step", 0.05, high=recipe.steps - 1)
+    allocation = _recipe_allocation(recipe, "global")
+    pattern = _recipe_pattern(recipe, "IMP")
+
+    def build(model, optimizer, context):
+        return IMP(model, sparsity, rounds, recipe.steps, rewind, optimizer, allocation=allocation, pattern=pattern)
+
+    # IMP trains rounds + 1 rounds of `steps` (the last one trains the final ticket)
+    return Plan(build, (rounds + 1) * recipe.steps)
