@@ -348,3 +348,10 @@ def test_methods_come_from_the_registry():
     for module in (runner, loop, recipe_module):
         source = inspect.getsource(module)
         assert '"rigl"' not in source and '"gmp"' not in source and '"imp"' not in source, module.__name__
+
+
+def test_python_objects_refuse_schedules_that_do_nothing():
+    with pytest.raises(ConfigError, match="update_every"):
+        SET(_mlp(), 0.9, 10, 10)
+    with pytest.raises(ConfigError, match="rewind_step"):
+        IMP(_mlp(), 0.9, 2, 4, 1.5)

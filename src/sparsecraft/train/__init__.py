@@ -1,7 +1,7 @@
 """Training-time sparsity: optimizer-like objects with ``step()`` and ``state_dict()``.
 
 ```
-sparsity = sc.train.RigL(model, sparsity=0.9, optimizer=opt, update_every=100, end=7500)
+sparsity = sc.train.RigL(model, 0.9, 100, 7500, optimizer=opt)  # update_every=100, end=7500
 for x, y in loader:
     loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad(); sparsity.step()
 sparsity.finalize_()
@@ -9,8 +9,10 @@ sparsity.finalize_()
 
 Methods: :class:`StaticSparsity` (random/ERK, SNIP, magnitude, existing zeros), :class:`GMP`,
 :class:`IMP`, :class:`SET`, :class:`RigL`, :class:`SRSTE`, :class:`DecayingNM`; and
-:func:`sparse_soup`. The built-in experiment runner (data sets, models, ``sparsecraft train``)
-lives in :mod:`sparsecraft.train.runner`.
+:func:`sparse_soup`. The built-in experiments (``sparsecraft train``) are gathered in
+:mod:`sparsecraft.train.runner`: data sets (:mod:`.datasets`), models (:mod:`.zoo`), the
+recipe (:mod:`.recipe`), checksummed checkpoints (:mod:`.checkpoints`) and the loop
+(:mod:`.loop`). Each method's module registers how a recipe builds it (:mod:`.registry`).
 """
 
 from .base import StateMismatch, TrainingSparsity, current_sparsity, unwrap_model

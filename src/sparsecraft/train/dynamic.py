@@ -99,6 +99,10 @@ class DynamicSparsity(TrainingSparsity):
         super().__init__(model, optimizer, targets=targets)
         self.target = check_sparsity(sparsity, f"{name} sparsity")
         self.schedule = UpdateSchedule(every=update_every, end=end, fraction=fraction, decay=decay)
+        if self.schedule.every >= self.schedule.end:
+            raise ConfigError(
+                f"{name}: update_every ({update_every}) must be below end ({end}), else the masks never change"
+            )
         self.allocation = _check_allocation(allocation)
         if init not in ("random", "magnitude"):
             raise ConfigError(f"unknown initial mask '{init}'; known: random, magnitude")

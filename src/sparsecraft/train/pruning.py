@@ -235,9 +235,9 @@ class IMP(TrainingSparsity):
             raise ConfigError(f"IMP rounds must be a positive integer, got {rounds}")
         if int(round_steps) != round_steps or round_steps < 1:
             raise ConfigError(f"IMP round_steps must be a positive integer, got {round_steps}")
-        if not 0 <= rewind_step < round_steps:
+        if isinstance(rewind_step, bool) or int(rewind_step) != rewind_step or not 0 <= rewind_step < round_steps:
             raise ConfigError(
-                f"IMP rewind_step must be in [0, round_steps={round_steps}), got {rewind_step}"
+                f"IMP rewind_step must be a whole step in [0, round_steps={round_steps}), got {rewind_step}"
             )
         initial = current_sparsity(self.targets)
         if self.target < initial - 1e-12:
