@@ -355,3 +355,16 @@ def test_python_objects_refuse_schedules_that_do_nothing():
         SET(_mlp(), 0.9, 10, 10)
     with pytest.raises(ConfigError, match="rewind_step"):
         IMP(_mlp(), 0.9, 2, 4, 1.5)
+
+
+@pytest.mark.parametrize("line,field", [
+    ("seed: 1.5", "seed"), ("steps: ten", "steps"), ("lr: [1]", "lr"), ("sparsity: true", "sparsity"),
+    ("pattern: 2:4\nmethod: srste", "pattern"), ("options: {end: 50}\nmethod: gmp", "options.end"),
+])
+def test_cli_train_bad_recipe_field_is_one_line_exit_2(tmp_path, capsys, line, field):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"data: digits\nsteps: 8\n{line}\n")
+    assert main(["-q", "train", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert field in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -349,8 +349,9 @@ def _recipe_pattern(recipe, method: str | None) -> Pattern:
 
 @recipe_method("static", options={"criterion", "allocation"})
 def _plan_static(recipe) -> Plan:
-    sparsity = recipe_sparsity(recipe)
     criterion = option_choice(recipe, "criterion", "random", ("random", "magnitude", "existing"))
+    # 'existing' keeps the given model's zeros: its sparsity is whatever they are
+    sparsity = None if criterion == "existing" and recipe.sparsity is None else recipe_sparsity(recipe)
     allocation = _recipe_allocation(recipe, "erk")
     pattern = _recipe_pattern(recipe, None)
 
