@@ -62,6 +62,7 @@ import torch
 # busy machine torch's intra-op threads made these element-wise passes several times slower.
 
 from sparsecraft.errors import ConfigError, FormatError
+from sparsecraft.formats.memory import check_memory
 
 __all__ = [
     "ENCODINGS",
@@ -485,20 +486,22 @@ def check_layout(components: dict, encoding: str, shape, dtype, nm=None) -> int:
     return numel * es
 
 
-def decode_scratch_nbytes(shape, dtype) -> int:
-    """Upper bound of what :func:`decode` allocates besides its result (index arrays, masks)."""
-    numel = math.prod(int(s) for s in shape)
-    return 10 * numel  # a bool mask plus int64 positions per element at most
+def decode_scratch_nbytes(shape, n_values: int) -> int:
+    """Upper bound of what :func:`decode` allocates besides its result: a bool per element
+    (masks, the distinctness check) and int64 positions plus index bit planes per stored value."""
+    return math.prod(int(s) for s in shape) + 32 * int(n_values)
 
 
 def decode(components: dict[str, torch.Tensor], encoding: str, shape, dtype,
            nm: tuple[int, int] | None = None) -> torch.Tensor:
     """Bit-exact inverse of :func:`encode`. Raises :class:`FormatError` on inconsistent components.
 
-    The component sizes are checked against ``shape`` (:func:`check_layout`) before anything
-    is allocated.
+    The component sizes are checked against ``shape`` (:func:`check_layout`) and the result's
+    size against the available memory before anything is allocated.
     """
-    check_layout(components, encoding, shape, dtype, nm)
+    nbytes = check_layout(components, encoding, shape, dtype, nm)
+    if encoding != "dense":  # csr and nm sizes are not bounded by their components
+        check_memory(nbytes + decode_scratch_nbytes(shape, components["values"].numel()), f"decoding a {encoding} tensor of shape {list(shape)}")
     dtype = _as_dtype(dtype)
     shape = tuple(int(s) for s in shape)
     numel = math.prod(shape)

@@ -66,6 +66,7 @@ from safetensors.torch import save_file
 
 from sparsecraft.errors import FormatError, SparsecraftError
 from sparsecraft.formats import encodings as enc
+from sparsecraft.formats.memory import available_memory, check_memory
 
 __all__ = ["FORMAT_VERSION", "write_tensors", "read_tensors", "read_header", "atomic_write",
            "claims_sparsecraft", "available_memory", "check_memory", "describe"]
@@ -415,40 +416,6 @@ def _read_component(f, dtype: torch.dtype, shape: list[int], start: int, end: in
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
-def available_memory() -> int | None:
-    """Bytes this process can still allocate: MemAvailable, lowered by a cgroup limit; None if unknown."""
-    avail = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
-    try:  # a container's own limit is often far below the machine's memory
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max":
-            avail = min(avail, max(int(limit) - used, 0))
-    except (OSError, ValueError):
-        pass
-    return avail
-
-
-def check_memory(needed: int, what: str) -> None:
-    """Refuse (:class:`FormatError`) when ``needed`` bytes exceed the available memory."""
-    avail = available_memory()
-    if avail is not None and needed > avail:
-        raise FormatError(f"{what} would need {needed:,} bytes of memory, only {avail:,} are available; "
-                          "refusing to allocate")
-
-
 def _check_layouts(path: Path, entries: dict, spans: dict) -> int:
     """Check every tensor's components against its shape; returns the bytes decoding needs."""
     total = scratch = 0
@@ -462,7 +429,8 @@ def _check_layouts(path: Path, entries: dict, spans: dict) -> int:
         comp_bytes = sum(b - a for (_, _, _, a, b) in spans[name].values())
         total += nbytes
         if entry["encoding"] != "dense":  # components and index arrays live while decoding
-            scratch = max(scratch, comp_bytes + enc.decode_scratch_nbytes(entry["shape"], entry["dtype"]))
+            n_values = math.prod(spans[name]["values"][2])
+            scratch = max(scratch, comp_bytes + enc.decode_scratch_nbytes(entry["shape"], n_values))
     return total + scratch
 
 
