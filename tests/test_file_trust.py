@@ -26,7 +26,7 @@ import sparsecraft as sc
 from sparsecraft import FormatError
 from sparsecraft import models
 from sparsecraft.formats import io as fio
-from sparsecraft.formats import decode, describe, read_tensors, write_tensors
+from sparsecraft.formats import decode, describe, read_tensors
 from sparsecraft.checkpoint import describe as describe_checkpoint
 from conftest import SmallCNN
 

@@ -44,7 +44,6 @@ only as trustworthy as its source.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -331,8 +330,8 @@ def _same_dtype(stored: torch.dtype, expected: torch.dtype) -> bool:
     return stored == expected or (stored.is_floating_point and expected.is_floating_point)
 
 
-def _check_fit(file: Path, header: dict, aliases: dict, expected: dict) -> int:
-    """Compare the header with the model's expected tensors; returns the decoded bytes."""
+def _check_fit(file: Path, header: dict, aliases: dict, expected: dict) -> None:
+    """Compare the header with the model's expected tensors (names, shapes, dtypes, aliases)."""
     from .formats.encodings import _as_dtype
 
     entries = header["tensors"]
@@ -341,7 +340,6 @@ def _check_fit(file: Path, header: dict, aliases: dict, expected: dict) -> int:
     if missing or unexpected:
         raise FormatError(f"checkpoint '{file}' does not fit the model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
-    total = 0
     for name, entry in entries.items():
         shape, dtype = expected[name]
         try:
@@ -353,16 +351,16 @@ def _check_fit(file: Path, header: dict, aliases: dict, expected: dict) -> int:
             raise FormatError(f"tensor '{name}': checkpoint shape {stored_shape} != model shape {shape}")
         if not _same_dtype(stored_dtype, dtype):
             raise FormatError(f"tensor '{name}': checkpoint dtype {stored_dtype} does not fit model dtype {dtype}")
-        total += math.prod(shape) * torch.empty((), dtype=stored_dtype).element_size()
     for alias, source in aliases.items():
         if expected[alias] != expected[source]:
             raise FormatError(f"'{file}': alias '{alias}' {expected[alias]} cannot share tensor "
                               f"'{source}' {expected[source]}")
-    return total
 
 
-def _state_nbytes(expected: dict) -> int:
-    return sum(math.prod(shape) * torch.empty((), dtype=dt).element_size() for shape, dt in expected.values())
+def _module_nbytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer of a (meta) module, counting shared ones once."""
+    seen = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return sum(t.numel() * t.element_size() for t in seen.values())
 
 
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
@@ -372,11 +370,13 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     (see the module docstring); a bad file raises :class:`FormatError` naming the file and
     the field.
     """
-    from .formats import read_header, read_tensors
-    from .formats.io import check_memory
+    from .formats import read_tensors
+    from .formats.io import check_memory, read_plan
 
     file = _existing_file(Path(path))
-    header = read_header(file)  # checks the whole header against its checksum
+    # the whole header against its checksum, every component inside the file and fitting
+    # its tensor's shape; reads no tensor data
+    header, read_bytes = read_plan(file)
     extra = header.get("extra") or {}
     if not isinstance(extra, dict):
         raise FormatError(f"'{file}': field 'extra' must be a mapping")
@@ -402,18 +402,18 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     stored = {n: e.get("shape") for n, e in entries.items() if isinstance(e, dict)}
     if shapes is not None:
         check_record(target, shapes, stored)
-    expected = _expected(target, shapes)
-    decoded = _check_fit(file, header, aliases, expected)
-    # the model's own tensors (built before the file's replace them) plus the decoded ones
-    check_memory(decoded + (_state_nbytes(expected) if model is None else 0), f"loading '{file}'")
+    _check_fit(file, header, aliases, _expected(target, shapes))
+    # the decoded tensors, plus the model's own tensors (all of them, non-persistent buffers
+    # too) while they are built and before the file's replace them
+    check_memory(read_bytes + (_module_nbytes(target) if model is None else 0), f"loading '{file}'")
 
+    tensors, info, _ = read_tensors(file)  # verified before the model changes
     if model is None:
         model = cls(config)
     if shapes is not None:
         from .structured.resize import apply_shapes_
 
         apply_shapes_(model, shapes, stored)  # resize shrunk modules before loading tensors
-    tensors, info, _ = read_tensors(file)
     for alias, source in aliases.items():
         tensors[alias] = tensors[source]
     # assign=True keeps the saved dtypes (an fp16 checkpoint stays fp16)

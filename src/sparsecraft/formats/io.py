@@ -69,7 +69,7 @@ from sparsecraft.formats import encodings as enc
 from sparsecraft.formats.memory import available_memory, check_memory
 
 __all__ = ["FORMAT_VERSION", "write_tensors", "read_tensors", "read_header", "atomic_write",
-           "claims_sparsecraft", "available_memory", "check_memory", "describe"]
+           "read_plan", "claims_sparsecraft", "available_memory", "check_memory", "describe"]
 
 log = logging.getLogger(__name__)
 
@@ -434,6 +434,37 @@ def _check_layouts(path: Path, entries: dict, spans: dict) -> int:
     return total + scratch
 
 
+def _open(path: Path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a directory, not a file") from None
+
+
+def _plan(f, path: Path):
+    size = os.fstat(f.fileno()).st_size
+    st_header, header, data_start = _read_layout(f, path, size)
+    entries = header["tensors"]
+    spans = {name: _component_spans(name, e, st_header, data_start, size, path)
+             for name, e in entries.items()}
+    return header, spans, _check_layouts(path, entries, spans)
+
+
+def read_plan(path) -> tuple[dict, int]:
+    """Validate ``path`` as :func:`read_tensors` would, without reading tensor data.
+
+    Returns ``(header, bytes of memory reading it needs)``; raises :class:`FormatError` for
+    everything read_tensors checks before reading (header and its checksum, every component
+    inside the file, component sizes that fit each tensor's shape).
+    """
+    path = Path(os.fspath(path))
+    with _open(path) as f:
+        header, _, needed = _plan(f, path)
+    return header, needed
+
+
 def read_tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict]:
     """Read and decode every tensor of ``path``: ``(tensors, per-tensor header entries, extra)``.
 
@@ -443,19 +474,10 @@ def read_tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict]:
     the tensor). All layouts and sizes are validated before any data is read or allocated.
     """
     path = Path(os.fspath(path))
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise FormatError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise FormatError(f"{path}: is a directory, not a file") from None
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        st_header, header, data_start = _read_layout(f, path, size)
+    with _open(path) as f:
+        header, spans, needed = _plan(f, path)
+        check_memory(needed, f"reading {path}")
         entries = header["tensors"]
-        spans = {name: _component_spans(name, e, st_header, data_start, size, path)
-                 for name, e in entries.items()}
-        check_memory(_check_layouts(path, entries, spans), f"reading {path}")
         tensors: dict[str, torch.Tensor] = {}
         for name, entry in entries.items():
             comps = {}
