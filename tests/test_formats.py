@@ -367,20 +367,41 @@ def test_flipped_byte_names_tensor(tmp_path):
             assert f"tensor '{name}'" in str(ei.value) and "altered" in str(ei.value)
 
 
+def rewrite_header(data: bytes, mutate, rehash: bool = True) -> bytes:
+    """``data`` with its sparsecraft header changed by ``mutate(header)``; by default the header
+    checksum is recomputed, as anyone able to write the file can (checksums are not signatures)."""
+    n = int.from_bytes(data[:8], "little")
+    st = json.loads(data[8 : 8 + n])
+    header = json.loads(st["__metadata__"]["sparsecraft"])
+    mutate(header)
+    if rehash:
+        header["header_sha256"] = fio._header_sha256(header)
+    st["__metadata__"]["sparsecraft"] = json.dumps(header)
+    raw = json.dumps(st).encode()
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n :]
+
+
 def test_altered_or_malformed_header(tmp_path):
     path = tmp_path / "m.safetensors"
     header = write_tensors(path, sample_tensors())
     data = path.read_bytes()
     bad = tmp_path / "bad.safetensors"
-    # a checksum rewritten inside valid JSON
     name = "model.layers.0.mlp.down_proj.weight"
     old = header["tensors"][name]["sha256"]
+    # any change to the sparsecraft header breaks the header checksum
     bad.write_bytes(data.replace(old.encode(), ("0" * 64).encode()))
+    with pytest.raises(FormatError, match="header checksum mismatch"):
+        read_tensors(bad)
+    # a checksum rewritten together with the header checksum: the tensor check still fires
+    bad.write_bytes(rewrite_header(data, lambda h: h["tensors"][name].update(sha256="0" * 64)))
     with pytest.raises(FormatError, match=f"checksum mismatch for tensor '{name}'"):
         read_tensors(bad)
     # a checksum removed from the metadata does not switch verification off
-    bad.write_bytes(data.replace(b"component_sha256", b"component_sha999"))
+    bad.write_bytes(rewrite_header(data, lambda h: h["tensors"][name].pop("component_sha256")))
     with pytest.raises(FormatError, match="no checksum"):
+        read_tensors(bad)
+    bad.write_bytes(rewrite_header(data, lambda h: h.pop("header_sha256"), rehash=False))
+    with pytest.raises(FormatError, match="no 'header_sha256'"):
         read_tensors(bad)
     # broken JSON
     altered = bytearray(data)
@@ -394,6 +415,7 @@ def test_altered_or_malformed_header(tmp_path):
         read_header(bad)
     # a newer format version is refused
     newer = dict(header, version=99)
+    newer["header_sha256"] = fio._header_sha256(newer)
     save_file({"x": torch.ones(2)}, bad, metadata={"sparsecraft": json.dumps(newer)})
     with pytest.raises(FormatError, match="version 99"):
         read_tensors(bad)

@@ -4,24 +4,45 @@
 
 * ``path`` itself when it ends in ``.safetensors`` (one file), or
 * a directory ``path/`` holding ``model.safetensors`` (+ ``config.json`` and the tokenizer
-  for Hugging Face models, so their own tools can read the folder).
+  for Hugging Face models, so their own tools can read the folder, + ``extra_files``: plain
+  file names only).
 
 The tensor file is valid safetensors; its header carries, per tensor, the encoding chosen
 automatically (dense, bitmask, CSR or packed N:M), the pattern, sparsity and a checksum
 (see :mod:`sparsecraft.formats`). Tied parameters are stored once and recorded as aliases.
+Only tensors that sparsecraft pruned (a ``method`` in their record) get a pattern other than
+``dense``; an untouched tensor that happens to hold zeros is still ``dense`` (with its
+measured sparsity).
 
 A directory is written into a temporary sibling and renamed into place, so a crash never
-leaves half a checkpoint; an existing path is replaced only with ``overwrite=True``.
+leaves half a checkpoint; an existing path is replaced only with ``overwrite=True``. The
+folder gets the usual permissions (``0o777 & ~umask``), not the temporary folder's 0700.
 
 ``load(path)`` rebuilds Hugging Face models from the recorded class and config; any other
 model is loaded into a module you pass (``load(path, model=module)``). The model never
 gets pickled. Structurally shrunk models (:mod:`sparsecraft.structured`) carry a record of
-their resized modules; ``load`` resizes those modules of the freshly built model first.
+their resized modules (:mod:`sparsecraft.shapes`); ``load`` resizes those modules of the
+freshly built model first.
+
+Nothing the file says is used before it is checked, in this order: the whole header against
+its checksum; the model class against an allow-list of transformers model classes (built
+from transformers' auto-model mappings; ``pipeline``, ``Trainer`` and other callables are
+refused); the model is built on the meta device (no memory) and every tensor it expects is
+compared with the header (names, shapes, dtypes, aliases, the shape record and its size
+attributes); the bytes the load needs are compared with the file's length and the available
+memory. Only then is the model materialised and the tensors read and verified.
+
+What the checksums protect, and what not: every tensor and the whole header (tensor table,
+aliases, shape record, model record) are covered by SHA-256 checksums, which catch
+accidental corruption: flipped bits, a truncated or half-copied file, a header edited by
+mistake. They are **not signatures**: anyone who can write the file can rewrite a tensor or
+the header together with its checksum. The checks above keep such a file from making us
+allocate, import or run anything beyond the allow-listed model class, but its weights are
+only as trustworthy as its source.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -32,13 +53,24 @@ import torch
 from torch import nn
 
 from .errors import FormatError
+from .formats.io import _UMASK
 from .masks import META_ATTR, get_meta
+from .shapes import SHAPES_ATTR, check_record
 
-__all__ = ["save", "load", "load_tensors", "is_checkpoint", "tensor_file", "TENSOR_FILE"]
+__all__ = ["save", "load", "load_tensors", "is_checkpoint", "claims_checkpoint", "tensor_file",
+           "describe", "TENSOR_FILE", "CONFIG_FILE"]
 
 log = logging.getLogger(__name__)
 TENSOR_FILE = "model.safetensors"
-SHAPES_ATTR = "sparsecraft_shapes"  # set by sparsecraft.structured on shrunk models
+CONFIG_FILE = "config.json"
+
+
+def describe(path: str | Path) -> str:
+    """What ``sparsecraft info`` prints for a checkpoint folder or tensor file
+    (see :func:`sparsecraft.formats.describe`)."""
+    from .formats import describe as describe_file
+
+    return describe_file(_existing_file(Path(path)))
 
 
 def tensor_file(path: Path) -> Path:
@@ -58,6 +90,15 @@ def is_checkpoint(path: str | Path) -> bool:
     except FormatError:
         return False
     return True
+
+
+def claims_checkpoint(path: str | Path) -> bool:
+    """Whether ``path``'s tensor file presents itself as sparsecraft's, even a damaged one
+    (:func:`sparsecraft.formats.claims_sparsecraft`); such a path must load as a checkpoint
+    or fail, never fall back to another loader."""
+    from .formats import claims_sparsecraft
+
+    return claims_sparsecraft(tensor_file(Path(path)))
 
 
 def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -88,8 +129,9 @@ def save(
 ) -> Path:
     """Write ``model`` compressed to ``path`` (see the module docstring); returns the path.
 
-    ``extra_files`` (folder checkpoints only) maps file names to text written beside the
-    model inside the same atomic step, e.g. a JSON report of the run.
+    ``extra_files`` (folder checkpoints only) maps plain file names (no folders, not
+    ``model.safetensors`` or ``config.json``) to text written beside the model inside the
+    same atomic step, e.g. a JSON report of the run.
     """
     from .formats import write_tensors
 
@@ -98,9 +140,13 @@ def save(
         raise FormatError(f"'{path}' exists; pass overwrite=True to replace it")
     if not path.parent.is_dir():
         raise FormatError(f"parent folder of '{path}' does not exist")
+    _check_extra_files(extra_files)
     tensors, aliases = _unique_state(model)
     meta = get_meta(model)
-    info = {name: dict(meta[name]) for name in tensors if name in meta}
+    # only what sparsecraft pruned (a method on record) gets a pattern; the rest is dense
+    # whatever zeros it holds (its measured sparsity is still stored)
+    info = {name: dict(meta[name]) if "method" in meta.get(name, {}) else {"pattern": "dense"}
+            for name in tensors}
     extra = {"model": _model_record(model), "aliases": aliases}
     shapes = getattr(model, SHAPES_ATTR, None)
     if shapes:  # structurally shrunk modules: their shapes, so load can rebuild them
@@ -117,16 +163,38 @@ def save(
         write_tensors(staging / TENSOR_FILE, tensors, info=info, extra=extra)
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "to_json_file"):
-            config.to_json_file(str(staging / "config.json"))
+            config.to_json_file(str(staging / CONFIG_FILE))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         for name, text in (extra_files or {}).items():
+            if (staging / name).exists():  # e.g. a tokenizer file of the same name
+                raise FormatError(f"extra_files: '{name}' would replace a file of the checkpoint")
             (staging / name).write_text(text)
+        # mkdtemp makes the folder 0700; a checkpoint gets the permissions of any new folder
+        os.chmod(staging, 0o777 & ~_UMASK)
         _replace_dir(staging, path, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def _check_extra_files(extra_files) -> None:
+    if extra_files is None:
+        return
+    if not isinstance(extra_files, dict):
+        raise FormatError("extra_files must map file names to text")
+    for name, text in extra_files.items():
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name \
+                or "\\" in name or "\0" in name or os.path.isabs(name):
+            raise FormatError(f"extra_files: {name!r} is not a plain file name (no folders, "
+                              "no '..', no absolute paths)")
+        if name in (TENSOR_FILE, CONFIG_FILE):
+            raise FormatError(f"extra_files: '{name}' is reserved for the checkpoint itself")
+        if name.startswith("."):
+            raise FormatError(f"extra_files: '{name}' is a hidden name (those are used for staging)")
+        if not isinstance(text, str):
+            raise FormatError(f"extra_files: '{name}' must be text, got {type(text).__name__}")
 
 
 def _replace_dir(staging: Path, path: Path, overwrite: bool) -> None:
@@ -145,63 +213,209 @@ def _replace_dir(staging: Path, path: Path, overwrite: bool) -> None:
         backup.unlink()
 
 
+def _aliases(file: Path, extra: dict, stored) -> dict[str, str]:
+    """The alias table, checked: plain names, each pointing at a stored tensor."""
+    aliases = extra.get("aliases") or {}
+    if not isinstance(aliases, dict):
+        raise FormatError(f"'{file}': 'aliases' must map tensor names to tensor names")
+    for alias, source in aliases.items():
+        if not isinstance(alias, str) or not isinstance(source, str):
+            raise FormatError(f"'{file}': alias {alias!r} -> {source!r} is not a pair of names")
+        if alias in stored:
+            raise FormatError(f"'{file}': alias '{alias}' is also a stored tensor")
+        if source not in stored:
+            raise FormatError(f"'{file}': alias '{alias}' points at missing tensor '{source}'")
+    return aliases
+
+
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict]:
     """Decoded tensors (aliases filled in), per-tensor info and the model record."""
-    from .formats import read_tensors
+    from .formats import read_header, read_tensors
 
-    path = Path(path)
-    file = tensor_file(path)
-    if not file.exists():
-        raise FormatError(f"no sparsecraft checkpoint at '{path}' (missing {file.name})")
+    file = _existing_file(Path(path))
+    header = read_header(file)
+    _aliases(file, header.get("extra") or {}, header["tensors"])
     tensors, info, extra = read_tensors(file)
     for alias, source in (extra.get("aliases") or {}).items():
-        if source not in tensors:
-            raise FormatError(f"'{file}': alias '{alias}' points at missing tensor '{source}'")
         tensors[alias] = tensors[source]
     return tensors, info, extra
 
 
-def _build_transformers(record: dict) -> nn.Module:
+def _existing_file(path: Path) -> Path:
+    file = tensor_file(path)
+    if not file.exists():
+        raise FormatError(f"no sparsecraft checkpoint at '{path}' (missing {file.name})")
+    return file
+
+
+def _model_classes() -> set[str]:
+    """Names of every transformers model class the auto-model mappings know."""
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for attr in dir(modeling_auto):
+        if not (attr.startswith("MODEL") and attr.endswith("MAPPING_NAMES")):
+            continue
+        mapping = getattr(modeling_auto, attr)
+        for value in getattr(mapping, "values", lambda: [])():
+            names.update(v for v in (value if isinstance(value, (list, tuple)) else [value])
+                         if isinstance(v, str))
+    return names
+
+
+def _model_class(file: Path, record: dict):
+    """The transformers model class the record names, from the allow-list only."""
     import transformers
 
-    config_dict = dict(record["config"])
+    name = record.get("class")
+    if not isinstance(name, str) or name not in _model_classes():
+        raise FormatError(f"'{file}': field model.class = {name!r} is not a transformers model class "
+                          "(only classes of transformers' auto-model mappings are loaded)")
+    cls = getattr(transformers, name, None)  # imports that model's module, now that it is allowed
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise FormatError(f"'{file}': field model.class = {name!r} is not a PreTrainedModel subclass")
+    return cls
+
+
+def _model_config(file: Path, record: dict, cls, n_tensors: int):
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config_dict = record.get("config")
+    if not isinstance(config_dict, dict):
+        raise FormatError(f"'{file}': field model.config must be a mapping")
     model_type = config_dict.get("model_type")
-    cls = getattr(transformers, record["class"], None)
-    if model_type is None or cls is None:
-        raise FormatError(f"cannot rebuild model class '{record['class']}' from the checkpoint")
-    config = transformers.AutoConfig.for_model(**config_dict)
-    return cls(config)
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
+        raise FormatError(f"'{file}': field model.config.model_type = {model_type!r} is not a "
+                          "transformers model type")
+    # a model has at least one tensor per layer: a layer count beyond the stored tensors is a
+    # lie that would only cost time and memory to build (even on the meta device)
+    for key, value in config_dict.items():
+        if "layers" in key and isinstance(value, int) and not isinstance(value, bool) \
+                and not 0 <= value <= n_tensors:
+            raise FormatError(f"'{file}': field model.config.{key} = {value} does not fit the "
+                              f"{n_tensors} tensors the file holds")
+    try:
+        config = transformers.AutoConfig.for_model(**config_dict)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise FormatError(f"'{file}': field model.config is not a valid {model_type} config: {e}") from None
+    if not isinstance(config, cls.config_class):
+        raise FormatError(f"'{file}': model.class {cls.__name__} does not take a "
+                          f"{type(config).__name__} (model.config.model_type = {model_type!r})")
+    return config
+
+
+def _skeleton(file: Path, cls, config) -> nn.Module:
+    """The model built on the meta device: its tensors have shapes and dtypes but no memory."""
+    try:
+        with torch.device("meta"):
+            return cls(config)
+    except Exception as e:  # a config transformers accepts may still not build
+        raise FormatError(f"'{file}': cannot build {cls.__name__} from model.config: {e}") from None
+
+
+def _expected(model: nn.Module, record: dict | None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """State-dict name -> (shape, dtype) of ``model`` once the shape record is applied."""
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
+    for module, entry in (record or {}).items():
+        for tname, shape in entry["tensors"].items():
+            full = f"{module}.{tname}" if module else tname
+            if full in expected:
+                expected[full] = (tuple(shape), expected[full][1])
+    return expected
+
+
+def _same_dtype(stored: torch.dtype, expected: torch.dtype) -> bool:
+    # saved precision is kept (an fp16 checkpoint loads as fp16 into an fp32 module)
+    return stored == expected or (stored.is_floating_point and expected.is_floating_point)
+
+
+def _check_fit(file: Path, header: dict, aliases: dict, expected: dict) -> None:
+    """Compare the header with the model's expected tensors (names, shapes, dtypes, aliases)."""
+    from .formats.encodings import _as_dtype
+
+    entries = header["tensors"]
+    missing = sorted(set(expected) - set(entries) - set(aliases))
+    unexpected = sorted((set(entries) | set(aliases)) - set(expected))
+    if missing or unexpected:
+        raise FormatError(f"checkpoint '{file}' does not fit the model: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    for name, entry in entries.items():
+        shape, dtype = expected[name]
+        try:
+            stored_shape = tuple(int(s) for s in entry["shape"])
+            stored_dtype = _as_dtype(entry["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"'{file}': tensor '{name}' has a malformed shape or dtype") from None
+        if stored_shape != shape:
+            raise FormatError(f"tensor '{name}': checkpoint shape {stored_shape} != model shape {shape}")
+        if not _same_dtype(stored_dtype, dtype):
+            raise FormatError(f"tensor '{name}': checkpoint dtype {stored_dtype} does not fit model dtype {dtype}")
+    for alias, source in aliases.items():
+        if expected[alias] != expected[source]:
+            raise FormatError(f"'{file}': alias '{alias}' {expected[alias]} cannot share tensor "
+                              f"'{source}' {expected[source]}")
+
+
+def _module_nbytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer of a (meta) module, counting shared ones once."""
+    seen = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return sum(t.numel() * t.element_size() for t in seen.values())
 
 
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
-    """Load a checkpoint; returns ``model`` filled in, or a rebuilt transformers model."""
-    tensors, info, extra = load_tensors(path)
+    """Load a checkpoint; returns ``model`` filled in, or a rebuilt transformers model.
+
+    Everything the file says is validated before the model is built or a tensor allocated
+    (see the module docstring); a bad file raises :class:`FormatError` naming the file and
+    the field.
+    """
+    from .formats import read_tensors
+    from .formats.io import check_memory, read_plan
+
+    file = _existing_file(Path(path))
+    # the whole header against its checksum, every component inside the file and fitting
+    # its tensor's shape; reads no tensor data
+    header, read_bytes = read_plan(file)
+    extra = header.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise FormatError(f"'{file}': field 'extra' must be a mapping")
+    entries = header["tensors"]
+    aliases = _aliases(file, extra, entries)
     record = extra.get("model") or {}
+    if not isinstance(record, dict):
+        raise FormatError(f"'{file}': field 'model' must be a mapping")
+    shapes = extra.get("shapes") or None
+
+    cls = config = None
     if model is None:
         if record.get("kind") != "transformers":
             raise FormatError(
                 f"'{path}' holds a plain module ({record.get('class', '?')}); "
                 f"build it yourself and call load(path, model=module)"
             )
-        model = _build_transformers(record)
-    if extra.get("shapes"):
+        cls = _model_class(file, record)
+        config = _model_config(file, record, cls, len(entries) + len(aliases))
+        target = _skeleton(file, cls, config)
+    else:
+        target = model
+    stored = {n: e.get("shape") for n, e in entries.items() if isinstance(e, dict)}
+    if shapes is not None:
+        check_record(target, shapes, stored)
+    _check_fit(file, header, aliases, _expected(target, shapes))
+    # the decoded tensors, plus the model's own tensors (all of them, non-persistent buffers
+    # too) while they are built and before the file's replace them
+    check_memory(read_bytes + (_module_nbytes(target) if model is None else 0), f"loading '{file}'")
+
+    tensors, info, _ = read_tensors(file)  # verified before the model changes
+    if model is None:
+        model = cls(config)
+    if shapes is not None:
         from .structured.resize import apply_shapes_
 
-        apply_shapes_(model, extra["shapes"])  # resize shrunk modules before loading tensors
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise FormatError(
-            f"checkpoint '{path}' does not fit the model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
-    for name, t in tensors.items():
-        if tuple(expected[name].shape) != tuple(t.shape):
-            raise FormatError(
-                f"tensor '{name}': checkpoint shape {tuple(t.shape)} != model shape "
-                f"{tuple(expected[name].shape)}"
-            )
+        apply_shapes_(model, shapes, stored)  # resize shrunk modules before loading tensors
+    for alias, source in aliases.items():
+        tensors[alias] = tensors[source]
     # assign=True keeps the saved dtypes (an fp16 checkpoint stays fp16)
     model.load_state_dict(tensors, strict=True, assign=True)
     if hasattr(model, "tie_weights"):
@@ -214,7 +428,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             "method": entry["attrs"]["method"],
         }
         for name, entry in info.items()
-        if "method" in (entry.get("attrs") or {})
+        if isinstance(entry.get("attrs"), dict) and "method" in entry["attrs"]
     }
     object.__setattr__(model, META_ATTR, meta)
     model.eval()

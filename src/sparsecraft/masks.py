@@ -32,6 +32,17 @@ META_ATTR = "sparsecraft_meta"
 _OPEN_ATTR = "_sparsecraft_open_states"
 
 
+class _OpenStates(list):
+    """Weak references to a model's open states; pickles (and deep-copies) as empty.
+
+    A state's hooks belong to this process's parameters, so a saved or copied model has no
+    open state; and weak references cannot be pickled, which made ``torch.save(model)`` fail.
+    """
+
+    def __reduce__(self):
+        return (_OpenStates, ())
+
+
 def has_open_state(model: nn.Module) -> bool:
     """Whether a :class:`SparsityState` with masks is attached to ``model`` and not finalized."""
     states = getattr(model, _OPEN_ATTR, None) or []
@@ -62,7 +73,7 @@ class SparsityState:
         self.grad_observer = None
         # the model knows its open states (weakly), so runtime code can refuse masked models
         refs = [r for r in getattr(model, _OPEN_ATTR, []) if r() is not None]
-        object.__setattr__(model, _OPEN_ATTR, refs + [weakref.ref(self)])
+        object.__setattr__(model, _OPEN_ATTR, _OpenStates(refs + [weakref.ref(self)]))
 
     # -- building -------------------------------------------------------------------
     def _param(self, name: str) -> nn.Parameter:

@@ -8,6 +8,12 @@ Named models (offline, no hub access):
 
 Anything else is treated as a path: a directory written by :func:`sparsecraft.save`, or a
 Hugging Face model directory (``config.json`` + weights).
+
+A path whose tensor file presents itself as sparsecraft's (its safetensors header contains
+the word ``sparsecraft``, see :func:`sparsecraft.formats.claims_sparsecraft`) loads as a
+sparsecraft checkpoint or fails with the reason; it never falls back to transformers, which
+would initialise every tensor it cannot read at random. Every transformers load here asks
+for its loading report and refuses missing, unexpected or mismatched weights.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import SparsecraftError
+from .errors import FormatError, SparsecraftError
 
 __all__ = ["load", "NAMED_MODELS", "perplexity"]
 
@@ -51,6 +57,20 @@ def _local_tokenizer(path: Path):
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
+def _from_pretrained(auto, source, what: str, **kwargs):
+    """``auto.from_pretrained`` that refuses a model with weights missing, unexpected or
+    of the wrong shape (transformers would only log them and initialise the gaps at random)."""
+    model, report = auto.from_pretrained(source, output_loading_info=True, **kwargs)
+    problems = {k: sorted(map(str, report.get(k) or ())) for k in
+                ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(v[:5])}"
+                           + (f" (+{len(v) - 5} more)" if len(v) > 5 else "") for k, v in problems.items())
+        raise FormatError(f"{what} does not load completely ({detail})")
+    return model
+
+
 def load(name_or_path: str, dtype=None):
     """``(model, tokenizer)`` for a named model or a local directory; model in eval mode."""
     import torch
@@ -63,14 +83,13 @@ def load(name_or_path: str, dtype=None):
         module, gguf_file, dist = NAMED_MODELS[name_or_path]
         folder = _package_dir(module, dist)
         tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=gguf_file, dtype=dtype
-        )
+        model = _from_pretrained(transformers.AutoModelForCausalLM, folder, name_or_path,
+                                 gguf_file=gguf_file, dtype=dtype)
     elif name_or_path == "minilm-l6":
         module, sub, dist = NAMED_MODELS[name_or_path]
         folder = _package_dir(module, dist) / sub
         tok = transformers.AutoTokenizer.from_pretrained(folder)
-        model = transformers.AutoModel.from_pretrained(folder, dtype=dtype)
+        model = _from_pretrained(transformers.AutoModel, folder, name_or_path, dtype=dtype)
     else:
         path = Path(name_or_path)
         if not path.exists():
@@ -78,9 +97,9 @@ def load(name_or_path: str, dtype=None):
                 f"'{name_or_path}' is neither a named model ({', '.join(NAMED_MODELS)}) "
                 f"nor an existing path"
             )
-        from .checkpoint import is_checkpoint, load as load_checkpoint
+        from .checkpoint import claims_checkpoint, load as load_checkpoint
 
-        if is_checkpoint(path):
+        if claims_checkpoint(path):  # loads as ours or raises; never a transformers fallback
             model = load_checkpoint(path)
             tok = _local_tokenizer(path)
         elif (path / "config.json").is_file():
@@ -91,7 +110,7 @@ def load(name_or_path: str, dtype=None):
                 if any(a.endswith("ForCausalLM") for a in (config.architectures or []))
                 else transformers.AutoModel
             )
-            model = auto.from_pretrained(path, dtype=dtype)
+            model = _from_pretrained(auto, path, f"'{path}'", dtype=dtype)
         else:
             raise SparsecraftError(
                 f"'{path}' is not a model: no config.json and no sparsecraft checkpoint"

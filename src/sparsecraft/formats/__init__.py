@@ -15,14 +15,23 @@ from sparsecraft.formats.encodings import (
     tensor_stats,
     theoretical_nbytes,
 )
-from sparsecraft.formats.io import FORMAT_VERSION, read_header, read_tensors, write_tensors
+from sparsecraft.formats.io import (
+    FORMAT_VERSION,
+    claims_sparsecraft,
+    describe,
+    read_header,
+    read_tensors,
+    write_tensors,
+)
 
 __all__ = [
     "COMMON_NM",
     "ENCODINGS",
     "FORMAT_VERSION",
     "choose_encoding",
+    "claims_sparsecraft",
     "decode",
+    "describe",
     "encode",
     "encoded_nbytes",
     "is_nm",

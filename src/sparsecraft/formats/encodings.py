@@ -52,6 +52,7 @@ kept as padding (their stored value is the element itself, +0.0 or -0.0). It app
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,7 @@ import torch
 # busy machine torch's intra-op threads made these element-wise passes several times slower.
 
 from sparsecraft.errors import ConfigError, FormatError
+from sparsecraft.formats.memory import check_memory
 
 __all__ = [
     "ENCODINGS",
@@ -75,6 +77,8 @@ __all__ = [
     "TensorStats",
     "index_dtype",
     "view_2d_shape",
+    "check_layout",
+    "decode_scratch_nbytes",
 ]
 
 ENCODINGS = ("dense", "bitmask", "csr", "nm")
@@ -402,10 +406,102 @@ def _all_distinct(flat: np.ndarray, numel: int) -> bool:
     return int(np.count_nonzero(seen)) == flat.size
 
 
+def _check_shape(shape) -> tuple[int, ...]:
+    if not isinstance(shape, (list, tuple)) or not all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
+        raise FormatError(f"shape {shape!r} must be a list of non-negative ints")
+    return tuple(int(s) for s in shape)
+
+
+def check_layout(components: dict, encoding: str, shape, dtype, nm=None) -> int:
+    """Check that components of the given shapes can decode to ``shape``; returns its bytes.
+
+    ``components`` maps a component name to a tensor, or to ``(dtype, shape)`` so that a
+    file's layout can be checked before any of it is read. Every size :func:`decode` would
+    allocate follows from the checked ones, so a header cannot make it allocate more than
+    ``shape`` itself (whose size the caller weighs against memory).
+    """
+    _check_encoding(encoding)
+    dtype = _as_dtype(dtype)
+    if dtype.is_complex or torch.empty((), dtype=dtype).element_size() not in _BITS_DTYPE:
+        raise FormatError(f"dtype {dtype} is not supported")
+    shape = _check_shape(shape)
+    numel = math.prod(shape)
+    es = torch.empty((), dtype=dtype).element_size()
+    desc = {}
+    for name, c in components.items():
+        cdtype, cshape = (c.dtype, tuple(c.shape)) if isinstance(c, torch.Tensor) else c
+        desc[name] = (cdtype, math.prod(int(s) for s in cshape))
+
+    def need(*names):
+        missing = [c for c in names if c not in desc]
+        if missing:
+            raise FormatError(f"missing component(s) {missing}; got {sorted(desc)}")
+
+    def expect(name, count):
+        if desc[name][1] != count:
+            raise FormatError(f"component {name!r} has {desc[name][1]} elements, expected {count}")
+
+    def at_most(name, count):
+        if desc[name][1] > count:
+            raise FormatError(f"component {name!r} has {desc[name][1]} elements, more than the "
+                              f"{count} that shape {list(shape)} allows")
+
+    need("values")
+    if desc["values"][0] != dtype:
+        raise FormatError(f"component 'values' has dtype {desc['values'][0]}, expected {dtype}")
+    known = {"dense": {"values"}, "bitmask": {"values", "mask", "negzero"},
+             "csr": {"values", "crow_indices", "col_indices", "negzero"},
+             "nm": {"values", "indices", "negzero"}}[encoding]
+    if set(desc) - known:
+        raise FormatError(f"unknown component(s) {sorted(set(desc) - known)} for encoding {encoding!r}")
+    rows, cols = view_2d_shape(shape)
+    if encoding == "dense":
+        expect("values", numel)
+    elif encoding == "bitmask":
+        need("mask")
+        expect("mask", (numel + 7) // 8)
+        at_most("values", numel)
+    elif encoding == "csr":
+        need("crow_indices", "col_indices")
+        expect("crow_indices", rows + 1)
+        at_most("values", numel)
+        expect("col_indices", desc["values"][1])
+    else:
+        if nm is None:
+            raise FormatError("encoding 'nm' needs nm=(N, M)")
+        n, m = _check_nm(nm)
+        if cols % m:
+            raise FormatError(f"N:M {n}:{m} does not fit shape {list(shape)}")
+        need("indices")
+        k = rows * (cols // m) * n
+        expect("values", k)
+        expect("indices", (k * _index_bits(m) + 7) // 8)
+    if "negzero" in desc:
+        at_most("negzero", (numel + 7) // 8)
+    for name, (cdtype, _) in desc.items():
+        if name != "values" and (cdtype.is_floating_point or cdtype == torch.bool):
+            raise FormatError(f"component {name!r} has dtype {cdtype}, expected an integer dtype")
+    return numel * es
+
+
+def decode_scratch_nbytes(shape, n_values: int) -> int:
+    """Upper bound of what :func:`decode` allocates besides its result: a bool per element
+    (masks, the distinctness check) and int64 positions plus index bit planes per stored value."""
+    return math.prod(int(s) for s in shape) + 32 * int(n_values)
+
+
 def decode(components: dict[str, torch.Tensor], encoding: str, shape, dtype,
            nm: tuple[int, int] | None = None) -> torch.Tensor:
-    """Bit-exact inverse of :func:`encode`. Raises :class:`FormatError` on inconsistent components."""
-    _check_encoding(encoding)
+    """Bit-exact inverse of :func:`encode`. Raises :class:`FormatError` on inconsistent components.
+
+    The component sizes are checked against ``shape`` (:func:`check_layout`) and the result's
+    size against the available memory before anything is allocated.
+    """
+    nbytes = check_layout(components, encoding, shape, dtype, nm)
+    if encoding != "dense":  # csr and nm sizes are not bounded by their components
+        check_memory(nbytes + decode_scratch_nbytes(shape, components["values"].numel()), f"decoding a {encoding} tensor of shape {list(shape)}")
     dtype = _as_dtype(dtype)
     shape = tuple(int(s) for s in shape)
     numel = math.prod(shape)

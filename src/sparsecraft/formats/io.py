@@ -12,7 +12,7 @@ JSON string::
 
     {
       "format": "sparsecraft",
-      "version": 1,
+      "version": 2,
       "tensors": {
         "<name>": {
           "shape": [576, 1536], "dtype": "float16",
@@ -27,13 +27,25 @@ JSON string::
           "attrs": {...}                             # other keys the caller put in info[name]
         }
       },
-      "extra": {...}                                 # free-form, for model-level information
+      "extra": {...},                                # free-form, for model-level information
+      "header_sha256": "..."                         # of the canonical JSON of all the above
     }
 
 Reading parses the safetensors layout directly so that a truncated, altered or malformed file
-fails with a :class:`~sparsecraft.errors.FormatError` naming the logical tensor. Each tensor
-is checked twice: every component against its SHA-256 before decoding, and the decoded tensor
-against ``sha256``.
+fails with a :class:`~sparsecraft.errors.FormatError` naming the logical tensor. The whole
+sparsecraft header is checked against ``header_sha256`` (SHA-256 of the header without that
+field, as JSON with sorted keys and no spaces) before anything in it is used; then each
+tensor's layout is checked against its shape (so no size in the header can make us allocate
+more than the file and the machine's available memory justify); then every component against
+its SHA-256 before decoding, and the decoded tensor against ``sha256``.
+
+Version 1 files (no ``header_sha256``) are refused: their metadata was outside every
+checksum, so a load could not tell a corrupted header from a good one.
+
+What the checksums protect against: accidental corruption (flipped bits, a truncated or
+half-copied file, a header edited by mistake). What they do not: they are not signatures.
+Anyone who can write the file can rewrite a tensor *and* its checksums; only a file from a
+source you trust is a trusted file.
 """
 
 from __future__ import annotations
@@ -54,12 +66,16 @@ from safetensors.torch import save_file
 
 from sparsecraft.errors import FormatError, SparsecraftError
 from sparsecraft.formats import encodings as enc
+from sparsecraft.formats.memory import available_memory, check_memory
 
-__all__ = ["FORMAT_VERSION", "write_tensors", "read_tensors", "read_header", "atomic_write"]
+__all__ = ["FORMAT_VERSION", "write_tensors", "read_tensors", "read_header", "atomic_write",
+           "read_plan", "claims_sparsecraft", "available_memory", "check_memory", "describe"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: the key of the whole-header checksum (everything else in the header is covered by it)
+HEADER_SHA_KEY = "header_sha256"
 _SEP = "::"
 _INFO_KEYS = ("pattern", "sparsity", "nm")
 
@@ -180,6 +196,13 @@ def _unshare(flat: dict[str, torch.Tensor]) -> None:
         spans.append((start, end))
 
 
+def _header_sha256(header: dict) -> str:
+    """SHA-256 of the header without its own checksum, as canonical JSON."""
+    body = {k: v for k, v in header.items() if k != HEADER_SHA_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -270,6 +293,7 @@ def write_tensors(path, tensors: dict[str, torch.Tensor], info: dict[str, dict] 
         log.debug("encoded %s as %s (%d bytes)", name, entry["encoding"], entry["nbytes"])
     header = {"format": "sparsecraft", "version": FORMAT_VERSION, "tensors": entries, "extra": extra}
     try:
+        header[HEADER_SHA_KEY] = _header_sha256(header)
         header_json = json.dumps(header, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise FormatError(f"info/extra must be JSON-serialisable (no NaN/inf): {e}") from None
@@ -315,9 +339,23 @@ def _read_layout(f, path: Path, size: int) -> tuple[dict, dict, int]:
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), dict):
         raise FormatError(f"{path}: malformed sparsecraft metadata: no 'tensors' table")
     version = header.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
         raise FormatError(f"{path}: format version {version!r} is not supported "
                           f"(this sparsecraft reads up to {FORMAT_VERSION})")
+    if version < FORMAT_VERSION:
+        raise FormatError(f"{path}: format version {version} is no longer read: its metadata is not "
+                          f"covered by a checksum; save the model again with this sparsecraft "
+                          f"(format {FORMAT_VERSION})")
+    want = header.get(HEADER_SHA_KEY)
+    if not isinstance(want, str):
+        raise FormatError(f"{path}: sparsecraft header has no '{HEADER_SHA_KEY}' checksum")
+    try:
+        got = _header_sha256(header)
+    except ValueError as e:  # NaN/inf smuggled into the JSON
+        raise FormatError(f"{path}: malformed sparsecraft metadata: {e}") from None
+    if got != want:
+        raise FormatError(f"{path}: header checksum mismatch: the sparsecraft header (tensor table, "
+                          "aliases, model record) was altered or corrupted")
     return st_header, header, 8 + n
 
 
@@ -350,6 +388,8 @@ def _component_spans(name: str, entry: dict, st_header: dict, data_start: int, s
             dtype = _ST_DTYPES[desc["dtype"]]
             shape = [int(s) for s in desc["shape"]]
             begin, end = (int(x) for x in desc["data_offsets"])
+            if any(s < 0 for s in shape):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise FormatError(f"{path}: tensor {name!r}: malformed header entry for {key!r}: {desc}") from None
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
@@ -376,26 +416,68 @@ def _read_component(f, dtype: torch.dtype, shape: list[int], start: int, end: in
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
-def read_tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict]:
-    """Read and decode every tensor of ``path``: ``(tensors, per-tensor header entries, extra)``.
+def _check_layouts(path: Path, entries: dict, spans: dict) -> int:
+    """Check every tensor's components against its shape; returns the bytes decoding needs."""
+    total = scratch = 0
+    for name, entry in entries.items():
+        try:
+            nbytes = enc.check_layout({c: (dt, shp) for c, (_, dt, shp, _, _) in spans[name].items()},
+                                      entry.get("encoding"), entry.get("shape"), entry.get("dtype"),
+                                      entry.get("nm"))
+        except SparsecraftError as e:
+            raise FormatError(f"{path}: tensor {name!r} has an inconsistent layout: {e}") from None
+        comp_bytes = sum(b - a for (_, _, _, a, b) in spans[name].values())
+        total += nbytes
+        if entry["encoding"] != "dense":  # components and index arrays live while decoding
+            n_values = math.prod(spans[name]["values"][2])
+            scratch = max(scratch, comp_bytes + enc.decode_scratch_nbytes(entry["shape"], n_values))
+    return total + scratch
 
-    Raises :class:`FormatError` for a missing file, a truncated or malformed header, a tensor
-    whose bytes run past the end of the file, or a checksum mismatch; the last two name the
-    tensor. All layouts are validated before any data is read.
-    """
-    path = Path(os.fspath(path))
+
+def _open(path: Path):
     try:
-        f = open(path, "rb")
+        return open(path, "rb")
     except FileNotFoundError:
         raise FormatError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise FormatError(f"{path}: is a directory, not a file") from None
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        st_header, header, data_start = _read_layout(f, path, size)
+
+
+def _plan(f, path: Path):
+    size = os.fstat(f.fileno()).st_size
+    st_header, header, data_start = _read_layout(f, path, size)
+    entries = header["tensors"]
+    spans = {name: _component_spans(name, e, st_header, data_start, size, path)
+             for name, e in entries.items()}
+    return header, spans, _check_layouts(path, entries, spans)
+
+
+def read_plan(path) -> tuple[dict, int]:
+    """Validate ``path`` as :func:`read_tensors` would, without reading tensor data.
+
+    Returns ``(header, bytes of memory reading it needs)``; raises :class:`FormatError` for
+    everything read_tensors checks before reading (header and its checksum, every component
+    inside the file, component sizes that fit each tensor's shape).
+    """
+    path = Path(os.fspath(path))
+    with _open(path) as f:
+        header, _, needed = _plan(f, path)
+    return header, needed
+
+
+def read_tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict]:
+    """Read and decode every tensor of ``path``: ``(tensors, per-tensor header entries, extra)``.
+
+    Raises :class:`FormatError` for a missing file, a truncated, altered or malformed header, a
+    tensor whose components do not fit its shape or whose bytes run past the end of the file,
+    a file that would need more memory than is available, or a checksum mismatch (these name
+    the tensor). All layouts and sizes are validated before any data is read or allocated.
+    """
+    path = Path(os.fspath(path))
+    with _open(path) as f:
+        header, spans, needed = _plan(f, path)
+        check_memory(needed, f"reading {path}")
         entries = header["tensors"]
-        spans = {name: _component_spans(name, e, st_header, data_start, size, path)
-                 for name, e in entries.items()}
         tensors: dict[str, torch.Tensor] = {}
         for name, entry in entries.items():
             comps = {}
@@ -422,3 +504,79 @@ def read_tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict]:
             tensors[name] = t
     log.debug("read %d tensors from %s", len(tensors), path)
     return tensors, {n: dict(e) for n, e in entries.items()}, header.get("extra", {})
+
+
+# ----------------------------------------------------------------------------- inspecting
+
+# how far claims_sparsecraft looks when the length prefix itself is damaged
+_SNIFF_BYTES = 1 << 20
+
+
+def claims_sparsecraft(path) -> bool:
+    """Whether the file at ``path`` presents itself as a sparsecraft file, even a broken one.
+
+    True when its safetensors header (or, if the length prefix is damaged, the first MiB)
+    contains the bytes ``sparsecraft``: a valid file has the word twice (the metadata key and
+    ``"format": "sparsecraft"``), so one damaged byte cannot hide it. A file that claims it
+    must load as sparsecraft or fail; it is never handed to another loader.
+    """
+    path = Path(os.fspath(path))
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little")
+            limit = 8 + n if 0 < n <= size - 8 else min(size, _SNIFF_BYTES)
+            f.seek(0)
+            return b"sparsecraft" in f.read(min(limit, size))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return False
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def describe(path) -> str:
+    """A table of the file's tensors: what ``sparsecraft info`` prints.
+
+    ``path`` is a tensor file or a checkpoint folder (its ``model.safetensors``). One line per
+    tensor: name, shape, dtype, encoding, pattern, measured sparsity, stored bytes (its
+    encoded components) and dense bytes (shape x element size); then a totals line with
+    stored vs dense bytes, their ratio and the file's size. Reads only the header.
+    """
+    path = Path(os.fspath(path))
+    file = path / "model.safetensors" if path.is_dir() else path
+    header = read_header(file)
+    size = file.stat().st_size
+    rows = []
+    stored_total = dense_total = 0
+    for name, e in header["tensors"].items():
+        shape = e.get("shape") or []
+        try:
+            es = torch.empty((), dtype=enc._as_dtype(e.get("dtype"))).element_size()
+        except SparsecraftError:
+            es = 0
+        dense = math.prod(int(s) for s in shape) * es
+        stored = int(e.get("nbytes") or 0)
+        stored_total += stored
+        dense_total += dense
+        sparsity = e.get("sparsity")
+        rows.append((name, "x".join(map(str, shape)) or "scalar", str(e.get("dtype", "")),
+                     str(e.get("encoding", "")), str(e.get("pattern", "")),
+                     "" if sparsity is None else f"{float(sparsity):.4f}", f"{stored:,}", f"{dense:,}"))
+    heads = ("tensor", "shape", "dtype", "encoding", "pattern", "sparsity", "stored B", "dense B")
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    ratio = f"{stored_total / dense_total:.3f}" if dense_total else "n/a"
+    out = [f"{file}  (format version {header.get('version')}, {len(rows)} tensors)", line(heads)]
+    out += [line(r) for r in rows]
+    out.append(f"total: stored {stored_total:,} bytes ({_human(stored_total)}) vs dense {dense_total:,} "
+               f"bytes ({_human(dense_total)}), ratio {ratio}; file {size:,} bytes ({_human(size)})")
+    return "\n".join(out)

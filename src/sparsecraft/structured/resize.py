@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import SHAPES_ATTR
 from ..errors import FormatError
+from ..shapes import SHAPES_ATTR, check_record
 
 __all__ = ["SHAPES_ATTR", "cut", "resize_module_", "get_shapes", "record_module", "apply_shapes_"]
 
@@ -81,36 +81,16 @@ def record_module(model: nn.Module, name: str, attrs: dict[str, Any]) -> None:
     object.__setattr__(model, SHAPES_ATTR, shapes)
 
 
-def _check_record(model: nn.Module, record: Any) -> dict[str, nn.Module]:
-    if not isinstance(record, dict):
-        raise FormatError("the checkpoint's shape record is not a mapping")
-    modules = {}
-    for name, entry in record.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise FormatError(f"shape record names module '{name}', which the model does not have") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("tensors"), dict):
-            raise FormatError(f"shape record of '{name}' is malformed")
-        for tname, shape in entry["tensors"].items():
-            current = module._parameters.get(tname, module._buffers.get(tname))
-            if current is None:
-                raise FormatError(f"shape record: module '{name}' has no tensor '{tname}'")
-            if not isinstance(shape, list) or len(shape) != current.dim() or not all(
-                isinstance(s, int) and s >= 0 for s in shape
-            ):
-                raise FormatError(f"shape record: bad shape {shape!r} for '{name}.{tname}'")
-        modules[name] = module
-    return modules
-
-
-def apply_shapes_(model: nn.Module, record: dict[str, dict]) -> nn.Module:
+def apply_shapes_(model: nn.Module, record: dict[str, dict], stored=None) -> nn.Module:
     """Resize the recorded modules of a freshly built ``model`` (contents left empty).
 
-    The record is checked completely before any module changes. The tensors keep their
-    dtype and device; the caller loads their values afterwards.
+    The record is checked completely before any module changes
+    (:func:`sparsecraft.shapes.check_record`: known modules and attributes, shapes no larger
+    than the module's and, given ``stored`` {tensor name: shape}, equal to the stored ones),
+    so nothing is allocated from an unchecked shape. The tensors keep their dtype and
+    device; the caller loads their values afterwards.
     """
-    modules = _check_record(model, record)
+    modules = check_record(model, record, stored)
     for name, entry in record.items():
         module = modules[name]
         tensors = {}
