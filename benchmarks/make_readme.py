@@ -1,14 +1,18 @@
 """Assemble benchmarks/results/README.md from the per-benchmark tables.
 
 Each benchmark script writes its own ``results/<name>.md`` with the command that produced
-it; this script only concatenates them under headings, so no number is typed by hand.
+it; this script only concatenates them under headings, so no number is typed by hand. The
+recovery section keeps the markers between which ``recovery/make_report.py`` rewrites it.
 
     python benchmarks/make_readme.py
 """
 
-from pathlib import Path
+import argparse
+import json
 
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, write_text
+from recovery.make_report import BEGIN as RECOVERY_BEGIN
+from recovery.make_report import END as RECOVERY_END
 SECTIONS = [
     ("prune.md", "One-shot magnitude pruning: time and extra memory (issue: Foundation)"),
     ("formats.md", "Storage formats: file size and save/load time (issue: Foundation)"),
@@ -21,6 +25,7 @@ SECTIONS = [
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     parts = [
         "# Benchmark results\n",
         "Every table below was written by the script named in it; this page is assembled by "
@@ -35,15 +40,15 @@ def main() -> None:
         body = path.read_text().strip()
         if body.startswith("# "):  # drop the file's own title
             body = body.split("\n", 1)[1].strip()
+        if name == "recovery.md":
+            body = f"{RECOVERY_BEGIN}{body}\n{RECOVERY_END}".rstrip("\n")
         parts.append(f"## {title}\n\n{body}\n")
-    (RESULTS / "README.md").write_text("\n".join(parts))
+    write_text(RESULTS / "README.md", "\n".join(parts))
     _headline()
 
 
 def _headline() -> None:
     """The short table in the project README, between its results markers."""
-    import json
-
     readme = RESULTS.parent.parent / "README.md"
     text = readme.read_text()
     start, end = "<!-- results:start -->", "<!-- results:end -->"
@@ -79,7 +84,7 @@ def _headline() -> None:
     body = "\n".join(lines) + "\n" if lines else "Not run yet.\n"
     head, rest = text.split(start, 1)
     tail = rest.split(end, 1)[1]
-    readme.write_text(f"{head}{start}\n{body}{end}{tail}")
+    write_text(readme, f"{head}{start}\n{body}{end}{tail}")
 
 
 if __name__ == "__main__":
