@@ -22,8 +22,18 @@ import logging
 import sys
 import time
 
-from _common import (RESULTS, ChildFailed, bench_lock, emit_result, git_commit, read_json, run_config, save_figure,
-                     write_json, write_text)
+from _common import (
+    RESULTS,
+    ChildFailed,
+    bench_lock,
+    emit_result,
+    git_commit,
+    read_json,
+    run_config,
+    save_figure,
+    write_json,
+    write_text,
+)
 
 OUT = RESULTS / "oneshot.json"
 

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import LOCK, RESULTS, ROOT, bench_lock, git_commit, save_figure, write_json, write_text
+
 LAYERS_OUT = RESULTS / "runtime_layers.json"
 SHAPES = [(2048, 2048), (576, 1536)]
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
@@ -115,7 +116,8 @@ def run_layers(repeats: int, min_seconds: float, margin: float = 0.05) -> dict:
 # -- SmolLM2 end to end -------------------------------------------------------------------
 def run_model(prompt_len: int, new_tokens: int, repeats: int, calib_samples: int) -> dict:
     import sparsecraft as sc
-    from sparsecraft import data, evaluate, models, runtime as rt
+    from sparsecraft import data, evaluate, models
+    from sparsecraft import runtime as rt
 
     model, tok = models.load("smollm2-135m")
     eval_tokens = data.evaluation_tokens(tok)

@@ -38,7 +38,6 @@ from _common import LOCK, RESULTS, ROOT, bench_lock, git_commit, load_average, s
 
 def prefill_seconds(model, ids) -> float:
     import torch
-
     from transformers import DynamicCache
 
     with torch.inference_mode():
@@ -50,7 +49,6 @@ def prefill_seconds(model, ids) -> float:
 def decode_seconds(model, prompt, new_tokens: int) -> tuple[float, list[int]]:
     """Seconds for ``new_tokens`` greedy steps after the prompt's prefill; the tokens made."""
     import torch
-
     from transformers import DynamicCache
 
     with torch.inference_mode():
@@ -276,7 +274,7 @@ def write_table(result: dict, path: Path = RESULTS / "shrink.md") -> str:
         "weights carry some of the largest activations (in block 0 the highest-Wanda channels are among the "
         "lowest-norm ones), which Wanda and Taylor see and magnitude cannot.")
     timed_rows = {n: r for n, r in rows.items() if "prefill_speedup" in r and r["fraction"] == 0.5}
-    for n, r in timed_rows.items():
+    for r in timed_rows.values():
         verdict = "met" if r["prefill_speedup"] >= 1.3 else "missed"
         lines.append(f"\nAim: 50% MLP shrink gives >= 1.3x prefill speed-up: {verdict} "
                      f"({r['prefill_speedup']:.2f}x; decode {r['decode_speedup']:.2f}x).")

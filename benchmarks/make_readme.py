@@ -13,6 +13,7 @@ import json
 from _common import RESULTS, write_text
 from recovery.make_report import BEGIN as RECOVERY_BEGIN
 from recovery.make_report import END as RECOVERY_END
+
 SECTIONS = [
     ("prune.md", "One-shot magnitude pruning: time and extra memory (issue: Foundation)"),
     ("formats.md", "Storage formats: file size and save/load time (issue: Foundation)"),

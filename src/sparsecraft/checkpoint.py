@@ -21,7 +21,6 @@ their resized modules; ``load`` resizes those modules of the freshly built model
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil

@@ -78,7 +78,8 @@ def load(name_or_path: str, dtype=None):
                 f"'{name_or_path}' is neither a named model ({', '.join(NAMED_MODELS)}) "
                 f"nor an existing path"
             )
-        from .checkpoint import is_checkpoint, load as load_checkpoint
+        from .checkpoint import is_checkpoint
+        from .checkpoint import load as load_checkpoint
 
         if is_checkpoint(path):
             model = load_checkpoint(path)
