@@ -8,11 +8,23 @@ recovery section keeps the markers between which ``recovery/make_report.py`` rew
 """
 
 import argparse
+import importlib.util
 import json
+from pathlib import Path
 
 from _common import RESULTS, write_text
-from recovery.make_report import BEGIN as RECOVERY_BEGIN
-from recovery.make_report import END as RECOVERY_END
+
+
+def _report_markers() -> tuple[str, str]:
+    """The markers of recovery/make_report.py (loaded by path: ``recovery`` is a common name)."""
+    spec = importlib.util.spec_from_file_location("_recovery_make_report",
+                                                  Path(__file__).parent / "recovery" / "make_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.BEGIN, module.END
+
+
+RECOVERY_BEGIN, RECOVERY_END = _report_markers()
 
 SECTIONS = [
     ("prune.md", "One-shot magnitude pruning: time and extra memory (issue: Foundation)"),
