@@ -37,6 +37,29 @@ SECTIONS = [
 ]
 
 
+RUNNING = """## Running the benchmarks
+
+Each runs on the real models and takes minutes to hours; every script holds
+`benchmarks/results/.train.lock` while it measures, so two never share the CPU (`make -j` is safe).
+Each JSON result records the commit that produced it (`git_commit`).
+
+| command | script | writes |
+|---|---|---|
+| `make bench-prune` | `bench_prune.py` | `prune.json`, `prune.md` |
+| `make bench-formats` | `bench_formats.py` | `formats.json`, `formats.md` |
+| `make bench-oneshot` | `bench_oneshot.py` (resumable; `--only NAME`, `--fresh`) | `oneshot.json`, `oneshot.md`, `.png` |
+| `make bench-train` | `bench_train.py` (resumable; `--part`) | `train.json`, `train.md`, `.png` |
+| `make bench-shrink` | `bench_shrink.py` | `shrink.json`, `shrink.md`, `.png` |
+| `make bench-runtime` | `bench_runtime.py layers`, `model`, `model --threads 1` | `runtime_*.json`, `runtime.md`, `.png` |
+| `make bench-recovery` | `recovery/bench_*.py` with the trial counts below | `recovery_*.json`, `.png` |
+| `make bench-readme` | `make_readme.py`, `recovery/make_report.py` | this page, `recovery.md` |
+| `make bench` | all of the above, then `bench-readme` | |
+
+A script's own options: `.venv/bin/python benchmarks/SCRIPT.py --help`; most rewrite their table
+from the JSON alone with `--table`.
+"""
+
+
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     parts = [
@@ -44,6 +67,7 @@ def main() -> None:
         "Every table below was written by the script named in it; this page is assembled by "
         "`python benchmarks/make_readme.py`. The machine is a shared 2-core CPU box, so the "
         "load average is recorded where times matter.\n",
+        RUNNING,
     ]
     for name, title in SECTIONS:
         path = RESULTS / name
