@@ -5,9 +5,10 @@
     python benchmarks/bench_train.py --table          # rewrite tables and plots only
 
 Results accumulate in benchmarks/results/train.json (a finished run is skipped on re-run;
-each run records the commit that produced it). A run holds the benchmark lock
-(``benchmarks/_common.py``) while it trains. The grid, N:M and soup parts run with one thread (OMP_NUM_THREADS=1) so several shared-CPU
-runs do not disturb each other's numbers; the overhead part times steps side by side.
+each run records the commit that produced it). The grid, N:M and soup parts run with one
+thread (OMP_NUM_THREADS=1); the overhead part times steps side by side. A run holds the
+benchmark lock (``benchmarks/_common.py``) while it trains, so it cannot disturb a timing run;
+several processes may still add to train.json at once (each merges under a lock of its own).
 
 Set-up (every run): SGD with momentum 0.9, lr 0.05 cosine, weight decay 1e-4, batch 64,
 1,500 steps (24 epochs of the 4,000 MNIST training digits); IMP trains 3 prune-rewind rounds
