@@ -7,8 +7,7 @@
 Results accumulate in benchmarks/results/train.json (a finished run is skipped on re-run;
 each run records the commit that produced it). The grid, N:M and soup parts run with one
 thread (OMP_NUM_THREADS=1); the overhead part times steps side by side. A run holds the
-benchmark lock (``benchmarks/_common.py``) while it trains, so it cannot disturb a timing run;
-several processes may still add to train.json at once (each merges under a lock of its own).
+benchmark lock (``benchmarks/_common.py``) while it trains, so it cannot disturb a timing run.
 
 Set-up (every run): SGD with momentum 0.9, lr 0.05 cosine, weight decay 1e-4, batch 64,
 1,500 steps (24 epochs of the 4,000 MNIST training digits); IMP trains 3 prune-rewind rounds
