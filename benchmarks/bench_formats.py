@@ -24,13 +24,10 @@ Writes benchmarks/results/formats.json and benchmarks/results/formats.md.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +36,8 @@ from pathlib import Path
 import torch
 
 import sparsecraft.formats as fmt
+
+from _common import RESULTS, bench_lock, git_commit, load_average, machine, write_json, write_text
 
 log = logging.getLogger("bench_formats")
 
@@ -191,15 +190,6 @@ def measure_times(tensors, pattern, dtype_name, workdir: Path, repeats: int) -> 
     return row
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def mib(x: float) -> str:
     return f"{x / 2**20:.2f}"
 
@@ -268,11 +258,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", choices=["auto", "real", "random"], default="auto")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.manual_seed(0)
+    with bench_lock():
+        result = run(args)
+    write_json(args.out_dir / "formats.json", result, indent=2)
+    write_text(args.out_dir / "formats.md", to_markdown(result))
+    log.info("wrote %s and %s", args.out_dir / "formats.json", args.out_dir / "formats.md")
+    return 0
 
+
+def run(args) -> dict:
+    torch.manual_seed(0)
     source, weights = load_weights(args.source)
     log.info("%s: %d tensors, %d parameters", source, len(weights), sum(w.numel() for w in weights.values()))
     result = {
@@ -282,11 +280,11 @@ def main(argv=None) -> int:
         # exact zeros already in the weights (a dequantized GGUF holds some): they make groups
         # of a 2:4 tensor short, which is why bitmask can beat packed 2:4 by a few bytes
         "zeros_before_pruning": sum(int(fmt.tensor_stats(w).numel - fmt.tensor_stats(w).nnz) for w in weights.values()),
-        "git_commit": _git_commit(),
-        "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "git_commit": git_commit(),
+        "torch": torch.__version__, "machine": machine(),
         "sizes": [], "timing": [], "entropy_bound_bytes": {},
         # The machine is shared: load averages put the timings in context.
-        "loadavg_start": list(os.getloadavg()),
+        "loadavg_start": load_average(),
     }
     with tempfile.TemporaryDirectory(prefix="bench_formats.") as tmp:
         workdir = Path(tmp)
@@ -299,12 +297,8 @@ def main(argv=None) -> int:
                     result["entropy_bound_bytes"][f"{dtype_name} {pattern}"] = entropy_bound(tensors)
                 result["timing"].append(measure_times(tensors, pattern, dtype_name, workdir, args.repeats))
                 del tensors
-    result["loadavg_end"] = list(os.getloadavg())
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "formats.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out_dir / "formats.md").write_text(to_markdown(result))
-    log.info("wrote %s and %s", args.out_dir / "formats.json", args.out_dir / "formats.md")
-    return 0
+    result["loadavg_end"] = load_average()
+    return result
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """One-shot pruning quality, time and memory on the real SmolLM2-135M (and MiniLM).
 
 Every configuration runs in its own process so its peak RSS (VmHWM, including the model
-load) is its own. Results accumulate in benchmarks/results/oneshot.json; a configuration
-already there is skipped, so the benchmark can be resumed (--fresh starts over).
+load) is its own; the whole run holds the benchmark lock (``benchmarks/_common.py``) and each
+configuration's result records the commit that produced it. Results accumulate in
+benchmarks/results/oneshot.json; a configuration already there is skipped, so the benchmark can
+be resumed (--fresh starts over).
 
     python benchmarks/bench_oneshot.py                     # the full grid
     python benchmarks/bench_oneshot.py --only wanda-0.5     # one configuration
@@ -16,13 +18,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
+import logging
 import sys
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from _common import (
+    RESULTS,
+    ChildFailed,
+    bench_lock,
+    emit_result,
+    git_commit,
+    read_json,
+    run_config,
+    save_figure,
+    write_json,
+    write_text,
+)
+
 OUT = RESULTS / "oneshot.json"
 
 
@@ -113,7 +125,7 @@ def run_one(spec: dict, samples: int, seq_len: int) -> dict:
 
 
 def _load() -> dict:
-    return json.loads(OUT.read_text()) if OUT.exists() else {"runs": {}}
+    return read_json(OUT, {"runs": {}})
 
 
 def write_table(results: dict) -> str:
@@ -157,7 +169,7 @@ def write_table(results: dict) -> str:
                          f"its own block inputs, i.e. the calibration set run through the model pruned so far): SparseGPT lowest on {wins} of {len(trio[2])} layers. "
                          "Plot: `oneshot_layer_error.png`.")
     table = "\n".join(lines) + "\n"
-    (RESULTS / "oneshot.md").write_text(table)
+    write_text(RESULTS / "oneshot.md", table)
     _plot(runs)
     return table
 
@@ -180,7 +192,7 @@ def _plot(runs: dict) -> None:
     ax.set_title("SmolLM2-135M, 50% unstructured: per-layer reconstruction error")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "oneshot_layer_error.png", dpi=110)
+    save_figure(fig, RESULTS / "oneshot_layer_error.png")
     plt.close(fig)
 
 
@@ -195,8 +207,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
-        sys.stdout.write("RESULT " + json.dumps(run_one(spec, args.samples, args.seq_len)) + "\n")
+        emit_result(run_one(spec, args.samples, args.seq_len))
         return
+    logging.basicConfig(level=logging.WARNING)
     results = {"runs": {}} if args.fresh else _load()
     if args.table:
         sys.stdout.write(write_table(results))
@@ -206,23 +219,24 @@ def main() -> None:
         raise SystemExit(f"existing results used {results['settings']}; pass --fresh to start over")
     results["settings"] = settings
     grid = _grid()
-    for name in args.only or grid:
-        if name in results["runs"] and not args.only:
-            continue
-        cmd = [sys.executable, __file__, "--child", json.dumps(grid[name]), "--samples", str(args.samples),
-               "--seq-len", str(args.seq_len)]
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            sys.stderr.write(f"{name} failed:\n{proc.stderr[-3000:]}\n")
-            continue
-        run = json.loads(line[len("RESULT "):])
-        run["wall_seconds"] = time.perf_counter() - start
-        results["runs"][name] = run
-        OUT.write_text(json.dumps(results, indent=1) + "\n")
-        sys.stdout.write(f"{name}: {json.dumps({k: v for k, v in run.items() if k not in ('reconstruction_error', 'spec')})}\n")
-        sys.stdout.flush()
+    with bench_lock():
+        for name in args.only or grid:
+            if name in results["runs"] and not args.only:
+                continue
+            start = time.perf_counter()
+            try:
+                run = run_config(__file__, ["--child", json.dumps(grid[name]), "--samples", str(args.samples),
+                                            "--seq-len", str(args.seq_len)], env={"OMP_NUM_THREADS": "2"})
+            except ChildFailed as e:
+                sys.stderr.write(f"{name} failed: {e}\n")
+                continue
+            run["wall_seconds"] = time.perf_counter() - start
+            run["git_commit"] = git_commit()
+            results["runs"][name] = run
+            write_json(OUT, results)
+            shown = {k: v for k, v in run.items() if k not in ("reconstruction_error", "spec")}
+            sys.stdout.write(f"{name}: {json.dumps(shown)}\n")
+            sys.stdout.flush()
     sys.stdout.write(write_table(results))
 
 

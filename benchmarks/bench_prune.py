@@ -3,8 +3,8 @@
 For each configuration: load a fresh model, record the resident set size (RSS), prune,
 and sample RSS every 5 ms in a thread during pruning. "extra" is the peak during pruning
 minus RSS just before it, against the size of one fp32 copy of the model's parameters.
-Each configuration runs in a fresh process. Writes benchmarks/results/prune.json and
-prune.md.
+Each configuration runs in a fresh process, under the benchmark lock (``benchmarks/_common.py``).
+Writes benchmarks/results/prune.json and prune.md.
 
     python benchmarks/bench_prune.py [--repeats 3]
 """
@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 
 import sparsecraft as sc
 from sparsecraft import models
 
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, bench_lock, emit_result, read_json, run_config, write_json, write_text
 
 
 def rss_bytes() -> int:
@@ -107,16 +104,14 @@ def main() -> None:
     parser.add_argument("--config", help=argparse.SUPPRESS)  # child process: one configuration
     args = parser.parse_args()
     if args.table:
-        sys.stdout.write(write_table(json.loads((RESULTS / "prune.json").read_text())))
+        sys.stdout.write(write_table(read_json(RESULTS / "prune.json")))
         return
     if args.config:
-        sys.stdout.write("RESULT " + json.dumps(measure(args.config, args.repeats)) + "\n")
+        emit_result(measure(args.config, args.repeats))
         return
-    rows = []
-    for label in CONFIGS:  # a fresh process per configuration, so memory is not shared
-        proc = subprocess.run([sys.executable, __file__, "--config", label, "--repeats", str(args.repeats)],
-                              capture_output=True, text=True, check=True)
-        rows.append(json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:]))
+    with bench_lock():
+        # a fresh process per configuration, so memory is not shared
+        rows = [run_config(__file__, ["--config", label, "--repeats", str(args.repeats)]) for label in CONFIGS]
     out = {
         "load_average_after": os.getloadavg(),
         "model": "SmolLM2-135M (fp32)",
@@ -125,8 +120,7 @@ def main() -> None:
         "repeats": args.repeats,
         "rows": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prune.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_json(RESULTS / "prune.json", out, indent=2)
     sys.stdout.write(write_table(out))
 
 
@@ -149,7 +143,7 @@ def write_table(out: dict) -> str:
         f"inflated when it is above 2).\n\n"
     )
     table = header + "\n".join(lines) + "\n"
-    (RESULTS / "prune.md").write_text(table)
+    write_text(RESULTS / "prune.md", table)
     return table
 
 

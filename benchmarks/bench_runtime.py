@@ -1,8 +1,10 @@
 """Does sparsity buy speed? Layer kernels against density, and SmolLM2-135M end to end.
 
-    flock /tmp/sparsecraft-bench.lock env .venv/bin/python benchmarks/bench_runtime.py layers
-    flock /tmp/sparsecraft-bench.lock env .venv/bin/python benchmarks/bench_runtime.py model
+    .venv/bin/python benchmarks/bench_runtime.py layers
+    .venv/bin/python benchmarks/bench_runtime.py model
     .venv/bin/python benchmarks/bench_runtime.py table     # rewrite runtime.md / the plot
+
+``layers`` and ``model`` hold the benchmark lock (``benchmarks/_common.py``) while they run.
 
 ``layers``: y = x W^T + b for W of shape 2048x2048 and 576x1536 (out x in), unstructured
 random zeros at 50..99% sparsity, x with 1, 16 and 256 rows. Every kernel is timed in the
@@ -32,7 +34,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-RESULTS = Path(__file__).parent / "results"
+from _common import LOCK, RESULTS, ROOT, bench_lock, git_commit, save_figure, write_json, write_text
+
 LAYERS_OUT = RESULTS / "runtime_layers.json"
 SHAPES = [(2048, 2048), (576, 1536)]
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
@@ -50,13 +52,13 @@ log = logging.getLogger("bench_runtime")
 
 
 def _env(threads: int) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    commit = git_commit()
     from sparsecraft.runtime.extension import extension_status
 
     return {"commit": commit, "torch": torch.__version__, "machine": platform.machine(),
             "cpus": os.cpu_count(), "threads": threads, "load_avg_start": os.getloadavg()[0],
-            "extension": extension_status(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
+            "extension": extension_status(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "lock": str(LOCK.relative_to(ROOT))}
 
 
 # -- layers ------------------------------------------------------------------------------
@@ -114,7 +116,8 @@ def run_layers(repeats: int, min_seconds: float, margin: float = 0.05) -> dict:
 # -- SmolLM2 end to end -------------------------------------------------------------------
 def run_model(prompt_len: int, new_tokens: int, repeats: int, calib_samples: int) -> dict:
     import sparsecraft as sc
-    from sparsecraft import data, evaluate, models, runtime as rt
+    from sparsecraft import data, evaluate, models
+    from sparsecraft import runtime as rt
 
     model, tok = models.load("smollm2-135m")
     eval_tokens = data.evaluation_tokens(tok)
@@ -205,7 +208,7 @@ def write_table() -> str:
     if LAYERS_OUT.exists():
         res = json.loads(LAYERS_OUT.read_text())
         env = res["env"]
-        lines += [f"Produced by `{env['command']}` under `flock /tmp/sparsecraft-bench.lock` (commit {env['commit']}, "
+        lines += [f"Produced by `{env['command']}` under `flock {env.get('lock', '/tmp/sparsecraft-bench.lock')}` (commit {env['commit']}, "
                   f"torch {env['torch']}, {env['cpus']} CPUs, **torch threads {env['threads']}**, compiled kernels: "
                   f"{env['extension']}; 1-min load average {env['load_avg_start']:.1f} at start, "
                   f"{env.get('load_avg_end', float('nan')):.1f} at end).", "",
@@ -257,7 +260,7 @@ def write_table() -> str:
     for path in sorted(RESULTS.glob("runtime_model*.json"), key=lambda p: (len(p.name), p.name)):
         lines += _model_section(json.loads(path.read_text()))
     text = "\n".join(lines)
-    (RESULTS / "runtime.md").write_text(text)
+    write_text(RESULTS / "runtime.md", text)
     _plot()
     return text
 
@@ -266,7 +269,7 @@ def _model_section(res: dict) -> list[str]:
     lines: list[str] = []
     env, st = res["env"], res["settings"]
     lines += [f"### SmolLM2-135M end to end, torch threads {res['env']['threads']}", "",
-              f"Produced by `{env['command']}` under `flock /tmp/sparsecraft-bench.lock` (commit {env['commit']}, "
+              f"Produced by `{env['command']}` under `flock {env.get('lock', '/tmp/sparsecraft-bench.lock')}` (commit {env['commit']}, "
               f"**torch threads {env['threads']}**, compiled kernels: {env['extension']}; 1-min load average "
               f"{env['load_avg_start']:.1f} at start, {env.get('load_avg_end', float('nan')):.1f} at end). "
               f"fp32; prompt {st['prompt_len']} tokens of held-out Lee text; prefill = one forward pass "
@@ -369,7 +372,7 @@ def _plot() -> None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Sparse kernels against density (torch threads {res['env']['threads']}, medians)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "runtime_layers.png", dpi=110)
+    save_figure(fig, RESULTS / "runtime_layers.png")
     plt.close(fig)
 
 
@@ -388,19 +391,20 @@ def main() -> None:
         sys.stdout.write(write_table())
         return
     torch.set_num_threads(args.threads)
-    env = _env(args.threads)
-    if args.what == "layers":
-        res = run_layers(args.repeats or 15, args.min_seconds)
-        out = LAYERS_OUT
-    else:
-        res = run_model(args.prompt_len, args.new_tokens, args.repeats or 3, args.calib_samples)
-        out = RESULTS / f"runtime_model{'' if args.threads == 2 else f'_{args.threads}thread'}.json"
-    from sparsecraft.runtime.extension import extension_status
+    with bench_lock():
+        env = _env(args.threads)
+        if args.what == "layers":
+            res = run_layers(args.repeats or 15, args.min_seconds)
+            out = LAYERS_OUT
+        else:
+            res = run_model(args.prompt_len, args.new_tokens, args.repeats or 3, args.calib_samples)
+            out = RESULTS / f"runtime_model{'' if args.threads == 2 else f'_{args.threads}thread'}.json"
+        from sparsecraft.runtime.extension import extension_status
 
-    env["extension"] = extension_status()
-    env["load_avg_end"] = os.getloadavg()[0]
+        env["extension"] = extension_status()
+        env["load_avg_end"] = os.getloadavg()[0]
     res["env"] = env
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    write_json(out, res)
     sys.stdout.write(write_table())
 
 

@@ -13,9 +13,9 @@ For the dense model and MLP channels shrunk by each fraction (default 30% and 50
   512 (``models.perplexity``), for every criterion asked for; the timed rows use the first
   criterion (timings depend on the shapes only, which every criterion shares).
 
-Run it under the shared lock, two threads:
+Run it with two threads; it holds the benchmark lock (``benchmarks/_common.py``) while it runs:
 
-    flock /tmp/sparsecraft-bench.lock env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_shrink.py
+    env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_shrink.py
 
 Writes benchmarks/results/shrink.json, shrink.md and shrink.png.
 """
@@ -33,31 +33,11 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
-
-
-def _load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def _lock_held(path: str = "/tmp/sparsecraft-bench.lock") -> bool:
-    """Whether the shared benchmark lock is held (by the ``flock`` that started us)."""
-    import fcntl
-
-    try:
-        with open(path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(f, fcntl.LOCK_UN)
-            return False
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
+from _common import LOCK, RESULTS, ROOT, bench_lock, git_commit, load_average, save_figure, write_json, write_text
 
 
 def prefill_seconds(model, ids) -> float:
     import torch
-
     from transformers import DynamicCache
 
     with torch.inference_mode():
@@ -69,7 +49,6 @@ def prefill_seconds(model, ids) -> float:
 def decode_seconds(model, prompt, new_tokens: int) -> tuple[float, list[int]]:
     """Seconds for ``new_tokens`` greedy steps after the prompt's prefill; the tokens made."""
     import torch
-
     from transformers import DynamicCache
 
     with torch.inference_mode():
@@ -110,14 +89,22 @@ def main() -> None:
         sys.stdout.write(write_table(result, out.with_suffix(".md")))
         _plot(result, out.with_suffix(".png"))
         return
+    with bench_lock():
+        result = _run(args, out)
+    write_json(out, result)
+    table = write_table(result, out.with_suffix(".md"))
+    sys.stdout.write(table)
+    _plot(result, out.with_suffix(".png"))
 
+
+def _run(args, out: Path) -> dict:
     import torch
 
     from sparsecraft import data, models
 
     torch.manual_seed(0)
-    command = ("flock /tmp/sparsecraft-bench.lock " if _lock_held() else "") + \
-        f"env OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python " + \
+    # the run holds LOCK itself: the command alone reproduces it
+    command = f"env OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python " + \
         shlex.join(["benchmarks/bench_shrink.py", *sys.argv[1:]])
     dense, tok = models.load("smollm2-135m")
     eval_tokens = data.evaluation_tokens(tok)
@@ -136,14 +123,12 @@ def main() -> None:
         "shapes_from": "magnitude-shrunk copies (same shapes as every criterion)" if args.timing_only
         else f"the {args.criteria[0]} rows",
         **{k: getattr(args, k) for k in ("prefill_len", "repeats", "prompt_len", "new_tokens", "decode_repeats")},
-        "load_average_start": _load_average(),
+        "load_average_start": load_average(), "lock": str(LOCK.relative_to(ROOT)),
     }
     _measure(timed, eval_tokens, args, result["rows"])
-    result["timing"]["load_average_end"] = _load_average()
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    table = write_table(result, out.with_suffix(".md"))
-    sys.stdout.write(table)
-    _plot(result, out.with_suffix(".png"))
+    result["timing"]["load_average_end"] = load_average()
+    result["timing"]["git_commit"] = git_commit()
+    return result
 
 
 def _log(text: str) -> None:
@@ -165,7 +150,7 @@ def _quality(dense, tok, eval_tokens, args, result) -> dict:
     from sparsecraft import data, models
     from sparsecraft.structured import ShrinkConfig, shrink_
 
-    result["quality_run_load_average"] = {"start": _load_average()}
+    result["quality_run_load_average"] = {"start": load_average()}
     calib = data.calibration(tok, args.samples, args.seq_len, seed=0)
     rows = result["rows"]
     rows["dense"] = {"fraction": 0.0, "criterion": None, "params": _params(dense),
@@ -199,7 +184,7 @@ def _quality(dense, tok, eval_tokens, args, result) -> dict:
             same = torch.equal(timed[last](ids).logits, reloaded(ids).logits)
         result["reload_identical_logits"] = {last: bool(same)}
         result["checkpoint_bytes"] = {last: (path / "model.safetensors").stat().st_size}
-    result["quality_run_load_average"]["end"] = _load_average()
+    result["quality_run_load_average"]["end"] = load_average()
     return timed
 
 
@@ -289,7 +274,7 @@ def write_table(result: dict, path: Path = RESULTS / "shrink.md") -> str:
         "weights carry some of the largest activations (in block 0 the highest-Wanda channels are among the "
         "lowest-norm ones), which Wanda and Taylor see and magnitude cannot.")
     timed_rows = {n: r for n, r in rows.items() if "prefill_speedup" in r and r["fraction"] == 0.5}
-    for n, r in timed_rows.items():
+    for r in timed_rows.values():
         verdict = "met" if r["prefill_speedup"] >= 1.3 else "missed"
         lines.append(f"\nAim: 50% MLP shrink gives >= 1.3x prefill speed-up: {verdict} "
                      f"({r['prefill_speedup']:.2f}x; decode {r['decode_speedup']:.2f}x).")
@@ -301,7 +286,7 @@ def write_table(result: dict, path: Path = RESULTS / "shrink.md") -> str:
     if t["command"] != result["command"]:
         lines.append(f"\nTimings: `{t['command']}`")
     table = "\n".join(lines) + "\n"
-    path.write_text(table)
+    write_text(path, table)
     return table
 
 
@@ -322,7 +307,7 @@ def _plot(result: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
     fig.suptitle("SmolLM2-135M, MLP channels shrunk (no fine-tuning)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 

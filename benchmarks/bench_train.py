@@ -4,9 +4,10 @@
     python benchmarks/bench_train.py --part grid      # one part: grid, nm, soup, overhead
     python benchmarks/bench_train.py --table          # rewrite tables and plots only
 
-Results accumulate in benchmarks/results/train.json (a finished run is skipped on re-run).
-The grid, N:M and soup parts run with one thread (OMP_NUM_THREADS=1) so several shared-CPU
-runs do not disturb each other's numbers; the overhead part times steps side by side.
+Results accumulate in benchmarks/results/train.json (a finished run is skipped on re-run;
+each run records the commit that produced it). The grid, N:M and soup parts run with one
+thread (OMP_NUM_THREADS=1); the overhead part times steps side by side. A run holds the
+benchmark lock (``benchmarks/_common.py``) while it trains, so it cannot disturb a timing run.
 
 Set-up (every run): SGD with momentum 0.9, lr 0.05 cosine, weight decay 1e-4, batch 64,
 1,500 steps (24 epochs of the 4,000 MNIST training digits); IMP trains 3 prune-rewind rounds
@@ -17,9 +18,7 @@ digits (mnist) / 1,000 test samples (mnist1d).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import statistics
 import sys
 import time
@@ -30,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsecraft.train.runner import TrainRecipe, run_training  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, bench_lock, git_commit, merge_json, read_json, save_figure, write_text  # noqa: E402
+
 OUT = RESULTS / "train.json"
 SEEDS = (0, 1, 2)
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
@@ -44,22 +44,12 @@ log = logging.getLogger("bench_train")
 
 
 def _load() -> dict:
-    return json.loads(OUT.read_text()) if OUT.exists() else {}
+    return read_json(OUT, {})
 
 
 def _store(results: dict) -> None:
     """Merge ``results`` into the file (several processes may run different parts at once)."""
-    import fcntl
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / ".train.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        merged = _load()
-        merged.update(results)
-        results.update(merged)
-        tmp = OUT.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
-        os.replace(tmp, OUT)
+    results.update(merge_json(OUT, results, sort_keys=True))
 
 
 def _run(results, key, recipe: TrainRecipe, **kwargs):
@@ -70,6 +60,7 @@ def _run(results, key, recipe: TrainRecipe, **kwargs):
     r.pop("model", None)
     r["wall_seconds"] = time.perf_counter() - t
     results[key] = {k: v for k, v in r.items() if k != "layer_sparsity"}
+    results[key]["git_commit"] = git_commit()
     _store(results)
     log.info("%s: acc %.4f sparsity %.4f (%.1fs)", key, r["test_accuracy"], r["sparsity"], r["wall_seconds"])
     return results[key]
@@ -161,7 +152,7 @@ def part_soup(results):
         })
         current = soup
     results["soup_v4"] = {"dense": base["test_accuracy"], "dense_loss": test_loss(base["model"]),
-                          "rounds": rounds_out}
+                          "rounds": rounds_out, "git_commit": git_commit()}
     _store(results)
 
 
@@ -303,7 +294,7 @@ def write_table(results) -> None:
         for name, o in over.items():
             lines.append(f"| {name} | {o['dense_ms']:.3f} | {o['static_ms']:.3f} | {100 * o['overhead']:+.1f}% |")
         lines.append("")
-    (RESULTS / "train.md").write_text("\n".join(lines) + "\n")
+    write_text(RESULTS / "train.md", "\n".join(lines) + "\n")
 
 
 def write_plot(results) -> None:
@@ -337,7 +328,7 @@ def write_plot(results) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "train.png", dpi=110)
+    save_figure(fig, RESULTS / "train.png")
 
 
 def main() -> None:
@@ -349,11 +340,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     results = _load()
     if not args.table:
-        for part in args.part or ("nm", "soup", "grid", "long", "overhead"):
-            if part == "grid":
-                part_grid(results, [tuple(x.split("/")) for x in args.setting] if args.setting else None)
-            else:
-                globals()[f"part_{part}"](results)
+        with bench_lock():
+            for part in args.part or ("nm", "soup", "grid", "long", "overhead"):
+                if part == "grid":
+                    part_grid(results, [tuple(x.split("/")) for x in args.setting] if args.setting else None)
+                else:
+                    globals()[f"part_{part}"](results)
     write_table(results)
     write_plot(results)
 

@@ -1,14 +1,31 @@
 """Assemble benchmarks/results/README.md from the per-benchmark tables.
 
 Each benchmark script writes its own ``results/<name>.md`` with the command that produced
-it; this script only concatenates them under headings, so no number is typed by hand.
+it; this script only concatenates them under headings, so no number is typed by hand. The
+recovery section keeps the markers between which ``recovery/make_report.py`` rewrites it.
 
     python benchmarks/make_readme.py
 """
 
+import argparse
+import importlib.util
+import json
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, write_text
+
+
+def _report_markers() -> tuple[str, str]:
+    """The markers of recovery/make_report.py (loaded by path: ``recovery`` is a common name)."""
+    spec = importlib.util.spec_from_file_location("_recovery_make_report",
+                                                  Path(__file__).parent / "recovery" / "make_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.BEGIN, module.END
+
+
+RECOVERY_BEGIN, RECOVERY_END = _report_markers()
+
 SECTIONS = [
     ("prune.md", "One-shot magnitude pruning: time and extra memory (issue: Foundation)"),
     ("formats.md", "Storage formats: file size and save/load time (issue: Foundation)"),
@@ -20,12 +37,37 @@ SECTIONS = [
 ]
 
 
+RUNNING = """## Running the benchmarks
+
+Each runs on the real models and takes minutes to hours; every script holds
+`benchmarks/results/.train.lock` while it measures, so two never share the CPU (`make -j` is safe).
+Each JSON result records the commit that produced it (`git_commit`).
+
+| command | script | writes |
+|---|---|---|
+| `make bench-prune` | `bench_prune.py` | `prune.json`, `prune.md` |
+| `make bench-formats` | `bench_formats.py` | `formats.json`, `formats.md` |
+| `make bench-oneshot` | `bench_oneshot.py` (resumable; `--only NAME`, `--fresh`) | `oneshot.json`, `oneshot.md`, `.png` |
+| `make bench-train` | `bench_train.py` (resumable; `--part`) | `train.json`, `train.md`, `.png` |
+| `make bench-shrink` | `bench_shrink.py` | `shrink.json`, `shrink.md`, `.png` |
+| `make bench-runtime` | `bench_runtime.py layers`, `model`, `model --threads 1` | `runtime_*.json`, `runtime.md`, `.png` |
+| `make bench-recovery` | `recovery/bench_*.py` with the trial counts below | `recovery_*.json`, `.png` |
+| `make bench-readme` | `make_readme.py`, `recovery/make_report.py` | this page, `recovery.md` |
+| `make bench` | all of the above, then `bench-readme` | |
+
+A script's own options: `.venv/bin/python benchmarks/SCRIPT.py --help`; most rewrite their table
+from the JSON alone with `--table`.
+"""
+
+
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     parts = [
         "# Benchmark results\n",
         "Every table below was written by the script named in it; this page is assembled by "
         "`python benchmarks/make_readme.py`. The machine is a shared 2-core CPU box, so the "
         "load average is recorded where times matter.\n",
+        RUNNING,
     ]
     for name, title in SECTIONS:
         path = RESULTS / name
@@ -35,15 +77,15 @@ def main() -> None:
         body = path.read_text().strip()
         if body.startswith("# "):  # drop the file's own title
             body = body.split("\n", 1)[1].strip()
+        if name == "recovery.md":
+            body = f"{RECOVERY_BEGIN}{body}\n{RECOVERY_END}".rstrip("\n")
         parts.append(f"## {title}\n\n{body}\n")
-    (RESULTS / "README.md").write_text("\n".join(parts))
+    write_text(RESULTS / "README.md", "\n".join(parts))
     _headline()
 
 
 def _headline() -> None:
     """The short table in the project README, between its results markers."""
-    import json
-
     readme = RESULTS.parent.parent / "README.md"
     text = readme.read_text()
     start, end = "<!-- results:start -->", "<!-- results:end -->"
@@ -79,7 +121,7 @@ def _headline() -> None:
     body = "\n".join(lines) + "\n" if lines else "Not run yet.\n"
     head, rest = text.split(start, 1)
     tail = rest.split(end, 1)[1]
-    readme.write_text(f"{head}{start}\n{body}{end}{tail}")
+    write_text(readme, f"{head}{start}\n{body}{end}{tail}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ for var, sub in (("HF_HOME", "hf"), ("MPLCONFIGDIR", "mpl"), ("SCIKIT_LEARN_DATA
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-import copy  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import sparsecraft as sc
-from sparsecraft import ConfigError, SparsecraftError
-from sparsecraft import calibrate
+from sparsecraft import ConfigError, SparsecraftError, calibrate
+
 from conftest import assert_unchanged, snapshot
 
 

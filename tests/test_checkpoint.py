@@ -1,10 +1,10 @@
-import os
 
 import pytest
 import torch
 
 import sparsecraft as sc
 from sparsecraft import FormatError
+
 from conftest import SmallCNN
 
 

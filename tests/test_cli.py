@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 import sparsecraft as sc
 from sparsecraft.cli import main

@@ -355,7 +355,7 @@ def test_flipped_byte_names_tensor(tmp_path):
     st, start = _layout(path)
     bad = tmp_path / "bad.safetensors"
     for name, entry in header["tensors"].items():
-        for comp, key in entry["components"].items():
+        for key in entry["components"].values():
             a, b = st[key]["data_offsets"]
             if b == a:
                 continue

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import sparsecraft as sc
-from sparsecraft import ConfigError, NM, TargetError
+from sparsecraft import NM, ConfigError, TargetError
+
 from conftest import assert_unchanged, snapshot
 
 

@@ -19,6 +19,7 @@ def test_lee_corpus_split_is_disjoint_and_real():
     assert any("Australia" in d for d in texts["calibration"])
 
 
+@pytest.mark.slow
 def test_smollm2_prune_save_reload_identical(tmp_path, smollm):
     model, tok = smollm
     assert type(model).__name__ == "LlamaForCausalLM"

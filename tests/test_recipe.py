@@ -98,7 +98,7 @@ def test_cli_run_bad_recipe_exit_2(tmp_path, capsys):
 
 
 def test_cli_prune_wrong_tokenizer_vocabulary(tmp_path, tiny_dir, capsys):
-    from transformers import LlamaConfig, LlamaForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     small = tmp_path / "small-vocab"
     LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

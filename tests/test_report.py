@@ -1,7 +1,5 @@
 import json
 
-import torch
-
 import sparsecraft as sc
 
 

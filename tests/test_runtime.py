@@ -18,7 +18,7 @@ from sparsecraft.runtime import activation as act
 from sparsecraft.runtime import extension
 from sparsecraft.runtime.kernels import KERNELS
 
-from conftest import TinyLM, assert_unchanged, snapshot
+from conftest import assert_unchanged, snapshot
 
 
 def _sparse_weight(shape, sparsity, seed=0):

@@ -12,6 +12,7 @@ import sparsecraft as sc
 from sparsecraft import ConfigError, SparsecraftError, TargetError
 from sparsecraft.structured import ShrinkConfig, ShrinkError, get_shapes, plan_shrink, shrink_, zero_units_
 from sparsecraft.structured.scores import select_units, unit_sums, wanda_map
+
 from conftest import SmallCNN, assert_unchanged, snapshot
 
 

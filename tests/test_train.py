@@ -11,8 +11,20 @@ import sparsecraft as sc
 from sparsecraft.errors import ConfigError, SparsecraftError
 from sparsecraft.patterns import NM, num_to_prune
 from sparsecraft.train import (
-    GMP, IMP, SET, SRSTE, CubicSchedule, DecayingNM, RigL, StateMismatch, StaticSparsity,
-    UpdateSchedule, average_models, drop_and_grow, sparse_soup, sr_ste,
+    GMP,
+    IMP,
+    SET,
+    SRSTE,
+    CubicSchedule,
+    DecayingNM,
+    RigL,
+    StateMismatch,
+    StaticSparsity,
+    UpdateSchedule,
+    average_models,
+    drop_and_grow,
+    sparse_soup,
+    sr_ste,
 )
 
 from conftest import assert_unchanged, snapshot
@@ -228,7 +240,7 @@ def test_srste_masks_are_valid_nm_after_training_and_finalize():
         assert NM(2, 4).is_valid(srste.masks[t.name])
         assert NM(2, 4).is_valid(t.module.weight != 0)  # the effective weight is N:M
     srste.finalize_()
-    for name, p in model.named_parameters():
+    for name, _ in model.named_parameters():
         assert "original" not in name
     assert NM(2, 4).is_valid(model[0].weight != 0) and NM(2, 4).is_valid(model[2].weight != 0)
     assert sc.get_meta(model)["0.weight"]["pattern"] == "2:4"

@@ -13,8 +13,9 @@ import argparse
 import numpy as np
 import torch
 
-import _bench as B
 import sparsecraft.recovery as R
+
+import _bench as B
 
 
 def main():

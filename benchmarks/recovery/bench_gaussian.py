@@ -15,8 +15,9 @@ import warnings
 import numpy as np
 import torch
 
-import _bench as B
 import sparsecraft.recovery as R
+
+import _bench as B
 
 
 def main():

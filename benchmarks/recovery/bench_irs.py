@@ -23,8 +23,9 @@ import multiprocessing
 import numpy as np
 import torch
 
-import _bench as B
 import sparsecraft.recovery as R
+
+import _bench as B
 
 PUBLISHED_20DB = {"pc_krosbl": 0.0029, "am_krosbl": 0.070, "svd_krosbl": 0.105, "classic_sbl": 0.144}
 

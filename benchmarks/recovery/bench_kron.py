@@ -18,8 +18,9 @@ import multiprocessing
 import numpy as np
 import torch
 
-import _bench as B
 import sparsecraft.recovery as R
+
+import _bench as B
 
 
 def problem(M1, K, snr, seed, M2=12, M3=15, n=15):
@@ -76,7 +77,7 @@ def one_trial(args):
     for name, fn in meths.items():
         (xh, it), dt = B.timed(fn)
         rows[name] = {"nmse_db": B.nmse_db(xh, x), "f1": B.support_f1(xh, x), "time": dt, "iters": it}
-    for name, r in rows.items():
+    for r in rows.values():
         r["gap_db"] = r["nmse_db"] - rows["oracle"]["nmse_db"]
     return rows
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from bench_kron import problem
+
+import sparsecraft.recovery as R
 
 import _bench as B
-import sparsecraft.recovery as R
-from bench_kron import problem
 
 
 def true_supports(x, n=15):

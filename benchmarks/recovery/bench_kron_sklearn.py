@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import warnings
 
-import numpy as np
+from bench_kron import problem
+
+import sparsecraft.recovery as R
 
 import _bench as B
-import sparsecraft.recovery as R
-from bench_kron import problem
 
 
 def main():

@@ -16,8 +16,9 @@ import argparse
 
 import numpy as np
 
-import _bench as B
 from sparsecraft.recovery import discovery as D
+
+import _bench as B
 
 
 def main():

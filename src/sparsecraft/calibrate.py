@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, SparsecraftError, TargetError
-from .patterns import NM, Unstructured, num_to_prune
+from .patterns import NM, Unstructured
 from .targets import Target, match_rule
 
 __all__ = ["find_blocks", "capture_block_inputs", "calibrated_prune", "check_calibration", "CALIBRATED_METHODS"]

@@ -11,7 +11,6 @@ import importlib
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 from .cli_args import number_arg, override_arg

@@ -97,7 +97,8 @@ def load(name_or_path: str, dtype=None):
                 f"'{name_or_path}' is neither a named model ({', '.join(NAMED_MODELS)}) "
                 f"nor an existing path"
             )
-        from .checkpoint import claims_checkpoint, load as load_checkpoint
+        from .checkpoint import claims_checkpoint
+        from .checkpoint import load as load_checkpoint
 
         if claims_checkpoint(path):  # loads as ours or raises; never a transformers fallback
             model = load_checkpoint(path)

@@ -54,13 +54,13 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 
 # The hot paths run in numpy on integer views of the bits: numpy is single-threaded, and on a
 # busy machine torch's intra-op threads made these element-wise passes several times slower.
-
 from sparsecraft.errors import ConfigError, FormatError
 from sparsecraft.formats.memory import check_memory
 
@@ -216,7 +216,7 @@ def _pack_indices(idx: np.ndarray, nbits: int) -> np.ndarray:
 
 
 def _unpack_indices(packed: torch.Tensor, count: int, nbits: int) -> np.ndarray:
-    planes = np.unpackbits(packed.reshape(-1).numpy(), count=count * nbits, bitorder="little")
+    planes: np.ndarray = np.unpackbits(packed.reshape(-1).numpy(), count=count * nbits, bitorder="little")
     planes = planes.reshape(count, nbits)
     idx = np.zeros(count, dtype=np.int64)
     for j in range(nbits):
@@ -290,7 +290,7 @@ def _nbytes_from_stats(st: TensorStats, encoding: str, nm: tuple[int, int] | Non
         col = index_dtype(max(cols - 1, 0)).itemsize
         return (rows + 1) * crow + nnz * (col + es) + negzero
     if encoding == "nm":
-        nn, m = nm
+        nn, m = cast(tuple[int, int], nm)  # callers pass nm with the "nm" encoding
         k = rows * (cols // m) * nn
         return k * es + (k * _index_bits(m) + 7) // 8 + negzero
     raise AssertionError(encoding)
@@ -630,7 +630,7 @@ def choose_encoding(t: torch.Tensor, nm_hint: tuple[int, int] | None = None) -> 
 
 def _choose(t: torch.Tensor, st: TensorStats, nm_hint) -> tuple[str, dict]:
     pairs = [_check_nm(nm_hint)] if nm_hint is not None else list(COMMON_NM)
-    candidates = [("dense", {})] + [("nm", {"nm": p}) for p in pairs] + [("bitmask", {}), ("csr", {})]
+    candidates: list[tuple[str, dict]] = [("dense", {})] + [("nm", {"nm": p}) for p in pairs] + [("bitmask", {}), ("csr", {})]
     # Smallest first, ties in candidate order; the size formulas are cheap, so only the N:M
     # candidates that would win get the (costlier) applicability scan.
     ranked = sorted(range(len(candidates)),

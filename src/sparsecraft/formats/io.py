@@ -481,7 +481,7 @@ def read_tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict]:
         tensors: dict[str, torch.Tensor] = {}
         for name, entry in entries.items():
             comps = {}
-            for comp, (key, dtype, shape, a, b) in spans[name].items():
+            for comp, (_key, dtype, shape, a, b) in spans[name].items():
                 try:
                     comps[comp] = _read_component(f, dtype, shape, a, b)
                 except EOFError:

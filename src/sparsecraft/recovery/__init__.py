@@ -4,18 +4,16 @@ Functional solvers (torch on the inputs' device; numpy in, numpy out) return a
 :class:`RecoveryResult`; estimator classes wrap them with ``fit`` / ``predict`` / ``coef_``.
 """
 
-from ._common import DivergenceError, RecoveryError, RecoveryResult
-from .message_passing import amp, amp_step
-from .convex import cv_lambda, fista, lambda_max, soft_threshold, universal_lambda
-from .greedy import kron_omp, omp
-from .operators import (DenseOperator, KroneckerOperator, LinearOperator, PartialDFTOperator,
-                        as_operator, kron_apply)
 from . import discovery
+from ._common import DivergenceError, RecoveryError, RecoveryResult
+from .convex import cv_lambda, fista, lambda_max, soft_threshold, universal_lambda
 from .discovery import lorenz63, polynomial_library, sbl_threshold, stlsq
-from .estimators import (AMP, OMP, SBL, BlockSBL, EquationDiscovery, KroneckerOMP, KroSBL, Lasso,
-                         PatternCoupledSBL)
-from .sparse_bayes import block_sbl, pc_sbl, sbl, sbl_posterior
+from .estimators import AMP, OMP, SBL, BlockSBL, EquationDiscovery, KroneckerOMP, KroSBL, Lasso, PatternCoupledSBL
+from .greedy import kron_omp, omp
 from .kronecker_sbl import am_mstep, kron_posterior, krosbl, rank_one_fit
+from .message_passing import amp, amp_step
+from .operators import DenseOperator, KroneckerOperator, LinearOperator, PartialDFTOperator, as_operator, kron_apply
+from .sparse_bayes import block_sbl, pc_sbl, sbl, sbl_posterior
 
 __all__ = [
     "AMP", "BlockSBL", "EquationDiscovery", "KroSBL", "KroneckerOMP", "Lasso", "OMP",

@@ -7,8 +7,7 @@ import math
 import numpy as np
 import torch
 
-from ._common import (RecoveryError, RecoveryResult, check_int, check_positive, finish, logger,
-                      run_batched, support_of)
+from ._common import RecoveryError, RecoveryResult, check_int, check_positive, finish, logger, run_batched, support_of
 from .operators import DenseOperator, LinearOperator, prepare
 
 
@@ -35,7 +34,7 @@ def fista_path(op: LinearOperator, y: torch.Tensor, lam: float, *, x0=None, lips
     t = 1.0
     converged = False
     it = 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 (the count is read after the loop)
         grad = op.rmatvec(op.matvec(z) - y)
         x_new = soft_threshold(z - step * grad, lam * step)
         dx = x_new - x

@@ -11,14 +11,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import discovery
 from ._common import RecoveryError, RecoveryResult
-from .message_passing import amp
 from .convex import fista
 from .greedy import kron_omp, omp
 from .kronecker_sbl import krosbl
+from .message_passing import amp
 from .operators import KroneckerOperator, as_operator
 from .sparse_bayes import block_sbl, pc_sbl, sbl
-from . import discovery
 
 
 class _Recovery:

@@ -7,8 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ._common import (RecoveryError, RecoveryResult, check_int, check_positive, finish, logger,
-                      run_batched)
+from ._common import RecoveryError, RecoveryResult, check_int, check_positive, finish, logger, run_batched
 from .operators import KroneckerOperator, kron_apply, prepare
 
 

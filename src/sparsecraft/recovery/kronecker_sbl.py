@@ -37,8 +37,18 @@ from typing import Sequence
 
 import torch
 
-from ._common import (DivergenceError, RecoveryError, RecoveryResult, check_int, check_positive, finish,
-                      logger, noise_floor, real_dtype, run_batched)
+from ._common import (
+    DivergenceError,
+    RecoveryError,
+    RecoveryResult,
+    check_int,
+    check_positive,
+    finish,
+    logger,
+    noise_floor,
+    real_dtype,
+    run_batched,
+)
 from .operators import KroneckerOperator, kron_apply, prepare
 from .sparse_bayes import em_noise_update
 

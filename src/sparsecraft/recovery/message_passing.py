@@ -13,8 +13,17 @@ import math
 
 import torch
 
-from ._common import (DivergenceError, RecoveryError, RecoveryResult, check_int, check_positive,
-                      finish, logger, run_batched, support_of)
+from ._common import (
+    DivergenceError,
+    RecoveryError,
+    RecoveryResult,
+    check_int,
+    check_positive,
+    finish,
+    logger,
+    run_batched,
+    support_of,
+)
 from .convex import soft_threshold
 from .operators import prepare
 

@@ -27,8 +27,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ._common import (RecoveryError, RecoveryResult, check_int, check_positive, finish, logger,
-                      noise_floor, real_dtype, run_batched)
+from ._common import (
+    RecoveryError,
+    RecoveryResult,
+    check_int,
+    check_positive,
+    finish,
+    logger,
+    noise_floor,
+    real_dtype,
+    run_batched,
+)
 from .operators import prepare
 
 
@@ -195,7 +204,7 @@ def _sbl_loop(A: torch.Tensor, y: torch.Tensor, update: Callable, *, noise_var, 
     converged = False
     it = 0
     post = None
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 (the count is read after the loop)
         g_a = gamma[idx]
         post = sbl_posterior(At_w.mT, g_a, s2, y)
         if record_cost:
@@ -357,7 +366,6 @@ def block_sbl(A, y, blocks, *, noise_var: float | None = None, max_iter: int = 1
     Ad = op.to_dense()
     lab = _block_labels(Ad.shape[1], blocks).to(Ad.device)
     nb = int(lab.max()) + 1
-    counts = torch.bincount(lab, minlength=nb).to(real_dtype(Ad.dtype))
 
     def update(target, gamma, active):
         # Inactive entries contribute 0 to their block's mean, as in the exact EM on the block.

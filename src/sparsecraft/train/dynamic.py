@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..allocation import check_sparsity
-from ..criteria import get_criterion, LayerContext
+from ..criteria import LayerContext, get_criterion
 from ..errors import ConfigError, SparsecraftError
 from ..patterns import Unstructured
 from ..targets import TargetSpec

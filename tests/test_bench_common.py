@@ -1,0 +1,83 @@
+"""benchmarks/_common.py: the lock, one process per configuration, stamped atomic writes."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import make_readme  # noqa: E402
+
+import _common  # noqa: E402
+
+
+def _python(code: str, lock: Path) -> list[str]:
+    return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(BENCH)!r}); from pathlib import Path\n"
+            + textwrap.dedent(code).replace("LOCKPATH", f"Path({str(lock)!r})")]
+
+
+def test_lock_held_by_an_ancestor_does_not_wait_but_another_holder_does(tmp_path):
+    lock = tmp_path / ".train.lock"
+    take = """
+        import time, _common
+        with _common.bench_lock(LOCKPATH):
+            print(time.time(), flush=True)
+    """
+    # under `flock`-like holding by the parent: the child must not wait for itself
+    nested = _python("""
+        import subprocess, sys, _common
+        with _common.bench_lock(LOCKPATH):
+            sys.exit(subprocess.run([sys.executable, "-c", sys.argv[1]]).returncode)
+    """, lock) + [_python(take, lock)[2]]
+    assert subprocess.run(nested, timeout=60).returncode == 0
+    # a sibling holds it for 2 s: we wait for it
+    holder = subprocess.Popen(_python("""
+        import fcntl, time
+        f = open(LOCKPATH, "a"); fcntl.flock(f, fcntl.LOCK_EX); print("held", flush=True); time.sleep(2)
+    """, lock), stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    start = time.time()
+    got = float(subprocess.run(_python(take, lock), capture_output=True, text=True, timeout=60).stdout)
+    holder.wait(timeout=60)
+    assert got - start > 1.0
+
+
+def test_run_config_returns_the_child_result_or_says_why_not(tmp_path):
+    child = tmp_path / "child.py"
+    child.write_text(f"import sys; sys.path.insert(0, {str(BENCH)!r}); import _common, os\n"
+                     "if sys.argv[1] == 'ok':\n"
+                     "    print('noise'); _common.emit_result({'x': int(sys.argv[2]), 'env': os.environ['FOO']})\n"
+                     "else:\n"
+                     "    sys.exit('broken ' + sys.argv[2])\n")
+    assert _common.run_config(child, ["ok", "3"], env={"FOO": "bar"}) == {"x": 3, "env": "bar"}
+    with pytest.raises(_common.ChildFailed, match="broken 7"):
+        _common.run_config(child, ["fail", "7"])
+
+
+def test_json_results_are_stamped_and_written_whole(tmp_path):
+    out = tmp_path / "sub" / "r.json"
+    _common.write_json(out, {"a": 1})
+    assert json.loads(out.read_text()) == {"a": 1, "git_commit": _common.git_commit()}
+    assert _common.git_commit() != ""
+    merged = _common.merge_json(out, {"b": 2})
+    assert merged["a"] == 1 and merged["b"] == 2 and json.loads(out.read_text()) == merged
+    assert sorted(p.name for p in out.parent.iterdir()) == [".r.json.lock", "r.json"]  # no temporary left
+
+
+def test_make_readme_keeps_the_markers_make_report_writes_between(tmp_path, monkeypatch):
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (tmp_path / "README.md").write_text("# project\n")
+    (results / "recovery.md").write_text("# Sparse recovery\n\nTable.\n")
+    monkeypatch.setattr(make_readme, "RESULTS", results)
+    monkeypatch.setattr(sys, "argv", ["make_readme.py"])
+    make_readme.main()
+    text = (results / "README.md").read_text()
+    begin, end = make_readme.RECOVERY_BEGIN, make_readme.RECOVERY_END
+    assert begin in text and end in text and text.index(begin) < text.index("Table.") < text.index(end)
