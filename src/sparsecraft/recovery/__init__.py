@@ -14,7 +14,7 @@ from . import discovery
 from .discovery import lorenz63, polynomial_library, sbl_threshold, stlsq
 from .estimators import (AMP, OMP, SBL, BlockSBL, EquationDiscovery, KroneckerOMP, KroSBL, Lasso,
                          PatternCoupledSBL)
-from .sparse_bayes import block_sbl, pc_sbl, sbl, sbl_posterior
+from .sbl_em import block_sbl, pc_sbl, sbl, sbl_posterior
 from .kronecker_sbl import am_mstep, kron_posterior, krosbl, rank_one_fit
 
 __all__ = [

@@ -23,7 +23,7 @@ import torch
 
 from ._common import RecoveryError, check_int, check_memory, check_positive, output, to_tensor
 from .convex import fista
-from .sparse_bayes import sbl
+from .sbl_em import sbl
 
 
 def _state(X, name="X"):
@@ -170,9 +170,7 @@ def sbl_threshold(Theta, dXdt, threshold: float = 0.1, *, max_iter: int = 500, t
             if idx.numel() == 0:
                 break
             # Pruning only what is numerically gone (1e-6): polynomial terms are strongly
-            # collinear, and at sbl's default (1e-3) EM dropped true terms in its first
-            # iterations (measured on Lorenz-63 at 0.1% noise: 28 x and -y of dy/dt lost in 2 of 6
-            # trajectories).
+            # collinear, and at sbl's default (1e-3) EM drops true terms early.
             res = sbl(Th[:, idx] / scale[idx], D[:, j], max_iter=max_iter, tol=tol, update="em", prune=1e-6)
             coef = torch.zeros(P, dtype=Th.dtype, device=Th.device)
             coef[idx] = res.x / scale[idx]
