@@ -23,11 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sparsecraft as sc
-from sparsecraft import FormatError
-from sparsecraft import models
-from sparsecraft.formats import io as fio
-from sparsecraft.formats import decode, describe, read_tensors
+from sparsecraft import FormatError, models
 from sparsecraft.checkpoint import describe as describe_checkpoint
+from sparsecraft.formats import decode, describe, read_tensors
+from sparsecraft.formats import io as fio
+
 from conftest import SmallCNN
 
 

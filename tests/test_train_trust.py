@@ -341,7 +341,8 @@ def test_rigl_with_the_optimizer_as_third_argument_says_how_to_pass_it():
 def test_methods_come_from_the_registry():
     import inspect
 
-    from sparsecraft.train import loop, recipe as recipe_module, registry, runner
+    from sparsecraft.train import loop, registry, runner
+    from sparsecraft.train import recipe as recipe_module
 
     assert set(METHODS) == {"dense", "static", "snip", "gmp", "imp", "set", "rigl", "srste", "decaying-nm"}
     assert METHODS == registry.method_names()

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from sparsecraft.recovery import sparse_bayes as sb
+from sparsecraft.recovery import sbl_fast as sb
 
 
 def _problem(M, N, seed, complex_):

@@ -230,3 +230,201 @@ def test_existing_results_are_kept_without_overwrite(gaussian, tmp_path, capsys)
     assert (out / "x.npy").read_bytes() == b"keep" and not (out / "result.json").exists()
     assert _run([*argv, "--overwrite"]) == 0
     assert np.load(out / "x.npy").shape == (256,)
+
+
+# ---------------------------------------------------------------- sizes from files (issue 12, defect 3)
+def _npy_claiming(path, shape, dtype="<f8", payload=b"\0" * 64):
+    """A .npy file whose header announces ``shape`` but which holds only ``payload``."""
+    from numpy.lib import format as npformat
+
+    with open(path, "wb") as fh:
+        npformat.write_array_header_1_0(fh, {"descr": dtype, "fortran_order": False, "shape": shape})
+        fh.write(payload)
+    return str(path)
+
+
+def _npz_claiming(path, shape, compress):
+    import io
+    import zipfile
+
+    from numpy.lib import format as npformat
+
+    buf = io.BytesIO()
+    npformat.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    buf.write(b"\0" * 64)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as zf:
+        zf.writestr("A.npy", buf.getvalue())
+    return str(path)
+
+
+def _refused(argv, capsys, out, *words):
+    assert _run([*argv, "--out", str(out)]) == 2, argv
+    message = _one_line_error(capsys)
+    for word in words:
+        assert word in message, (word, message)
+    assert not out.exists()
+    return message
+
+
+def test_npy_header_cannot_claim_more_than_the_file_holds(gaussian, tmp_path, capsys):
+    paths, _, _ = gaussian
+    y = str(paths["y"])
+    huge = _npy_claiming(tmp_path / "A.npy", (64, 10**12))  # 512 TB announced, 64 bytes held
+    message = _refused(["recover", "--y", y, "--A", huge, "--method", "omp"], capsys, tmp_path / "o",
+                       "--A", "(64, 1000000000000)", "float64", "holds only 64 bytes")
+    assert "TiB" in message
+    for compress in (False, True):
+        npz = _npz_claiming(tmp_path / f"A{compress}.npz", (64, 10**12), compress)
+        _refused(["recover", "--y", y, "--A", npz, "--method", "omp"], capsys, tmp_path / "o", "--A", "header")
+    # a header that fits the file but not the memory: the same refusal, with both amounts
+    import sparsecraft.recovery._common as common
+
+    small = _npy_claiming(tmp_path / "A8.npy", (8,), payload=b"\0" * 64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "available_memory", lambda: 32)
+        _refused(["recover", "--y", small, "--A", str(paths["A"]), "--method", "omp"], capsys,
+                 tmp_path / "o", "--y", "64 B of memory", "only 32 B is available")
+
+
+def test_npz_with_two_arrays_is_refused_before_loading_them(gaussian, tmp_path, capsys):
+    paths, _, _ = gaussian
+    np.savez(tmp_path / "two.npz", a=np.zeros(3), b=np.zeros(3))
+    _refused(["recover", "--y", str(tmp_path / "two.npz"), "--A", str(paths["A"]), "--method", "omp"], capsys,
+             tmp_path / "o", "exactly one array, found 2")
+
+
+def test_recover_factors_refuses_a_kronecker_size_beyond_memory(tmp_path, capsys):
+    # N = 20000^3 = 8e12 unknowns: KroSBL's length-N vectors alone would be tens of TiB
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        np.save(tmp_path / f"F{i}.npy", rng.standard_normal((2, 20000)))
+    np.save(tmp_path / "y.npy", rng.standard_normal(8))
+    factors = [str(tmp_path / f"F{i}.npy") for i in range(3)]
+    for method in ("krosbl", "kron_omp", "omp", "sbl"):
+        message = _refused(["recover", "--y", str(tmp_path / "y.npy"), "--factors", *factors, "--method", method],
+                           capsys, tmp_path / "o", f"--method {method}", "N = 8000000000000", "would need about",
+                           "is available")
+        assert "TiB" in message or "PiB" in message
+
+
+def test_recover_dense_sbl_on_factors_counts_the_densified_matrix(tmp_path, capsys, monkeypatch):
+    import sparsecraft.recovery._common as common
+
+    factors, _ = _kron_problem(tmp_path, False)  # M = 336, N = 1000: 2.7 MB per dense copy
+    monkeypatch.setattr(common, "available_memory", lambda: 4 * 2**20)
+    argv = ["recover", "--y", str(tmp_path / "yk.npy"), "--factors", *factors]
+    _refused([*argv, "--method", "sbl"], capsys, tmp_path / "o", "--method sbl", "M = 336", "N = 1000",
+             "dense M x N", "4.0 MiB is available")
+    # the matrix-free methods fit
+    assert _run([*argv, "--method", "kron_omp", "--k", "2", "2", "2", "--out", str(tmp_path / "k")]) == 0
+
+
+def test_discover_refuses_a_library_beyond_memory(tmp_path, capsys):
+    np.save(tmp_path / "X.npy", np.random.default_rng(0).standard_normal((10, 3)))
+    # C(3 + 5000, 3) ~ 2.1e10 terms x 10 samples
+    message = _refused(["discover", "--data", str(tmp_path / "X.npy"), "--dt", "0.1", "--degree", "5000"],
+                       capsys, tmp_path / "o", "--degree 5000", "3 states", "10 samples",
+                       "20858342501 terms", "would need about")
+    assert "is available" in message
+
+
+def test_polynomial_library_checks_its_size_first():
+    X = np.zeros((10, 3))
+    with pytest.raises(R.RecoveryError, match="polynomial library of 3 states .* would need about"):
+        D.polynomial_library(X, 5000)
+    assert D.library_size(3, 2) == 10 == D.polynomial_library(X, 2)[0].shape[1]
+
+
+# ---------------------------------------------------------------- --out and the bad-input table
+def test_out_with_a_missing_parent_is_an_error_and_creates_nothing(gaussian, tmp_path, capsys):
+    paths, _, _ = gaussian
+    out = tmp_path / "a" / "b" / "c"
+    for argv in (["recover", "--y", str(paths["y"]), "--A", str(paths["A"]), "--method", "omp", "--k", "8"],
+                 ["discover", "--data", str(tmp_path / "X.npy"), "--dt", "0.1"]):
+        np.save(tmp_path / "X.npy", np.random.default_rng(0).standard_normal((50, 2)))
+        assert _run([*argv, "--out", str(out)]) == 2
+        message = _one_line_error(capsys)
+        assert "does not exist" in message and str(tmp_path / "a" / "b") in message
+        assert not (tmp_path / "a").exists()
+    # only the last folder is created
+    assert _run(["recover", "--y", str(paths["y"]), "--A", str(paths["A"]), "--method", "omp", "--k", "8",
+                 "--out", str(tmp_path / "last")]) == 0
+    assert (tmp_path / "last" / "x.npy").is_file()
+
+
+def _more_bad_inputs(tmp_path, paths):
+    """The rest of the bad-input table: every check of both commands."""
+    y, A = str(paths["y"]), str(paths["A"])
+    (tmp_path / "text.txt").write_text("1,2\n")
+    (tmp_path / "letters.csv").write_text("a,b\nc,d\n")
+    (tmp_path / "ragged.csv").write_text("1,2\n3\n")
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    (tmp_path / "junk.npz").write_bytes(b"PK not a zip")
+    (tmp_path / "afile").write_text("x")
+    np.save(tmp_path / "strings.npy", np.array(["a", "b"]))
+    np.save(tmp_path / "cplx.npy", np.ones((10, 3), dtype=complex))
+    np.save(tmp_path / "X3.npy", np.random.default_rng(0).standard_normal((10, 3)))
+    np.save(tmp_path / "X2rows.npy", np.ones((2, 3)))
+    np.save(tmp_path / "cube.npy", np.ones((2, 2, 2)))
+    np.savetxt(tmp_path / "badhead.csv", np.ones((10, 2)), delimiter=",", header="u,u", comments="")
+    X3 = str(tmp_path / "X3.npy")
+    rec = ["recover", "--y", y, "--A", A]
+    return [
+        ([*rec, "--method", "omp", "--out", str(tmp_path / "afile")], ["not a folder"]),
+        (["recover", "--y", str(tmp_path / "text.txt"), "--A", A, "--method", "omp"], [".npy, .npz or .csv"]),
+        (["recover", "--y", str(tmp_path / "letters.csv"), "--A", A, "--method", "omp"], ["--y", "cannot be read"]),
+        (["recover", "--y", str(tmp_path / "ragged.csv"), "--A", A, "--method", "omp"], ["--y", "cannot be read"]),
+        (["recover", "--y", str(tmp_path / "empty.csv"), "--A", A, "--method", "omp"], ["--y", "empty"]),
+        (["recover", "--y", str(tmp_path / "junk.npy"), "--A", A, "--method", "omp"], ["--y", "cannot be read"]),
+        (["recover", "--y", str(tmp_path / "junk.npz"), "--A", A, "--method", "omp"], ["--y", "cannot be read"]),
+        (["recover", "--y", str(tmp_path / "strings.npy"), "--A", A, "--method", "omp"], ["--y", "not numbers"]),
+        (["recover", "--y", str(tmp_path / "cube.npy"), "--A", A, "--method", "omp"], ["--y", "dimensions"]),
+        (["recover", "--y", y, "--A", y, "--method", "omp"], ["--A", "dimensions"]),
+        ([*rec, "--method", "block_sbl"], ["--blocks"]),
+        ([*rec, "--method", "fista", "--lam", "universal"], ["--lam universal", "--noise-var"]),
+        ([*rec, "--method", "fista", "--lam", "-1"], ["lam"]),
+        ([*rec, "--method", "omp", "--k", "300"], ["--k 300", "min(M, N)"]),
+        ([*rec, "--method", "omp", "--k", "3", "4"], ["--k", "one sparsity"]),
+        ([*rec, "--method", "omp", "--device", "nonsense"], ["--device"]),
+        ([*rec, "--method", "nonsense"], ["--method"]),
+        ([*rec, "--method", "sbl", "--prune", "1"], ["prune"]),
+        ([*rec, "--method", "sbl", "--noise-var", "-1"], ["noise variance"]),
+        (["recover", "--y", y, "--factors", A, "--method", "kron_omp"], ["--factors", "at least 2"]),
+        (["recover", "--y", y, "--factors", A, A, "--method", "kron_omp", "--k", "2"], ["--k", "one sparsity per factor"]),
+        (["recover", "--y", y, "--factors", A, A, "--method", "krosbl", "--krosbl-method", "svd", "--coupling", "1"],
+         ["--coupling", "--krosbl-method am"]),
+        (["recover", "--y", y, "--factors", A, A, "--method", "krosbl", "--coupling", "1", "2", "3"], ["--coupling"]),
+        (["recover", "--y", y, "--method", "omp"], ["--A", "--factors"]),
+        (["discover", "--data", str(tmp_path / "cplx.npy"), "--dt", "0.1"], ["--data", "complex"]),
+        (["discover", "--data", str(tmp_path / "cube.npy"), "--dt", "0.1"], ["--data", "dimensions"]),
+        (["discover", "--data", X3, "--dt", "0"], ["dt"]),
+        (["discover", "--data", X3, "--dt", "0.1", "--window", "4"], ["--window", "odd"]),
+        (["discover", "--data", X3, "--dt", "0.1", "--window", "21"], ["--data has 10 samples", "21"]),
+        (["discover", "--data", X3, "--derivatives", X3, "--window", "5"], ["--window", "--derivatives"]),
+        (["discover", "--data", str(tmp_path / "X2rows.npy"), "--dt", "0.1"], ["2 samples"]),
+        (["discover", "--data", X3, "--dt", "0.1", "--names", "a,a,b"], ["names", "distinct"]),
+        (["discover", "--data", str(tmp_path / "badhead.csv"), "--dt", "0.1"], ["header", "--names"]),
+        (["discover", "--data", X3, "--dt", "0.1", "--method", "nonsense"], ["--method"]),
+        (["discover", "--data", X3, "--dt", "0.1", "--degree", "0"], ["degree"]),
+        (["discover", "--data", str(tmp_path / "missing.npy"), "--dt", "0.1"], ["--data", "no such file"]),
+    ]
+
+
+def test_every_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, gaussian, capsys):
+    paths, _, _ = gaussian
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cases = _more_bad_inputs(tmp_path, paths)
+    made = sorted(p.name for p in tmp_path.iterdir())
+    for argv, words in cases:
+        out = tmp_path / "never"
+        if "--out" not in argv:
+            argv = [*argv, "--out", str(out)]
+        assert _run(argv) == 2, argv
+        message = _one_line_error(capsys)
+        assert message.startswith(f"sparsecraft {argv[0]}: error: "), message
+        for word in words:
+            assert word in message, (word, message)
+        assert not out.exists(), argv
+        assert sorted(p.name for p in tmp_path.iterdir()) == made, argv
+    assert set(before) <= set(made)

@@ -4,7 +4,7 @@ import torch
 
 import sparsecraft.recovery as R
 from sparsecraft.errors import SparsecraftError
-from sparsecraft.recovery.sparse_bayes import sbl_posterior
+from sparsecraft.recovery.sbl_em import sbl_posterior
 
 
 def gaussian_problem(M=64, N=256, K=8, seed=0, complex_=False, noise=0.0):

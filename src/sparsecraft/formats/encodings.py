@@ -408,7 +408,7 @@ def _all_distinct(flat: np.ndarray, numel: int) -> bool:
 
 def _check_shape(shape) -> tuple[int, ...]:
     if not isinstance(shape, (list, tuple)) or not all(
-        isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in shape
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) and int(s) >= 0 for s in shape
     ):
         raise FormatError(f"shape {shape!r} must be a list of non-negative ints")
     return tuple(int(s) for s in shape)

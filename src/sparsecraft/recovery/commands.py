@@ -177,7 +177,10 @@ def _flag(dest: str) -> str:
 def _load(text: str, flag: str, *, real: bool = False, vector: bool = False):
     """The array in file ``text`` (.npy, .npz with one array, .csv) and the CSV header (or None).
 
-    ``vector``: a CSV file with one column is read as a 1-D array.
+    ``vector``: a CSV file with one column is read as a 1-D array. Nothing is allocated from
+    what a file claims before it is checked: a .npy/.npz header's shape and dtype must fit in
+    the bytes the file holds and in the available memory (:func:`_array_header`); a CSV file
+    gives at most one number per two bytes, so its size bounds the matrix built from it.
     """
     import zipfile
     from pathlib import Path
@@ -185,6 +188,7 @@ def _load(text: str, flag: str, *, real: bool = False, vector: bool = False):
     import numpy as np
 
     from ..errors import FormatError
+    from ._common import check_memory
 
     path = Path(text)
     what = f"{flag} '{text}'"
@@ -193,23 +197,34 @@ def _load(text: str, flag: str, *, real: bool = False, vector: bool = False):
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".npz", ".csv"):
         raise FormatError(f"{what}: expected a .npy, .npz or .csv file")
-    header, arrays = None, []
+    header = None
     try:
         if suffix == ".csv":
+            # float64 values of at most one number per two bytes ("0,"), and loadtxt's copy
+            check_memory(8 * path.stat().st_size, what, FormatError)
             arr, header = _read_csv(path)
             if vector and arr.shape[1] == 1:
                 arr = arr[:, 0]
-            arrays = [arr]
-        else:
+        elif suffix == ".npy":
             with open(path, "rb") as fh:
-                obj = np.load(fh, allow_pickle=False)
-                is_npz = isinstance(obj, np.lib.npyio.NpzFile)
-                arrays = [obj[name] for name in obj.files] if is_npz else [obj]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+                _array_header(fh, path.stat().st_size, what)
+                fh.seek(0)
+                arr = np.load(fh, allow_pickle=False)
+        else:
+            with zipfile.ZipFile(path) as zf:
+                members = zf.infolist()
+                if len(members) != 1:
+                    raise FormatError(f"{what}: an .npz input must hold exactly one array, found {len(members)}")
+                info = members[0]
+                with zf.open(info) as member:
+                    _array_header(member, info.file_size, what, stored=info)
+            with np.load(path, allow_pickle=False) as npz:
+                arr = npz[npz.files[0]]
+    except FormatError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
         raise FormatError(f"{what}: cannot be read: {' '.join(str(exc).split())}") from None
-    if len(arrays) != 1:
-        raise FormatError(f"{what}: an .npz input must hold exactly one array, found {len(arrays)}")
-    arr = np.asarray(arrays[0])
+    arr = np.asarray(arr)
     if arr.dtype.kind not in "biufc":
         raise FormatError(f"{what}: holds {arr.dtype} values, not numbers")
     if arr.size == 0:
@@ -221,8 +236,53 @@ def _load(text: str, flag: str, *, real: bool = False, vector: bool = False):
     return arr, header
 
 
+# The most a deflate stream expands (zlib's limit is 1032:1); numpy's savez_compressed deflates.
+_DEFLATE_RATIO = 1032
+
+
+def _array_header(fh, size: int, what: str, stored=None):
+    """Read and check the .npy header at the start of ``fh`` (``size`` bytes in all): numbers
+    only, and the array it announces must fit in the bytes after the header and in memory.
+
+    ``stored``: the ``ZipInfo`` of an .npz member, whose compressed size also bounds the data.
+    Returns ``(shape, dtype)``; leaves ``fh`` after the header.
+    """
+    import math
+    import zipfile
+
+    from numpy.lib import format as npformat
+
+    from ..errors import FormatError
+    from ._common import check_memory, format_bytes
+
+    version = npformat.read_magic(fh)
+    if version == (1, 0):
+        shape, _, dtype = npformat.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, _, dtype = npformat.read_array_header_2_0(fh)
+    else:
+        raise FormatError(f"{what}: .npy format version {version[0]}.{version[1]} is not supported (1.0 or 2.0)")
+    if dtype.hasobject or dtype.kind not in "biufc":
+        raise FormatError(f"{what}: holds {dtype} values, not numbers")
+    if any(n < 0 for n in shape):
+        raise FormatError(f"{what}: its header gives a negative dimension in shape {shape}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    claim = f"its header announces shape {tuple(shape)} of {dtype} ({format_bytes(nbytes)})"
+    held = size - fh.tell()
+    if nbytes > held:
+        raise FormatError(f"{what}: {claim}, but the file holds only {held} bytes after the header")
+    if stored is not None:
+        bound = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: _DEFLATE_RATIO}.get(stored.compress_type)
+        if bound is not None and nbytes > bound * stored.compress_size + 1024:
+            raise FormatError(f"{what}: {claim}, more than its {stored.compress_size} compressed bytes can hold")
+    check_memory(nbytes, f"{what}: {claim}, which", FormatError)
+    return shape, dtype
+
+
 def _read_csv(path):
     """Comma-separated numbers, one row per line; a non-numeric first line is a header."""
+    import warnings
+
     import numpy as np
 
     with open(path, encoding="utf-8") as fh:
@@ -232,7 +292,10 @@ def _read_csv(path):
         [float(v) for v in first.split(",")]
     except ValueError:
         header = [h.strip() for h in first.split(",")]
-    arr = np.loadtxt(path, delimiter=",", skiprows=0 if header is None else 1, ndmin=2, dtype=np.float64)
+    with warnings.catch_warnings():
+        # a file without data rows is reported as empty by the caller, not as a warning
+        warnings.simplefilter("ignore", UserWarning)
+        arr = np.loadtxt(path, delimiter=",", skiprows=0 if header is None else 1, ndmin=2, dtype=np.float64)
     return arr, header
 
 
@@ -245,13 +308,26 @@ def _ndim(arr, flag: str, allowed: tuple[int, ...]):
 
 
 def _check_out(text: str, names: tuple[str, ...], overwrite: bool):
+    """``--out`` as a Path, checked before any work: a folder or a new name in an existing,
+    writable folder (only the last folder is ever created), without ``names`` unless
+    ``overwrite``."""
+    import os
     from pathlib import Path
 
     from ..errors import SparsecraftError
 
     out = Path(text)
-    if out.exists() and not out.is_dir():
-        raise SparsecraftError(f"--out '{text}' exists and is not a folder")
+    if out.exists():
+        if not out.is_dir():
+            raise SparsecraftError(f"--out '{text}' exists and is not a folder")
+        folder = out
+    else:
+        folder = out.parent
+        if not folder.is_dir():
+            raise SparsecraftError(f"--out '{text}': the folder '{folder}' it would go into does not exist "
+                                   f"(only the last folder of --out is created)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SparsecraftError(f"--out '{text}': the folder '{folder}' is not writable")
     for name in names:
         if (out / name).exists() and not overwrite:
             raise SparsecraftError(f"'{out / name}' exists; pass --overwrite to replace it")
@@ -259,12 +335,20 @@ def _check_out(text: str, names: tuple[str, ...], overwrite: bool):
 
 
 def _write(out, files: dict) -> None:
-    """Create ``out`` and write ``{name: bytes}`` there, each file atomically, in order."""
+    """Create ``out`` (not its parents) and write ``{name: bytes}`` there, each file atomically,
+    in order. A failure is a :class:`FormatError`; a folder created here is removed if still empty."""
+    from ..errors import FormatError
     from ..formats.io import atomic_write
 
-    out.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        atomic_write(out / name, lambda tmp, data=data: tmp.write_bytes(data))
+    created = not out.exists()
+    try:
+        out.mkdir(exist_ok=True)
+        for name, data in files.items():
+            atomic_write(out / name, lambda tmp, data=data: tmp.write_bytes(data))
+    except OSError as exc:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise FormatError(f"cannot write to --out '{out}': {' '.join(str(exc).split())}") from None
 
 
 def _json(value) -> bytes:
@@ -390,13 +474,38 @@ def _read_problem(args):
     return y, operator, N, x_true
 
 
-def _check_sizes(args, M: int, N: int) -> None:
-    from ._common import RecoveryError
+def _check_sizes(args, M: int, N: int, B: int, itemsize: int) -> None:
+    """Sizes against the options and the memory the solver would need (before it runs)."""
+    from ._common import RecoveryError, check_memory
 
     if args.method == "omp" and args.k is not None and args.k[0] > min(M, N):
         raise RecoveryError(f"--k {args.k[0]} exceeds min(M, N) = {min(M, N)}")
     if args.blocks is not None and N % args.blocks:
         raise RecoveryError(f"--blocks {args.blocks} does not divide N = {N}")
+    need, how = _solver_bytes(args, M, N, B, itemsize)
+    check_memory(need, f"--method {args.method} with M = {M} measurements and N = {N} unknowns"
+                       f"{f' (B = {B} columns of y)' if B > 1 else ''} ({how})")
+
+
+def _solver_bytes(args, M: int, N: int, B: int, itemsize: int) -> tuple[int, str]:
+    """A generous estimate of the bytes ``--method`` allocates, and what dominates it.
+
+    kron_omp and krosbl are matrix-free (a few dozen length-N vectors); omp, amp and fista with
+    a given penalty apply A (or the Kronecker operator) to vectors; sbl, block_sbl and
+    fista's cross-validation work on the dense M x N matrix (densified from --factors, copied
+    into a working set, and for fast SBL once more in numpy plus a Gram buffer of up to N x M).
+    """
+    vec = N * itemsize
+    result = 2 * B * vec  # x, and its numpy copy
+    dense = M * N * itemsize
+    densified = dense if args.factors is not None else 0
+    if args.method in ("kron_omp", "krosbl"):
+        return 24 * vec + result, "length-N vectors"
+    if args.method in ("sbl", "block_sbl"):
+        return densified + 4 * dense + 16 * vec + result, "dense M x N matrices"
+    if args.method == "fista" and args.lam in (None, "cv"):
+        return densified + 2 * dense + 16 * vec + result, "dense M x N matrices for --lam cv"
+    return 16 * vec + result, "length-N vectors"
 
 
 def _metrics(x, x_true, support) -> dict:
@@ -434,7 +543,9 @@ def _cmd_recover(args) -> int:
     device = _device(args.device)
     y_np, given, N, x_true = _read_problem(args)
     M = y_np.shape[0]
-    _check_sizes(args, M, N)
+    arrays = [y_np, *(given if args.A is None else [given])]
+    itemsize = max(8, np.result_type(*arrays).itemsize)  # integers and float32 may be widened
+    _check_sizes(args, M, N, y_np.shape[1] if y_np.ndim == 2 else 1, itemsize)
 
     fn_name, needs_factors, _ = METHODS[args.method]
     y = torch.from_numpy(np.ascontiguousarray(y_np)).to(device)
@@ -495,6 +606,19 @@ def _npy_bytes(x) -> bytes:
 
 
 # ---------------------------------------------------------------- discover
+def _check_library(args, T: int, d: int) -> None:
+    """Refuse a ``--degree`` whose library (``C(d + D, D)`` terms x ``T`` samples) and its fit
+    would not fit in memory, before anything is built."""
+    from ._common import check_memory
+    from .discovery import library_size
+
+    P = library_size(d, args.degree)
+    # the library and a scaled copy, a least-squares copy, the library again for the
+    # residuals; SBL also a Gram buffer of up to P x min(P, T); names and objects per term
+    need = 8 * (6 * T * P + P * min(P, T)) + 300 * P
+    check_memory(need, f"--degree {args.degree} on {d} states and {T} samples (a library of {P} terms)")
+
+
 def _cmd_discover(args) -> int:
     import numpy as np
 
@@ -521,6 +645,7 @@ def _cmd_discover(args) -> int:
     if args.names is None and header is not None and _bad_names(header):
         raise ConfigError(f"the header of --data '{args.data}' must give distinct names without spaces; "
                           f"pass --names to override it")
+    _check_library(args, T, d)
     if args.derivatives is None and (T < 3 or (args.window is not None and args.window > T)):
         raise RecoveryError(f"--data has {T} samples; differentiating needs at least "
                             f"{3 if args.window is None else args.window}")

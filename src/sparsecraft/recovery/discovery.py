@@ -15,14 +15,15 @@ Real data only. :func:`lorenz63` simulates the benchmark system.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from ._common import RecoveryError, check_int, check_positive, output, to_tensor
+from ._common import RecoveryError, check_int, check_memory, check_positive, output, to_tensor
 from .convex import fista
-from .sparse_bayes import sbl
+from .sbl_em import sbl
 
 
 def _state(X, name="X"):
@@ -36,6 +37,11 @@ def default_state_names(d: int) -> list[str]:
     return ["x", "y", "z"] if d == 3 else [f"x{i}" for i in range(d)]
 
 
+def library_size(d: int, degree: int, *, include_bias: bool = True) -> int:
+    """Number of monomials of ``d`` variables up to total degree ``degree``: ``C(d + degree, degree)``."""
+    return math.comb(d + degree, degree) - (0 if include_bias else 1)
+
+
 def polynomial_library(X, degree: int = 2, *, include_bias: bool = True,
                        names: Sequence[str] | None = None):
     """All monomials of the state columns up to ``degree``.
@@ -47,7 +53,9 @@ def polynomial_library(X, degree: int = 2, *, include_bias: bool = True,
         names: state names (default ``x0, x1, ...``; ``x, y, z`` for three states).
 
     Returns:
-        ``(Theta, feature_names)`` with ``Theta`` of shape ``T x P`` (numpy if ``X`` was numpy).
+        ``(Theta, feature_names)`` with ``Theta`` of shape ``T x P``, ``P = C(d + degree, degree)``
+        (one less without the bias; numpy if ``X`` was numpy). Raises :class:`RecoveryError`
+        before building anything when that would not fit in the available memory.
     """
     Xt, as_numpy = _state(X)
     check_int(degree, "degree")
@@ -56,6 +64,10 @@ def polynomial_library(X, degree: int = 2, *, include_bias: bool = True,
         names = default_state_names(d)
     if len(names) != d:
         raise RecoveryError(f"names must give {d} state names, got {len(names)}")
+    P = library_size(d, degree, include_bias=include_bias)
+    # The columns, then their stack, plus a name and a tensor object per column.
+    check_memory(P * (2 * Xt.shape[0] * Xt.element_size() + 300),
+                 f"the degree-{degree} polynomial library of {d} states ({P} terms x {Xt.shape[0]} samples)")
     cols, fnames = [], []
     if include_bias:
         cols.append(torch.ones(Xt.shape[0], dtype=Xt.dtype, device=Xt.device))
@@ -158,9 +170,7 @@ def sbl_threshold(Theta, dXdt, threshold: float = 0.1, *, max_iter: int = 500, t
             if idx.numel() == 0:
                 break
             # Pruning only what is numerically gone (1e-6): polynomial terms are strongly
-            # collinear, and at sbl's default (1e-3) EM dropped true terms in its first
-            # iterations (measured on Lorenz-63 at 0.1% noise: 28 x and -y of dy/dt lost in 2 of 6
-            # trajectories).
+            # collinear, and at sbl's default (1e-3) EM drops true terms early.
             res = sbl(Th[:, idx] / scale[idx], D[:, j], max_iter=max_iter, tol=tol, update="em", prune=1e-6)
             coef = torch.zeros(P, dtype=Th.dtype, device=Th.device)
             coef[idx] = res.x / scale[idx]

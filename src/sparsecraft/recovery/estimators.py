@@ -18,7 +18,7 @@ from .greedy import kron_omp, omp
 from .kronecker_sbl import krosbl
 from .message_passing import amp
 from .operators import KroneckerOperator, as_operator
-from .sparse_bayes import block_sbl, pc_sbl, sbl
+from .sbl_em import block_sbl, pc_sbl, sbl
 
 
 class _Recovery:
@@ -105,7 +105,7 @@ class AMP(_Recovery):
 
 
 class SBL(_Recovery):
-    """Classic SBL (:func:`~sparsecraft.recovery.sparse_bayes.sbl`): ``update="fast"`` (default,
+    """Classic SBL (:func:`~sparsecraft.recovery.sbl_em.sbl`): ``update="fast"`` (default,
     Tipping and Faul's sequential method), ``"em"`` or ``"mackay"``; ``noise_var_`` after fit."""
     _fn = staticmethod(sbl)
 
@@ -120,7 +120,7 @@ class SBL(_Recovery):
 
 
 class BlockSBL(SBL):
-    """Block SBL with a known partition (:func:`~sparsecraft.recovery.sparse_bayes.block_sbl`)."""
+    """Block SBL with a known partition (:func:`~sparsecraft.recovery.sbl_em.block_sbl`)."""
     _fn = staticmethod(block_sbl)
 
     def __init__(self, blocks, *, noise_var=None, max_iter=1000, tol=1e-6, prune=1e-3):
@@ -134,7 +134,7 @@ class BlockSBL(SBL):
 
 
 class PatternCoupledSBL(SBL):
-    """Pattern-coupled SBL (:func:`~sparsecraft.recovery.sparse_bayes.pc_sbl`)."""
+    """Pattern-coupled SBL (:func:`~sparsecraft.recovery.sbl_em.pc_sbl`)."""
     _fn = staticmethod(pc_sbl)
 
     def __init__(self, beta=1.0, *, noise_var=None, max_iter=1000, tol=1e-6, prune=1e-3):

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ._common import RecoveryError, RecoveryResult, check_int, check_positive, finish, logger, run_batched
+from ._common import RecoveryError, RecoveryResult, check_int, check_memory, check_positive, finish, logger, run_batched
 from .operators import KroneckerOperator, kron_apply, prepare
 
 
@@ -122,6 +122,9 @@ def kron_omp(factors: Sequence, y, n_nonzero: Sequence[int] | None = None, *,
                 raise RecoveryError(f"n_nonzero[{i}]={ki} exceeds factors[{i}]'s column count")
     check_positive(tol, "tol", allow_none=True, allow_zero=True)
     check_int(max_iter, "max_iter", allow_none=True)
+    # matrix-free, but a few length-N vectors (column norms, correlations, x) per column of y
+    check_memory((8 + 2 * (yt.shape[1] if yt.ndim == 2 else 1)) * op.shape[1] * yt.element_size(),
+                 f"kron_omp with N = {' x '.join(map(str, op.in_dims))} = {op.shape[1]} unknowns")
     norms = op.column_norms()
     norms = torch.where(norms > 0, norms, torch.ones_like(norms))
     caps = list(n_nonzero) if n_nonzero is not None else [min(m, n) for m, n in zip(op.out_dims, op.in_dims)]

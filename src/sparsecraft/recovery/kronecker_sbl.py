@@ -21,10 +21,11 @@ channel estimation", IEEE TSP 2024). EM then needs:
   constrained to ``C_beta g`` with ``C_beta`` tridiagonal (1 on the diagonal, ``beta`` next to
   it) and ``g >= 0``; the AM update is projected on that set by non-negative least squares
   (weighted to measure relative error, the M-step objective's local shape).
-* **Beyond the paper** (each measured in ``benchmarks/recovery``): the cost
-  ``log|C| + y^H C^{-1} y`` comes exactly from the same eigendecompositions, which allows
-  over-relaxed EM for AM (a step is lengthened only while the cost falls), pruning that is
-  refused when it would raise the cost, and factor restarts kept only when the cost falls.
+* **Beyond the paper**: the cost ``log|C| + y^H C^{-1} y`` comes exactly from the same
+  eigendecompositions, which allows over-relaxed EM for AM (a step is lengthened only while
+  the cost falls), pruning that is refused when it would raise the cost, and factor restarts
+  kept only when they are better (see :func:`krosbl`). The measurements behind these choices
+  are in ``benchmarks/recovery/NOTES.md``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ._common import (
     RecoveryError,
     RecoveryResult,
     check_int,
+    check_memory,
     check_positive,
     finish,
     logger,
@@ -50,7 +52,7 @@ from ._common import (
     run_batched,
 )
 from .operators import KroneckerOperator, kron_apply, prepare
-from .sparse_bayes import em_noise_update
+from .sbl_em import em_noise_update
 
 
 def kron_vec(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -71,7 +73,7 @@ def kron_posterior(factors: Sequence[torch.Tensor], gammas: Sequence[torch.Tenso
         noise_var: ``sigma2 > 0``.
         y: length ``prod M_i``.
 
-    Returns the same dict as :func:`sparsecraft.recovery.sparse_bayes.sbl_posterior`: ``mu``,
+    Returns the same dict as :func:`sparsecraft.recovery.sbl_em.sbl_posterior`: ``mu``,
     ``sigma_diag``, ``cost`` (``log|C| + y^H C^{-1} y``), ``resid_sq``, ``dof``.
     """
     rdt = real_dtype(factors[0].dtype)
@@ -134,8 +136,7 @@ def project_coupled(u: torch.Tensor, beta: float) -> torch.Tensor:
     Around its minimum ``u`` the M-step objective ``sum_n u_n / g_n + log g_n`` grows like
     ``sum_n ((g_n - u_n) / u_n)^2 / 2``, so a plain Euclidean projection over-weights the large
     entries. The weights are capped (``u`` floored at 1e-2 of its largest) so that tiny entries
-    do not dictate the block. Measured on the IRS case (20 trials, 20 dB, library defaults):
-    mean channel NMSE 0.013 with the Euclidean projection, 0.0029 with this one.
+    do not dictate the block.
     """
     C = coupling_matrix(u.numel(), beta, dtype=u.dtype, device=u.device)
     wgt = 1.0 / torch.clamp(u, min=1e-2 * max(float(u.max()), 1e-300))
@@ -212,8 +213,7 @@ def rank_one_fit(T: torch.Tensor, n_iter: int = 30, tol: float = 1e-8) -> list[t
 
 @functools.lru_cache(maxsize=64)
 def _all_subsets(n: int, k: int) -> torch.Tensor:
-    # itertools is many times faster than torch.combinations here (measured: that call was a
-    # third of KroSBL's time).
+    # itertools is many times faster than torch.combinations here.
     return torch.tensor(list(itertools.combinations(range(n), k)), dtype=torch.long).reshape(-1, k)
 
 
@@ -410,18 +410,14 @@ def krosbl(factors, y, *, method: str = "am", coupling=None, noise_var: float | 
         max_iter, tol: stop when the relative change of ``gamma`` is below ``tol``.
         prune: per-factor pruning: entries of ``gamma_i`` below ``prune * max(gamma_i)`` are
             removed with their dictionary columns (a number or one per factor; 0 disables).
-            Besides saving time it lets AM-KroSBL converge: EM shrinks unneeded variances only
-            slowly, and with ``1e-6`` AM often ran 300 iterations without converging in the
-            published configuration; ``1e-2`` (the authors' choice there) pruned true entries
-            too early for SVD-KroSBL.
+            Besides saving time it lets AM-KroSBL converge (EM shrinks unneeded variances only
+            slowly). A prune that would raise the cost markedly is refused.
         n_sweeps: AM sweeps per M-step.
         record_cost: keep the cost of every iteration in ``info["cost"]``.
         init_scale: the initial ``gamma`` (the same for every entry) is ``init_scale`` times the
             measurement power over the mean squared column norm. ``None`` (default): the level
             at which the prior predicts the measured power minus the noise variance, i.e.
-            ``M / N * (1 - sigma2 / power)`` (at least ``1e-3 M / N``). Measured: a start 1.0
-            (predicting ``N / M`` times the measured power) let accelerated EM shrink every
-            entry towards zero together at 4 dB in the IRS case and return x = 0.
+            ``M / N * (1 - sigma2 / power)`` (at least ``1e-3 M / N``).
         restarts: rounds of restarts after EM converges (0 disables); rounds stop early when
             none is accepted. EM from a flat start can settle on a wrong support in one factor
             while the others are right (a local optimum). Each round runs EM again from:
@@ -439,10 +435,8 @@ def krosbl(factors, y, *, method: str = "am", coupling=None, noise_var: float | 
             best set one larger are restart candidates. A restart is kept when its cost
             (negative log marginal likelihood, exact) is lower, except that with a known
             ``noise_var`` outcomes whose residual is noise come first and among them the
-            smaller support: on the published configuration at M1 = 6, in 8 of 40 trials the
-            cost was lower at a wrong support than at EM's optimum from the true one
-            (``benchmarks/recovery/bench_kron_failures.py``). ``False``: flat re-openings
-            and the cost alone (the behaviour before this option).
+            smaller support (the cost alone can prefer a wrong support). ``False``: flat
+            re-openings and the cost alone.
         init_supports: optional warm start, one sequence of column indices per factor (e.g. the
             ``mode_supports`` of a previous frame when tracking a channel): EM starts with only
             these columns, flat, and the default start level counts only them. Restarts may
@@ -455,42 +449,100 @@ def krosbl(factors, y, *, method: str = "am", coupling=None, noise_var: float | 
     """
     op = factors if isinstance(factors, KroneckerOperator) else KroneckerOperator(factors)
     op, yt, as_numpy = prepare(op, y)
-    k = len(op.factors)
-    if method not in ("am", "svd"):
-        raise RecoveryError(f"method must be 'am' or 'svd', got {method!r}")
-    couplings = _parse_couplings(coupling, k)
-    if couplings is not None and any(couplings) and method != "am":
-        raise RecoveryError("coupling (block-coupled KroSBL) requires method='am'")
-    check_positive(noise_var, "noise_var", allow_none=True, allow_zero=True)
-    check_int(max_iter, "max_iter")
-    check_int(n_sweeps, "n_sweeps")
-    check_positive(tol, "tol", allow_zero=True)
-    check_positive(init_scale, "init_scale", allow_none=True)
-    prunes = [prune] * k if isinstance(prune, (int, float)) else list(prune)
-    if len(prunes) != k:
-        raise RecoveryError(f"prune must be a number or one value per factor ({k})")
-    for i, p in enumerate(prunes):
-        check_positive(p, f"prune[{i}]", allow_zero=True)
-        if p >= 1:
-            raise RecoveryError(f"prune[{i}] must be < 1, got {p}")
-
-    check_int(restarts, "restarts", minimum=0)
-    check_int(restart_draws, "restart_draws", minimum=0)
-    check_int(seed, "seed", minimum=0)
-
-    supports = _parse_supports(init_supports, op.in_dims, op.device)
-
-    def solve_one(yv):
-        return _krosbl_one(op, yv, method, couplings, noise_var, max_iter, tol, prunes, n_sweeps, record_cost,
-                           init_scale, int(restarts), int(restart_draws), int(seed), bool(accelerate),
-                           bool(subset_restarts), supports)
-
-    return finish(run_batched(solve_one, yt), as_numpy)
+    cfg = KroSBLSettings.parse(
+        op, method=method, coupling=coupling, noise_var=noise_var, max_iter=max_iter, tol=tol, prune=prune,
+        n_sweeps=n_sweeps, record_cost=record_cost, init_scale=init_scale, restarts=restarts,
+        restart_draws=restart_draws, seed=seed, accelerate=accelerate, subset_restarts=subset_restarts,
+        init_supports=init_supports)
+    # O(N) memory per measurement vector: refuse before the first length-N vector
+    N = op.shape[1]
+    check_memory((_VECTORS_PER_RUN + 2 * (yt.shape[1] if yt.ndim == 2 else 1)) * N * yt.element_size(),
+                 f"krosbl with N = {' x '.join(map(str, op.in_dims))} = {N} unknowns")
+    return finish(run_batched(lambda yv: _krosbl_one(op, yv, cfg), yt), as_numpy)
 
 
-def _krosbl_one(op: KroneckerOperator, y, method, couplings, noise_var, max_iter, tol, prunes,
-                n_sweeps, record_cost, init_scale=None, restarts=0, restart_draws=0, seed=0,
-                accelerate=True, subset_restarts=True, supports=None) -> RecoveryResult:
+# Length-N vectors alive at once in a KroSBL run (posterior, prior, restarts' candidates),
+# generously counted, for the memory check.
+_VECTORS_PER_RUN = 24
+
+
+@dataclass(frozen=True)
+class KroSBLSettings:
+    """The settings of one :func:`krosbl` call, normalised and validated by :meth:`parse`.
+
+    Fields are :func:`krosbl`'s keyword arguments, with ``couplings`` (one value or None per
+    factor, or None), ``prunes`` (one per factor) and ``init_supports`` (sorted index tensors
+    per factor, or None) in per-factor form. ``relax_growth`` is the over-relaxation factor
+    by which EM's step length grows while the cost keeps falling.
+    """
+
+    method: str
+    couplings: tuple | None
+    noise_var: float | None
+    max_iter: int
+    tol: float
+    prunes: tuple
+    n_sweeps: int
+    record_cost: bool
+    init_scale: float | None
+    restarts: int
+    restart_draws: int
+    seed: int
+    accelerate: bool
+    subset_restarts: bool
+    init_supports: tuple | None
+    relax_growth: float = 1.5
+
+    @property
+    def noise_known(self) -> bool:
+        return self.noise_var is not None
+
+    @property
+    def over_relax(self) -> bool:
+        """Over-relaxed EM needs a true M-step (AM); the rank-one fit is not one."""
+        return self.accelerate and self.method == "am"
+
+    def coupled(self, i: int) -> bool:
+        return self.couplings is not None and bool(self.couplings[i])
+
+    @classmethod
+    def parse(cls, op: KroneckerOperator, *, method, coupling, noise_var, max_iter, tol, prune, n_sweeps,
+              record_cost, init_scale, restarts, restart_draws, seed, accelerate, subset_restarts,
+              init_supports) -> "KroSBLSettings":
+        """Check :func:`krosbl`'s arguments for the factors of ``op``; :class:`RecoveryError` names
+        the first one that breaks a rule."""
+        k = len(op.factors)
+        if method not in ("am", "svd"):
+            raise RecoveryError(f"method must be 'am' or 'svd', got {method!r}")
+        couplings = _parse_couplings(coupling, k)
+        if couplings is not None and any(couplings) and method != "am":
+            raise RecoveryError("coupling (block-coupled KroSBL) requires method='am'")
+        check_positive(noise_var, "noise_var", allow_none=True, allow_zero=True)
+        check_int(max_iter, "max_iter")
+        check_int(n_sweeps, "n_sweeps")
+        check_positive(tol, "tol", allow_zero=True)
+        check_positive(init_scale, "init_scale", allow_none=True)
+        prunes = [prune] * k if isinstance(prune, (int, float)) else list(prune)
+        if len(prunes) != k:
+            raise RecoveryError(f"prune must be a number or one value per factor ({k})")
+        for i, p in enumerate(prunes):
+            check_positive(p, f"prune[{i}]", allow_zero=True)
+            if p >= 1:
+                raise RecoveryError(f"prune[{i}] must be < 1, got {p}")
+        check_int(restarts, "restarts", minimum=0)
+        check_int(restart_draws, "restart_draws", minimum=0)
+        check_int(seed, "seed", minimum=0)
+        supports = _parse_supports(init_supports, op.in_dims, op.device)
+        return cls(method=method, couplings=None if couplings is None else tuple(couplings),
+                   noise_var=None if noise_var is None else float(noise_var), max_iter=int(max_iter),
+                   tol=float(tol), prunes=tuple(float(p) for p in prunes), n_sweeps=int(n_sweeps),
+                   record_cost=bool(record_cost), init_scale=None if init_scale is None else float(init_scale),
+                   restarts=int(restarts), restart_draws=int(restart_draws), seed=int(seed),
+                   accelerate=bool(accelerate), subset_restarts=bool(subset_restarts),
+                   init_supports=None if supports is None else tuple(supports))
+
+
+def _krosbl_one(op: KroneckerOperator, y, cfg: KroSBLSettings) -> RecoveryResult:
     factors_full = op.factors
     k = len(factors_full)
     M = op.shape[0]
@@ -504,64 +556,60 @@ def _krosbl_one(op: KroneckerOperator, y, method, couplings, noise_var, max_iter
                                     "noise_var": 0.0, "cost": [], "final_cost": None,
                                     "mode_supports": [[] for _ in range(k)], "restarts_accepted": 0})
     floor = noise_floor(ypow, rdt)
-    s2 = max(float(noise_var), floor) if noise_var is not None else 0.1 * ypow
+    s2 = max(cfg.noise_var, floor) if cfg.noise_known else 0.1 * ypow
     colpow = float(op.column_norms().pow(2).mean())
-    keep = list(supports) if supports is not None else [torch.arange(n, device=dev) for n in op.in_dims]
+    keep = list(cfg.init_supports) if cfg.init_supports is not None else [torch.arange(n, device=dev) for n in op.in_dims]
     gammas = [torch.ones(int(kp.numel()), dtype=rdt, device=dev) for kp in keep]
+    init_scale = cfg.init_scale
     if init_scale is None:
         init_scale = M / math.prod(int(kp.numel()) for kp in keep) * max(1.0 - s2 / ypow, 1e-3)
-    gammas[-1] = gammas[-1] * (float(init_scale) * ypow / max(colpow, 1e-300))
-    gammas = [_flat_start(g, couplings, i) for i, g in enumerate(gammas)]
-    # Over-relaxation needs a true M-step (AM); the rank-one fit is not one, and measured on the
-    # published configuration, extrapolating it made SVD-KroSBL worse (it converges fast anyway).
-    run = _EMRun(factors_full, y, method, couplings, noise_var, floor, max_iter, tol, prunes, n_sweeps,
-                 record_cost, accelerate=accelerate and method == "am")
+    gammas[-1] = gammas[-1] * (init_scale * ypow / max(colpow, 1e-300))
+    gammas = [_flat_start(g, cfg, i) for i, g in enumerate(gammas)]
+    run = _EMRun(factors_full, y, cfg, floor)
     best = run(keep, gammas, s2)
     n_iter, accepted = best.n_iter, 0
     # Restarts: EM from a flat start can lock one factor onto a wrong support while the others
-    # are right (measured: 6-14 of 15 entries kept in an 8-row factor where 4 were true). Each
-    # round tries (1) the smallest Kronecker support that fits the data to within a known
+    # are right. Each round tries (1) the smallest Kronecker support that fits the data to within a known
     # noise, from per-mode subset searches; (2) per factor, the supports its subset search
     # suggests with the others kept (a coupled factor also re-opened flat); (3) restart_draws
     # random re-openings. EM runs from each and the result replaces the current one when
     # ``_better`` says so.
-    gen = torch.Generator().manual_seed(seed)  # the same call gives the same result
-    for _ in range(restarts):
+    gen = torch.Generator().manual_seed(cfg.seed)  # the same call gives the same result
+    for _ in range(cfg.restarts):
         improved = False
-        if subset_restarts and noise_var is not None:
+        if cfg.subset_restarts and cfg.noise_known:
             joint = joint_subset_candidate(factors_full, best.keep, y, best.noise_var)
             if joint is not None and not all(torch.equal(a, b) for a, b in zip(joint, best.keep)):
                 level = [_flat_start(torch.full((int(s.numel()),), float(g.max()), dtype=rdt, device=dev),
-                                     couplings, i) for i, (s, g) in enumerate(zip(joint, best.gammas))]
+                                     cfg, i) for i, (s, g) in enumerate(zip(joint, best.gammas))]
                 trial = run(joint, level, best.noise_var)
                 n_iter += trial.n_iter
-                if _better(trial, best, factors_full, y, noise_var is not None):
+                if _better(trial, best, factors_full, y, cfg.noise_known):
                     best, improved = trial, True
                     accepted += 1
         for i in range(k):
             full = torch.arange(op.in_dims[i], device=dev)
-            coupled = couplings is not None and bool(couplings[i])
-            # (support, random levels?). Measured at M1 = 6, 8, 10: the subset candidates
-            # instead of a flat re-opening were as accurate and 2-3x faster. A coupled factor
-            # is re-opened flat too: the subset search knows nothing of blocks (with both,
-            # PC-KroSBL on the IRS case at 20 dB: mean NMSE 0.0021 -> 0.0013, 20 trials).
-            starts = [] if subset_restarts and not coupled else [(full, False)]
-            if subset_restarts:
+            coupled = cfg.coupled(i)
+            # (support, random levels?). The subset candidates replace a flat re-opening
+            # (as accurate, faster), except that a coupled factor is re-opened flat too: the
+            # subset search knows nothing of blocks.
+            starts = [] if cfg.subset_restarts and not coupled else [(full, False)]
+            if cfg.subset_restarts:
                 cands = mode_subset_candidates(factors_full, best.keep, y, best.noise_var, i)
                 # When the smallest adequate support is the current one, nothing to try.
                 if cands and not torch.equal(cands[0], best.keep[i]):
                     starts += [(c, False) for c in cands if not torch.equal(c, best.keep[i])]
-            starts += [(full, True)] * restart_draws
+            starts += [(full, True)] * cfg.restart_draws
             for support, random_levels in starts:
                 keep_i, gammas_i = list(best.keep), list(best.gammas)
                 keep_i[i] = support
                 level = torch.full((support.numel(),), float(best.gammas[i].max()), dtype=rdt)
                 if random_levels:  # log-uniform over two decades below the flat level
                     level = level * torch.pow(10.0, -2.0 * torch.rand(support.numel(), generator=gen, dtype=rdt))
-                gammas_i[i] = _flat_start(level.to(dev), couplings, i)
+                gammas_i[i] = _flat_start(level.to(dev), cfg, i)
                 trial = run(keep_i, gammas_i, best.noise_var)
                 n_iter += trial.n_iter
-                if _better(trial, best, factors_full, y, noise_var is not None):
+                if _better(trial, best, factors_full, y, cfg.noise_known):
                     best, improved = trial, True
                     accepted += 1
         if not improved:
@@ -578,7 +626,7 @@ def _krosbl_one(op: KroneckerOperator, y, method, couplings, noise_var, max_iter
         full_gammas.append(fg)
     support = torch.nonzero(kron_vec(full_gammas) > 0).flatten().cpu()
     if not best.converged:
-        logger.info("krosbl(%s): not converged after %d iterations", method, best.n_iter)
+        logger.info("krosbl(%s): not converged after %d iterations", cfg.method, best.n_iter)
     return RecoveryResult(x=x, support=support, n_iter=n_iter, converged=best.converged,
                           info={"gammas": full_gammas, "noise_var": best.noise_var, "cost": best.costs,
                                 "final_cost": post["cost"], "mode_supports": [kp.cpu().tolist() for kp in keep],
@@ -590,9 +638,7 @@ def _better(trial, best, factors, y, noise_known: bool) -> bool:
 
     Without a known noise level: when its cost is lower. With one, outcomes whose residual is
     noise (:func:`residual_is_noise`) come first, the smaller support among them, then the
-    lower cost. Measured at M1 = 6 (6 rows, 4 of 15 entries true): the subset search found
-    the true supports, EM from them fit to the noise, and the cost still preferred 5 wrong
-    entries in the 6-row factor.
+    lower cost (which alone can prefer a wrong support).
     """
     if not noise_known:
         return trial.final["cost"] < best.final["cost"] - 1e-9 * abs(best.final["cost"])
@@ -609,10 +655,10 @@ def _rank(outcome, factors, y):
     return (0, size, cost) if outcome.fits else (1, 0, cost)
 
 
-def _flat_start(g: torch.Tensor, couplings, i: int) -> torch.Tensor:
+def _flat_start(g: torch.Tensor, cfg: KroSBLSettings, i: int) -> torch.Tensor:
     """A coupled factor starts inside its constraint set ``{C_beta h : h >= 0}``."""
-    if couplings is not None and couplings[i]:
-        return coupling_matrix(g.numel(), couplings[i], g.dtype, g.device) @ g
+    if cfg.coupled(i):
+        return coupling_matrix(g.numel(), cfg.couplings[i], g.dtype, g.device) @ g
     return g
 
 
@@ -631,12 +677,8 @@ class _EMOutcome:
 class _EMRun:
     """EM iterations of KroSBL from a given start (kept indices per factor, factors, noise)."""
 
-    def __init__(self, factors, y, method, couplings, noise_var, floor, max_iter, tol, prunes, n_sweeps,
-                 record_cost, accelerate=True, relax_growth=1.5):
-        self.factors, self.y, self.method, self.couplings = factors, y, method, couplings
-        self.noise_known, self.floor = noise_var is not None, floor
-        self.max_iter, self.tol, self.prunes, self.n_sweeps = max_iter, tol, prunes, n_sweeps
-        self.record_cost, self.accelerate, self.relax_growth = record_cost, accelerate, relax_growth
+    def __init__(self, factors, y, cfg: KroSBLSettings, floor: float):
+        self.factors, self.y, self.cfg, self.floor = factors, y, cfg, floor
 
     def _extrapolate(self, gammas, new, eta):
         out = []
@@ -646,8 +688,8 @@ class _EMRun:
             log_p = torch.log(g.clamp_min(lo)) + eta * (torch.log(n.clamp_min(lo)) - torch.log(g.clamp_min(lo)))
             # Bounded in log space, so that no entry overflows whatever eta reached.
             p = torch.exp(log_p.clamp(min=math.log(lo), max=math.log(top) + 20.0))
-            if self.couplings is not None and self.couplings[i]:
-                p = torch.clamp(project_coupled(p, self.couplings[i]), min=lo)
+            if self.cfg.coupled(i):
+                p = torch.clamp(project_coupled(p, self.cfg.couplings[i]), min=lo)
             out.append(p)
         return out
 
@@ -660,11 +702,11 @@ class _EMRun:
         eta = 1.0
         post = None  # posterior of the current point when the last iteration already computed it
         it = 0
-        for it in range(1, self.max_iter + 1):
+        for it in range(1, self.cfg.max_iter + 1):
             facs = [f[:, kp] for f, kp in zip(self.factors, keep)]
             if post is None:
                 post = kron_posterior(facs, gammas, s2, self.y)
-            if self.record_cost:
+            if self.cfg.record_cost:
                 costs.append(post["cost"])
             shape = [int(kp.numel()) for kp in keep]
             T = (post["mu"].abs().pow(2) + post["sigma_diag"]).reshape(shape)
@@ -673,20 +715,20 @@ class _EMRun:
                 raise DivergenceError(
                     f"krosbl: the posterior became non-finite at iteration {it} (noise variance {s2:.3g}; "
                     f"dtype {self.factors[0].dtype}); use float64 or a larger noise_var")
-            if self.method == "am":
+            if self.cfg.method == "am":
                 # After pruning, the coupling acts between kept neighbours (as in PC-KroSBL).
-                new = am_mstep(T, gammas, couplings=self.couplings, n_sweeps=self.n_sweeps)
+                new = am_mstep(T, gammas, couplings=self.cfg.couplings, n_sweeps=self.cfg.n_sweeps)
             else:
                 new = rank_one_fit(T)
-            s2_new = s2 if self.noise_known else max(em_noise_update(post["resid_sq"], post["dof"], s2, M), self.floor)
+            s2_new = s2 if self.cfg.noise_known else max(em_noise_update(post["resid_sq"], post["dof"], s2, M), self.floor)
             next_post = None
             em_step = new
-            if self.accelerate:
+            if self.cfg.over_relax:
                 # Over-relaxed EM (Salakhutdinov and Roweis, 2003), in log gamma: step eta times
                 # as far as EM did; keep the step only if the cost is below the current one (so
                 # the iteration stays monotone), else take the plain EM step and reset eta.
                 # Plain EM crawls where a factor has far fewer measurements than entries.
-                eta = min(eta * self.relax_growth, 1e3)
+                eta = min(eta * self.cfg.relax_growth, 1e3)
                 prop = self._extrapolate(gammas, new, eta)
                 trial = kron_posterior(facs, prop, s2_new, self.y)
                 if trial["cost"] < post["cost"]:
@@ -702,7 +744,7 @@ class _EMRun:
             for i in range(k):
                 g, e = gammas[i], em_step[i]
                 m = float(e.max())
-                ok = e > max(self.prunes[i] * m, 0.0) if self.prunes[i] > 0 else e > 0
+                ok = e > max(self.cfg.prunes[i] * m, 0.0) if self.cfg.prunes[i] > 0 else e > 0
                 if m <= 0 or not bool(ok.any()):
                     ok = e >= m  # keep the largest so the model stays defined
                 if not bool(ok.all()):
@@ -710,9 +752,7 @@ class _EMRun:
             pruned_any = any(a.numel() != b.numel() for a, b in zip(new_keep, keep))
             if pruned_any:
                 # A prune that raises the cost by more than 10 (plus 1e-3 relative) removed a
-                # column the data need: refuse it. Measured: it happened
-                # after large over-relaxed steps (IRS case, cost -987 -> 9317; noiseless complex
-                # case, -11296 -> 9e6) and EM never recovered.
+                # column the data need (seen after large over-relaxed steps): refuse it.
                 if post is None:
                     post = kron_posterior(facs, gammas, s2, self.y)
                 pruned_post = kron_posterior([f[:, kp] for f, kp in zip(self.factors, new_keep)], new_gammas, s2,
@@ -721,7 +761,7 @@ class _EMRun:
                     keep, gammas, post = new_keep, new_gammas, pruned_post
                 else:
                     pruned_any, eta = False, 1.0
-            if change < self.tol and not pruned_any:
+            if change < self.cfg.tol and not pruned_any:
                 converged = True
                 break
         # ``post``, when set, is already the posterior of the final point.

@@ -22,12 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..allocation import check_sparsity
+from ..allocation import ALLOCATIONS, check_sparsity
 from ..criteria import LayerContext, get_criterion
 from ..errors import ConfigError, SparsecraftError
 from ..patterns import Unstructured
 from ..targets import TargetSpec
-from ..allocation import ALLOCATIONS
 from .base import StateMismatch, TrainingSparsity, distributed_world
 from .pruning import _check_allocation
 from .registry import Plan, option_choice, option_int, option_number, option_steps, recipe_method, recipe_sparsity

@@ -20,7 +20,7 @@ from .registry import method_names
 from .zoo import MODELS, build_model
 
 __all__ = ["TrainRecipe", "run_training", "load_dataset", "build_model", "accuracy", "build_sparsity",
-           "DATASETS", "MODELS", "METHODS", "CHECKPOINT"]
+           "DATASETS", "MODELS", "METHODS", "CHECKPOINT"]  # noqa: F822 - METHODS via __getattr__
 
 
 def __getattr__(name: str):
