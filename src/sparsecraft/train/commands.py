@@ -9,7 +9,7 @@ from ..cli_args import assignment_arg, write_line
 
 EPILOG = """examples:
   sparsecraft train examples/train.yaml
-  sparsecraft train examples/train.yaml --out train_out/gmp-95 --set method=gmp --set sparsity=0.95
+  sparsecraft train examples/train.yaml --out train-gmp-95 --set method=gmp --set sparsity=0.95
   sparsecraft train examples/train.yaml --no-resume --overwrite   # start the run in --out over
 
 --out continues the training run it holds (a checkpoint of the same recipe); it never
