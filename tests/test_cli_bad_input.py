@@ -110,7 +110,7 @@ CASES = {
     "prune --overwrite foreign .safetensors": (lambda m: ["prune", m, "--out", "notes.safetensors", "--overwrite"],
                                                "is not a sparsecraft checkpoint"),
     "prune --out is a file": (lambda m: ["prune", m, "--out", "exists.json", "--overwrite"], "is a file"),
-    "prune --method snip": (lambda m: ["prune", m, "--out", "o", "--method", "snip"], "unknown method 'snip'"),
+    "prune --method snip": (lambda m: ["prune", m, "--out", "o", "--method", "snip"], "method 'snip'"),
     "prune --seed abc": (lambda m: ["prune", m, "--out", "o", "--seed", "abc"], "seed must be an integer"),
     "prune --seed 1.5": (lambda m: ["prune", m, "--out", "o", "--seed", "1.5"], "seed must be an integer"),
     "prune --samples 0": (lambda m: ["prune", m, "--out", "o", "--samples", "0"], "samples must be an integer >= 1"),
@@ -124,7 +124,7 @@ CASES = {
                                        "is not a sparsecraft output"),
     "shrink --seed abc": (lambda m: ["shrink", m, "--mlp", "0.5", "--out", "o", "--seed", "abc"], "seed must be"),
     "demo --overwrite user folder": (lambda m: ["demo", "--out", "user", "--overwrite"], "is not a sparsecraft output"),
-    "demo --method snip": (lambda m: ["demo", "--out", "d", "--method", "snip"], "unknown method 'snip'"),
+    "demo --method snip": (lambda m: ["demo", "--out", "d", "--method", "snip"], "method 'snip'"),
     "info not a checkpoint": (lambda m: ["info", "notes.safetensors"], "notes.safetensors"),
 }
 

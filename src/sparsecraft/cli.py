@@ -63,6 +63,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 def _configure_logging(args) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.quiet:  # transformers' and the hub's own progress bars too
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 class _Terminated(KeyboardInterrupt):

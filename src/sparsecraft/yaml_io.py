@@ -167,6 +167,13 @@ def check_types(cls, data: Mapping, where: str) -> None:
     for f in dataclasses.fields(cls):
         if f.name in data and not _fits(data[f.name], hints.get(f.name, Any)):
             value = data[f.name]
+            if f.name == "pattern":  # its own message says how a number got there (quote 2:4)
+                from .patterns import parse_pattern
+
+                try:
+                    parse_pattern(value)
+                except ConfigError as exc:
+                    raise ConfigError(f"{where}: {exc}") from None
             raise ConfigError(
                 f"{where}: '{f.name}' must be {_describe(hints[f.name])}, "
                 f"got {type(value).__name__} {value!r}"
