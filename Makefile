@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml | $(PY)
 setup: $(STAMP)
 
 demo: setup
-	$(RUNENV) $(VENV)/bin/sparsecraft demo --out demo_out
+	$(RUNENV) $(VENV)/bin/sparsecraft demo --out demo_out --overwrite
 
 test: setup
 	$(RUNENV) $(PY) -m pytest -q

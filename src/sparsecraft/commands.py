@@ -15,6 +15,8 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 def register(sub) -> dict:
+    from .recipe import runnable_methods
+
     e = sub.add_parser("eval", help="perplexity of a causal LM, or embedding similarity of an encoder",
                        description="Evaluate MODEL on held-out text (built-in Lee corpus evaluation part "
                        "unless --text is given). Encoders are compared with --reference.")
@@ -43,7 +45,8 @@ def register(sub) -> dict:
     d = sub.add_parser("demo", help="the end-to-end demo on SmolLM2-135M",
                        description="Load SmolLM2-135M, measure perplexity, prune, save, reload, compare.")
     d.add_argument("--out", default="demo_out", help="folder for the demo's files (default: demo_out)")
-    d.add_argument("--method", default="sparsegpt", help="pruning method (default: sparsegpt)")
+    d.add_argument("--method", default="sparsegpt",
+                   help=f"{' | '.join(runnable_methods())} (default: sparsegpt)")
     d.add_argument("--sparsity", type=number_arg("sparsity"), default=None, help="default 0.5; N:M fixes it")
     d.add_argument("--pattern", default="unstructured")
     d.add_argument("--samples", type=int_arg("samples"), default=32, help="calibration samples (default 32)")

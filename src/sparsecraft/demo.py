@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ def run_demo(
     from .prune import PruneConfig, default_sparsity, prune_
     from .report import report
 
+    from .cli_args import write_line
     from .outputs import write_marker
 
     out.mkdir(exist_ok=True)  # the caller checked the path (sparsecraft.outputs.check_output)
@@ -103,7 +103,7 @@ def run_demo(
     from .formats.io import atomic_write
 
     atomic_write(out / "demo_results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
-    sys.stdout.write(_table(results, method) + "\n")
+    write_line(_table(results, method))
     if not identical:
         raise SystemExit("reloaded model differs from the pruned model")
     return results
