@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -429,4 +428,3 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, tiny_llama_dir):
     assert "interrupted (SIGTERM)" in _assert_one_line(err)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
-    time.sleep(0)

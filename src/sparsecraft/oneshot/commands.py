@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli_args import add_overwrite, int_arg, number_arg, override_arg, write_line
+from ..cli_args import add_overwrite, check_output, int_arg, number_arg, override_arg, write_line
 
 EPILOG_PRUNE = """examples:
   sparsecraft prune smollm2-135m --sparsity 0.5 --out pruned/
@@ -114,6 +114,7 @@ def cmd_prune(args) -> int:
         calibration=CalibrationSpec(file=args.calib, corpus=args.corpus, samples=args.samples,
                                     seq_len=args.seq_len, seed=args.seed),
     )
+    check_output(args.out, overwrite=args.overwrite, kind="model")  # execute checks again, as 'out'
     _finish(execute(recipe, progress=not args.quiet), recipe)
     return 0
 
