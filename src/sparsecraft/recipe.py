@@ -30,7 +30,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import ConfigError, config_fields
 from .prune import PruneConfig
@@ -112,6 +112,11 @@ class Recipe:
     overwrite: bool = False
 
     def __post_init__(self):
+        # Python callers may pass plain mappings, as a YAML file would
+        if isinstance(self.prune, Mapping):
+            self.prune = PruneConfig.from_dict(self.prune)
+        if isinstance(self.calibration, Mapping):
+            self.calibration = _build(CalibrationSpec, self.calibration, "calibration")
         check_runnable(self.prune)
 
     @classmethod
