@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml | $(PY)
 setup: $(STAMP)
 
 demo: setup
-	$(RUNENV) $(VENV)/bin/sparsecraft demo --out demo_out
+	$(RUNENV) $(VENV)/bin/sparsecraft demo --out demo_out --overwrite
 
 # ruff (settings in pyproject.toml) on all the code; mypy on the core modules listed there
 lint: setup

@@ -116,3 +116,12 @@ def test_example_recipe_is_valid():
 
     recipe = load_recipe(Path(__file__).parent.parent / "examples" / "recipe.yaml")
     assert recipe.prune.method == "sparsegpt" and recipe.prune.allocation == "owl"
+
+
+def test_recipe_from_python_mappings_and_unquoted_pattern(tmp_path):
+    """A Recipe built from plain mappings is the one YAML builds; YAML's 2:4 stays a pattern."""
+    r = Recipe(model="m", out="o", prune={"pattern": "2:4", "sparsity": None}, calibration={"samples": 4})
+    path = tmp_path / "r.yaml"
+    path.write_text("model: m\nout: o\nprune:\n  pattern: 2:4\n  sparsity: null\ncalibration:\n  samples: 4\n")
+    assert load_recipe(path) == r
+    assert str(r.prune.pattern_obj) == "2:4"

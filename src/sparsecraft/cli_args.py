@@ -1,14 +1,16 @@
-"""Argument types shared by the ``sparsecraft`` command line and the command modules.
+"""Argument helpers shared by the ``sparsecraft`` command line and the command modules.
 
-Only ``argparse`` here: ``cli.py`` and every module in ``cli.COMMAND_MODULES`` import this
-while the parser is built. A bad value raises ``argparse.ArgumentTypeError``, which the
-parser reports in one line before exiting with code 2.
+Light on imports: ``cli.py`` and every module in ``cli.COMMAND_MODULES`` import this while
+the parser is built. A bad value raises ``argparse.ArgumentTypeError``, which the parser
+reports in one line before exiting with code 2. The output-path checks
+(:mod:`sparsecraft.outputs`) are re-exported here, so a command module needs one import.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from typing import Callable
 
 
@@ -68,3 +70,48 @@ def override_arg(what: str) -> Callable[[str], tuple[str, float]]:
 
     parse.__name__ = f"{what} override"
     return parse
+
+
+def fraction_arg(what: str) -> Callable[[str], float]:
+    """A ``type=`` for a fraction in [0, 1) called ``what`` in messages."""
+    return number_arg(what, minimum=0.0, below=1.0)
+
+
+def shape_arg(text: str) -> tuple[int, ...]:
+    """A ``type=`` for a shape written ``1,512`` or ``1x512``."""
+    try:
+        shape = tuple(int(x) for x in text.replace("x", ",").split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input shape must look like 1,512, got '{text}'") from None
+    if not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"input shape needs positive sizes, got '{text}'")
+    return shape
+
+
+shape_arg.__name__ = "shape"
+
+
+def assignment_arg(text: str) -> tuple[str, str]:
+    """A ``type=`` for ``KEY=VALUE`` (``--set``); the value is parsed later as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"--set needs KEY=VALUE, got '{text}'")
+    return key.strip(), value
+
+
+assignment_arg.__name__ = "KEY=VALUE"
+
+
+def write_line(text: str) -> None:
+    """A result line on standard output (diagnostics go through ``logging``)."""
+    sys.stdout.write(text + "\n")
+
+
+def add_overwrite(parser) -> None:
+    """The ``--overwrite`` flag every writing command takes (see :mod:`sparsecraft.outputs`)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing outputs (only ones sparsecraft wrote)")
+
+
+# The output-path policy, importable from here with the argument helpers.
+from .outputs import MARKER, check_output, check_train_out, write_marker  # noqa: E402,F401

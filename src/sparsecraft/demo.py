@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -42,7 +41,11 @@ def run_demo(
     from .prune import PruneConfig, default_sparsity, prune_
     from .report import report
 
-    out.mkdir(parents=True, exist_ok=True)
+    from .cli_args import write_line
+    from .outputs import write_marker
+
+    out.mkdir(exist_ok=True)  # the caller checked the path (sparsecraft.outputs.check_output)
+    write_marker(out, "demo")
     torch.manual_seed(0)
     (model, tok), t_load = _timed(models.load, "smollm2-135m")
     log.info("loaded SmolLM2-135M in %.1f s", t_load)
@@ -97,8 +100,10 @@ def run_demo(
         "rows": rows,
         "reload_logits_identical": identical,
     }
-    (out / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    sys.stdout.write(_table(results, method) + "\n")
+    from .formats.io import atomic_write
+
+    atomic_write(out / "demo_results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
+    write_line(_table(results, method))
     if not identical:
         raise SystemExit("reloaded model differs from the pruned model")
     return results

@@ -273,6 +273,12 @@ def parse_pattern(spec: str | Pattern) -> Pattern:
     """Build a pattern from its spelling: ``unstructured``, ``2:4``, ``block:4x4``, ``rows``."""
     if isinstance(spec, Pattern):
         return spec
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        # YAML 1.1 (yaml.safe_load) reads an unquoted 2:4 as the base-60 number 124
+        raise ConfigError(
+            f"pattern must be a string, got the number {spec!r}; if it came from YAML, quote it "
+            f"(pattern: \"2:4\"): YAML 1.1 reads 2:4 as 2*60+4 = 124"
+        )
     if not isinstance(spec, str):
         raise ConfigError(f"pattern must be a string or Pattern, got {type(spec).__name__}")
     text = spec.strip().lower()

@@ -19,22 +19,49 @@ calibration:                   # used by calibrated methods (wanda, sparsegpt, o
 evaluate: true                 # perplexity (causal LM) or embedding similarity (encoder) before/after
 ```
 
-Everything is validated before the model is loaded; an error names the field.
+Everything is validated before the model is loaded (field types, values, whether the
+method can run without gradients, the output path); an error names the field. Patterns
+such as ``2:4`` may be written unquoted: recipes are read with :mod:`sparsecraft.yaml_io`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, Mapping
 
 from .errors import ConfigError, config_fields
 from .prune import PruneConfig
+from .yaml_io import check_types, load_yaml_file
 
-__all__ = ["Recipe", "CalibrationSpec", "load_recipe"]
+__all__ = ["Recipe", "CalibrationSpec", "load_recipe", "runnable_methods", "check_runnable"]
+
+
+def runnable_methods() -> list[str]:
+    """Methods a one-shot prune can run: the registered solvers, and the criteria that need
+    nothing beyond the weights (a criterion that ``requires`` statistics or gradients needs
+    a driver that collects them)."""
+    from .criteria import CRITERIA
+    from .prune import METHODS
+
+    return sorted(set(METHODS) | {name for name, cls in CRITERIA.items() if not cls.requires})
+
+
+def check_runnable(config: PruneConfig, where: str = "prune") -> None:
+    """Refuse, before any model is loaded, a method that one-shot pruning cannot run."""
+    from .criteria import CRITERIA
+    from .prune import METHODS
+
+    if config.method in METHODS or config.method not in CRITERIA:
+        return  # unknown names are refused by PruneConfig itself
+    needs = CRITERIA[config.method].requires
+    if needs:
+        raise ConfigError(
+            f"{where}: method '{config.method}' needs {', '.join(needs)}, which one-shot pruning does not "
+            f"collect; methods that run here: {', '.join(runnable_methods())}"
+        )
 
 
 @dataclass
@@ -46,6 +73,11 @@ class CalibrationSpec:
     seed: int = 0
 
     def __post_init__(self):
+        if isinstance(self.file, os.PathLike):
+            self.file = os.fspath(self.file)
+        check_types(CalibrationSpec, self.__dict__, "calibration")
+        if self.seed < 0:
+            raise ConfigError(f"calibration.seed must be a non-negative integer, got {self.seed!r}")
         for name in ("samples", "seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -60,10 +92,12 @@ def _build(cls, data: Any, where: str):
     if data is None:
         return cls()
     kwargs = config_fields(cls, data, where, f"{where}: unknown keys")
+    check_types(cls, kwargs, where)
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        message = str(exc)
+        raise ConfigError(message if message.startswith(f"{where}:") else f"{where}: {message}") from None
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -76,6 +110,14 @@ class Recipe:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     evaluate: bool = True
     overwrite: bool = False
+
+    def __post_init__(self):
+        # Python callers may pass plain mappings, as a YAML file would
+        if isinstance(self.prune, Mapping):
+            self.prune = PruneConfig.from_dict(self.prune)
+        if isinstance(self.calibration, Mapping):
+            self.calibration = _build(CalibrationSpec, self.calibration, "calibration")
+        check_runnable(self.prune)
 
     @classmethod
     def from_dict(cls, data: Any) -> "Recipe":
@@ -91,10 +133,14 @@ class Recipe:
         for key in ("evaluate", "overwrite"):
             if key in data and not isinstance(data[key], bool):
                 raise ConfigError(f"recipe: '{key}' must be true or false, got {data[key]!r}")
+        prune_data = data.get("prune") or {}
         try:
-            prune = PruneConfig.from_dict(data.get("prune") or {})
+            check_types(PruneConfig, config_fields(PruneConfig, prune_data, "prune config",
+                                                   "unknown prune config keys"), "prune")
+            prune = PruneConfig.from_dict(prune_data)
         except ConfigError as exc:
-            raise ConfigError(f"prune: {exc}") from None
+            message = str(exc)
+            raise ConfigError(message if message.startswith("prune") else f"prune: {message}") from None
         return cls(
             model=data["model"],
             out=data["out"],
@@ -106,16 +152,7 @@ class Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"recipe '{path}' is not valid YAML{where}") from None
-    return Recipe.from_dict(data)
+    return Recipe.from_dict(load_yaml_file(path, "recipe"))
 
 
 def _quality(model, tok, reference, eval_docs) -> dict:
@@ -138,13 +175,14 @@ def execute(recipe: Recipe, *, progress: bool = True) -> dict:
     from . import data, models
     from .checkpoint import save
     from .errors import SparsecraftError
+    from .outputs import MARKER, check_output, marker_text
     from .prune import prune_
     from .report import report
 
     log = logging.getLogger(__name__)
-    out = Path(recipe.out)
-    if out.exists() and not recipe.overwrite:
-        raise SparsecraftError(f"'{out}' exists; set overwrite (or --overwrite) to replace it")
+    check_runnable(recipe.prune)
+    out = check_output(recipe.out, overwrite=recipe.overwrite, flag="out", kind="model",
+                       how="pass --overwrite (in a recipe: overwrite: true)")
     config = recipe.prune
     start = time.perf_counter()
     model, tok = models.load(recipe.model)
@@ -181,6 +219,8 @@ def execute(recipe: Recipe, *, progress: bool = True) -> dict:
     rep = report(model)
     results["sparsity"] = rep.totals["sparsity"]
     results["compressed_bytes"] = rep.totals["compressed_bytes"]
-    save(model, out, overwrite=recipe.overwrite, tokenizer=tok,
-         extra_files={"prune_results.json": json.dumps(results, indent=2) + "\n"})
+    # one .safetensors file holds tensors only; a folder also gets the results and the marker
+    extra = None if out.suffix == ".safetensors" else {
+        "prune_results.json": json.dumps(results, indent=2) + "\n", MARKER: marker_text("prune")}
+    save(model, out, overwrite=recipe.overwrite, tokenizer=tok, extra_files=extra)
     return results

@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
+
+from ..cli_args import add_overwrite, check_output, fraction_arg, int_arg, write_line
 
 log = logging.getLogger("sparsecraft.runtime.commands")
 
@@ -35,31 +36,9 @@ EPILOG_BENCH = """examples:
 """
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got '{text}'") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got '{text}'")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
-    return value
-
-
-def _int_at_least_2(text: str) -> int:
-    value = _positive(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError("--new-tokens needs at least 2 (one from the prefill, one decode step)")
-    return value
+_fraction = fraction_arg("fraction")
+# one token comes from the prefill, at least one from a decode step
+_new_tokens = int_arg("new-tokens", minimum=2)
 
 
 def register(subparsers) -> dict:
@@ -70,14 +49,15 @@ def register(subparsers) -> dict:
         "(a checkpoint from `sparsecraft prune`, a folder, or a named model).",
         epilog=EPILOG_COMPILE, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("model", help="checkpoint folder, Hugging Face folder or named model")
-    c.add_argument("--out", help="also save the model and its plan (runtime_plan.json) to this folder")
-    c.add_argument("--prompt-len", type=_positive, default=128, help="prompt tokens to plan for (default 128)")
-    c.add_argument("--batch", type=_positive, default=1, help="batch size to plan for (default 1)")
+    c.add_argument("--out", help="also save the model and its plan (runtime_plan.json) to this folder "
+                   "(a folder: the plan cannot ride in one .safetensors file)")
+    c.add_argument("--prompt-len", type=int_arg("prompt-len"), default=128, help="prompt tokens to plan for (default 128)")
+    c.add_argument("--batch", type=int_arg("batch"), default=1, help="batch size to plan for (default 1)")
     c.add_argument("--no-decode", action="store_true", help="plan for the prompt only, not for one decoded token")
     c.add_argument("--min-sparsity", type=_fraction, default=0.5, help="consider layers at least this sparse (default 0.5)")
-    c.add_argument("--repeats", type=_positive, default=7, help="timed samples per kernel (default 7)")
+    c.add_argument("--repeats", type=int_arg("repeats"), default=7, help="timed samples per kernel (default 7)")
     c.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
-    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_overwrite(c)
 
     b = subparsers.add_parser(
         "bench", help="prefill latency and decode tokens/s: dense, planned sparse kernels, activation sparsity",
@@ -89,19 +69,16 @@ def register(subparsers) -> dict:
     b.add_argument("--act-sparsity", type=_fraction, default=None, metavar="S",
                    help="also measure activation sparsity S (fraction of inputs skipped per layer)")
     b.add_argument("--act-method", choices=("teal", "wina"), default="teal", help="activation scores (default teal)")
-    b.add_argument("--prompt-len", type=_positive, default=512, help="prompt tokens (default 512)")
-    b.add_argument("--new-tokens", type=_int_at_least_2, default=64, help="tokens to generate greedily (default 64)")
-    b.add_argument("--repeats", type=_positive, default=3, help="measurements per configuration; medians (default 3)")
-    b.add_argument("--calib-samples", type=_positive, default=16, help="calibration windows for thresholds (default 16)")
-    b.add_argument("--calib-len", type=_positive, default=512, help="tokens per calibration window (default 512)")
+    b.add_argument("--prompt-len", type=int_arg("prompt-len"), default=512, help="prompt tokens (default 512)")
+    b.add_argument("--new-tokens", type=_new_tokens, default=64, help="tokens to generate greedily (default 64)")
+    b.add_argument("--repeats", type=int_arg("repeats"), default=3, help="measurements per configuration; medians (default 3)")
+    b.add_argument("--calib-samples", type=int_arg("calib-samples"), default=16, help="calibration windows for thresholds (default 16)")
+    b.add_argument("--calib-len", type=int_arg("calib-len"), default=512, help="tokens per calibration window (default 512)")
     b.add_argument("--no-compile", action="store_true", help="skip the kernel planner even if MODEL has sparse weights")
     b.add_argument("--eval", action="store_true", help="also measure perplexity of each configuration (slower)")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_overwrite(b)
     return {"compile": _cmd_compile, "bench": _cmd_bench}
-
-
-def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
 
 
 def _example_ids(model, tok, length: int, batch: int = 1):
@@ -122,29 +99,36 @@ def _example_ids(model, tok, length: int, batch: int = 1):
 
 
 def _cmd_compile(args) -> int:
-    from pathlib import Path
-
     from .. import models
     from ..checkpoint import save
-    from ..errors import SparsecraftError
+    from ..errors import ConfigError
+    from ..formats.io import atomic_write
+    from ..outputs import MARKER, marker_text
     from . import PLAN_FILE, compile_
 
-    if args.out and Path(args.out).exists() and not args.overwrite:
-        raise SparsecraftError(f"'{args.out}' exists; pass --overwrite to replace it")
+    # outputs are checked before the model loads
+    json_out = None if args.json is None else check_output(args.json, overwrite=args.overwrite,
+                                                           flag="--json", kind="file")
+    out = None
+    if args.out is not None:
+        if args.out.endswith(".safetensors"):
+            raise ConfigError(f"--out '{args.out}': compile saves a folder (model + {PLAN_FILE}); "
+                              f"give a folder name")
+        out = check_output(args.out, overwrite=args.overwrite, kind="folder")
     model, tok = models.load(args.model)
     ids = _example_ids(model, tok, args.prompt_len, args.batch)
     inputs = [ids] if args.no_decode else [ids, ids[:, :1]]
     report = compile_(model, *inputs, min_sparsity=args.min_sparsity, repeats=args.repeats)
-    _out(str(report))
+    write_line(str(report))
     if not report.layers:
-        _out(f"no Linear layer of {args.model} is at least {args.min_sparsity:g} sparse: nothing to compile")
-    if args.json:
-        report.to_json(args.json)
-    if args.out:
+        write_line(f"no Linear layer of {args.model} is at least {args.min_sparsity:g} sparse: nothing to compile")
+    if json_out is not None:
+        atomic_write(json_out, lambda tmp: tmp.write_text(report.to_json() + "\n"))
+    if out is not None:
         # the checkpoint speaks dense names (SparseLinear's state dict), the plan rides beside it
-        save(model, args.out, overwrite=args.overwrite, tokenizer=tok,
-             extra_files={PLAN_FILE: report.to_json() + "\n"})
-        _out(f"saved model and plan to {args.out} (load with sparsecraft.runtime.load_compiled)")
+        save(model, out, overwrite=args.overwrite, tokenizer=tok,
+             extra_files={PLAN_FILE: report.to_json() + "\n", MARKER: marker_text("compile")})
+        write_line(f"saved model and plan to {args.out} (load with sparsecraft.runtime.load_compiled)")
     return 0
 
 
@@ -168,8 +152,11 @@ def _cmd_bench(args) -> int:
 
     from .. import data, evaluate, models
     from ..errors import SparsecraftError
+    from ..formats.io import atomic_write
     from . import compile_, sparsify_activations_
 
+    json_out = None if args.json is None else check_output(args.json, overwrite=args.overwrite,
+                                                           flag="--json", kind="file")
     model, tok = models.load(args.model)
     if not evaluate.is_causal_lm(model):
         raise SparsecraftError(f"bench measures causal language models; '{args.model}' is {type(model).__name__}")
@@ -196,10 +183,10 @@ def _cmd_bench(args) -> int:
     if not args.no_compile:
         report = compile_(model, ids, ids[:, :1])
         if report.plan():
-            _out(str(report).splitlines()[-1])
+            write_line(str(report).splitlines()[-1])
             run(f"planned kernels ({len(report.plan())} layers)")
         elif report.layers:
-            _out("planner: no sparse kernel beat dense by the margin; model left dense")
+            write_line("planner: no sparse kernel beat dense by the margin; model left dense")
     if args.act_sparsity is not None:
         calib = (data.calibration(tok, args.calib_samples, args.calib_len, seed=0) if tok is not None
                  else torch.randint(0, model.config.vocab_size, (args.calib_samples, args.calib_len)))
@@ -210,22 +197,20 @@ def _cmd_bench(args) -> int:
             after_eval=lambda: handle.set_mode(prefill="dense"))
         handle.remove()
 
-    _out(f"{args.model}: prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens (batch 1, greedy, KV cache), "
+    write_line(f"{args.model}: prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens (batch 1, greedy, KV cache), "
          f"torch threads {torch.get_num_threads()}, median of {args.repeats}")
     head = f"{'configuration':<44} {'prefill ms':>10} {'decode tok/s':>12} {'decode x':>8}"
     head += f" {'same tokens':>11}" + (f" {'perplexity':>10}" if args.eval else "")
-    _out(head)
+    write_line(head)
     base = rows["dense"]["decode_tok_s"]
     for name, r in rows.items():
         line = (f"{name:<44} {r['prefill_ms']:>10.1f} {r['decode_tok_s']:>12.2f} {r['decode_tok_s'] / base:>7.2f}x"
                 f" {str(r.get('same_tokens', '-')) + '/' + str(len(r['tokens'])):>11}")
         if args.eval:
             line += f" {r['perplexity']:>10.2f}"
-        _out(line)
-    if args.json:
-        from pathlib import Path
-
-        Path(args.json).write_text(json.dumps({"model": args.model, "threads": torch.get_num_threads(),
-                                               "prompt_len": ids.shape[1], "new_tokens": args.new_tokens,
-                                               "rows": rows}, indent=1) + "\n")
+        write_line(line)
+    if json_out is not None:
+        text = json.dumps({"model": args.model, "threads": torch.get_num_threads(), "prompt_len": ids.shape[1],
+                           "new_tokens": args.new_tokens, "rows": rows}, indent=1) + "\n"
+        atomic_write(json_out, lambda tmp: tmp.write_text(text))
     return 0

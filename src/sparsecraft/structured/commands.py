@@ -7,9 +7,8 @@ transformers and the shrinking code load inside the handler.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ..cli_args import number_arg, override_arg
+from ..cli_args import add_overwrite, check_output, int_arg, number_arg, override_arg, write_line
 
 EPILOG = """examples:
   sparsecraft shrink smollm2-135m --mlp 0.3 --out shrunk/
@@ -37,7 +36,8 @@ def register(subparsers) -> dict:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="named model (smollm2-135m, minilm-l6) or a folder")
-    p.add_argument("--out", required=True, help="output folder (or file ending in .safetensors)")
+    p.add_argument("--out", required=True,
+                   help="output folder, or one file ending in .safetensors (tensors and shapes only)")
     p.add_argument("--mlp", type=_fraction, default=0.0, help="fraction of MLP channels to remove per block")
     p.add_argument("--heads", type=_fraction, default=0.0,
                    help="fraction of attention heads to remove per block (k/v groups under GQA)")
@@ -47,22 +47,18 @@ def register(subparsers) -> dict:
                    help="unit importance (default: magnitude; wanda and taylor use calibration text)")
     p.add_argument("--override", action="append", default=[], type=_override, metavar="RULE=F",
                    help="fraction for layers matching RULE (glob or re:, on e.g. model.layers.0.mlp); repeatable")
-    p.add_argument("--round-to", type=int, default=1, help="keep a multiple of this many MLP channels")
+    p.add_argument("--round-to", type=int_arg("round-to"), default=1, help="keep a multiple of this many MLP channels")
     p.add_argument("--calib", metavar="FILE", default=None, help="calibration text (.txt or JSONL with 'text')")
     p.add_argument("--corpus", default="lee", choices=("lee", "wiki"),
                    help="built-in text for calibration (when no --calib) and for --eval (default: lee)")
-    p.add_argument("--samples", type=int, default=32, help="calibration samples (default 32)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
-    p.add_argument("--batch-size", type=int, default=4, help="calibration samples per forward pass (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling")
+    p.add_argument("--samples", type=int_arg("samples"), default=32, help="calibration samples (default 32)")
+    p.add_argument("--seq-len", type=int_arg("seq-len"), default=512, help="tokens per calibration sample (default 512)")
+    p.add_argument("--batch-size", type=int_arg("batch-size"), default=4, help="calibration samples per forward pass (default 4)")
+    p.add_argument("--seed", type=int_arg("seed", minimum=0), default=0, help="seed for calibration sampling")
     p.add_argument("--eval", action="store_true",
                    help="quality before and after on held-out text (perplexity or embedding cosine)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_overwrite(p)
     return {"shrink": run}
-
-
-def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
 
 
 def _quality(model, tok, reference, docs) -> dict:
@@ -78,11 +74,10 @@ def run(args) -> int:
     import json
     import logging
     import time
-    from pathlib import Path
-
     from .. import data, evaluate, models
     from ..checkpoint import save
     from ..errors import SparsecraftError
+    from ..outputs import MARKER, marker_text
     from ..recipe import CalibrationSpec
     from .config import ShrinkConfig
     from .shrink import shrink_
@@ -94,9 +89,7 @@ def run(args) -> int:
                           round_to=args.round_to, batch_size=args.batch_size)
     spec = CalibrationSpec(file=args.calib, corpus=args.corpus, samples=args.samples,
                            seq_len=args.seq_len, seed=args.seed)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SparsecraftError(f"'{out}' exists; pass --overwrite to replace it")
+    out = check_output(args.out, overwrite=args.overwrite, kind="model")
 
     start = time.perf_counter()
     model, tok = models.load(args.model)
@@ -126,13 +119,13 @@ def run(args) -> int:
         results["shrunk"] = _quality(model, tok, reference, eval_docs)
     save(model, out, overwrite=args.overwrite, tokenizer=tok,
          extra_files=None if out.suffix == ".safetensors" else
-         {"shrink_results.json": json.dumps(results, indent=2) + "\n"})
+         {"shrink_results.json": json.dumps(results, indent=2) + "\n", MARKER: marker_text("shrink")})
 
-    _out(str(rep))
-    _out(f"shrunk {args.model} with {config.criterion} in {results['shrink_seconds']:.1f} s: "
+    write_line(str(rep))
+    write_line(f"shrunk {args.model} with {config.criterion} in {results['shrink_seconds']:.1f} s: "
          f"{rep.params_before:,} -> {rep.params_after:,} parameters; saved to {out}")
     for key in ("dense", "shrunk"):
         if key in results:
-            _out(f"  {key}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+            write_line(f"  {key}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in results[key].items()))
     return 0

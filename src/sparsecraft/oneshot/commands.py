@@ -1,0 +1,131 @@
+"""``sparsecraft prune`` and ``sparsecraft run`` (registered through ``cli.COMMAND_MODULES``).
+
+Both build a :class:`~sparsecraft.recipe.Recipe` (validated: config, method, calibration,
+output path) and hand it to :func:`sparsecraft.recipe.execute`, which checks the output
+path before it loads the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..cli_args import add_overwrite, check_output, int_arg, number_arg, override_arg, write_line
+
+EPILOG_PRUNE = """examples:
+  sparsecraft prune smollm2-135m --sparsity 0.5 --out pruned/
+  sparsecraft prune smollm2-135m --pattern 2:4 --out pruned-24/
+  sparsecraft prune smollm2-135m --method wanda --dsnot --allocation owl \\
+      --sparsity 0.6 --samples 64 --seq-len 256 --eval --out pruned-wanda/
+  sparsecraft prune ./my-hf-model --allocation global --sparsity 0.7 \\
+      --exclude 're:.*self_attn.*' --override '*.down_proj.*=0.5' --out pruned/
+  sparsecraft prune smollm2-135m --sparsity 0.5 --out pruned.safetensors   # one file, tensors only
+"""
+
+
+def known_allocations() -> tuple[str, ...]:
+    """Allocation names PruneConfig accepts: the allocation registry plus OWL (which the
+    calibrated driver computes; a no-op once OWL is in the registry)."""
+    from ..allocation import ALLOCATIONS
+
+    return tuple(ALLOCATIONS) + tuple(a for a in ("owl",) if a not in ALLOCATIONS)
+
+
+def register(sub) -> dict:
+    from ..recipe import runnable_methods
+
+    p = sub.add_parser(
+        "prune",
+        help="prune a model once and save it compressed",
+        description="Prune MODEL (a named model such as smollm2-135m, a Hugging Face folder, "
+        "or a sparsecraft checkpoint) and save the result compressed to --out.",
+        epilog=EPILOG_PRUNE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="named model (smollm2-135m, minilm-l6) or a folder")
+    p.add_argument("--out", required=True,
+                   help="output folder, or one file ending in .safetensors (model only: no tokenizer "
+                        "or results file)")
+    p.add_argument("--method", default="magnitude",
+                   help=f"{' | '.join(runnable_methods())} (default: magnitude)")
+    p.add_argument("--sparsity", type=number_arg("sparsity"), default=None,
+                   help="fraction of weights to remove, in [0, 1) (default 0.5; N:M fixes it)")
+    p.add_argument("--pattern", default="unstructured",
+                   help="unstructured | N:M (e.g. 2:4) | block:RxC | rows (default: unstructured)")
+    p.add_argument("--allocation", default="uniform",
+                   help=f"{' | '.join(known_allocations())} (default: uniform)")
+    p.add_argument("--include", action="append", default=[], metavar="RULE",
+                   help="only these parameters (glob or re:regex); repeatable")
+    p.add_argument("--exclude", action="append", default=[], metavar="RULE",
+                   help="skip these parameters (glob or re:regex); repeatable")
+    p.add_argument("--override", action="append", default=[], type=override_arg("sparsity"), metavar="RULE=S",
+                   help="pin the sparsity of matching layers; repeatable")
+    p.add_argument("--max-sparsity", type=number_arg("max sparsity", minimum=0.0, exclusive=True, below=1.0), default=0.99,
+                   help="per-layer cap for global allocation")
+    p.add_argument("--fallback", default="error", help="error | skip | unstructured for layers the pattern cannot tile")
+    p.add_argument("--seed", type=int_arg("seed", minimum=0), default=0,
+                   help="seed for random methods and calibration sampling")
+    p.add_argument("--dsnot", action="store_true", help="refine masks with DSnoT (needs calibration)")
+    p.add_argument("--calib", metavar="FILE", default=None,
+                   help="calibration text (.txt) or JSONL with a 'text' field; default: built-in Lee corpus")
+    p.add_argument("--corpus", default="lee", choices=("lee", "wiki"),
+                   help="built-in text for calibration (when no --calib) and for --eval (default: lee)")
+    p.add_argument("--samples", type=int_arg("samples"), default=128, help="calibration samples (default 128)")
+    p.add_argument("--seq-len", type=int_arg("seq-len"), default=512,
+                   help="tokens per calibration sample (default 512)")
+    p.add_argument("--eval", action="store_true",
+                   help="measure quality before and after on held-out text (perplexity or embedding cosine)")
+    add_overwrite(p)
+
+    r = sub.add_parser("run", help="run a YAML recipe (the same fields as prune's flags)",
+                       description="Run a one-shot pruning recipe; see sparsecraft.recipe for the fields. "
+                       "The recipe's 'overwrite' or --overwrite allows replacing its 'out'.")
+    r.add_argument("recipe", help="YAML file")
+    add_overwrite(r)
+    return {"prune": cmd_prune, "run": cmd_run}
+
+
+def _finish(results: dict, recipe) -> None:
+    write_line(f"pruned {recipe.model} with {recipe.prune.method} ({recipe.prune.pattern_obj}): "
+               f"sparsity {results['sparsity']:.4f} in {results['prune_seconds']:.1f} s; saved to {recipe.out}")
+    for key in ("dense", "pruned"):
+        if key in results:
+            write_line(f"  {key}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in results[key].items()))
+
+
+def cmd_prune(args) -> int:
+    from ..prune import PruneConfig, default_sparsity
+    from ..recipe import CalibrationSpec, Recipe, execute
+
+    config = PruneConfig(
+        method=args.method,
+        sparsity=default_sparsity(args.pattern, args.sparsity),
+        pattern=args.pattern,
+        allocation=args.allocation,
+        targets={"include": args.include, "exclude": args.exclude},
+        overrides=dict(args.override),
+        max_sparsity=args.max_sparsity,
+        fallback=args.fallback,
+        seed=args.seed,
+        options={"dsnot": True} if args.dsnot else {},
+    )
+    recipe = Recipe(
+        model=args.model, out=args.out, prune=config, evaluate=args.eval, overwrite=args.overwrite,
+        calibration=CalibrationSpec(file=args.calib, corpus=args.corpus, samples=args.samples,
+                                    seq_len=args.seq_len, seed=args.seed),
+    )
+    check_output(args.out, overwrite=args.overwrite, kind="model")  # execute checks again, as 'out'
+    _finish(execute(recipe, progress=not args.quiet), recipe)
+    return 0
+
+
+def cmd_run(args) -> int:
+    import dataclasses
+
+    from ..recipe import execute, load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.overwrite:
+        recipe = dataclasses.replace(recipe, overwrite=True)
+    _finish(execute(recipe, progress=not args.quiet), recipe)
+    return 0
