@@ -122,7 +122,7 @@ def cmd_report(args) -> int:
 def cmd_info(args) -> int:
     from .checkpoint import tensor_file
     from .errors import SparsecraftError
-    from .formats import read_header
+    from .formats import describe, read_header
 
     path = tensor_file(Path(args.path))
     if not path.is_file():
@@ -131,17 +131,8 @@ def cmd_info(args) -> int:
     if args.json:
         write_line(json.dumps(header, indent=2, default=str))
         return 0
-    tensors = header.get("tensors", {})
-    write_line(f"{path}  ({path.stat().st_size:,} bytes, format version {header.get('version', '?')})")
-    width = max((len(n) for n in tensors), default=4)
-    write_line(f"{'tensor'.ljust(width)}  {'shape':>14}  {'dtype':>8}  {'encoding':>8}  {'pattern':>12}  {'sparsity':>8}")
-    for name, t in tensors.items():
-        shape = "x".join(map(str, t.get("shape", [])))
-        sparsity = t.get("sparsity")
-        write_line(
-            f"{name.ljust(width)}  {shape:>14}  {str(t.get('dtype', '')):>8}  {t.get('encoding', ''):>8}  "
-            f"{str(t.get('pattern', '')):>12}  {'' if sparsity is None else f'{sparsity:.4f}':>8}"
-        )
+    write_line(f"{path}  (format version {header.get('version', '?')})")
+    write_line(describe(path))
     return 0
 
 

@@ -38,11 +38,10 @@ def run_demo(
 ) -> dict:
     from . import data, models
     from .checkpoint import load, save
-    from .prune import PruneConfig, default_sparsity, prune_
-    from .report import report
-
     from .cli_args import write_line
     from .outputs import write_marker
+    from .prune import PruneConfig, default_sparsity, prune_
+    from .report import report
 
     out.mkdir(exist_ok=True)  # the caller checked the path (sparsecraft.outputs.check_output)
     write_marker(out, "demo")

@@ -79,7 +79,7 @@ def test_recover_omp_noiseless_gaussian_exact(gaussian, tmp_path, capsys):
     assert result["converged"] is True and result["n_iter"] == 8
     assert result["support_f1"] == 1.0 and result["nmse_db"] < -160
     assert result["seconds"] >= 0 and result["shape"] == {"M": 64, "N": 256, "B": None, "factors": None}
-    assert sorted(p.name for p in out.iterdir()) == ["result.json", "x.npy"]
+    assert sorted(p.name for p in out.iterdir()) == ["result.json", "sparsecraft-output.json", "x.npy"]
 
 
 @pytest.mark.parametrize("complex_,snr_db", [(False, None), (True, None), (False, 40.0)])
@@ -222,14 +222,20 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, gaussian, 
 def test_existing_results_are_kept_without_overwrite(gaussian, tmp_path, capsys):
     paths, _, _ = gaussian
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "x.npy").write_bytes(b"keep")
     argv = ["recover", "--y", str(paths["y"]), "--A", str(paths["A"]), "--method", "omp", "--k", "8", "--out", str(out)]
+    assert _run(argv) == 0
+    (out / "x.npy").write_bytes(b"keep")
     assert _run(argv) == 2
     assert "--overwrite" in _one_line_error(capsys)
-    assert (out / "x.npy").read_bytes() == b"keep" and not (out / "result.json").exists()
-    assert _run([*argv, "--overwrite"]) == 0
+    assert (out / "x.npy").read_bytes() == b"keep"
+    assert _run([*argv, "--overwrite"]) == 0  # our own output folder (it holds the marker)
     assert np.load(out / "x.npy").shape == (256,)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "x.npy").write_bytes(b"user data")
+    assert _run([*argv[:-1], str(foreign), "--overwrite"]) == 2  # not a sparsecraft output
+    assert "not a sparsecraft output" in _one_line_error(capsys)
+    assert (foreign / "x.npy").read_bytes() == b"user data" and len(list(foreign.iterdir())) == 1
 
 
 # ---------------------------------------------------------------- sizes from files (issue 12, defect 3)
@@ -277,11 +283,11 @@ def test_npy_header_cannot_claim_more_than_the_file_holds(gaussian, tmp_path, ca
         npz = _npz_claiming(tmp_path / f"A{compress}.npz", (64, 10**12), compress)
         _refused(["recover", "--y", y, "--A", npz, "--method", "omp"], capsys, tmp_path / "o", "--A", "header")
     # a header that fits the file but not the memory: the same refusal, with both amounts
-    import sparsecraft.recovery._common as common
+    from sparsecraft import memory
 
     small = _npy_claiming(tmp_path / "A8.npy", (8,), payload=b"\0" * 64)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(common, "available_memory", lambda: 32)
+        mp.setattr(memory, "available_memory", lambda: 32)
         _refused(["recover", "--y", small, "--A", str(paths["A"]), "--method", "omp"], capsys,
                  tmp_path / "o", "--y", "64 B of memory", "only 32 B is available")
 
@@ -308,10 +314,10 @@ def test_recover_factors_refuses_a_kronecker_size_beyond_memory(tmp_path, capsys
 
 
 def test_recover_dense_sbl_on_factors_counts_the_densified_matrix(tmp_path, capsys, monkeypatch):
-    import sparsecraft.recovery._common as common
+    from sparsecraft import memory
 
     factors, _ = _kron_problem(tmp_path, False)  # M = 336, N = 1000: 2.7 MB per dense copy
-    monkeypatch.setattr(common, "available_memory", lambda: 4 * 2**20)
+    monkeypatch.setattr(memory, "available_memory", lambda: 4 * 2**20)
     argv = ["recover", "--y", str(tmp_path / "yk.npy"), "--factors", *factors]
     _refused([*argv, "--method", "sbl"], capsys, tmp_path / "o", "--method sbl", "M = 336", "N = 1000",
              "dense M x N", "4.0 MiB is available")
@@ -371,7 +377,7 @@ def _more_bad_inputs(tmp_path, paths):
     X3 = str(tmp_path / "X3.npy")
     rec = ["recover", "--y", y, "--A", A]
     return [
-        ([*rec, "--method", "omp", "--out", str(tmp_path / "afile")], ["not a folder"]),
+        ([*rec, "--method", "omp", "--out", str(tmp_path / "afile")], ["exists", "--overwrite"]),
         (["recover", "--y", str(tmp_path / "text.txt"), "--A", A, "--method", "omp"], [".npy, .npz or .csv"]),
         (["recover", "--y", str(tmp_path / "letters.csv"), "--A", A, "--method", "omp"], ["--y", "cannot be read"]),
         (["recover", "--y", str(tmp_path / "ragged.csv"), "--A", A, "--method", "omp"], ["--y", "cannot be read"]),

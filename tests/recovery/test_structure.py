@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import sparsecraft.recovery as R
+from sparsecraft import memory
 from sparsecraft.recovery import _common, kronecker_sbl
 
 
@@ -24,16 +25,16 @@ def test_kronecker_solvers_refuse_an_N_beyond_memory_before_allocating(solver):
 
 
 def test_check_memory_reports_both_amounts(monkeypatch):
-    monkeypatch.setattr(_common, "available_memory", lambda: 1024)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1024)
     _common.check_memory(1024, "a thing")
-    with pytest.raises(R.RecoveryError, match=r"a thing would need about 2.0 KiB of memory, but only 1.0 KiB"):
+    with pytest.raises(R.RecoveryError, match=r"a thing would need about 2.0 KiB of memory \(2,048 bytes\), but only 1.0 KiB"):
         _common.check_memory(2048, "a thing")
-    monkeypatch.setattr(_common, "available_memory", lambda: None)  # unknown: no refusal
+    monkeypatch.setattr(memory, "available_memory", lambda: None)  # unknown: no refusal
     _common.check_memory(2**80, "a thing")
 
 
 def test_available_memory_reads_meminfo():
-    value = _common.available_memory()
+    value = memory.available_memory()
     assert value is None or value > 0
 
 

@@ -62,7 +62,7 @@ import torch
 # The hot paths run in numpy on integer views of the bits: numpy is single-threaded, and on a
 # busy machine torch's intra-op threads made these element-wise passes several times slower.
 from sparsecraft.errors import ConfigError, FormatError
-from sparsecraft.formats.memory import check_memory
+from sparsecraft.memory import check_memory
 
 __all__ = [
     "ENCODINGS",

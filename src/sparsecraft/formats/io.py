@@ -66,7 +66,7 @@ from safetensors.torch import save_file
 
 from sparsecraft.errors import FormatError, SparsecraftError
 from sparsecraft.formats import encodings as enc
-from sparsecraft.formats.memory import available_memory, check_memory
+from sparsecraft.memory import available_memory, check_memory
 
 __all__ = ["FORMAT_VERSION", "write_tensors", "read_tensors", "read_header", "atomic_write",
            "read_plan", "claims_sparsecraft", "available_memory", "check_memory", "describe"]

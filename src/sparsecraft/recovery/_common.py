@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparsecraft import memory
 from sparsecraft.errors import SparsecraftError
 
 logger = logging.getLogger("sparsecraft.recovery")
@@ -157,35 +158,9 @@ def check_int(value, name: str, *, minimum: int = 1, allow_none: bool = False):
         raise RecoveryError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (``MemAvailable`` of ``/proc/meminfo``), or
-    None where that is not known. The same reading as ``sparsecraft.calibrate._available_memory``."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def format_bytes(n: float) -> str:
-    """``n`` bytes in the largest binary unit that keeps it >= 1 (``"3.2 GiB"``)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"  # pragma: no cover
-
-
 def check_memory(nbytes: float, what: str, error=None) -> None:
-    """Refuse (``error``, default :class:`RecoveryError`) when ``what`` would need more than the
-    available memory; the message gives both amounts. Call it before allocating."""
-    available = available_memory()
-    if available is not None and nbytes > available:
-        raise (error or RecoveryError)(f"{what} would need about {format_bytes(nbytes)} of memory, "
-                                       f"but only {format_bytes(available)} is available")
+    """:func:`sparsecraft.memory.check_memory` raising :class:`RecoveryError` unless told otherwise."""
+    memory.check_memory(nbytes, what, error or RecoveryError)
 
 
 def run_batched(solve_one, y: torch.Tensor) -> RecoveryResult:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from ..cli_args import int_arg, number_arg
+from ..cli_args import add_overwrite, int_arg, number_arg, write_line
+from ..outputs import check_output
 
 log = logging.getLogger("sparsecraft.recovery.commands")
 
@@ -102,7 +102,7 @@ def _subcommand(subparsers, name: str, files: str, epilog: str, help: str, descr
     p = subparsers.add_parser(name, help=help, description=f"{description} Writes {files} to --out.",
                               epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, metavar="DIR", help=f"folder for {files}")
-    p.add_argument("--overwrite", action="store_true", help=f"replace {files} in --out if there")
+    add_overwrite(p)
     return p
 
 
@@ -163,10 +163,6 @@ def register(subparsers) -> dict:
     d.add_argument("--names", type=_names, help="state names, e.g. x,y,z (default: a CSV header, else x,y,z or x0,x1,...)")
     d.add_argument("--precision", type=int_arg("precision"), default=4, help="significant digits printed (default 4)")
     return {"recover": _cmd_recover, "discover": _cmd_discover}
-
-
-def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
 
 
 def _flag(dest: str) -> str:
@@ -253,7 +249,8 @@ def _array_header(fh, size: int, what: str, stored=None):
     from numpy.lib import format as npformat
 
     from ..errors import FormatError
-    from ._common import check_memory, format_bytes
+    from ..memory import format_bytes
+    from ._common import check_memory
 
     version = npformat.read_magic(fh)
     if version == (1, 0):
@@ -307,43 +304,17 @@ def _ndim(arr, flag: str, allowed: tuple[int, ...]):
     return arr
 
 
-def _check_out(text: str, names: tuple[str, ...], overwrite: bool):
-    """``--out`` as a Path, checked before any work: a folder or a new name in an existing,
-    writable folder (only the last folder is ever created), without ``names`` unless
-    ``overwrite``."""
-    import os
-    from pathlib import Path
-
-    from ..errors import SparsecraftError
-
-    out = Path(text)
-    if out.exists():
-        if not out.is_dir():
-            raise SparsecraftError(f"--out '{text}' exists and is not a folder")
-        folder = out
-    else:
-        folder = out.parent
-        if not folder.is_dir():
-            raise SparsecraftError(f"--out '{text}': the folder '{folder}' it would go into does not exist "
-                                   f"(only the last folder of --out is created)")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise SparsecraftError(f"--out '{text}': the folder '{folder}' is not writable")
-    for name in names:
-        if (out / name).exists() and not overwrite:
-            raise SparsecraftError(f"'{out / name}' exists; pass --overwrite to replace it")
-    return out
-
-
-def _write(out, files: dict) -> None:
+def _write(out, files: dict, command: str) -> None:
     """Create ``out`` (not its parents) and write ``{name: bytes}`` there, each file atomically,
     in order. A failure is a :class:`FormatError`; a folder created here is removed if still empty."""
     from ..errors import FormatError
     from ..formats.io import atomic_write
+    from ..outputs import MARKER, marker_text
 
     created = not out.exists()
     try:
         out.mkdir(exist_ok=True)
-        for name, data in files.items():
+        for name, data in {**files, MARKER: marker_text(command).encode()}.items():
             atomic_write(out / name, lambda tmp, data=data: tmp.write_bytes(data))
     except OSError as exc:
         if created and out.is_dir() and not any(out.iterdir()):
@@ -539,7 +510,7 @@ def _cmd_recover(args) -> int:
     from .. import recovery
 
     kwargs = _check_method_options(args)
-    out = _check_out(args.out, ("x.npy", "result.json"), args.overwrite)
+    out = check_output(args.out, overwrite=args.overwrite, kind="folder")
     device = _device(args.device)
     y_np, given, N, x_true = _read_problem(args)
     M = y_np.shape[0]
@@ -577,7 +548,7 @@ def _cmd_recover(args) -> int:
             result[key] = _plain(res.info[key])
     if x_true is not None:
         result.update(_metrics(x, x_true, support))
-    _write(out, {"x.npy": _npy_bytes(x), "result.json": _json(result)})
+    _write(out, {"x.npy": _npy_bytes(x), "result.json": _json(result)}, "recover")
 
     batch = y_np.ndim == 2
     conv = result["converged"]
@@ -591,7 +562,7 @@ def _cmd_recover(args) -> int:
         nmse, db = result["nmse"], result["nmse_db"]
         line += ", NMSE " + ("n/a (x-true is zero)" if nmse is None else "0 (exact)" if db is None else f"{db:.1f} dB")
         line += f", support F1 {result['support_f1']:.3f}"
-    _out(line + f"; wrote {out / 'x.npy'} and {out / 'result.json'}")
+    write_line(line + f"; wrote {out / 'x.npy'} and {out / 'result.json'}")
     return 0
 
 
@@ -633,7 +604,7 @@ def _cmd_discover(args) -> int:
         raise ConfigError("--window smooths computed derivatives; it is not used with --derivatives")
     if args.window is not None and (args.window % 2 == 0 or args.window <= args.polyorder):
         raise ConfigError(f"--window must be odd and larger than --polyorder {args.polyorder}, got {args.window}")
-    out = _check_out(args.out, ("equations.txt", "coefficients.json"), args.overwrite)
+    out = check_output(args.out, overwrite=args.overwrite, kind="folder")
 
     X, header = _load(args.data, "--data", real=True)
     X = _ndim(X, "--data", (1, 2)).reshape(X.shape[0], -1).astype(np.float64)
@@ -674,9 +645,9 @@ def _cmd_discover(args) -> int:
         "terms": int(np.count_nonzero(coef)), "relative_residual": dict(zip(state_names, rel)),
         "derivatives": how, "dt": args.dt, "samples": T, "data": args.data,
     }
-    _write(out, {"equations.txt": ("\n".join(equations) + "\n").encode(), "coefficients.json": _json(result)})
+    _write(out, {"equations.txt": ("\n".join(equations) + "\n").encode(), "coefficients.json": _json(result)}, "discover")
     for eq in equations:
-        _out(eq)
-    _out(f"discovered {result['terms']} terms from {T} samples ({args.method}, degree {args.degree}, "
+        write_line(eq)
+    write_line(f"discovered {result['terms']} terms from {T} samples ({args.method}, degree {args.degree}, "
          f"threshold {args.threshold:g}); wrote {out / 'equations.txt'} and {out / 'coefficients.json'}")
     return 0

@@ -74,6 +74,7 @@ def run(args) -> int:
     import json
     import logging
     import time
+
     from .. import data, evaluate, models
     from ..checkpoint import save
     from ..errors import SparsecraftError

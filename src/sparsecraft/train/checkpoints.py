@@ -58,7 +58,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
                 raise FormatError(
                     f"checkpoint '{path}' is "
                     + ("from an older sparsecraft without checksums" if old else "not a sparsecraft training checkpoint")
-                    + "; use another --out folder or --no-resume"
+                    + "; use another --out folder, or --no-resume --overwrite to start over"
                 )
             line = f.readline(_HEADER_LIMIT)
             try:
@@ -105,7 +105,7 @@ def _check_recipe(path, state, recipe) -> None:
         diff = sorted(str(k) for k in set(mine) | set(theirs) if theirs.get(k) != mine.get(k))
         raise ConfigError(
             f"checkpoint '{path}' is from a different recipe (differs in {diff}); "
-            "use another --out folder or --no-resume"
+            "use another --out folder, or --no-resume --overwrite to start over"
         )
 
 

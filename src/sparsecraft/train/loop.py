@@ -126,7 +126,7 @@ def run_training(
         step, elapsed = restore_(ckpt, saved, recipe, total, model, optimizer, sparsity)
         log.info("resumed from %s at step %d", ckpt, step)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(exist_ok=True)  # the caller checked the parent; no missing chain is created
 
     last = total if stop_after is None else min(total, stop_after)
     model.train()

@@ -102,15 +102,9 @@ class TrainRecipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainRecipe":
-        import yaml
+        from ..yaml_io import load_yaml_file
 
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe file '{path}' does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe '{path}' is not valid YAML: {' '.join(str(exc).split())}") from None
+        data = load_yaml_file(path, "train recipe")  # reads an unquoted 2:4 as text, not 124
         if isinstance(data, Mapping) and "train" in data:
             data = data["train"]
         return cls.from_dict(data or {})

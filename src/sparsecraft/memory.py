@@ -1,0 +1,56 @@
+"""How much memory this process may still allocate, so that sizes read from files or asked for
+by a command are refused before they are allocated (a header must not decide how much memory
+we take). The one home of this check for files, recovery problems and calibration."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import FormatError, SparsecraftError
+
+__all__ = ["available_memory", "check_memory", "format_bytes"]
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, lowered by a cgroup limit; None if unknown."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:  # a container's own limit is often far below the machine's memory
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            avail = min(avail, max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in the largest binary unit that keeps it >= 1 (``"3.2 GiB"``)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_memory(needed: float, what: str, error: type[SparsecraftError] = FormatError) -> None:
+    """Refuse (``error``) when ``needed`` bytes exceed the available memory; the message names
+    ``what`` and gives both amounts. Call it before allocating; unknown memory refuses nothing."""
+    avail = available_memory()
+    if avail is not None and needed > avail:
+        raise error(f"{what} would need about {format_bytes(needed)} of memory ({int(needed):,} bytes), "
+                    f"but only {format_bytes(avail)} is available; refusing to allocate")
