@@ -1,17 +1,21 @@
-"""Shared helpers for the recovery benchmarks: metrics, oracle, timing, JSON output."""
+"""Shared helpers for the recovery benchmarks: metrics, oracle, timing; results are written
+through ``benchmarks/_common.py`` (atomic, stamped with the git commit) like every benchmark's."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402
+
+RESULTS = _common.RESULTS
 
 
 def setup_threads():
@@ -75,10 +79,7 @@ def summarize(rows: list[dict], keys=("nmse_db", "f1", "time", "iters")) -> dict
 
 
 def write_json(name: str, payload: dict):
-    RESULTS.mkdir(parents=True, exist_ok=True)
     payload = dict(payload)
     payload["env"] = {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
                       "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-    path = RESULTS / f"recovery_{name}.json"
-    path.write_text(json.dumps(payload, indent=1))
-    return path
+    return _common.write_json(RESULTS / f"recovery_{name}.json", payload)
