@@ -231,17 +231,23 @@ def test_method_option_of_the_wrong_type_names_the_option(field, value):
         recipe(method="rigl", sparsity=0.8, options={"update_every": 2, "end": 6, field: value})
 
 
-def test_unquoted_yaml_pattern_is_refused_with_a_hint_to_quote_it(tmp_path):
+def test_unquoted_yaml_pattern_is_read_as_text_and_a_number_is_refused(tmp_path):
+    """Recipe files go through the loader that keeps 2:4 as text; a number that reaches the
+    recipe anyway (a dict from plain yaml.safe_load, which reads 2:4 as 124) is refused."""
+    import yaml
+
     path = tmp_path / "r.yaml"
     path.write_text("data: digits\nmodel: mlp\nmethod: srste\nsparsity: null\npattern: 2:4\nsteps: 8\n")
-    with pytest.raises(ConfigError, match="pattern.*124.*quote"):
-        TrainRecipe.from_yaml(path)
-    path.write_text('data: digits\nmodel: mlp\nmethod: srste\nsparsity: null\npattern: "2:4"\nsteps: 8\n')
     assert TrainRecipe.from_yaml(path).pattern == "2:4"
+    fields = yaml.safe_load(path.read_text())
+    assert fields["pattern"] == 124
+    with pytest.raises(ConfigError, match="pattern.*124.*quote"):
+        TrainRecipe.from_dict(fields)
     path.write_text('data: digits\nmethod: decaying-nm\npattern: "1:4"\nsteps: 8\n'
                     "options:\n  stages: [[0, 2:4], [4, \"1:4\"]]\n")
+    assert TrainRecipe.from_yaml(path).options["stages"][0][1] == "2:4"
     with pytest.raises(ConfigError, match=r"stages\[0\].*quote"):
-        TrainRecipe.from_yaml(path)
+        TrainRecipe.from_dict(yaml.safe_load(path.read_text()))
 
 
 # -- 5. the README's "Training sparse" calls, as written -------------------------------------
@@ -360,7 +366,7 @@ def test_python_objects_refuse_schedules_that_do_nothing():
 
 @pytest.mark.parametrize("line,field", [
     ("seed: 1.5", "seed"), ("steps: ten", "steps"), ("lr: [1]", "lr"), ("sparsity: true", "sparsity"),
-    ("pattern: 2:4\nmethod: srste", "pattern"), ("options: {end: 50}\nmethod: gmp", "options.end"),
+    ("pattern: 2:40:1\nmethod: srste", "pattern"), ("options: {end: 50}\nmethod: gmp", "options.end"),
 ])
 def test_cli_train_bad_recipe_field_is_one_line_exit_2(tmp_path, capsys, line, field):
     path = tmp_path / "r.yaml"
