@@ -73,7 +73,8 @@ class PruneConfig:
     max_sparsity: float = 0.99
     fallback: str = "error"
     seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)  # method-specific settings
+    # the method's, the driver's, the allocation's and refiners' settings (see the module docstring)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.targets, dict):
