@@ -35,7 +35,7 @@ from .criteria import (
 from .errors import ConfigError, TargetError, config_fields
 from .masks import SparsityState
 from .oneshot.driver import (
-    STATISTICS, DriverOptions, calibrated_prune, check_requires, collect_model_statistics, needs_block_driver,
+    DriverOptions, calibrated_prune, check_requires, collect_model_statistics, needs_block_driver,
 )
 from .patterns import NM, Pattern, parse_pattern
 from .targets import FALLBACKS, Target, TargetSpec, resolve_patterns, select_targets

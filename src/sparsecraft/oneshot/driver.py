@@ -32,12 +32,11 @@ memory before starting and refuses when it will not fit.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
