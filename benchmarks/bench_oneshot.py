@@ -52,6 +52,10 @@ def _grid() -> dict[str, dict]:
             grid[f"{m}-{p}"] = {"model": "smollm2-135m", "method": m, "sparsity": None, "pattern": p}
         grid[f"wanda+dsnot-{p}"] = {"model": "smollm2-135m", "method": "wanda", "sparsity": None, "pattern": p,
                                     "options": {"dsnot": True}}
+    # "true sequential" blocks: each layer group pruned from the already-pruned groups' outputs
+    for p, s in (("0.5", 0.5), ("2:4", None), ("4:8", None)):
+        grid[f"sparsegpt-seq-{p}"] = {"model": "smollm2-135m", "method": "sparsegpt", "sparsity": s,
+                                      "pattern": "unstructured" if s else p, "options": {"sequential": True}}
     for p in ("unstructured", "2:4"):
         for m in ("magnitude", "wanda", "sparsegpt"):
             grid[f"minilm-{m}-{p}"] = {"model": "minilm-l6", "method": m,

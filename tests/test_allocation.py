@@ -98,3 +98,22 @@ def test_sampled_bracket_and_full_bisection_agree(tiny_lm, monkeypatch):
     high = alloc._sortable_keys(torch.tensor([10.0])).item()
     monkeypatch.undo()
     assert alloc._counts_in_bracket(targets, _magnitude, caps, k, high, high + 5) is None
+
+
+def test_one_registry_and_owl_declares_its_statistic(tiny_lm):
+    import sparsecraft.oneshot  # noqa: F401  (registers owl)
+    from sparsecraft.allocation import ALLOCATIONS, get_allocation
+
+    assert list(ALLOCATIONS)[:4] == ["uniform", "global", "erk", "owl"]
+    assert get_allocation("owl").requires == ("input_sq_norm",)
+    targets = select_targets(tiny_lm)
+    with pytest.raises(ConfigError, match="allocation 'owl' needs calibration statistics"):
+        allocate(targets, 0.5, "owl")
+    with pytest.raises(ConfigError, match="allocation 'erk' has no option 'owl_m'"):
+        allocate(targets, 0.5, "erk", options={"owl_m": 3.0})
+    # with the statistic supplied, OWL gives exact totals without the driver
+    stats = {t.name: {"input_sq_norm": torch.rand(t.param.shape[1], generator=torch.Generator().manual_seed(i))}
+             for i, t in enumerate(targets)}
+    out = allocate(targets, 0.5, "owl", stats=stats, options={"owl_lambda": 0.1})
+    pruned = sum(round(out[t.name] * t.param.numel()) for t in targets)
+    assert pruned == math.floor(0.5 * sum(t.param.numel() for t in targets) + 0.5)

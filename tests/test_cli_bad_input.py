@@ -109,7 +109,7 @@ CASES = {
     "prune --overwrite foreign .safetensors": (lambda m: ["prune", m, "--out", "notes.safetensors", "--overwrite"],
                                                "is not a sparsecraft checkpoint"),
     "prune --out is a file": (lambda m: ["prune", m, "--out", "exists.json", "--overwrite"], "is a file"),
-    "prune --method snip": (lambda m: ["prune", m, "--out", "o", "--method", "snip"], "method 'snip'"),
+    "prune --method unknown": (lambda m: ["prune", m, "--out", "o", "--method", "nosuch"], "unknown method 'nosuch'"),
     "prune --seed abc": (lambda m: ["prune", m, "--out", "o", "--seed", "abc"], "seed must be an integer"),
     "prune --seed 1.5": (lambda m: ["prune", m, "--out", "o", "--seed", "1.5"], "seed must be an integer"),
     "prune --samples 0": (lambda m: ["prune", m, "--out", "o", "--samples", "0"], "samples must be an integer >= 1"),
@@ -123,7 +123,7 @@ CASES = {
                                        "is not a sparsecraft output"),
     "shrink --seed abc": (lambda m: ["shrink", m, "--mlp", "0.5", "--out", "o", "--seed", "abc"], "seed must be"),
     "demo --overwrite user folder": (lambda m: ["demo", "--out", "user", "--overwrite"], "is not a sparsecraft output"),
-    "demo --method snip": (lambda m: ["demo", "--out", "d", "--method", "snip"], "method 'snip'"),
+    "demo --method unknown": (lambda m: ["demo", "--out", "d", "--method", "nosuch"], "unknown method 'nosuch'"),
     "info not a checkpoint": (lambda m: ["info", "notes.safetensors"], "notes.safetensors"),
 }
 
@@ -225,19 +225,19 @@ def test_read_only_output_folder(place, tiny_llama_dir, never_load, monkeypatch,
     assert _tree(place) == before
 
 
-def test_a_method_that_needs_gradients_is_refused_before_loading(place, tiny_llama_dir, never_load,
-                                                                 monkeypatch, capsys):
+def test_a_method_needing_what_no_driver_collects_is_refused_before_loading(place, tiny_llama_dir, never_load,
+                                                                          monkeypatch, capsys):
     from sparsecraft.criteria import CRITERIA, Criterion
 
-    class NeedsGrad(Criterion):
-        name = "needsgrad"
-        requires = ("grad",)
+    class NeedsTelepathy(Criterion):
+        name = "telepathy"
+        requires = ("thoughts",)
 
-    monkeypatch.setitem(CRITERIA, "needsgrad", NeedsGrad)
-    code, err = _run(["prune", str(tiny_llama_dir), "--out", "o", "--method", "needsgrad"], capsys)
+    monkeypatch.setitem(CRITERIA, "telepathy", NeedsTelepathy)
+    code, err = _run(["prune", str(tiny_llama_dir), "--out", "o", "--method", "telepathy"], capsys)
     assert code == 2
     line = _assert_one_line(err)
-    assert "needs grad" in line and "magnitude" in line
+    assert "'thoughts'" in line and "cannot collect" in line and "hessian" in line
     assert not (place / "o").exists()
 
 
@@ -347,14 +347,13 @@ def test_parse_pattern_refuses_a_number_and_says_quote_it():
 
 # ---------------------------------------------------------------- help and docs
 def test_help_lists_registries_and_keeps_the_continuations(capsys):
-    from sparsecraft.criteria import CRITERIA
-    from sparsecraft.prune import METHODS
+    from sparsecraft.criteria import method_names
 
     with pytest.raises(SystemExit):
         main(["prune", "--help"])
     text = capsys.readouterr().out
     assert "uniform | global | erk | owl" in text
-    for name in set(METHODS) | {n for n, c in CRITERIA.items() if not c.requires}:
+    for name in method_names():
         assert name in text
     assert "--allocation owl \\\n      --sparsity 0.6" in text
 

@@ -9,11 +9,11 @@ import importlib
 import logging
 
 from .allocation import allocate
-from .criteria import Criterion, LayerContext, register_criterion
+from .criteria import Criterion, LayerContext, Refiner, Solver, register_criterion, register_refiner, register_solver
 from .errors import ConfigError, FormatError, SparsecraftError, TargetError
 from .masks import SparsityState, get_meta
 from .patterns import NM, Block, Pattern, Rows, Unstructured, parse_pattern
-from .prune import Magnitude, PruneConfig, RandomPrune, prune_, register_method
+from .prune import Magnitude, PruneConfig, RandomPrune, SparseGPT, Wanda, method_config, prune_, register_method
 from .report import Report, report  # eager: the name `report` must stay the function
 from .targets import Target, TargetSpec, select_targets
 
@@ -46,7 +46,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "prune_", "PruneConfig", "Magnitude", "RandomPrune", "register_method",
+    "prune_", "PruneConfig", "Magnitude", "RandomPrune", "Wanda", "SparseGPT", "method_config", "register_method",
+    "Solver", "Refiner", "register_solver", "register_refiner",
     "SparsityState", "get_meta", "select_targets", "Target", "TargetSpec",
     "Pattern", "Unstructured", "NM", "Block", "Rows", "parse_pattern",
     "Criterion", "LayerContext", "register_criterion", "allocate",

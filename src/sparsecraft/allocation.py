@@ -11,26 +11,86 @@ pattern's rounding rule (``floor(s * n + 0.5)``) gives back exactly ``k``.
 * ``erk``: Erdős–Rényi-kernel densities, proportional to ``sum(shape) / prod(shape)``,
   scaled so the total is exact; layers that would exceed density 1 stay dense and the
   rest is rescaled (as in RigL).
+* ``owl``: outlier-weighted (registered by :mod:`sparsecraft.oneshot.owl`); it declares
+  in ``requires`` the calibration statistic it needs (input norms), which the one-shot
+  driver collects in a dense pass before pruning, exactly as for a solver.
 * overrides: ``{rule: sparsity}`` pins matching targets (first matching rule wins); the
   allocation runs over the remaining targets.
+
+Every allocation is an :class:`Allocation` in the one registry :data:`ALLOCATIONS`
+(``register_allocation``); its ``Options`` dataclass lists the settings it accepts.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
+from .criteria import NoOptions, build_options
 from .errors import ConfigError, TargetError
 from .targets import Target, match_rule
 
-__all__ = ["allocate", "ALLOCATIONS", "global_counts", "erk_counts", "check_sparsity"]
+__all__ = [
+    "allocate", "ALLOCATIONS", "Allocation", "register_allocation", "get_allocation",
+    "global_counts", "erk_counts", "check_sparsity", "bounded_round",
+]
 
 log = logging.getLogger(__name__)
-ALLOCATIONS = ("uniform", "global", "erk")
 ScoreFn = Callable[[Target], torch.Tensor]
+
+
+class Allocation:
+    """Base of a per-layer sparsity allocation.
+
+    ``requires``: calibration statistics per layer (collected by the one-shot driver on
+    the dense model and passed as ``stats``); ``needs_scores``: whether it compares the
+    method's scores across layers (``score_fn``). ``groups`` (lists of target names, e.g.
+    one per transformer block) lets an allocation decide per group.
+    """
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    needs_scores: ClassVar[bool] = False
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options=None):
+        self.options = options if options is not None else build_options(self.Options, {}, f"allocation '{self.name}'")
+
+    def __call__(
+        self,
+        targets: Sequence[Target],
+        sparsity: float,
+        *,
+        score_fn: ScoreFn | None,
+        stats: Mapping[str, Mapping[str, Any]] | None,
+        groups: Sequence[Sequence[str]] | None,
+        max_sparsity: float,
+    ) -> dict[str, float]:
+        raise NotImplementedError
+
+
+#: name -> Allocation subclass; one registry for every allocation.
+ALLOCATIONS: dict[str, type[Allocation]] = {}
+
+
+def register_allocation(cls: type[Allocation]) -> type[Allocation]:
+    """Class decorator: make an allocation available by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty name")
+    ALLOCATIONS[cls.name] = cls
+    return cls
+
+
+def get_allocation(name: str, options: Mapping[str, Any] | None = None) -> Allocation:
+    """The allocation ``name`` with its typed options (ConfigError on unknown ones)."""
+    try:
+        cls = ALLOCATIONS[name]
+    except KeyError:
+        raise ConfigError(f"unknown allocation '{name}'; known: {', '.join(ALLOCATIONS)}") from None
+    return cls(build_options(cls.Options, options, f"allocation '{name}'"))
 
 
 def check_sparsity(value, what: str = "sparsity") -> float:
@@ -207,21 +267,64 @@ def erk_counts(targets: Sequence[Target], sparsity: float, power: float = 1.0) -
     return dict(zip(sizes, pruned))
 
 
+@register_allocation
+class Uniform(Allocation):
+    """Every target gets the same sparsity."""
+
+    name = "uniform"
+
+    def __call__(self, targets, sparsity, **_):
+        return {t.name: sparsity for t in targets}
+
+
+@register_allocation
+class GlobalThreshold(Allocation):
+    """One score threshold over all targets, each capped at ``max_sparsity``; exact total."""
+
+    name = "global"
+    needs_scores = True
+
+    def __call__(self, targets, sparsity, *, score_fn, max_sparsity, **_):
+        if score_fn is None:
+            raise ConfigError("global allocation needs scores")
+        counts = global_counts(targets, sparsity, score_fn, max_sparsity)
+        return {t.name: counts[t.name] / t.param.numel() for t in targets}
+
+
+@register_allocation
+class ERK(Allocation):
+    """Erdős–Rényi-kernel densities; exact total."""
+
+    name = "erk"
+
+    def __call__(self, targets, sparsity, **_):
+        counts = erk_counts(targets, sparsity)
+        return {t.name: counts[t.name] / t.param.numel() for t in targets}
+
+
 def allocate(
     targets: Sequence[Target],
     sparsity: float,
-    method: str = "uniform",
+    method: str | Allocation = "uniform",
     *,
     score_fn: ScoreFn | None = None,
     overrides: Mapping[str, float] | None = None,
     max_sparsity: float = 0.99,
+    stats: Mapping[str, Mapping[str, Any]] | None = None,
+    groups: Sequence[Sequence[str]] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
     """Per-target sparsity for ``targets`` (see the module docstring)."""
     sparsity = check_sparsity(sparsity)
-    if method not in ALLOCATIONS:
-        raise ConfigError(f"unknown allocation '{method}'; known: {', '.join(ALLOCATIONS)}")
+    alloc = method if isinstance(method, Allocation) else get_allocation(method, options)
     if not 0.0 < max_sparsity <= 1.0:
         raise ConfigError(f"max_sparsity must be in (0, 1], got {max_sparsity}")
+    missing = [t.name for t in targets if alloc.requires and (stats is None or t.name not in stats)]
+    if missing:
+        raise ConfigError(
+            f"allocation '{alloc.name}' needs calibration statistics {alloc.requires}; "
+            f"none for {missing[0]} (run it through prune_ with calibration data)"
+        )
 
     pinned: dict[str, float] = {}
     for rule, value in (overrides or {}).items():
@@ -240,14 +343,9 @@ def allocate(
     result: dict[str, float] = dict(pinned)
     if not free:
         return result
-    if method == "uniform":
-        result.update({t.name: sparsity for t in free})
-    elif method == "global":
-        if score_fn is None:
-            raise ConfigError("global allocation needs scores")
-        counts = global_counts(free, sparsity, score_fn, max_sparsity)
-        result.update({t.name: counts[t.name] / t.param.numel() for t in free})
-    else:
-        counts = erk_counts(free, sparsity)
-        result.update({t.name: counts[t.name] / t.param.numel() for t in free})
+    free_names = {t.name for t in free}
+    if groups is not None:
+        groups = [[n for n in g if n in free_names] for g in groups]
+        groups = [g for g in groups if g]
+    result.update(alloc(free, sparsity, score_fn=score_fn, stats=stats, groups=groups, max_sparsity=max_sparsity))
     return {t.name: result[t.name] for t in targets}

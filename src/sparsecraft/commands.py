@@ -15,7 +15,7 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 def register(sub) -> dict:
-    from .recipe import runnable_methods
+    from .criteria import method_names
 
     e = sub.add_parser("eval", help="perplexity of a causal LM, or embedding similarity of an encoder",
                        description="Evaluate MODEL on held-out text (built-in Lee corpus evaluation part "
@@ -46,7 +46,7 @@ def register(sub) -> dict:
                        description="Load SmolLM2-135M, measure perplexity, prune, save, reload, compare.")
     d.add_argument("--out", default="demo_out", help="folder for the demo's files (default: demo_out)")
     d.add_argument("--method", default="sparsegpt",
-                   help=f"{' | '.join(runnable_methods())} (default: sparsegpt)")
+                   help=f"{' | '.join(method_names())} (default: sparsegpt)")
     d.add_argument("--sparsity", type=number_arg("sparsity"), default=None, help="default 0.5; N:M fixes it")
     d.add_argument("--pattern", default="unstructured")
     d.add_argument("--samples", type=int_arg("samples"), default=32, help="calibration samples (default 32)")
@@ -139,11 +139,9 @@ def cmd_info(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
     from .prune import PruneConfig, default_sparsity
-    from .recipe import check_runnable
 
     # the settings and the output folder are checked before the model loads
-    check_runnable(PruneConfig(method=args.method, pattern=args.pattern,
-                               sparsity=default_sparsity(args.pattern, args.sparsity)), "demo")
+    PruneConfig(method=args.method, pattern=args.pattern, sparsity=default_sparsity(args.pattern, args.sparsity))
     out = check_output(args.out, overwrite=args.overwrite, kind="folder")
     run_demo(out, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
              calib_samples=args.samples, calib_len=args.seq_len, baseline=not args.no_baseline,

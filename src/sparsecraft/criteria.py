@@ -1,21 +1,34 @@
-"""Importance criteria: a layer's context -> one score per weight (higher = more important).
+"""Importance criteria, solvers and refiners: the per-layer extension points of pruning.
 
-A criterion only scores; a pattern then decides which scores survive. Criteria that need
-more than the weight (calibration statistics such as input norms, Hessians, or gradients)
-declare it in ``requires``; the driver collects those before calling, so callers of
-``prune_`` never change when a new criterion arrives.
+* A :class:`Criterion` only scores (a layer's context -> one score per weight, higher =
+  more important); a pattern then decides which scores survive.
+* A :class:`Solver` is a pruning method: for one layer it returns the keep-mask and,
+  optionally, new weights for the kept entries (SparseGPT). Every registered criterion is
+  also a method (the criterion's scores through the pattern).
+* A :class:`Refiner` is a stage after the solver that changes a layer's mask (DSnoT).
+
+Each declares in ``requires`` the statistics it needs (see ``oneshot.driver.STATISTICS``:
+``input_norms``, ``input_sq_norm``, ``mean_var``, ``hessian``, ``gradients``); the driver
+collects exactly those into ``LayerContext.stats`` (``gradients`` into ``ctx.grad``), so a
+new method is one file that registers itself and ``prune_`` never changes. Typed options:
+a solver's or refiner's ``Options`` dataclass lists the settings it accepts; anything else
+is a ConfigError naming the option and the method.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, get_type_hints
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+from .patterns import Pattern
 
 __all__ = [
     "LayerContext",
@@ -25,6 +38,17 @@ __all__ = [
     "register_criterion",
     "get_criterion",
     "CRITERIA",
+    "Solver",
+    "Refiner",
+    "LayerResult",
+    "NoOptions",
+    "SOLVERS",
+    "REFINERS",
+    "register_solver",
+    "register_refiner",
+    "get_solver",
+    "method_names",
+    "build_options",
 ]
 
 
@@ -109,3 +133,218 @@ class Random(Criterion):
 
     def __repr__(self):
         return f"Random(seed={self.seed})"
+
+
+@register_criterion
+class SNIP(Criterion):
+    """Connection sensitivity |dL/dw * w| (Lee et al., 2019). One-shot pruning collects the
+    gradients of the LM loss on the calibration text; training collects them from its loss."""
+
+    name = "snip"
+    requires = ("grad",)
+    globally_comparable = True
+
+    def __call__(self, ctx: LayerContext) -> torch.Tensor:
+        if ctx.grad is None:
+            raise ConfigError(f"layer '{ctx.name}': SNIP needs a gradient; none was computed")
+        return (ctx.grad.detach() * ctx.param.detach()).abs().float()
+
+
+# ---- solvers and refiners ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A method without settings of its own."""
+
+
+def _type_ok(value, hint) -> bool:
+    """Whether ``value`` fits a simple annotation (int, float, bool, str, or a union of them)."""
+    if hint is Any:
+        return True
+    args = getattr(hint, "__args__", None)
+    if args and type(hint).__name__ in ("UnionType", "_UnionGenericAlias"):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def build_options(options_cls: type, values: Mapping[str, Any] | None, owner: str):
+    """The typed options of ``owner`` from a mapping: unknown names and wrong types are
+    ConfigErrors that name the option and the method; an ``Options.check()`` runs last."""
+    values = dict(values or {})
+    fields = {f.name for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        known = ", ".join(sorted(fields)) or "none"
+        raise ConfigError(f"{owner} has no option {', '.join(map(repr, unknown))}; its options: {known}")
+    hints = get_type_hints(options_cls)
+    for name, value in values.items():
+        if not _type_ok(value, hints.get(name, Any)):
+            want = getattr(hints[name], "__name__", str(hints[name]))
+            raise ConfigError(f"{owner} option '{name}' must be {want}, got {value!r}")
+    try:
+        opts = options_cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{owner}: bad options {values}: {exc}") from None
+    check = getattr(opts, "check", None)
+    if check is not None:
+        check()
+    return opts
+
+
+@dataclass
+class LayerResult:
+    """What a solver decides for one layer: the keep-mask (True = stays) and optionally
+    the new weight (same shape; entries outside the mask are zeroed by the driver)."""
+
+    keep: torch.Tensor
+    weight: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+
+class Solver:
+    """Base class of a pruning method for one layer.
+
+    Subclasses set ``name``, ``requires`` and ``Options`` (a dataclass of their settings)
+    and implement :meth:`solve`; they register with :func:`register_solver`. ``sparsity``
+    is None when the pattern fixes it (N:M).
+    """
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type] = NoOptions
+    #: Whether :meth:`scores` of different layers compare (needed by global allocation).
+    globally_comparable: ClassVar[bool] = False
+    #: Whether ``solve`` returns new weights (then it must implement :meth:`reconstruct`
+    #: to be combined with a refiner).
+    updates_weights: ClassVar[bool] = False
+    #: Pattern classes it supports; None means any (checked before the model changes).
+    patterns: ClassVar[tuple[type, ...] | None] = None
+
+    def __init__(self, options=None, *, seed: int = 0):
+        self.options = options if options is not None else build_options(self.Options, {}, f"method '{self.name}'")
+        self.seed = int(seed)
+
+    def scores(self, ctx: LayerContext) -> torch.Tensor | None:
+        """Per-weight importance, if the method has one (used by score-based allocation)."""
+        return None
+
+    def solve(self, ctx: LayerContext, pattern: Pattern, sparsity: float | None) -> LayerResult:
+        scores = self.scores(ctx)
+        if scores is None:
+            raise NotImplementedError(f"{type(self).__name__} must implement solve() or scores()")
+        return LayerResult(pattern.keep_mask(scores, sparsity, layer=ctx.name))
+
+    def reconstruct(self, ctx: LayerContext, keep: torch.Tensor, pattern: Pattern) -> torch.Tensor | None:
+        """New weights for a given mask (after a refiner changed it); None keeps the values."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+
+class Refiner:
+    """Base class of a mask-refinement stage run after the solver on each layer.
+
+    ``refine(ctx, keep, pattern) -> keep`` must keep the pattern valid and the count; the
+    driver then asks the solver to :meth:`Solver.reconstruct` the weights for the new mask.
+    It is switched on by an option named after it (``options={"dsnot": True}`` or a mapping
+    of its own options).
+    """
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type] = NoOptions
+    patterns: ClassVar[tuple[type, ...] | None] = None
+
+    def __init__(self, options=None):
+        self.options = options if options is not None else build_options(self.Options, {}, f"refiner '{self.name}'")
+
+    def refine(self, ctx: LayerContext, keep: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+        raise NotImplementedError
+
+
+SOLVERS: dict[str, type[Solver]] = {}
+REFINERS: dict[str, type[Refiner]] = {}
+
+
+def register_solver(cls: type[Solver]) -> type[Solver]:
+    """Class decorator: make a solver available as a pruning method by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty name")
+    if not dataclasses.is_dataclass(cls.Options):
+        raise ValueError(f"{cls.__name__}.Options must be a dataclass")
+    SOLVERS[cls.name] = cls
+    return cls
+
+
+def register_refiner(cls: type[Refiner]) -> type[Refiner]:
+    """Class decorator: make a refinement stage available by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty name")
+    REFINERS[cls.name] = cls
+    return cls
+
+
+def _criterion_options(crit: type[Criterion]) -> type:
+    """A dataclass of the criterion's keyword arguments (``seed`` comes from the config)."""
+    params = [
+        p for p in inspect.signature(crit.__init__).parameters.values()
+        if p.name not in ("self", "seed") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    return dataclasses.make_dataclass(
+        f"{crit.__name__}Options",
+        [(p.name, Any, field(default=p.default)) for p in params if p.default is not p.empty],
+        frozen=True,
+    )
+
+
+def _criterion_solver(crit: type[Criterion]) -> type[Solver]:
+    """A solver that prunes by a criterion's scores through the pattern."""
+
+    class CriterionSolver(Solver):
+        name = crit.name
+        requires = crit.requires
+        Options = _criterion_options(crit)
+        globally_comparable = crit.globally_comparable
+
+        def __init__(self, options=None, *, seed: int = 0):
+            super().__init__(options, seed=seed)
+            kwargs = dataclasses.asdict(self.options)
+            if "seed" in inspect.signature(crit.__init__).parameters:
+                kwargs["seed"] = self.seed
+            self.criterion = crit(**kwargs)
+
+        def scores(self, ctx):
+            return self.criterion(ctx)
+
+    CriterionSolver.__name__ = CriterionSolver.__qualname__ = f"{crit.__name__}Solver"
+    return CriterionSolver
+
+
+def _solver_class(name: str) -> type[Solver]:
+    if name in SOLVERS:
+        return SOLVERS[name]
+    if name in CRITERIA:
+        return _criterion_solver(CRITERIA[name])
+    raise ConfigError(f"unknown method '{name}'; known: {', '.join(method_names())}")
+
+
+def method_names() -> list[str]:
+    """Every pruning method: registered solvers and criteria."""
+    return sorted(set(SOLVERS) | set(CRITERIA))
+
+
+def get_solver(name: str, options: Mapping[str, Any] | None = None, *, seed: int = 0) -> Solver:
+    """The solver for method ``name`` with its typed ``options`` (ConfigError on unknown ones)."""
+    cls = _solver_class(name)
+    return cls(build_options(cls.Options, options, f"method '{name}'"), seed=seed)

@@ -2,13 +2,18 @@
 
 The driver validates everything first (config, targets, pattern fit, finite weights), then
 computes every mask from the untouched weights, and only then attaches and applies them.
-The calibrated (block-by-block) driver must change block i before it can compute block
-i+1's inputs; it spills originals to disk and restores them on any error. Either way an
-error leaves the model as it was.
+The calibrated (block-by-block) driver, :mod:`sparsecraft.oneshot.driver`, must change
+block i before it can compute block i+1's inputs; it spills originals to disk and restores
+them on any error. Either way an error leaves the model as it was.
 
-Methods are registered by name. A method is either a plain criterion (score then mask:
-magnitude, random) or a solver that also needs calibration data; solvers register
-themselves in :data:`METHODS` with the same signature, so callers never change.
+A method is a :class:`~sparsecraft.criteria.Solver` registered by name (or any registered
+criterion): it declares the statistics it ``requires``, and its ``Options`` dataclass types
+its settings. ``PruneConfig.options`` is one flat mapping split four ways: the driver's own
+settings (:class:`~sparsecraft.oneshot.driver.DriverOptions`), refiners switched on by name
+(``dsnot``), the allocation's options (``owl_m``, ``owl_lambda``), and the method's; a name
+none of them knows is a ConfigError naming the option and the method. The typed
+constructors (``SparseGPT(...)``, ``Wanda(...)``, ``Magnitude(...)``, or
+:func:`method_config` for any registered method) build the same ``PruneConfig``.
 """
 
 from __future__ import annotations
@@ -22,47 +27,43 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import ALLOCATIONS, allocate, check_sparsity
-from .criteria import CRITERIA, Criterion, LayerContext, get_criterion
+from .allocation import ALLOCATIONS, Allocation, allocate, check_sparsity, get_allocation
+from .blocks import check_calibration
+from .criteria import (
+    REFINERS,
+    SOLVERS,
+    LayerContext,
+    Refiner,
+    Solver,
+    build_options,
+    get_solver,
+    method_names,
+    register_solver,
+)
 from .errors import ConfigError, TargetError, config_fields
 from .masks import SparsityState
-from .patterns import NM, Pattern, PatternMismatch, Unstructured, parse_pattern
-from .targets import Target, TargetSpec, select_targets
+from .oneshot.driver import (
+    DriverOptions,
+    calibrated_prune,
+    check_requires,
+    collect_model_statistics,
+    needs_block_driver,
+)
+from .patterns import NM, Pattern, parse_pattern
+from .targets import FALLBACKS, Target, TargetSpec, resolve_patterns, select_targets
 
-__all__ = ["PruneConfig", "prune_", "plan_masks", "METHODS", "register_method", "Magnitude", "RandomPrune"]
+__all__ = [
+    "PruneConfig", "prune_", "plan_masks", "METHODS", "register_method", "method_config", "default_sparsity",
+    "Magnitude", "RandomPrune", "Wanda", "SparseGPT", "resolve_patterns",
+]
 
 log = logging.getLogger(__name__)
-FALLBACKS = ("error", "skip", "unstructured")
 
-#: method name -> function(model, targets, config, calibration, progress) -> (masks, info).
-#: Criterion-only methods need no entry: they are looked up in ``criteria.CRITERIA``.
-METHODS: dict[str, Callable[..., tuple[dict, dict]]] = {}
-
-#: Options the calibrated (block-by-block) driver understands.
-CALIBRATED_OPTIONS = {
-    "batch_size", "dsnot", "owl_m", "owl_lambda", "blocksize", "percdamp", "max_damp_tries",
-    "measure_error",  # record ||WX - W'X|| / ||WX|| per layer in the sparsity info
-}
-
-
-def _calibrated_driver(model, targets, config, calibration, *, progress=True):
-    from .calibrate import calibrated_prune
-
-    return calibrated_prune(model, targets, config, calibration, progress=progress)
-
-
-METHODS["wanda"] = _calibrated_driver
-METHODS["sparsegpt"] = _calibrated_driver
-
-
-def register_method(name: str):
-    """Decorator: register a solver-type method (needs more than per-layer scores)."""
-
-    def deco(fn):
-        METHODS[name] = fn
-        return fn
-
-    return deco
+#: The registry of solver methods (criteria are methods too: see ``criteria.method_names``).
+METHODS = SOLVERS
+#: Decorator registering a :class:`~sparsecraft.criteria.Solver` class as a method.
+register_method = register_solver
+_DRIVER_FIELDS = {f.name for f in dataclasses.fields(DriverOptions)}
 
 
 @dataclass
@@ -84,7 +85,8 @@ class PruneConfig:
     max_sparsity: float = 0.99
     fallback: str = "error"
     seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)  # method-specific settings
+    # the method's, the driver's, the allocation's and refiners' settings (see the module docstring)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.targets, dict):
@@ -92,9 +94,8 @@ class PruneConfig:
         self.validate()
 
     def validate(self) -> "PruneConfig":
-        known = sorted(set(CRITERIA) | set(METHODS))
-        if self.method not in known:
-            raise ConfigError(f"unknown method '{self.method}'; known: {', '.join(known)}")
+        if self.method not in method_names():
+            raise ConfigError(f"unknown method '{self.method}'; known: {', '.join(method_names())}")
         pattern = self.pattern_obj
         if isinstance(pattern, NM):
             if self.sparsity is not None and abs(self.sparsity - pattern.fixed_sparsity) > 1e-9:
@@ -108,37 +109,86 @@ class PruneConfig:
             if self.sparsity is None:
                 raise ConfigError(f"pattern {pattern} needs a sparsity")
             check_sparsity(self.sparsity)
-        allocations = ALLOCATIONS + ("owl",)
-        if self.allocation not in allocations:
+        if self.allocation not in ALLOCATIONS:
             raise ConfigError(
-                f"unknown allocation '{self.allocation}'; known: {', '.join(allocations)}"
+                f"unknown allocation '{self.allocation}'; known: {', '.join(ALLOCATIONS)}"
             )
-        if self.needs_calibration:
-            unknown = set(self.options) - CALIBRATED_OPTIONS
-            if unknown:
-                raise ConfigError(
-                    f"unknown options {sorted(unknown)} for calibrated pruning; known: "
-                    f"{', '.join(sorted(CALIBRATED_OPTIONS))}"
-                )
-            if self.allocation in ("global", "erk"):
-                raise ConfigError(
-                    f"method '{self.method}' with calibration supports allocation uniform or owl, "
-                    f"not '{self.allocation}'"
-                )
         if self.fallback not in FALLBACKS:
             raise ConfigError(f"unknown fallback '{self.fallback}'; known: {', '.join(FALLBACKS)}")
         for rule, value in self.overrides.items():
             check_sparsity(value, f"override '{rule}'")
+        solver, refiners, alloc = self.solver(), self.refiners(), self.allocation_obj()
+        self.driver_options()
+        check_requires(solver.requires, f"method '{self.method}'")
+        for r in refiners:
+            check_requires(r.requires, f"refiner '{r.name}'")
+            if solver.updates_weights and type(solver).reconstruct is Solver.reconstruct:
+                raise ConfigError(f"method '{self.method}' updates weights but cannot re-fit them for "
+                                  f"refiner '{r.name}' (it has no reconstruct)")
+        check_requires(alloc.requires, f"allocation '{alloc.name}'")
+        if alloc.needs_scores:
+            if needs_block_driver(self):
+                raise ConfigError(
+                    f"method '{self.method}' with calibration supports allocation uniform, erk or owl, "
+                    f"not '{self.allocation}'"
+                )
+            if not solver.globally_comparable:
+                raise ConfigError(f"global allocation needs comparable scores; '{self.method}' has none")
         return self
+
+    def _split_options(self) -> tuple[dict, dict, dict, dict]:
+        """``options`` split into (method, driver, allocation, refiners) settings."""
+        alloc_cls = ALLOCATIONS.get(self.allocation)
+        alloc_fields = {f.name for f in dataclasses.fields(alloc_cls.Options)} if alloc_cls else set()
+        method, driver, alloc, refine = {}, {}, {}, {}
+        for key, value in self.options.items():
+            if key in _DRIVER_FIELDS:
+                driver[key] = value
+            elif key in REFINERS:
+                refine[key] = value
+            elif key in alloc_fields:
+                alloc[key] = value
+            else:
+                method[key] = value
+        return method, driver, alloc, refine
+
+    def solver(self) -> Solver:
+        """The method's solver with its typed options (ConfigError on one it does not know)."""
+        method_opts = self._split_options()[0]
+        try:
+            return get_solver(self.method, method_opts, seed=self.seed)
+        except ConfigError as exc:
+            unknown = [k for k in method_opts if "'" + k + "'" in str(exc)]
+            if not unknown:
+                raise
+            shared = sorted(_DRIVER_FIELDS | set(REFINERS))
+            raise ConfigError(f"{exc}; options every method takes: {', '.join(shared)}") from None
+
+    def refiners(self) -> list[Refiner]:
+        """The refinement stages switched on in ``options`` (``True`` or their own options)."""
+        out = []
+        for name, value in self._split_options()[3].items():
+            if value is None or value is False:
+                continue
+            if value is True:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"option '{name}' must be true/false or a mapping of {name}'s options, got {value!r}")
+            cls = REFINERS[name]
+            out.append(cls(build_options(cls.Options, value, f"refiner '{name}'")))
+        return out
+
+    def allocation_obj(self) -> Allocation:
+        return get_allocation(self.allocation, self._split_options()[2])
+
+    def driver_options(self) -> DriverOptions:
+        return build_options(DriverOptions, self._split_options()[1], "the one-shot driver")
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether this config runs the block-by-block calibrated driver."""
-        return (
-            self.method in METHODS
-            or self.allocation == "owl"
-            or bool(self.options.get("dsnot") or self.options.get("measure_error"))
-        )
+        """Whether this config needs calibration data (any statistic, refiner or error measure)."""
+        names = set(self.solver().requires) | set(self.allocation_obj().requires)
+        return bool(names) or bool(self.refiners()) or self.driver_options().measure_error
 
     @property
     def pattern_obj(self) -> Pattern:
@@ -151,7 +201,11 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PruneConfig":
-        return cls(**config_fields(cls, data, "prune config", "unknown prune config keys"))
+        """From a mapping (YAML); without ``sparsity`` an N:M pattern fixes it."""
+        fields = config_fields(cls, data, "prune config", "unknown prune config keys")
+        if "sparsity" not in fields:
+            fields["sparsity"] = default_sparsity(fields.get("pattern", "unstructured"))
+        return cls(**fields)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -171,14 +225,40 @@ def default_sparsity(pattern: str | Pattern, requested: float | None = None, def
     return None if fixed is not None else default
 
 
-def Magnitude(**kwargs) -> PruneConfig:
-    """Config for magnitude pruning, e.g. ``Magnitude(sparsity=0.5, pattern="2:4")``."""
-    return PruneConfig(method="magnitude", **kwargs)
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(PruneConfig)} - {"method", "options"}
 
 
-def RandomPrune(**kwargs) -> PruneConfig:
-    """Config for seeded random pruning."""
-    return PruneConfig(method="random", **kwargs)
+def method_config(method: str, **kwargs) -> PruneConfig:
+    """A :class:`PruneConfig` for ``method``: config fields by name, every other keyword is
+    one of ``options``. Without ``sparsity`` an N:M pattern fixes it (else 0.5)."""
+    options = dict(kwargs.pop("options", None) or {})
+    fields = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
+    options.update(kwargs)
+    if "sparsity" not in fields:
+        fields["sparsity"] = default_sparsity(fields.get("pattern", "unstructured"))
+    return PruneConfig(method=method, options=options, **fields)
+
+
+def _typed(method: str, doc: str) -> Callable[..., PruneConfig]:
+    def make(**kwargs) -> PruneConfig:
+        return method_config(method, **kwargs)
+
+    make.__doc__ = doc
+    return make
+
+
+Magnitude = _typed("magnitude", "Config for magnitude pruning, e.g. ``Magnitude(sparsity=0.5)`` or ``Magnitude(pattern=\"1:4\")``.")
+Magnitude.__name__ = "Magnitude"
+RandomPrune = _typed("random", "Config for seeded random pruning, e.g. ``RandomPrune(sparsity=0.5, seed=3)``.")
+RandomPrune.__name__ = "RandomPrune"
+Wanda = _typed("wanda", "Config for Wanda (needs calibration), e.g. ``Wanda(sparsity=0.5, dsnot=True)``.")
+Wanda.__name__ = "Wanda"
+SparseGPT = _typed(
+    "sparsegpt",
+    "Config for SparseGPT (needs calibration), e.g. "
+    "``SparseGPT(sparsity=0.5, pattern=\"2:4\", blocksize=128, percdamp=0.01)``.",
+)
+SparseGPT.__name__ = "SparseGPT"
 
 
 def _check_finite(targets: list[Target]) -> None:
@@ -187,73 +267,62 @@ def _check_finite(targets: list[Target]) -> None:
             raise TargetError(f"layer '{t.name}': weight contains NaN or inf; refusing to prune")
 
 
-def _resolve_patterns(targets, config) -> dict[str, Pattern | None]:
-    """Pattern per target after the fallback rule; None means "leave dense"."""
-    base = config.pattern_obj
-    out: dict[str, Pattern | None] = {}
-    for t in targets:
-        try:
-            base.check(t.shape, t.name)
-            out[t.name] = base
-        except PatternMismatch as exc:
-            if config.fallback == "error":
-                raise
-            log.warning("%s; fallback=%s", exc, config.fallback)
-            out[t.name] = None if config.fallback == "skip" else Unstructured()
-    return out
-
-
-def _make_criterion(config: PruneConfig) -> Criterion:
-    kwargs = dict(config.options)
-    if config.method == "random":
-        kwargs.setdefault("seed", config.seed)
-    try:
-        return get_criterion(config.method, **kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"method '{config.method}': bad options {config.options}: {exc}") from None
-
-
 def plan_masks(
     model: nn.Module,
     config: PruneConfig,
     targets: list[Target] | None = None,
     *,
+    calibration=None,
     progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Compute keep-masks for a criterion-type method without touching the model."""
+    """Keep-masks for a method without per-layer calibration statistics, without touching
+    the model. Model-level statistics (gradients) come from ``calibration``."""
+    masks, info, weights = _plan(model, config, targets, calibration, progress)
+    if weights:
+        raise ConfigError(f"method '{config.method}' updates weights; use prune_")
+    return masks, info
+
+
+def _plan(model, config, targets, calibration, progress):
     targets = targets if targets is not None else select_targets(model, config.targets)
-    patterns = _resolve_patterns(targets, config)
-    criterion = _make_criterion(config)
-    if criterion.requires:
+    solver = config.solver()
+    if needs_block_driver(config):
         raise ConfigError(
-            f"method '{config.method}' needs {criterion.requires}; use a driver that collects them"
+            f"method '{config.method}' needs per-layer calibration statistics; use prune_ with calibration data"
         )
-
-    def score(t: Target) -> torch.Tensor:
-        return criterion(LayerContext(t.name, t.module, t.param))
-
+    patterns = resolve_patterns(targets, config.pattern_obj, config.fallback)
     active = [t for t in targets if patterns[t.name] is not None]
+    values: dict[str, dict] = {}
+    if solver.requires:  # model-level statistics only (the block driver handles the rest)
+        calibration = check_calibration(model, calibration)
+        values = collect_model_statistics(model, active, solver.requires, calibration,
+                                          config.driver_options().batch_size)
+
+    def ctx(t: Target) -> LayerContext:
+        stats = values.get(t.name, {})
+        return LayerContext(t.name, t.module, t.param, stats, grad=stats.get("gradients"))
+
     pattern = config.pattern_obj
-    if config.allocation == "global" and not criterion.globally_comparable:
-        raise ConfigError(f"global allocation needs comparable scores; '{config.method}' has none")
     budgets = allocate(
         active,
         config.target_sparsity,
-        config.allocation if pattern.fixed_sparsity is None else "uniform",
-        score_fn=score,
+        config.allocation_obj() if pattern.fixed_sparsity is None else "uniform",
+        score_fn=lambda t: solver.scores(ctx(t)),
         overrides=config.overrides,
         max_sparsity=config.max_sparsity,
     )
-    masks, info = {}, {}
+    masks, info, weights = {}, {}, {}
     for t in tqdm(active, desc=f"{config.method} {pattern}", disable=not progress, leave=False):
         p = patterns[t.name]
-        s = None if p.fixed_sparsity is not None else budgets[t.name]
-        masks[t.name] = p.keep_mask(score(t), s, layer=t.name)
+        result = solver.solve(ctx(t), p, None if p.fixed_sparsity is not None else budgets[t.name])
+        masks[t.name] = result.keep
+        if result.weight is not None:
+            weights[t.name] = result.weight
         info[t.name] = {"pattern": str(p), "method": config.method}
     for t in targets:
         if patterns[t.name] is None:
             info[t.name] = {"pattern": "dense", "method": "skipped"}
-    return masks, info
+    return masks, info, weights
 
 
 def prune_(
@@ -265,21 +334,27 @@ def prune_(
 ) -> SparsityState:
     """Prune ``model`` in place; returns the attached :class:`SparsityState`.
 
-    ``calibration`` is passed to methods that need data (Wanda, SparseGPT, ...); the
-    criterion-only methods ignore it. Call ``state.finalize_()`` to drop the machinery.
+    ``calibration`` (token ids ``[samples, seq_len]``) feeds methods that need data (Wanda,
+    SparseGPT, gradients, OWL, DSnoT); the others ignore it. Call ``state.finalize_()`` to
+    drop the machinery.
     """
     if not isinstance(config, PruneConfig):
         config = PruneConfig.from_dict(config)
     config.validate()
     targets = select_targets(model, config.targets)
     _check_finite(targets)
-    if config.needs_calibration:
-        driver = METHODS.get(config.method, _calibrated_driver)
-        masks, info = driver(model, targets, config, calibration, progress=progress)
+    weights: dict[str, torch.Tensor] = {}
+    if needs_block_driver(config):
+        masks, info = calibrated_prune(model, targets, config, calibration, progress=progress)
     else:
-        masks, info = plan_masks(model, config, targets, progress=progress)
+        masks, info, weights = _plan(model, config, targets, calibration, progress)
 
     # Everything is computed; only now does the model change.
+    if weights:
+        params = {t.name: t.param for t in targets}
+        with torch.no_grad():
+            for name, w in weights.items():
+                params[name].copy_(w)
     state = SparsityState(model)
     for name, keep in masks.items():
         state.attach(name, keep, **info[name])

@@ -36,32 +36,7 @@ from .errors import ConfigError, config_fields
 from .prune import PruneConfig
 from .yaml_io import check_types, load_yaml_file
 
-__all__ = ["Recipe", "CalibrationSpec", "load_recipe", "runnable_methods", "check_runnable"]
-
-
-def runnable_methods() -> list[str]:
-    """Methods a one-shot prune can run: the registered solvers, and the criteria that need
-    nothing beyond the weights (a criterion that ``requires`` statistics or gradients needs
-    a driver that collects them)."""
-    from .criteria import CRITERIA
-    from .prune import METHODS
-
-    return sorted(set(METHODS) | {name for name, cls in CRITERIA.items() if not cls.requires})
-
-
-def check_runnable(config: PruneConfig, where: str = "prune") -> None:
-    """Refuse, before any model is loaded, a method that one-shot pruning cannot run."""
-    from .criteria import CRITERIA
-    from .prune import METHODS
-
-    if config.method in METHODS or config.method not in CRITERIA:
-        return  # unknown names are refused by PruneConfig itself
-    needs = CRITERIA[config.method].requires
-    if needs:
-        raise ConfigError(
-            f"{where}: method '{config.method}' needs {', '.join(needs)}, which one-shot pruning does not "
-            f"collect; methods that run here: {', '.join(runnable_methods())}"
-        )
+__all__ = ["Recipe", "CalibrationSpec", "load_recipe"]
 
 
 @dataclass
@@ -117,7 +92,6 @@ class Recipe:
             self.prune = PruneConfig.from_dict(self.prune)
         if isinstance(self.calibration, Mapping):
             self.calibration = _build(CalibrationSpec, self.calibration, "calibration")
-        check_runnable(self.prune)
 
     @classmethod
     def from_dict(cls, data: Any) -> "Recipe":
@@ -180,7 +154,6 @@ def execute(recipe: Recipe, *, progress: bool = True) -> dict:
     from .report import report
 
     log = logging.getLogger(__name__)
-    check_runnable(recipe.prune)
     out = check_output(recipe.out, overwrite=recipe.overwrite, flag="out", kind="model",
                        how="pass --overwrite (in a recipe: overwrite: true)")
     config = recipe.prune

@@ -16,6 +16,7 @@ module named ``lm_head``, else the last ``Linear`` in registration order (a clas
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -23,8 +24,13 @@ from typing import Iterable, Sequence
 from torch import nn
 
 from .errors import ConfigError, TargetError
+from .patterns import Pattern, PatternMismatch, Unstructured, parse_pattern
 
-__all__ = ["Target", "TargetSpec", "select_targets", "match_rule", "output_head_names"]
+__all__ = ["Target", "TargetSpec", "select_targets", "match_rule", "output_head_names", "resolve_patterns", "FALLBACKS"]
+
+log = logging.getLogger(__name__)
+#: What to do with a layer the pattern cannot tile.
+FALLBACKS = ("error", "skip", "unstructured")
 
 DEFAULT_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 
@@ -161,3 +167,25 @@ def select_targets(model: nn.Module, spec: TargetSpec | dict | None = None) -> l
     if not targets:
         raise TargetError("the target rules leave no parameter to sparsify")
     return targets
+
+
+def resolve_patterns(targets: Sequence[Target], pattern: str | Pattern, fallback: str = "error") -> dict[str, Pattern | None]:
+    """The pattern per target after the fallback rule; None means "leave dense".
+
+    ``fallback``: ``error`` raises the pattern's mismatch (naming the layer), ``skip``
+    leaves such a layer dense, ``unstructured`` prunes it unstructured instead.
+    """
+    if fallback not in FALLBACKS:
+        raise ConfigError(f"unknown fallback '{fallback}'; known: {', '.join(FALLBACKS)}")
+    base = parse_pattern(pattern)
+    out: dict[str, Pattern | None] = {}
+    for t in targets:
+        try:
+            base.check(t.shape, t.name)
+            out[t.name] = base
+        except PatternMismatch as exc:
+            if fallback == "error":
+                raise
+            log.warning("%s; fallback=%s", exc, fallback)
+            out[t.name] = None if fallback == "skip" else Unstructured()
+    return out

@@ -1,8 +1,9 @@
 """One-shot (post-training) pruning: the pure per-layer tensor math.
 
 One file per method; every function takes tensors and returns tensors, with no hooks and
-no module walking. The block-by-block driver that collects calibration statistics and
-calls these functions lives elsewhere.
+no module walking; each method file also registers its solver, refiner or allocation
+(the classes at the bottom of the file). :mod:`.driver` is the block-by-block runner that
+collects what they require.
 
 * :mod:`.stats`: input statistics accumulated batch by batch (norms, mean/var, Hessian).
 * :mod:`.wanda`: Wanda scores and masks; registers the ``wanda`` criterion.
@@ -12,12 +13,12 @@ calls these functions lives elsewhere.
 * :mod:`.reconstruction`: ``||WX - W'X|| / ||WX||`` from inputs or a Hessian.
 """
 
-from .dsnot import dsnot_refine, expected_row_error
-from .owl import outlier_ratio, owl_counts, owl_sparsities
+from .dsnot import DSnoT, dsnot_refine, expected_row_error
+from .owl import OWL, outlier_ratio, owl_counts, owl_sparsities
 from .reconstruction import relative_reconstruction_error
-from .sparsegpt import SolverError, inverse_cholesky_upper, sparsegpt_prune
+from .sparsegpt import SolverError, SparseGPTSolver, inverse_cholesky_upper, sparsegpt_prune
 from .stats import HessianAccumulator, InputNormAccumulator
-from .wanda import Wanda, row_prune_counts, rowwise_keep_mask, wanda_mask, wanda_scores
+from .wanda import Wanda, WandaSolver, row_prune_counts, rowwise_keep_mask, wanda_mask, wanda_scores
 
 __all__ = [
     "InputNormAccumulator",
@@ -36,4 +37,8 @@ __all__ = [
     "owl_sparsities",
     "owl_counts",
     "relative_reconstruction_error",
+    "WandaSolver",
+    "SparseGPTSolver",
+    "DSnoT",
+    "OWL",
 ]

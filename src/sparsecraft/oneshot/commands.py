@@ -31,7 +31,7 @@ def known_allocations() -> tuple[str, ...]:
 
 
 def register(sub) -> dict:
-    from ..recipe import runnable_methods
+    from ..criteria import method_names
 
     p = sub.add_parser(
         "prune",
@@ -46,7 +46,7 @@ def register(sub) -> dict:
                    help="output folder, or one file ending in .safetensors (model only: no tokenizer "
                         "or results file)")
     p.add_argument("--method", default="magnitude",
-                   help=f"{' | '.join(runnable_methods())} (default: magnitude)")
+                   help=f"{' | '.join(method_names())} (default: magnitude)")
     p.add_argument("--sparsity", type=number_arg("sparsity"), default=None,
                    help="fraction of weights to remove, in [0, 1) (default 0.5; N:M fixes it)")
     p.add_argument("--pattern", default="unstructured",

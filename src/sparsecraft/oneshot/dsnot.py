@@ -29,12 +29,15 @@ on, so a row can only improve further.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..criteria import Refiner, register_refiner
 from ..errors import ConfigError, TargetError
 from ..patterns import NM, Pattern, Unstructured, parse_pattern, reduction_view
 
-__all__ = ["dsnot_refine", "expected_row_error"]
+__all__ = ["dsnot_refine", "expected_row_error", "DSnoT"]
 
 
 def _vec(t, cols: int, name: str, device, dtype) -> torch.Tensor:
@@ -183,3 +186,32 @@ def dsnot_refine(
         "expected_error_after": e.abs().mean().item() if rows else 0.0,
     }
     return keep.reshape(keep_mask.shape), info
+
+
+@register_refiner
+class DSnoT(Refiner):
+    """The ``dsnot`` refinement stage: :func:`dsnot_refine` on the layer's dense weights
+    and input statistics; a weight-updating solver then reconstructs for the new mask."""
+
+    name = "dsnot"
+    requires = ("input_norms",)
+    patterns = (Unstructured, NM)
+
+    @dataclass(frozen=True)
+    class Options:
+        max_cycles: int = 50
+        threshold: float = 0.1
+        var_power: float = 1.0
+
+        def check(self):
+            if self.max_cycles < 0 or self.threshold < 0:
+                raise ConfigError("dsnot: max_cycles and threshold must be >= 0")
+
+    def refine(self, ctx, keep, pattern):
+        norms = ctx.stats["input_norms"]
+        o = self.options
+        keep, _ = dsnot_refine(
+            ctx.param.detach(), keep, norms.mean, norms.var, norms.sq_norm, pattern=pattern,
+            max_cycles=o.max_cycles, threshold=o.threshold, var_power=o.var_power, layer=ctx.name,
+        )
+        return keep

@@ -20,16 +20,21 @@ sparsity is ``k_l / n_l``, which the patterns' rounding turns back into exactly 
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
-from ..allocation import bounded_round
+from ..allocation import Allocation, bounded_round, register_allocation
 from ..errors import ConfigError, TargetError
 from ..patterns import num_to_prune
+from .wanda import wanda_scores
 
-__all__ = ["outlier_ratio", "owl_sparsities", "owl_counts"]
+__all__ = ["outlier_ratio", "owl_sparsities", "owl_counts", "OWL"]
+
+log = logging.getLogger(__name__)
 
 Scores = torch.Tensor | Sequence[torch.Tensor] | float
 
@@ -132,3 +137,43 @@ def owl_sparsities(
     """
     counts = owl_counts(scores_per_layer, numels, target, lam, m, max_sparsity=max_sparsity)
     return {name: k / int(numels[name]) for name, k in counts.items()}
+
+
+@register_allocation
+class OWL(Allocation):
+    """OWL as an allocation: outlier ratios of Wanda scores per group (one group per
+    transformer block when the driver gives ``groups``, else per layer), block counts by
+    :func:`owl_counts`, each block's exact count split over its layers by size (largest
+    remainder), so the total is exact. Needs ``input_sq_norm`` of each layer's inputs on
+    the dense model (the driver's statistics pass)."""
+
+    name = "owl"
+    requires = ("input_sq_norm",)
+
+    @dataclass(frozen=True)
+    class Options:
+        owl_m: float = 5.0  # outlier: score above m times the group's mean
+        owl_lambda: float = 0.08  # sparsities spread over [target - lambda, target + lambda]
+
+        def check(self):
+            if self.owl_m <= 0 or self.owl_lambda < 0:
+                raise ConfigError(f"owl: need owl_m > 0 and owl_lambda >= 0, got {self.owl_m}, {self.owl_lambda}")
+
+    def __call__(self, targets, sparsity, *, stats, groups, max_sparsity, **_):
+        by_name = {t.name: t for t in targets}
+        groups = [list(g) for g in groups] if groups else [[t.name] for t in targets]
+        ratios, numels = {}, {}
+        for i, names in enumerate(groups):
+            scores = [wanda_scores(by_name[n].param.detach(), stats[n]["input_sq_norm"]) for n in names]
+            ratios[str(i)] = outlier_ratio(scores, m=self.options.owl_m)
+            numels[str(i)] = sum(by_name[n].param.numel() for n in names)
+        counts = owl_counts(ratios, numels, sparsity, lam=self.options.owl_lambda, max_sparsity=max_sparsity)
+        log.info("OWL group sparsities: %s",
+                 ", ".join(f"{counts[str(i)] / numels[str(i)]:.3f}" for i in range(len(groups))))
+        out: dict[str, float] = {}
+        for i, names in enumerate(groups):
+            sizes = [by_name[n].param.numel() for n in names]
+            share = counts[str(i)] / numels[str(i)]
+            split = bounded_round([share * n for n in sizes], [0] * len(sizes), sizes, counts[str(i)])
+            out.update({n: k / size for n, k, size in zip(names, split, sizes)})
+        return out

@@ -40,13 +40,15 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
+from ..criteria import LayerResult, Solver, register_solver
 from ..errors import ConfigError, SparsecraftError, TargetError
 from ..patterns import NM, Pattern, Unstructured, num_to_prune, parse_pattern, reduction_view
 
-__all__ = ["sparsegpt_prune", "SolverError", "inverse_cholesky_upper"]
+__all__ = ["sparsegpt_prune", "SolverError", "inverse_cholesky_upper", "SparseGPTSolver"]
 
 log = logging.getLogger(__name__)
 
@@ -278,3 +280,45 @@ def sparsegpt_prune(
     }
     new_weight = new.to(dtype=weight.dtype).reshape(weight.shape)
     return new_weight, keep.reshape(weight.shape), info
+
+
+@register_solver
+class SparseGPTSolver(Solver):
+    """The ``sparsegpt`` method: :func:`sparsegpt_prune` on the layer's Hessian."""
+
+    name = "sparsegpt"
+    updates_weights = True
+    requires = ("hessian",)
+    patterns = (Unstructured, NM)
+
+    @dataclass(frozen=True)
+    class Options:
+        blocksize: int = 128  # columns per lazy-update block
+        percdamp: float = 0.01  # damping as a fraction of mean(diag H)
+        max_damp_tries: int = 5
+        damp_growth: float = 10.0
+
+        def check(self):
+            if self.blocksize < 1:
+                raise ConfigError(f"sparsegpt: blocksize must be >= 1, got {self.blocksize}")
+            if self.percdamp < 0:
+                raise ConfigError(f"sparsegpt: percdamp must be >= 0, got {self.percdamp}")
+            if self.max_damp_tries < 1 or self.damp_growth <= 1:
+                raise ConfigError("sparsegpt: need max_damp_tries >= 1 and damp_growth > 1")
+
+    def _run(self, ctx, pattern, sparsity, keep=None):
+        o = self.options
+        weight, keep, info = sparsegpt_prune(
+            ctx.param.detach(), ctx.stats["hessian"], sparsity, pattern, keep_mask=keep, blocksize=o.blocksize,
+            percdamp=o.percdamp, max_damp_tries=o.max_damp_tries, damp_growth=o.damp_growth, layer=ctx.name,
+        )
+        if info.get("tries", 1) > 1:
+            log.warning("layer '%s': SparseGPT needed damping %.3g", ctx.name, info["percdamp"])
+        return weight, keep
+
+    def solve(self, ctx, pattern, sparsity):
+        weight, keep = self._run(ctx, pattern, sparsity)
+        return LayerResult(keep, weight)
+
+    def reconstruct(self, ctx, keep, pattern):
+        return self._run(ctx, pattern, None, keep)[0]

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from ..criteria import Criterion, register_criterion
+from ..criteria import Criterion, LayerResult, Solver, register_criterion, register_solver
 from ..errors import ConfigError, TargetError
 from ..patterns import Pattern, Unstructured, num_to_prune, parse_pattern, reduction_view
 
-__all__ = ["wanda_scores", "wanda_mask", "row_prune_counts", "rowwise_keep_mask", "Wanda"]
+__all__ = ["wanda_scores", "wanda_mask", "row_prune_counts", "rowwise_keep_mask", "Wanda", "WandaSolver"]
 
 
 def _float_dtype(t: torch.Tensor) -> torch.dtype:
@@ -128,3 +128,17 @@ class Wanda(Criterion):
                 f"(calibration inputs); run it through a calibration driver"
             ) from None
         return wanda_scores(ctx.param, norms)
+
+
+@register_solver
+class WandaSolver(Solver):
+    """The ``wanda`` method: :func:`wanda_mask` (per-row groups) from the layer's input norms."""
+
+    name = "wanda"
+    requires = ("input_sq_norm",)
+
+    def scores(self, ctx):
+        return wanda_scores(ctx.param, ctx.stats["input_sq_norm"])
+
+    def solve(self, ctx, pattern, sparsity):
+        return LayerResult(wanda_mask(ctx.param.detach(), ctx.stats["input_sq_norm"], pattern, sparsity, layer=ctx.name))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..allocation import ALLOCATIONS, check_sparsity
-from ..criteria import Criterion, LayerContext, get_criterion, register_criterion
+from ..criteria import SNIP, LayerContext, get_criterion
 from ..errors import ConfigError
 from ..patterns import Pattern
 from ..targets import TargetSpec
@@ -35,20 +35,6 @@ def _check_allocation(allocation: str) -> str:
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"unknown allocation '{allocation}'; known: {', '.join(ALLOCATIONS)}")
     return allocation
-
-
-@register_criterion
-class SNIP(Criterion):
-    """Connection sensitivity |dL/dw * w| (Lee et al., 2019), from gradients at initialisation."""
-
-    name = "snip"
-    requires = ("grad",)
-    globally_comparable = True
-
-    def __call__(self, ctx: LayerContext) -> torch.Tensor:
-        if ctx.grad is None:
-            raise ConfigError(f"layer '{ctx.name}': SNIP needs a gradient; none was computed")
-        return (ctx.grad.detach() * ctx.param.detach()).abs().float()
 
 
 def accumulate_gradients(

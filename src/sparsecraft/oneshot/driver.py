@@ -1,0 +1,431 @@
+"""The calibrated one-shot driver: block by block, collecting what each method ``requires``.
+
+The driver knows no method by name. It asks the config for its solver, refiners and
+allocation, gathers the union of the statistics they declare in ``requires`` (see
+:data:`STATISTICS`), and hands each layer a :class:`~sparsecraft.criteria.LayerContext`
+with them. For each repeated block (:func:`~sparsecraft.blocks.find_blocks`):
+
+1. run the block on the current inputs with hooks on its target layers, accumulating the
+   layer statistics (input norms, mean/variance, Hessian ``2/n X^T X``);
+2. per layer: the solver's mask (and new weights), then each refiner, then the solver
+   reconstructs for a changed mask;
+3. run the block again with the pruned weights; its outputs are the next block's inputs.
+
+Two ways through a block (driver option ``sequential``):
+
+* ``False`` (default, "two-pass"): every layer of the block from the statistics of the
+  dense block; two forward passes per block.
+* ``True`` ("true sequential"): the block's layers in the order the forward pass calls
+  them, grouped by shared input (q/k/v, gate/up); each group is pruned from the inputs
+  that the already-pruned earlier groups produce. One pass per group plus one.
+
+Model-level statistics (``gradients``: of the language-modelling loss on the calibration
+samples, dense model) are collected once before any block changes.
+
+An allocation that ``requires`` statistics (OWL) gets them from one dense pass over all
+blocks first. Memory: the calibration activations of one block boundary plus one block's
+statistics. The original weights of each block are spilled to a temporary file before the
+block changes, so an error half-way restores the model exactly. The driver estimates its
+memory before starting and refuses when it will not fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..allocation import allocate
+from ..blocks import (
+    BlockBatch,
+    available_memory,
+    block_targets,
+    capture_block_inputs,
+    check_calibration,
+    find_blocks,
+    run_block,
+)
+from ..criteria import LayerContext, LayerResult, Refiner, Solver
+from ..errors import ConfigError, SparsecraftError, TargetError
+from ..targets import Target, resolve_patterns
+from .reconstruction import relative_reconstruction_error
+from .stats import HessianAccumulator, InputNormAccumulator
+
+__all__ = [
+    "DriverOptions", "Statistic", "STATISTICS", "register_statistic", "check_requires", "calibrated_prune",
+    "prune_layer", "collect_model_statistics", "collect_gradients", "needs_block_driver",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DriverOptions:
+    """Settings of the driver itself (shared by every method)."""
+
+    batch_size: int = 8  # calibration samples per forward pass
+    measure_error: bool = False  # record ||WX - W'X|| / ||WX|| per layer in the info
+    sequential: bool = False  # "true sequential" blocks (see the module docstring)
+
+    def check(self):
+        if self.batch_size < 1:
+            raise ConfigError(f"option batch_size must be >= 1, got {self.batch_size}")
+
+
+# ---- statistics ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Statistic:
+    """How to collect one requirement.
+
+    ``scope="layer"``: ``make()`` returns an accumulator with ``add(x)`` fed each batch of
+    the layer's input; ``extract(acc)`` returns the ``ctx.stats`` entries. Requirements with
+    the same ``key`` share one accumulator. ``scope="model"``: ``make(model, targets,
+    calibration, batch_size)`` returns ``{layer name: value}``, put in ``ctx.stats[key]``
+    (and in ``ctx.grad`` for ``gradients``).
+    """
+
+    name: str
+    scope: str
+    key: str
+    make: Callable[..., Any]
+    extract: Callable[[Any], dict] | None = None
+
+
+STATISTICS: dict[str, Statistic] = {}
+
+
+def register_statistic(stat: Statistic) -> Statistic:
+    if stat.scope not in ("layer", "model"):
+        raise ValueError(f"statistic '{stat.name}': scope must be 'layer' or 'model'")
+    STATISTICS[stat.name] = stat
+    return stat
+
+
+def _norm_stats(acc: InputNormAccumulator) -> dict:
+    return {"input_norms": acc, "input_sq_norm": acc.sq_norm, "input_mean": acc.mean, "input_var": acc.var}
+
+
+def _hessian_stats(acc: HessianAccumulator) -> dict:
+    return {"hessian": acc.hessian}
+
+
+def collect_gradients(model: nn.Module, targets: list[Target], calibration: torch.Tensor, batch_size: int):
+    """Sum over the calibration batches of d(LM loss)/dW for each target (dense model).
+
+    The loss is the model's own (``labels=`` the input ids); a model that returns none is
+    a ConfigError. ``requires_grad`` flags and ``.grad`` fields are left as they were.
+    """
+    params = [t.param for t in targets]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    total = {t.name: torch.zeros_like(t.param, dtype=torch.float32) for t in targets}
+    device = params[0].device if params else torch.device("cpu")
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for start in range(0, calibration.shape[0], batch_size):
+                batch = calibration[start : start + batch_size].to(device)
+                try:
+                    out = model(input_ids=batch, labels=batch)
+                except TypeError:
+                    out = None
+                loss = getattr(out, "loss", None)
+                if loss is None:
+                    raise ConfigError(
+                        "gradients need a model that returns a language-modelling loss for labels= "
+                        f"(got {type(model).__name__}); use a method without 'gradients'"
+                    )
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for t, g in zip(targets, grads):
+                    if g is not None:
+                        total[t.name] += g.float()
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return total
+
+
+for _name in ("input_norms", "input_sq_norm", "mean_var", "input_mean", "input_var"):
+    register_statistic(Statistic(_name, "layer", "input_norms", InputNormAccumulator, _norm_stats))
+register_statistic(Statistic("hessian", "layer", "hessian", HessianAccumulator, _hessian_stats))
+for _name in ("gradients", "grad"):
+    register_statistic(Statistic(_name, "model", "gradients", collect_gradients))
+
+
+def check_requires(names: Iterable[str], who: str) -> None:
+    """ConfigError when ``who`` requires a statistic nobody knows how to collect."""
+    unknown = sorted(set(names) - set(STATISTICS))
+    if unknown:
+        raise ConfigError(
+            f"{who} requires {', '.join(map(repr, unknown))}, which the driver cannot collect; "
+            f"known statistics: {', '.join(sorted(STATISTICS))}"
+        )
+
+
+def _split(names: Iterable[str]) -> tuple[list[Statistic], list[Statistic]]:
+    """Distinct layer- and model-scope statistics (one per key) for ``names``."""
+    layer, model, seen = [], [], set()
+    for name in sorted(set(names)):
+        stat = STATISTICS[name]
+        if stat.key in seen:
+            continue
+        seen.add(stat.key)
+        (layer if stat.scope == "layer" else model).append(stat)
+    return layer, model
+
+
+def needs_block_driver(config) -> bool:
+    """Whether ``config`` needs per-layer calibration statistics (the block driver)."""
+    names = set(config.solver().requires)
+    for r in config.refiners():
+        names |= set(r.requires)
+    names |= set(config.allocation_obj().requires)
+    layer, _ = _split(names)
+    return bool(layer) or bool(config.refiners()) or config.driver_options().measure_error
+
+
+def collect_model_statistics(model, targets, names, calibration, batch_size) -> dict[str, dict[str, Any]]:
+    """``{layer: {key: value}}`` for the model-scope statistics among ``names``."""
+    _, stats = _split(names)
+    out: dict[str, dict[str, Any]] = {t.name: {} for t in targets}
+    for stat in stats:
+        values = stat.make(model, targets, calibration, batch_size)
+        for name, value in values.items():
+            out[name][stat.key] = value
+    return out
+
+
+class _Collector:
+    """Forward hooks on layers that feed their inputs to the required accumulators."""
+
+    def __init__(self, targets: list[Target], stats: list[Statistic]):
+        self.stats = stats
+        self.accs = {t.name: {s.key: s.make() for s in stats} for t in targets}
+        self.handles = [t.module.register_forward_hook(self._hook(t.name)) for t in targets]
+
+    def _hook(self, name):
+        def hook(_module, inputs, _output):
+            for acc in self.accs[name].values():
+                acc.add(inputs[0])
+
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def layer_stats(self, name: str) -> dict:
+        out: dict = {}
+        for s in self.stats:
+            out.update(s.extract(self.accs[name][s.key]))
+        return out
+
+
+def _stages(block: nn.Module, targets: list[Target], batch: BlockBatch) -> list[list[Target]]:
+    """The block's targets in call order, grouped by shared input (one probe forward)."""
+    calls: list[tuple[Target, torch.Tensor]] = []
+    handles = []
+    for t in targets:
+        def hook(_m, inputs, _o, t=t):
+            if not any(c[0] is t for c in calls):
+                calls.append((t, inputs[0]))  # holding the input keeps its identity unique
+        handles.append(t.module.register_forward_hook(hook))
+    try:
+        run_block(block, [batch])
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[Target]] = []
+    last = None
+    for t, x in calls:
+        if last is not None and x is last:
+            stages[-1].append(t)
+        else:
+            stages.append([t])
+        last = x
+    uncalled = [t for t in targets if not any(c[0] is t for c in calls)]
+    return stages + ([uncalled] if uncalled else [])
+
+
+def _estimate_bytes(model, calibration, per_block, need_hessian) -> int:
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if hidden is None:
+        hidden = max(t.module.in_features for ts in per_block for t in ts)
+    elem = next(model.parameters()).element_size()
+    acts = 2 * calibration.numel() * hidden * elem  # inputs and outputs of one block
+    stats = max(
+        sum((t.module.in_features ** 2 * 4 if need_hessian else 0) + t.module.in_features * 24 for t in ts)
+        for ts in per_block
+    )
+    # the widest intermediate activation of one batch (MLP width) during a block's forward
+    widest = max(t.module.out_features for ts in per_block for t in ts)
+    return acts + stats + 4 * widest * calibration.shape[1] * elem
+
+
+def prune_layer(solver: Solver, refiners: list[Refiner], ctx: LayerContext, pattern, sparsity) -> LayerResult:
+    """The solver's decision for one layer, then each refiner (the solver re-fits the weights)."""
+    result = solver.solve(ctx, pattern, sparsity)
+    for refiner in refiners:
+        keep = refiner.refine(ctx, result.keep, pattern)
+        weight = solver.reconstruct(ctx, keep, pattern) if result.weight is not None else None
+        result = LayerResult(keep, weight, result.info)
+    return result
+
+
+def _scan(blocks, batches, per_block, stats, progress) -> dict[str, dict]:
+    """One dense pass over all blocks collecting ``stats`` per layer (for an allocation)."""
+    out: dict[str, dict] = {}
+    current = [b.hidden for b in batches]
+    for block, targets in tqdm(list(zip(blocks, per_block)), desc="statistics scan", disable=not progress,
+                               leave=False):
+        collector = _Collector(targets, stats)
+        try:
+            current = run_block(block, [BlockBatch(h, b.args, b.kwargs) for h, b in zip(current, batches)])
+        finally:
+            collector.remove()
+        out.update({t.name: collector.layer_stats(t.name) for t in targets})
+    return out
+
+
+def calibrated_prune(model, targets, config, calibration, *, progress=True):
+    """Block-by-block driver; returns ``(masks, info)`` like ``prune.plan_masks``.
+
+    ``config`` is a :class:`~sparsecraft.prune.PruneConfig` (it supplies ``solver()``,
+    ``refiners()``, ``allocation_obj()`` and ``driver_options()``).
+    """
+    solver, refiners, alloc, opts = config.solver(), config.refiners(), config.allocation_obj(), config.driver_options()
+    calibration = check_calibration(model, calibration)
+    pattern = config.pattern_obj
+    if alloc.needs_scores:
+        raise ConfigError(
+            f"method '{config.method}' with calibration does not support allocation '{alloc.name}' "
+            f"(it compares scores across layers); use uniform, erk or owl"
+        )
+    if alloc.name != "uniform" and pattern.fixed_sparsity is not None:
+        raise ConfigError(f"allocation '{alloc.name}' needs a free sparsity; pattern {pattern} fixes it")
+    for part in [solver, *refiners]:
+        kinds = getattr(part, "patterns", None)
+        if kinds is not None and not isinstance(pattern, kinds):
+            raise ConfigError(
+                f"'{part.name}' supports {', '.join(k.__name__ for k in kinds)} patterns, not {pattern}"
+            )
+
+    _, blocks = find_blocks(model, targets)
+    per_block = block_targets(blocks, targets)
+    inside = {t.name for ts in per_block for t in ts}
+    outside = [t.name for t in targets if t.name not in inside]
+    layer_pattern = resolve_patterns([t for ts in per_block for t in ts], pattern, config.fallback)
+    skipped = [n for n, p in layer_pattern.items() if p is None]
+    per_block = [[t for t in ts if layer_pattern[t.name] is not None] for ts in per_block]
+    active = [t for ts in per_block for t in ts]
+    for t in active:  # checked before anything runs
+        if not isinstance(t.module, nn.Linear):
+            raise TargetError(
+                f"layer '{t.name}': calibrated methods support Linear layers inside blocks; "
+                f"got {type(t.module).__name__} (exclude it, or use magnitude)"
+            )
+    names = set(solver.requires) | {n for r in refiners for n in r.requires}
+    if opts.measure_error:
+        names.add("hessian")
+    layer_stats, model_stats = _split(names)
+    alloc_stats, _ = _split(alloc.requires)
+    need_hessian = any(s.key == "hessian" for s in layer_stats)
+    estimate = _estimate_bytes(model, calibration, per_block, need_hessian)
+    available = available_memory()
+    if available is not None and estimate > 0.9 * available:
+        raise SparsecraftError(
+            f"calibrated pruning needs about {estimate / 2**30:.2f} GiB for activations and "
+            f"statistics but only {available / 2**30:.2f} GiB is available; use fewer or shorter "
+            f"calibration samples"
+        )
+    log.info("calibrated %s: %d blocks, %d samples x %d tokens, estimated %.0f MiB%s",
+             config.method, len(blocks), calibration.shape[0], calibration.shape[1], estimate / 2**20,
+             ", sequential" if opts.sequential else "")
+
+    # Model-level statistics first, from the untouched model.
+    model_values = collect_model_statistics(model, active, [s.name for s in model_stats], calibration,
+                                            opts.batch_size) if model_stats else {}
+    batches = capture_block_inputs(model, blocks, calibration, opts.batch_size)
+    scanned = _scan(blocks, batches, per_block, alloc_stats, progress) if alloc_stats else None
+    budgets = allocate(
+        active, config.target_sparsity, alloc, overrides=config.overrides, max_sparsity=config.max_sparsity,
+        stats=scanned, groups=[[t.name for t in ts] for ts in per_block],
+    )
+    del scanned
+    masks, info = {}, {}
+    spill = Path(tempfile.mkdtemp(prefix="sparsecraft-originals-"))
+    touched: list[int] = []
+    try:
+        for i, (block, targets_i) in enumerate(
+            tqdm(list(zip(blocks, per_block)), desc=f"{config.method} blocks", disable=not progress)
+        ):
+            stages = _stages(block, targets_i, batches[0]) if opts.sequential else [targets_i]
+            # the original weights go to disk before the block changes (restored on failure)
+            originals = {t.name: t.param.detach().cpu().clone() for t in targets_i}
+            torch.save(originals, spill / f"{i}.pt")
+            touched.append(i)
+            for stage in stages:
+                _prune_stage(block, stage, batches, solver, refiners, layer_stats, model_values, layer_pattern,
+                             budgets, originals, opts, config.method, masks, info)
+            outs = run_block(block, batches)
+            for b, out in zip(batches, outs):
+                b.hidden = out
+    except BaseException:
+        log.error("calibrated pruning failed; restoring the original weights of %d blocks", len(touched))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for i in touched:
+                for name, original in torch.load(spill / f"{i}.pt").items():
+                    params[name].copy_(original)
+        raise
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+    for name in outside:
+        log.warning("layer '%s' is outside the repeated blocks; left dense", name)
+        info[name] = {"pattern": "dense", "method": "skipped"}
+    for name in skipped:
+        info[name] = {"pattern": "dense", "method": "skipped"}
+    return masks, info
+
+
+def _prune_stage(block, stage, batches, solver, refiners, layer_stats, model_values, layer_pattern, budgets,
+                 originals, opts, method, masks, info) -> None:
+    """Collect the stage's statistics on the block's current weights, solve, write back."""
+    collector = _Collector(stage, layer_stats)
+    try:
+        run_block(block, batches)
+    finally:
+        collector.remove()
+    results, hessians = {}, {}
+    for t in stage:
+        stats = collector.layer_stats(t.name)
+        extra = model_values.get(t.name, {})
+        stats.update(extra)
+        ctx = LayerContext(t.name, t.module, t.param, stats, grad=extra.get("gradients"))
+        p = layer_pattern[t.name]
+        results[t.name] = prune_layer(solver, refiners, ctx, p, None if p.fixed_sparsity is not None else budgets[t.name])
+        if opts.measure_error:
+            hessians[t.name] = stats["hessian"]
+    del collector
+    with torch.no_grad():
+        for t in stage:
+            result = results[t.name]
+            if result.weight is not None:
+                t.param.copy_(result.weight)
+            t.param.masked_fill_(~result.keep, 0.0)  # +0.0, see masks.py
+            masks[t.name] = result.keep
+            info[t.name] = {"pattern": str(layer_pattern[t.name]), "method": method}
+            if opts.measure_error:  # ||WX - W'X|| / ||WX|| on this block's calibration inputs
+                info[t.name]["reconstruction_error"] = float(relative_reconstruction_error(
+                    originals[t.name].to(t.param.device), t.param.detach(), hessian=hessians[t.name]))
