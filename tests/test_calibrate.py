@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import sparsecraft as sc
-from sparsecraft import ConfigError, SparsecraftError, calibrate
+from sparsecraft import ConfigError, SparsecraftError
+from sparsecraft import blocks as block_finder
 from sparsecraft.oneshot import driver
 
 from conftest import assert_unchanged, snapshot
@@ -53,7 +54,7 @@ def _final_hidden(model, ids):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_blocks_found_by_structure(family):
     build, name, _ = FAMILIES[family]
-    found, blocks = calibrate.find_blocks(build())
+    found, blocks = block_finder.find_blocks(build())
     assert found == name and len(blocks) >= 2
 
 
@@ -67,7 +68,7 @@ def test_methods_exact_sparsity_and_valid_nm(family, method, pattern, calib):
     state = sc.prune_(model, sc.PruneConfig(method=method, sparsity=None if nm else 0.6, pattern=pattern),
                       calib, progress=False)
     params = dict(model.named_parameters())
-    assert len(state.masks) == per_block * len(calibrate.find_blocks(model)[1])
+    assert len(state.masks) == per_block * len(block_finder.find_blocks(model)[1])
     for name, keep in state.masks.items():
         w = params[name].detach()
         assert (w[~keep] == 0).all()

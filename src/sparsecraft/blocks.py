@@ -24,7 +24,7 @@ from .targets import Target
 
 __all__ = [
     "BlockBatch", "find_blocks", "check_calibration", "capture_block_inputs", "run_block",
-    "block_targets", "available_memory",
+    "block_targets",
 ]
 
 
@@ -89,17 +89,6 @@ def check_calibration(model: nn.Module, calibration) -> torch.Tensor:
                 f"{vocab} entries: was it tokenised with another tokenizer?"
             )
     return calibration.long()
-
-
-def available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def capture_block_inputs(

@@ -45,7 +45,6 @@ from tqdm.auto import tqdm
 from ..allocation import allocate
 from ..blocks import (
     BlockBatch,
-    available_memory,
     block_targets,
     capture_block_inputs,
     check_calibration,
@@ -54,6 +53,7 @@ from ..blocks import (
 )
 from ..criteria import LayerContext, LayerResult, Refiner, Solver
 from ..errors import ConfigError, SparsecraftError, TargetError
+from ..memory import available_memory
 from ..targets import Target, resolve_patterns
 from .reconstruction import relative_reconstruction_error
 from .stats import HessianAccumulator, InputNormAccumulator

@@ -7,7 +7,7 @@ consume it, the norm parameters in between); a :class:`UnitGroup` lists those
 :class:`Slice` s for one layer.
 
 Transformer blocks are searched by structure: the repeated blocks come from
-:func:`sparsecraft.calibrate.find_blocks`, and a small registry of *families* (gated MLP,
+:func:`sparsecraft.blocks.find_blocks`, and a small registry of *families* (gated MLP,
 two-layer MLP, q/k/v/o attention with ``head_dim``, BERT-style self-attention) says how to
 read one block. A new architecture is one :func:`register_family` call, not a new loop.
 
@@ -242,7 +242,7 @@ def register_family(family: Family, *, first: bool = True) -> Family:
 
 def find_block_groups(model: nn.Module, kinds: set[str]) -> list[UnitGroup]:
     """Unit groups of the requested kinds in the model's repeated transformer blocks."""
-    from ..calibrate import find_blocks
+    from ..blocks import find_blocks
 
     blocks_name, blocks = find_blocks(model)
     groups: list[UnitGroup] = []

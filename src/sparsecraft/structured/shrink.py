@@ -238,7 +238,7 @@ def _check_calibration(model: nn.Module, calibration) -> torch.Tensor:
     if calibration is None:
         raise ConfigError("criterion needs calibration data (token ids [samples, seq_len] or model inputs)")
     if getattr(getattr(model, "config", None), "vocab_size", None) is not None:
-        from ..calibrate import check_calibration
+        from ..blocks import check_calibration
 
         return check_calibration(model, calibration)
     if not isinstance(calibration, torch.Tensor) or calibration.dim() < 1 or calibration.shape[0] < 1:
