@@ -97,3 +97,28 @@ def test_bad_input_is_refused_before_work():
         admm_prune(bad, h, 0.5)
     with pytest.raises(ConfigError, match="unstructured and N:M"):
         admm_prune(w, h, 0.5, "block:2x2")
+
+
+def test_admm_through_prune_and_the_cli(tiny_llama_tok_dir, tmp_path):
+    """The registered `admm` method: every layer valid 2:4 and never above SparseGPT's layer error."""
+    import sparsecraft as sc
+    from sparsecraft.cli import main
+
+    model, _ = sc.models.load(str(tiny_llama_tok_dir))
+    calib = torch.randint(0, 1000, (8, 32), generator=torch.Generator().manual_seed(0))
+    state = sc.prune_(model, sc.method_config("admm", pattern="2:4"), calib, progress=False)
+    assert len(state.masks) == 14
+    for name, keep in state.masks.items():
+        assert NM(2, 4).is_valid(keep), name
+        info = state.info[name]
+        assert info["method"] == "admm" and info["layer_error"] <= info["sparsegpt_layer_error"] * (1 + 1e-9)
+    assert sum(state.info[n]["layer_error"] for n in state.masks) < sum(
+        state.info[n]["sparsegpt_layer_error"] for n in state.masks)
+    with pytest.raises(ConfigError, match="admm.*blocksize|blocksize.*admm"):
+        sc.method_config("admm", blocksize=64)
+    out = tmp_path / "pruned"
+    argv = ["-q", "prune", str(tiny_llama_tok_dir), "--method", "admm", "--pattern", "2:4", "--samples", "4",
+            "--seq-len", "16", "--out", str(out)]
+    assert main(argv) == 0
+    header = sc.formats.read_header(out / "model.safetensors")
+    assert header["tensors"]["model.layers.0.mlp.up_proj.weight"]["pattern"] == "2:4"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparsecraft.calibrate import capture_block_inputs, find_blocks
+from sparsecraft.blocks import capture_block_inputs, find_blocks
 from sparsecraft.errors import ConfigError
 from sparsecraft.oneshot.block_tuning import tune_block_
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparsecraft.calibrate import capture_block_inputs, find_blocks
+from sparsecraft.blocks import capture_block_inputs, find_blocks
 from sparsecraft.errors import ConfigError
 from sparsecraft.oneshot.learned_masks import learn_nm_masks, nm_choices
 from sparsecraft.patterns import NM

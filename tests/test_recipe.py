@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 import yaml
 
 from sparsecraft import ConfigError
@@ -11,22 +10,9 @@ from sparsecraft.cli import main
 from sparsecraft.recipe import Recipe, load_recipe
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A small random Llama saved with the real MiniLM (WordPiece) tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from sparsecraft.models import NAMED_MODELS, _package_dir
-
-    module, sub, dist = NAMED_MODELS["minilm-l6"]
-    tok = AutoTokenizer.from_pretrained(_package_dir(module, dist) / sub)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.sep_token_id)
-    path = tmp_path_factory.mktemp("m") / "tiny"
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+@pytest.fixture
+def tiny_dir(tiny_llama_tok_dir):
+    return tiny_llama_tok_dir
 
 
 def _write(tmp_path, data):

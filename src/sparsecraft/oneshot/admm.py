@@ -35,13 +35,16 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
+from ..criteria import LayerResult, Solver, register_solver
 from ..errors import ConfigError, TargetError
 from ..patterns import NM, Pattern, Unstructured, num_to_prune, parse_pattern, reduction_view
+from .sparsegpt import sparsegpt_prune
 
-__all__ = ["admm_prune", "solve_on_support", "layer_error"]
+__all__ = ["admm_prune", "solve_on_support", "layer_error", "ADMMSolver"]
 
 log = logging.getLogger(__name__)
 
@@ -260,3 +263,54 @@ def admm_prune(
     }
     log.debug("layer '%s': ADMM %d iterations, rho %.3g, winner %s, errors %s", layer, it, r, source, errors)
     return new.reshape(weight.shape), keep.reshape(weight.shape), info
+
+
+@register_solver
+class ADMMSolver(Solver):
+    """The ``admm`` method: :func:`admm_prune` on the layer's Hessian, with SparseGPT's result
+    for the same layer as a candidate (so no layer ends worse than SparseGPT leaves it)."""
+
+    name = "admm"
+    updates_weights = True
+    requires = ("hessian",)
+    patterns = (Unstructured, NM)
+
+    @dataclass(frozen=True)
+    class Options:
+        rho: float = 0.1  # starting penalty, relative to the unit diagonal
+        max_iter: int = 150  # ADMM iterations at most
+        percdamp: float = 0.01  # damping as a fraction of mean(diag H), as SparseGPT's
+        sparsegpt_candidate: bool = True  # also run SparseGPT and keep the better layer
+
+        def check(self):
+            if not (self.rho > 0 and math.isfinite(self.rho)):
+                raise ConfigError(f"admm: rho must be a positive number, got {self.rho}")
+            if self.max_iter < 1:
+                raise ConfigError(f"admm: max_iter must be >= 1, got {self.max_iter}")
+            if not (self.percdamp >= 0 and math.isfinite(self.percdamp)):
+                raise ConfigError(f"admm: percdamp must be >= 0, got {self.percdamp}")
+
+    def solve(self, ctx, pattern, sparsity):
+        o = self.options
+        weight, hessian = ctx.param.detach(), ctx.stats["hessian"]
+        candidates = []
+        if o.sparsegpt_candidate:
+            sw, sk, _ = sparsegpt_prune(weight, hessian, sparsity, pattern, percdamp=o.percdamp, layer=ctx.name)
+            candidates.append((sw, sk))
+        new, keep, info = admm_prune(weight, hessian, sparsity, pattern, candidates=candidates, rho=o.rho,
+                                     max_iter=o.max_iter, percdamp=o.percdamp, layer=ctx.name)
+        summary = {"layer_error": info["error"], "source": "sparsegpt" if info["source"] != "admm" else "admm"}
+        if o.sparsegpt_candidate:
+            summary["sparsegpt_layer_error"] = info["errors"]["candidate_0"]
+        return LayerResult(keep, new, summary)
+
+    def reconstruct(self, ctx, keep, pattern):
+        """The exact least-squares weights on a given mask (after a refiner changed it)."""
+        w = reduction_view(ctx.param.detach()).to(torch.float64)
+        h = ctx.stats["hessian"].to(torch.float64).clone()
+        dead = h.diagonal() == 0
+        h.diagonal()[dead] = 1
+        h.diagonal().add_(self.options.percdamp * float(h.diagonal().mean()))
+        c = h.diagonal().sqrt()
+        solved, _ = solve_on_support(w * c, h / c[:, None] / c[None, :], reduction_view(keep).to(w.device))
+        return (solved / c).to(ctx.param.dtype).reshape(ctx.param.shape)

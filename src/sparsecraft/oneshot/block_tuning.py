@@ -93,7 +93,7 @@ def tune_block_(
     Args:
         block: the pruned block (its pruned weights already zero).
         batches: calibration inputs at the block, objects with ``hidden``, ``args`` and
-            ``kwargs`` (:class:`~sparsecraft.calibrate.BlockBatch`).
+            ``kwargs`` (:class:`~sparsecraft.blocks.BlockBatch`).
         targets: the output to match for each batch (same shapes as the block's output).
         masks: parameter name inside ``block`` -> boolean keep-mask; these weights are tuned
             and their zeros kept.

@@ -425,7 +425,7 @@ def _prune_stage(block, stage, batches, solver, refiners, layer_stats, model_val
                 t.param.copy_(result.weight)
             t.param.masked_fill_(~result.keep, 0.0)  # +0.0, see masks.py
             masks[t.name] = result.keep
-            info[t.name] = {"pattern": str(layer_pattern[t.name]), "method": method}
+            info[t.name] = {"pattern": str(layer_pattern[t.name]), "method": method, **result.info}
             if opts.measure_error:  # ||WX - W'X|| / ||WX|| on this block's calibration inputs
                 info[t.name]["reconstruction_error"] = float(relative_reconstruction_error(
                     originals[t.name].to(t.param.device), t.param.detach(), hessian=hessians[t.name]))

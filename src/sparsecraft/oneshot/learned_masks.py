@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..patterns import NM, reduction_view
-from .block_tuning import _forward, _loss, _plain
+from .block_tuning import _loss, _plain
 
 __all__ = ["learn_nm_masks", "nm_choices"]
 
