@@ -6,6 +6,7 @@ import torch
 from sparsecraft.blocks import capture_block_inputs, find_blocks
 from sparsecraft.errors import ConfigError
 from sparsecraft.oneshot.block_tuning import tune_block_
+from sparsecraft.patterns import NM
 
 
 @pytest.fixture
@@ -70,3 +71,77 @@ def test_bad_settings_are_refused_before_any_change(pruned_block):
         tune_block_(block, batches, targets[:-1], masks)
     for n, p in block.named_parameters():
         assert torch.equal(p, before[n])
+
+
+# -- the `reconstruct` and `learn_mask` stages through prune_ ------------------------------------
+def _tiny(tiny_llama_tok_dir):
+    import sparsecraft as sc
+
+    model, _ = sc.models.load(str(tiny_llama_tok_dir))
+    calib = torch.randint(0, 1000, (48, 32), generator=torch.Generator().manual_seed(0))
+    return model, calib
+
+
+def _held_out_error(model, dense, ids):
+    with torch.no_grad():
+        return float((model(ids).logits - dense(ids).logits).pow(2).mean())
+
+
+def test_reconstruct_stage_keeps_masks_and_beats_plain_sparsegpt(tiny_llama_tok_dir):
+    import copy
+
+    import sparsecraft as sc
+
+    model, calib = _tiny(tiny_llama_tok_dir)
+    dense = copy.deepcopy(model)
+    plain = copy.deepcopy(model)
+    sc.prune_(plain, sc.method_config("sparsegpt", sparsity=0.5), calib, progress=False).finalize_()
+    state = sc.prune_(model, sc.method_config("sparsegpt", sparsity=0.5, reconstruct={"lr": 1e-3, "epochs": 4, "patience": 2}),
+                      calib, progress=False)
+    params = dict(model.named_parameters())
+    for name, keep in state.masks.items():
+        assert torch.all(params[name][~keep] == 0) and int((~keep).sum()) == keep.numel() // 2, name
+        summary = state.info[name]["reconstruct"]
+        assert summary["val_best"] < summary["val_before"]
+    held_out = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(9))
+    assert _held_out_error(model, dense, held_out) < _held_out_error(plain, dense, held_out)
+
+
+def test_learned_masks_stage_gives_valid_groups(tiny_llama_tok_dir):
+    import sparsecraft as sc
+
+    model, calib = _tiny(tiny_llama_tok_dir)
+    state = sc.prune_(model, sc.method_config("sparsegpt", pattern="2:4", learn_mask={"epochs": 1},
+                                              reconstruct={"epochs": 1}), calib, progress=False)
+    params = dict(model.named_parameters())
+    for name, keep in state.masks.items():
+        assert NM(2, 4).is_valid(keep) and torch.all(params[name][~keep] == 0), name
+        assert "learn_mask" in state.info[name] and "reconstruct" in state.info[name]
+
+
+def test_stage_bad_input_and_failure_leave_the_model_unchanged(tiny_llama_tok_dir, monkeypatch):
+    import sparsecraft as sc
+    from sparsecraft.oneshot import block_tuning
+
+    model, calib = _tiny(tiny_llama_tok_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ConfigError, match="at least one more"):  # 8 samples = one batch of 8
+        sc.prune_(model, sc.method_config("sparsegpt", sparsity=0.5, reconstruct=True), calib[:8], progress=False)
+    with pytest.raises(ConfigError, match="calibration"):
+        sc.prune_(model, sc.method_config("sparsegpt", sparsity=0.5, reconstruct=True), None, progress=False)
+    with pytest.raises(ConfigError, match="time_budget"):
+        sc.method_config("sparsegpt", sparsity=0.5, reconstruct={"time_budget": 0})
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+        return real(*args, **kwargs)
+
+    real = block_tuning.tune_block_
+    monkeypatch.setattr(block_tuning, "tune_block_", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        sc.prune_(model, sc.method_config("sparsegpt", sparsity=0.5, reconstruct=True), calib, progress=False)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n

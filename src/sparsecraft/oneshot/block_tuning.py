@@ -19,15 +19,17 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..criteria import BlockStage, register_block_stage
 from ..errors import ConfigError
 
-__all__ = ["tune_block_", "TUNABLE"]
+__all__ = ["tune_block_", "TUNABLE", "Reconstruct"]
 
 log = logging.getLogger(__name__)
 
@@ -204,3 +206,46 @@ def tune_block_(
     log.debug("%s: held-out loss %.4g -> %.4g (epoch %d of %d, %s)", desc, summary["val_before"],
               best_loss, summary["best_epoch"], summary["epochs_run"], summary["stopped"])
     return summary
+
+
+@register_block_stage
+class Reconstruct(BlockStage):
+    """The ``reconstruct`` stage: :func:`tune_block_` on every pruned block, masks fixed.
+
+    Switched on with ``options={"reconstruct": True}`` (or a mapping of these options); the
+    targets are the dense block's outputs on the inputs the already-pruned earlier blocks
+    produce, so each block also absorbs some of the error its inputs carry.
+    """
+
+    name = "reconstruct"
+    order = 10  # after stages that change masks
+
+    @dataclass(frozen=True)
+    class Options:
+        lr: float = 1e-4
+        epochs: int = 3
+        holdout: int = 1  # calibration batches kept for early stopping
+        patience: int = 1
+        tune: str = "weights"  # weights | weights+norms | weights+norms+biases
+        time_budget: float | None = None  # seconds per block
+
+        def check(self):
+            # the same rules tune_block_ applies, checked before the model changes
+            if not (self.lr > 0 and math.isfinite(self.lr)):
+                raise ConfigError(f"reconstruct: lr must be a positive number, got {self.lr}")
+            for name in ("epochs", "holdout", "patience"):
+                if getattr(self, name) < 1:
+                    raise ConfigError(f"reconstruct: {name} must be >= 1, got {getattr(self, name)}")
+            if self.tune not in TUNABLE:
+                raise ConfigError(f"reconstruct: tune must be one of {', '.join(TUNABLE)}, got {self.tune!r}")
+            if self.time_budget is not None and not (self.time_budget > 0 and math.isfinite(self.time_budget)):
+                raise ConfigError(f"reconstruct: time_budget must be > 0 seconds, got {self.time_budget}")
+
+    def holdout(self) -> int:
+        return self.options.holdout
+
+    def run(self, block, batches, targets, layers, *, progress=False):
+        o = self.options
+        masks = {name: layer.keep for name, layer in layers.items()}
+        return tune_block_(block, batches, targets, masks, lr=o.lr, epochs=o.epochs, holdout=o.holdout,
+                           patience=o.patience, tune=o.tune, time_budget=o.time_budget, progress=progress)

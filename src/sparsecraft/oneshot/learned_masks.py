@@ -21,17 +21,19 @@ import itertools
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from ..criteria import BlockStage, register_block_stage
 from ..errors import ConfigError
 from ..patterns import NM, reduction_view
 from .block_tuning import _loss, _plain
 
-__all__ = ["learn_nm_masks", "nm_choices"]
+__all__ = ["learn_nm_masks", "nm_choices", "LearnMask"]
 
 log = logging.getLogger(__name__)
 
@@ -178,3 +180,63 @@ def learn_nm_masks(
     log.debug("learned %s masks: held-out loss %.4g -> %.4g, %.1f%% of groups changed", pattern,
               summary["val_prior"], best, 100 * summary["changed"])
     return best_masks, summary
+
+
+@register_block_stage
+class LearnMask(BlockStage):
+    """The ``learn_mask`` stage: learned N:M masks from the solver's masks, then the kept weights
+    start from the solver's values in groups whose choice stayed and from the dense weights in
+    groups that changed; ``reconstruct`` (required with it) then tunes them."""
+
+    name = "learn_mask"
+    order = 0
+    patterns = (NM,)
+
+    @dataclass(frozen=True)
+    class Options:
+        lr: float = 0.5
+        epochs: int = 2
+        holdout: int = 1
+        tau: float = 2.0
+        tau_end: float = 0.05
+        strength: float = 3.0
+        time_budget: float | None = None  # seconds per block
+        seed: int = 0
+
+        def check(self):
+            for name in ("lr", "tau", "tau_end", "strength"):
+                value = getattr(self, name)
+                if not (value > 0 and math.isfinite(value)):
+                    raise ConfigError(f"learn_mask: {name} must be a positive number, got {value}")
+            for name in ("epochs", "holdout"):
+                if getattr(self, name) < 1:
+                    raise ConfigError(f"learn_mask: {name} must be >= 1, got {getattr(self, name)}")
+            if self.time_budget is not None and not (self.time_budget > 0 and math.isfinite(self.time_budget)):
+                raise ConfigError(f"learn_mask: time_budget must be > 0 seconds, got {self.time_budget}")
+
+    def holdout(self) -> int:
+        return self.options.holdout
+
+    def check(self, stages):
+        if not any(st.name == "reconstruct" for st in stages):
+            raise ConfigError("learn_mask changes masks and needs reconstruct to fit the kept weights to them: "
+                              "switch on reconstruct as well")
+
+    def run(self, block, batches, targets, layers, *, progress=False):
+        o = self.options
+        pattern = next(iter(layers.values())).pattern
+        prior = {name: layer.keep for name, layer in layers.items()}
+        dense = {name: layer.dense for name, layer in layers.items()}
+        masks, summary = learn_nm_masks(
+            block, batches, targets, prior, pattern, dense=dense, lr=o.lr, epochs=o.epochs, holdout=o.holdout,
+            tau=o.tau, tau_end=o.tau_end, strength=o.strength, time_budget=o.time_budget, seed=o.seed,
+            progress=progress)
+        params = dict(block.named_parameters())
+        with torch.no_grad():
+            for name, layer in layers.items():
+                groups_changed = (_group_view(masks[name], pattern.m) != _group_view(layer.keep, pattern.m)).any(dim=1)
+                start = _group_view(params[name].detach().clone(), pattern.m)
+                start[groups_changed] = _group_view(layer.dense, pattern.m)[groups_changed].to(start.dtype)
+                params[name].copy_(start.reshape(params[name].shape) * masks[name])
+                layer.keep = masks[name]
+        return summary
