@@ -145,3 +145,21 @@ def test_stage_bad_input_and_failure_leave_the_model_unchanged(tiny_llama_tok_di
         sc.prune_(model, sc.method_config("sparsegpt", sparsity=0.5, reconstruct=True), calib, progress=False)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+def test_cli_reconstruct_and_options(tiny_llama_tok_dir, tmp_path, capsys):
+    from sparsecraft.cli import main
+
+    base = ["-q", "prune", str(tiny_llama_tok_dir), "--samples", "16", "--seq-len", "16"]
+    out = tmp_path / "r"
+    assert main([*base, "--method", "admm", "--pattern", "2:4", "--reconstruct", "--sequential",
+                 "--option", "reconstruct={epochs: 1, lr: 1e-4}", "--option", "rho=0.2", "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file()
+    capsys.readouterr()
+    for extra, words in ((["--option", "rho=0.2", "--method", "sparsegpt"], "'rho'"),
+                         (["--learn-mask"], "reconstruct"),
+                         (["--reconstruct", "--option", "reconstruct={lr: -1}"], "lr")):
+        assert main([*base, "--pattern", "2:4", *extra, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+        assert not (tmp_path / "bad").exists()

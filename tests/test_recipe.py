@@ -111,3 +111,11 @@ def test_recipe_from_python_mappings_and_unquoted_pattern(tmp_path):
     path.write_text("model: m\nout: o\nprune:\n  pattern: 2:4\n  sparsity: null\ncalibration:\n  samples: 4\n")
     assert load_recipe(path) == r
     assert str(r.prune.pattern_obj) == "2:4"
+
+
+def test_yaml_floats_without_a_dot_are_numbers():
+    """YAML 1.1 reads 1e-4 as text; a learning rate written that way must be a number."""
+    from sparsecraft.yaml_io import load_yaml
+
+    assert load_yaml("lr: 1e-4\nn: 3E5\nneg: -2e-3\npattern: 2:4\nname: 1e", "t") == {
+        "lr": 1e-4, "n": 3e5, "neg": -2e-3, "pattern": "2:4", "name": "1e"}
