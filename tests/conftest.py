@@ -79,6 +79,25 @@ def tiny_llama_dir(tmp_path):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_tok_dir(tmp_path_factory):
+    """A small random Llama saved with the real MiniLM (WordPiece) tokenizer: calibrated
+    methods and the CLI's calibration and evaluation run on it in seconds."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sparsecraft.models import NAMED_MODELS, _package_dir
+
+    module, sub, dist = NAMED_MODELS["minilm-l6"]
+    tok = AutoTokenizer.from_pretrained(_package_dir(module, dist) / sub)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.sep_token_id)
+    path = tmp_path_factory.mktemp("m") / "tiny"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def snapshot(model: nn.Module) -> dict:
     """A deep copy of the state dict, to compare before/after."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 import yaml
 
 from sparsecraft import ConfigError
@@ -11,22 +10,9 @@ from sparsecraft.cli import main
 from sparsecraft.recipe import Recipe, load_recipe
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A small random Llama saved with the real MiniLM (WordPiece) tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from sparsecraft.models import NAMED_MODELS, _package_dir
-
-    module, sub, dist = NAMED_MODELS["minilm-l6"]
-    tok = AutoTokenizer.from_pretrained(_package_dir(module, dist) / sub)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.sep_token_id)
-    path = tmp_path_factory.mktemp("m") / "tiny"
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+@pytest.fixture
+def tiny_dir(tiny_llama_tok_dir):
+    return tiny_llama_tok_dir
 
 
 def _write(tmp_path, data):
@@ -125,3 +111,11 @@ def test_recipe_from_python_mappings_and_unquoted_pattern(tmp_path):
     path.write_text("model: m\nout: o\nprune:\n  pattern: 2:4\n  sparsity: null\ncalibration:\n  samples: 4\n")
     assert load_recipe(path) == r
     assert str(r.prune.pattern_obj) == "2:4"
+
+
+def test_yaml_floats_without_a_dot_are_numbers():
+    """YAML 1.1 reads 1e-4 as text; a learning rate written that way must be a number."""
+    from sparsecraft.yaml_io import load_yaml
+
+    assert load_yaml("lr: 1e-4\nn: 3E5\nneg: -2e-3\npattern: 2:4\nname: 1e", "t") == {
+        "lr": 1e-4, "n": 3e5, "neg": -2e-3, "pattern": "2:4", "name": "1e"}

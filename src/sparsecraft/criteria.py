@@ -44,6 +44,10 @@ __all__ = [
     "NoOptions",
     "SOLVERS",
     "REFINERS",
+    "BLOCK_STAGES",
+    "BlockStage",
+    "BlockLayer",
+    "register_block_stage",
     "register_solver",
     "register_refiner",
     "get_solver",
@@ -274,7 +278,49 @@ class Refiner:
 
 
 SOLVERS: dict[str, type[Solver]] = {}
+class BlockStage:
+    """Base class of a stage run on a whole block after its layers are pruned.
+
+    ``run(block, batches, targets, layers)`` may change the block's kept weights and, for
+    stages that learn masks, the masks: ``layers`` maps each pruned parameter's name inside
+    the block to a :class:`BlockLayer`, whose ``keep`` a stage may replace (with a mask of
+    the same pattern). ``targets`` are the dense block's outputs on the same inputs. Stages
+    run in ascending ``order``; each is switched on by an option named after it
+    (``options={"reconstruct": True}`` or a mapping of its own options).
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    order: ClassVar[int] = 0
+    #: Pattern classes it supports; None means any (checked before the model changes).
+    patterns: ClassVar[tuple[type, ...] | None] = None
+
+    def __init__(self, options=None):
+        self.options = options if options is not None else build_options(self.Options, {}, f"stage '{self.name}'")
+
+    def holdout(self) -> int:
+        """Calibration batches the stage keeps for judging (0 if none); checked up front."""
+        return 0
+
+    def check(self, stages: list["BlockStage"]) -> None:
+        """Refuse a combination of stages that cannot work (e.g. learned masks alone)."""
+
+    def run(self, block: nn.Module, batches: list, targets: list[torch.Tensor],
+            layers: dict[str, "BlockLayer"], *, progress: bool = False) -> dict:
+        raise NotImplementedError
+
+
+@dataclass
+class BlockLayer:
+    """A pruned layer as a block stage sees it: its keep-mask, pattern and dense weights."""
+
+    keep: torch.Tensor
+    pattern: Any
+    dense: torch.Tensor
+
+
 REFINERS: dict[str, type[Refiner]] = {}
+BLOCK_STAGES: dict[str, type[BlockStage]] = {}
 
 
 def register_solver(cls: type[Solver]) -> type[Solver]:
@@ -284,6 +330,14 @@ def register_solver(cls: type[Solver]) -> type[Solver]:
     if not dataclasses.is_dataclass(cls.Options):
         raise ValueError(f"{cls.__name__}.Options must be a dataclass")
     SOLVERS[cls.name] = cls
+    return cls
+
+
+def register_block_stage(cls: type[BlockStage]) -> type[BlockStage]:
+    """Class decorator: make a block stage available by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty name")
+    BLOCK_STAGES[cls.name] = cls
     return cls
 
 

@@ -23,6 +23,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import ConfigError, TargetError
@@ -64,6 +65,15 @@ def _view_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
+def _kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest entry (1-based) of a 1-D tensor, as a 0-d tensor."""
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        # numpy's introselect is ~30x faster than torch.kthvalue on CPU for large layers
+        flat = scores.detach().contiguous().numpy()
+        return torch.tensor(np.partition(flat, k - 1)[k - 1], dtype=scores.dtype)
+    return torch.kthvalue(scores, k).values
+
+
 def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask over a 1-D score vector that prunes the ``k`` lowest (ties: lower index).
 
@@ -76,7 +86,7 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones(n, dtype=torch.bool, device=scores.device)
     if k >= n:
         return torch.zeros(n, dtype=torch.bool, device=scores.device)
-    v = torch.kthvalue(scores, k).values
+    v = _kth_smallest(scores, k)
     below = scores < v
     ties = scores == v
     need = k - int(below.sum())

@@ -30,8 +30,10 @@ from tqdm.auto import tqdm
 from .allocation import ALLOCATIONS, Allocation, allocate, check_sparsity, get_allocation
 from .blocks import check_calibration
 from .criteria import (
+    BLOCK_STAGES,
     REFINERS,
     SOLVERS,
+    BlockStage,
     LayerContext,
     Refiner,
     Solver,
@@ -119,6 +121,7 @@ class PruneConfig:
             check_sparsity(value, f"override '{rule}'")
         solver, refiners, alloc = self.solver(), self.refiners(), self.allocation_obj()
         self.driver_options()
+        self.block_stages()
         check_requires(solver.requires, f"method '{self.method}'")
         for r in refiners:
             check_requires(r.requires, f"refiner '{r.name}'")
@@ -137,14 +140,14 @@ class PruneConfig:
         return self
 
     def _split_options(self) -> tuple[dict, dict, dict, dict]:
-        """``options`` split into (method, driver, allocation, refiners) settings."""
+        """``options`` split into (method, driver, allocation, refiners and block stages) settings."""
         alloc_cls = ALLOCATIONS.get(self.allocation)
         alloc_fields = {f.name for f in dataclasses.fields(alloc_cls.Options)} if alloc_cls else set()
         method, driver, alloc, refine = {}, {}, {}, {}
         for key, value in self.options.items():
             if key in _DRIVER_FIELDS:
                 driver[key] = value
-            elif key in REFINERS:
+            elif key in REFINERS or key in BLOCK_STAGES:
                 refine[key] = value
             elif key in alloc_fields:
                 alloc[key] = value
@@ -161,22 +164,36 @@ class PruneConfig:
             unknown = [k for k in method_opts if "'" + k + "'" in str(exc)]
             if not unknown:
                 raise
-            shared = sorted(_DRIVER_FIELDS | set(REFINERS))
+            shared = sorted(_DRIVER_FIELDS | set(REFINERS) | set(BLOCK_STAGES))
             raise ConfigError(f"{exc}; options every method takes: {', '.join(shared)}") from None
 
-    def refiners(self) -> list[Refiner]:
-        """The refinement stages switched on in ``options`` (``True`` or their own options)."""
+    def _switched_on(self, registry: Mapping[str, type]) -> list:
+        """The stages of ``registry`` switched on in ``options`` (``True`` or their own options)."""
         out = []
         for name, value in self._split_options()[3].items():
-            if value is None or value is False:
+            if name not in registry or value is None or value is False:
                 continue
             if value is True:
                 value = {}
             if not isinstance(value, Mapping):
                 raise ConfigError(f"option '{name}' must be true/false or a mapping of {name}'s options, got {value!r}")
-            cls = REFINERS[name]
-            out.append(cls(build_options(cls.Options, value, f"refiner '{name}'")))
+            cls = registry[name]
+            out.append(cls(build_options(cls.Options, value, f"'{name}'")))
         return out
+
+    def refiners(self) -> list[Refiner]:
+        """The refinement stages switched on in ``options``."""
+        return self._switched_on(REFINERS)
+
+    def block_stages(self) -> list[BlockStage]:
+        """The block stages switched on in ``options``, in the order they run."""
+        stages = sorted(self._switched_on(BLOCK_STAGES), key=lambda st: st.order)
+        for st in stages:
+            st.check(stages)
+            if st.patterns is not None and not isinstance(self.pattern_obj, st.patterns):
+                raise ConfigError(f"'{st.name}' supports {', '.join(k.__name__ for k in st.patterns)} patterns, "
+                                  f"not {self.pattern_obj}")
+        return stages
 
     def allocation_obj(self) -> Allocation:
         return get_allocation(self.allocation, self._split_options()[2])
@@ -188,7 +205,8 @@ class PruneConfig:
     def needs_calibration(self) -> bool:
         """Whether this config needs calibration data (any statistic, refiner or error measure)."""
         names = set(self.solver().requires) | set(self.allocation_obj().requires)
-        return bool(names) or bool(self.refiners()) or self.driver_options().measure_error
+        return (bool(names) or bool(self.refiners()) or bool(self.block_stages())
+                or self.driver_options().measure_error)
 
     @property
     def pattern_obj(self) -> Pattern:

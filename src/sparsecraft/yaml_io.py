@@ -3,7 +3,9 @@
 PyYAML follows YAML 1.1, where ``2:4`` is a base-60 ("sexagesimal") integer: 2 * 60 + 4 =
 124. A pattern written ``pattern: 2:4`` would silently become 124. :class:`Loader` is
 ``yaml.SafeLoader`` without the base-60 int and float rules, so ``2:4``, ``4:8`` or
-``1:30.5`` stay strings; every other scalar resolves as in ``yaml.safe_load``.
+``1:30.5`` stay strings. Floats also resolve without a dot or an exponent sign (``1e-4``,
+``3e5``, ``1.0e5``), as in YAML 1.2 (YAML 1.1 reads ``1e-4`` as a string); every other scalar
+resolves as in ``yaml.safe_load``.
 
 :func:`check_types` checks a mapping's values against a dataclass's field types before the
 dataclass is built, so a wrong type (``seed: abc``, ``options: [1]``) is a one-line
@@ -48,8 +50,9 @@ Loader.add_implicit_resolver(
 )
 Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
-                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                     |[-+]?\.(?:inf|Inf|INF)
                     |\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."),

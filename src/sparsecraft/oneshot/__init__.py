@@ -11,7 +11,16 @@ collects what they require.
 * :mod:`.dsnot`: DSnoT prune-and-grow mask refinement (training-free).
 * :mod:`.owl`: OWL outlier-weighted per-layer sparsities.
 * :mod:`.reconstruction`: ``||WX - W'X|| / ||WX||`` from inputs or a Hessian.
+* :mod:`.admm`: the ADMM layer solver with an exact back-solve on the support.
+* :mod:`.block_tuning`: block reconstruction with the masks fixed.
+* :mod:`.learned_masks`: learned N:M masks (Gumbel-softmax over each group's choices).
+
+Every module of this package is imported with it, so a method file dropped in here
+registers itself without any other file changing.
 """
+
+import importlib as _importlib
+import pkgutil as _pkgutil
 
 from .dsnot import DSnoT, dsnot_refine, expected_row_error
 from .owl import OWL, outlier_ratio, owl_counts, owl_sparsities
@@ -42,3 +51,7 @@ __all__ = [
     "DSnoT",
     "OWL",
 ]
+
+for _module in _pkgutil.iter_modules(__path__):
+    if _module.name != "commands":  # the CLI's module; loaded by the parser, not a method
+        _importlib.import_module(f"{__name__}.{_module.name}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli_args import add_overwrite, check_output, int_arg, number_arg, override_arg, write_line
+from ..cli_args import add_overwrite, assignment_arg, check_output, int_arg, number_arg, override_arg, write_line
 
 EPILOG_PRUNE = """examples:
   sparsecraft prune smollm2-135m --sparsity 0.5 --out pruned/
@@ -19,6 +19,9 @@ EPILOG_PRUNE = """examples:
   sparsecraft prune ./my-hf-model --allocation global --sparsity 0.7 \\
       --exclude 're:.*self_attn.*' --override '*.down_proj.*=0.5' --out pruned/
   sparsecraft prune smollm2-135m --sparsity 0.5 --out pruned.safetensors   # one file, tensors only
+  sparsecraft prune smollm2-135m --method admm --pattern 2:4 --reconstruct --eval --out pruned-admm/
+  sparsecraft prune smollm2-135m --method sparsegpt --pattern 2:4 --learn-mask --reconstruct \
+      --option 'reconstruct={lr: 1e-4, epochs: 3}' --out pruned-learned/
 """
 
 
@@ -65,6 +68,16 @@ def register(sub) -> dict:
     p.add_argument("--seed", type=int_arg("seed", minimum=0), default=0,
                    help="seed for random methods and calibration sampling")
     p.add_argument("--dsnot", action="store_true", help="refine masks with DSnoT (needs calibration)")
+    p.add_argument("--sequential", action="store_true",
+                   help="prune the layers of a block in order, each from the outputs of the pruned ones before it")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="after each block is pruned, tune its kept weights to the dense block's output "
+                        "(masks fixed; one calibration batch held out for early stopping)")
+    p.add_argument("--learn-mask", action="store_true",
+                   help="learn N:M masks per block from the method's masks (needs --reconstruct)")
+    p.add_argument("--option", action="append", default=[], type=assignment_arg, metavar="KEY=VALUE",
+                   help="a setting of the method, allocation, driver or a stage (YAML value), e.g. "
+                        "rho=0.2, blocksize=64, 'reconstruct={lr: 1e-4, epochs: 2}'; repeatable")
     p.add_argument("--calib", metavar="FILE", default=None,
                    help="calibration text (.txt) or JSONL with a 'text' field; default: built-in Lee corpus")
     p.add_argument("--corpus", default="lee", choices=("lee", "wiki"),
@@ -93,6 +106,18 @@ def _finish(results: dict, recipe) -> None:
                                                 for k, v in results[key].items()))
 
 
+def _options(args) -> dict:
+    """``--option KEY=VALUE`` settings plus the switches that stand for options."""
+    from ..yaml_io import load_yaml
+
+    options = {key: load_yaml(value, f"--option {key}") for key, value in args.option}
+    for flag, key in ((args.dsnot, "dsnot"), (args.sequential, "sequential"),
+                      (args.reconstruct, "reconstruct"), (args.learn_mask, "learn_mask")):
+        if flag:
+            options.setdefault(key, True)
+    return options
+
+
 def cmd_prune(args) -> int:
     from ..prune import PruneConfig, default_sparsity
     from ..recipe import CalibrationSpec, Recipe, execute
@@ -107,7 +132,7 @@ def cmd_prune(args) -> int:
         max_sparsity=args.max_sparsity,
         fallback=args.fallback,
         seed=args.seed,
-        options={"dsnot": True} if args.dsnot else {},
+        options=_options(args),
     )
     recipe = Recipe(
         model=args.model, out=args.out, prune=config, evaluate=args.eval, overwrite=args.overwrite,

@@ -32,6 +32,7 @@ memory before starting and refuses when it will not fit.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from ..blocks import (
     find_blocks,
     run_block,
 )
-from ..criteria import LayerContext, LayerResult, Refiner, Solver
+from ..criteria import BlockLayer, LayerContext, LayerResult, Refiner, Solver
 from ..errors import ConfigError, SparsecraftError, TargetError
 from ..memory import available_memory
 from ..targets import Target, resolve_patterns
@@ -191,7 +192,8 @@ def needs_block_driver(config) -> bool:
         names |= set(r.requires)
     names |= set(config.allocation_obj().requires)
     layer, _ = _split(names)
-    return bool(layer) or bool(config.refiners()) or config.driver_options().measure_error
+    return (bool(layer) or bool(config.refiners()) or bool(config.block_stages())
+            or config.driver_options().measure_error)
 
 
 def collect_model_statistics(model, targets, names, calibration, batch_size) -> dict[str, dict[str, Any]]:
@@ -335,6 +337,15 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
                 f"layer '{t.name}': calibrated methods support Linear layers inside blocks; "
                 f"got {type(t.module).__name__} (exclude it, or use magnitude)"
             )
+    block_stages = config.block_stages()
+    holdout = max((st.holdout() for st in block_stages), default=0)
+    n_batches = math.ceil(calibration.shape[0] / opts.batch_size)
+    if holdout and n_batches <= holdout:
+        raise ConfigError(
+            f"{', '.join(st.name for st in block_stages)} hold(s) out {holdout} calibration batch(es) of "
+            f"{opts.batch_size} samples for early stopping and need(s) at least one more to train on; "
+            f"{calibration.shape[0]} samples make {n_batches}: use more samples or a smaller batch_size"
+        )
     names = set(solver.requires) | {n for r in refiners for n in r.requires}
     if opts.measure_error:
         names.add("hessian")
@@ -375,9 +386,15 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
             originals = {t.name: t.param.detach().cpu().clone() for t in targets_i}
             torch.save(originals, spill / f"{i}.pt")
             touched.append(i)
+            # the dense block's outputs on this block's inputs: what block stages reconstruct
+            targets_out = run_block(block, batches) if block_stages else None
             for stage in stages:
                 _prune_stage(block, stage, batches, solver, refiners, layer_stats, model_values, layer_pattern,
                              budgets, originals, opts, config.method, masks, info)
+            if block_stages:
+                _run_block_stages(block, i, targets_i, batches, targets_out, block_stages, layer_pattern,
+                                  originals, masks, info, progress)
+                del targets_out
             outs = run_block(block, batches)
             for b, out in zip(batches, outs):
                 b.hidden = out
@@ -425,7 +442,26 @@ def _prune_stage(block, stage, batches, solver, refiners, layer_stats, model_val
                 t.param.copy_(result.weight)
             t.param.masked_fill_(~result.keep, 0.0)  # +0.0, see masks.py
             masks[t.name] = result.keep
-            info[t.name] = {"pattern": str(layer_pattern[t.name]), "method": method}
+            info[t.name] = {"pattern": str(layer_pattern[t.name]), "method": method, **result.info}
             if opts.measure_error:  # ||WX - W'X|| / ||WX|| on this block's calibration inputs
                 info[t.name]["reconstruction_error"] = float(relative_reconstruction_error(
                     originals[t.name].to(t.param.device), t.param.detach(), hessian=hessians[t.name]))
+
+
+def _run_block_stages(block, index, targets, batches, outputs, stages, layer_pattern, originals, masks, info,
+                      progress) -> None:
+    """Run the block stages on a pruned block; masks and info follow what they changed."""
+    inner = {id(p): n for n, p in block.named_parameters()}
+    layers = {inner[id(t.param)]: BlockLayer(masks[t.name], layer_pattern[t.name], originals[t.name].to(t.param.device))
+              for t in targets}
+    for st in stages:
+        summary = st.run(block, batches, outputs, layers, progress=progress)
+        log.info("block %d %s: %s", index, st.name, ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+        for t in targets:
+            info[t.name][st.name] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
+    with torch.no_grad():
+        for t in targets:
+            keep = layers[inner[id(t.param)]].keep
+            t.param.masked_fill_(~keep, 0.0)
+            masks[t.name] = keep

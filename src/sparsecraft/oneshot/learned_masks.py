@@ -1,0 +1,242 @@
+"""Learned N:M masks: per group of M weights, a learned distribution over the N:M choices.
+
+For every group of M consecutive weights along the reduction dimension there are
+``C(M, N)`` valid keep-patterns (6 for 2:4). Each group holds logits over them, started so
+that a prior mask (SparseGPT's, say) is the most likely choice. A Gumbel-softmax sample of
+each group's choice gives a soft mask; the block runs with ``W_dense * soft_mask`` and the
+logits are trained by Adam so that the block's output matches the targets (the dense block's
+output). The temperature falls geometrically from ``tau`` to ``tau_end`` over the run, so the
+samples harden as training goes on.
+
+After every epoch the masks are hardened (each group takes its most likely choice) and judged
+on held-out batches with the dense weights under the mask; the best hardened masks are
+returned, and the prior itself is the first candidate, so the held-out loss of the result is
+never above the prior's (on that basis: dense kept weights; re-solve or reconstruct the kept
+weights afterwards). Every returned group is a valid N:M choice by construction.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from ..criteria import BlockStage, register_block_stage
+from ..errors import ConfigError
+from ..patterns import NM, reduction_view
+from .block_tuning import _loss, _plain
+
+__all__ = ["learn_nm_masks", "nm_choices", "LearnMask"]
+
+log = logging.getLogger(__name__)
+
+
+def nm_choices(n: int, m: int) -> torch.Tensor:
+    """All keep-patterns of one group, ``[C(m, n), m]`` booleans, in lexicographic order."""
+    rows = [[j in kept for j in range(m)] for kept in itertools.combinations(range(m), n)]
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def _group_view(t: torch.Tensor, m: int) -> torch.Tensor:
+    return reduction_view(t).reshape(-1, m)
+
+
+def _prior_logits(prior: torch.Tensor, choices: torch.Tensor, strength: float) -> torch.Tensor:
+    """Logits ``strength * overlap / N``: the prior's own choice scores ``strength``."""
+    groups = _group_view(prior, choices.shape[1]).float()
+    overlap = groups @ choices.float().T  # kept positions shared with each choice
+    return strength * overlap / choices[0].sum()
+
+
+def _harden(logits: torch.Tensor, choices: torch.Tensor, shape) -> torch.Tensor:
+    return choices[logits.argmax(dim=1)].reshape(shape)
+
+
+def learn_nm_masks(
+    block: nn.Module,
+    batches: list,
+    targets: list[torch.Tensor],
+    prior: dict[str, torch.Tensor],
+    pattern: NM,
+    *,
+    dense: dict[str, torch.Tensor] | None = None,
+    lr: float = 0.5,
+    epochs: int = 2,
+    holdout: int = 1,
+    tau: float = 2.0,
+    tau_end: float = 0.05,
+    strength: float = 3.0,
+    time_budget: float | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Learn N:M keep-masks for the parameters named in ``prior`` (module docstring).
+
+    Args:
+        block: the block; its parameters are not changed.
+        batches, targets: calibration inputs at the block and the outputs to match.
+        prior: parameter name -> a valid N:M keep-mask to start from.
+        pattern: the N:M pattern.
+        dense: parameter name -> the dense weights to mask (default: the block's current ones).
+        lr, epochs, holdout: Adam on the logits, passes over the training batches, batches
+            kept for judging.
+        tau, tau_end: Gumbel-softmax temperature at the start and the end.
+        strength: the prior's logit lead.
+        time_budget: seconds (None: no limit).
+        seed: Gumbel noise seed.
+
+    Returns:
+        ``(masks, summary)``: hardened keep-masks and ``{"val_prior", "val_best",
+        "best_epoch", "changed", "steps", "seconds", "stopped"}`` (``changed``: the share of
+        groups whose choice differs from the prior).
+    """
+    if not isinstance(pattern, NM):
+        raise ConfigError(f"learned masks need an N:M pattern, got {pattern}")
+    for name, value in (("lr", lr), ("tau", tau), ("tau_end", tau_end), ("strength", strength)):
+        if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+            raise ConfigError(f"learned masks: {name} must be a positive number, got {value!r}")
+    for name, value in (("epochs", epochs), ("holdout", holdout)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"learned masks: {name} must be an integer >= 1, got {value!r}")
+    if time_budget is not None and not (time_budget > 0 and math.isfinite(time_budget)):
+        raise ConfigError(f"learned masks: time budget must be > 0 seconds, got {time_budget!r}")
+    if len(batches) != len(targets) or len(batches) <= holdout:
+        raise ConfigError(
+            f"learned masks hold out {holdout} calibration batch(es) and need at least one more "
+            f"to train on (got {len(batches)} batches, {len(targets)} targets)"
+        )
+    params = dict(block.named_parameters())
+    for name, keep in prior.items():
+        if name not in params:
+            raise ConfigError(f"learned masks: the block has no parameter '{name}'")
+        if tuple(keep.shape) != tuple(params[name].shape) or not pattern.is_valid(keep):
+            raise ConfigError(f"learned masks: the prior of '{name}' is not a valid {pattern} mask of its shape")
+
+    start = time.perf_counter()
+    choices = nm_choices(pattern.n, pattern.m)
+    weights = {n: (dense or {}).get(n, params[n]).detach().clone() for n in prior}
+    logits = {n: _prior_logits(prior[n], choices, strength).requires_grad_(True) for n in prior}
+    soft_choices = choices.float()
+    train_b = [type(b)(_plain(b.hidden), _plain(b.args), _plain(b.kwargs)) for b in batches[:-holdout]]
+    train_t, val_b, val_t = targets[:-holdout], batches[-holdout:], targets[-holdout:]
+    gen = torch.Generator().manual_seed(seed)
+    total = epochs * len(train_b)
+
+    def run(batch, masked: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = functional_call(block, masked, (batch.hidden, *batch.args), batch.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def val_loss(masks: dict[str, torch.Tensor]) -> float:
+        masked = {n: weights[n] * masks[n] for n in masks}
+        with torch.no_grad():
+            return sum(float(_loss(run(b, masked), t)) for b, t in zip(val_b, val_t)) / len(val_b)
+
+    best_masks = {n: prior[n].clone() for n in prior}
+    best = val_loss(best_masks)
+    summary = {"val_prior": best, "best_epoch": 0, "steps": 0, "stopped": "epochs"}
+    opt = torch.optim.Adam(list(logits.values()), lr=lr)
+    was_training = block.training
+    block.train(False)
+    bar = tqdm(total=total, desc="learn N:M masks", disable=not progress, leave=False)
+    try:
+        for epoch in range(1, epochs + 1):
+            for b, t in zip(train_b, train_t):
+                temp = tau * (tau_end / tau) ** (summary["steps"] / max(1, total - 1))
+                masked = {}
+                for n, lg in logits.items():
+                    u = torch.rand(lg.shape, generator=gen).clamp_(1e-10, 1 - 1e-10)
+                    probs = torch.softmax((lg - torch.log(-torch.log(u))) / temp, dim=1)
+                    masked[n] = weights[n] * (probs @ soft_choices).reshape(weights[n].shape)
+                opt.zero_grad(set_to_none=True)
+                loss = _loss(run(b, masked), t)
+                loss.backward()
+                opt.step()
+                summary["steps"] += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.4g}", tau=f"{temp:.3g}")
+                if time_budget is not None and time.perf_counter() - start > time_budget:
+                    summary["stopped"] = "time budget"
+                    break
+            hard = {n: _harden(lg.detach(), choices, prior[n].shape) for n, lg in logits.items()}
+            current = val_loss(hard)
+            if current < best:
+                best, best_masks, summary["best_epoch"] = current, hard, epoch
+            if summary["stopped"] == "time budget":
+                break
+    finally:
+        bar.close()
+        block.train(was_training)
+    groups = sum(k.numel() // pattern.m for k in prior.values())
+    changed = sum(int((_group_view(best_masks[n], pattern.m) != _group_view(prior[n], pattern.m)).any(dim=1).sum())
+                  for n in prior)
+    summary.update(val_best=best, changed=changed / max(1, groups), seconds=time.perf_counter() - start)
+    log.debug("learned %s masks: held-out loss %.4g -> %.4g, %.1f%% of groups changed", pattern,
+              summary["val_prior"], best, 100 * summary["changed"])
+    return best_masks, summary
+
+
+@register_block_stage
+class LearnMask(BlockStage):
+    """The ``learn_mask`` stage: learned N:M masks from the solver's masks, then the kept weights
+    start from the solver's values in groups whose choice stayed and from the dense weights in
+    groups that changed; ``reconstruct`` (required with it) then tunes them."""
+
+    name = "learn_mask"
+    order = 0
+    patterns = (NM,)
+
+    @dataclass(frozen=True)
+    class Options:
+        lr: float = 0.5
+        epochs: int = 2
+        holdout: int = 1
+        tau: float = 2.0
+        tau_end: float = 0.05
+        strength: float = 3.0
+        time_budget: float | None = None  # seconds per block
+        seed: int = 0
+
+        def check(self):
+            for name in ("lr", "tau", "tau_end", "strength"):
+                value = getattr(self, name)
+                if not (value > 0 and math.isfinite(value)):
+                    raise ConfigError(f"learn_mask: {name} must be a positive number, got {value}")
+            for name in ("epochs", "holdout"):
+                if getattr(self, name) < 1:
+                    raise ConfigError(f"learn_mask: {name} must be >= 1, got {getattr(self, name)}")
+            if self.time_budget is not None and not (self.time_budget > 0 and math.isfinite(self.time_budget)):
+                raise ConfigError(f"learn_mask: time_budget must be > 0 seconds, got {self.time_budget}")
+
+    def holdout(self) -> int:
+        return self.options.holdout
+
+    def check(self, stages):
+        if not any(st.name == "reconstruct" for st in stages):
+            raise ConfigError("learn_mask changes masks and needs reconstruct to fit the kept weights to them: "
+                              "switch on reconstruct as well")
+
+    def run(self, block, batches, targets, layers, *, progress=False):
+        o = self.options
+        pattern = next(iter(layers.values())).pattern
+        prior = {name: layer.keep for name, layer in layers.items()}
+        dense = {name: layer.dense for name, layer in layers.items()}
+        masks, summary = learn_nm_masks(
+            block, batches, targets, prior, pattern, dense=dense, lr=o.lr, epochs=o.epochs, holdout=o.holdout,
+            tau=o.tau, tau_end=o.tau_end, strength=o.strength, time_budget=o.time_budget, seed=o.seed,
+            progress=progress)
+        params = dict(block.named_parameters())
+        with torch.no_grad():
+            for name, layer in layers.items():
+                groups_changed = (_group_view(masks[name], pattern.m) != _group_view(layer.keep, pattern.m)).any(dim=1)
+                start = _group_view(params[name].detach().clone(), pattern.m)
+                start[groups_changed] = _group_view(layer.dense, pattern.m)[groups_changed].to(start.dtype)
+                params[name].copy_(start.reshape(params[name].shape) * masks[name])
+                layer.keep = masks[name]
+        return summary
