@@ -98,6 +98,27 @@ def tiny_llama_tok_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def llama_block():
+    """Block 0 of a tiny random Llama with its calibration inputs (6 batches of 2 x 16 tokens)
+    and its dense outputs on them: ``(block, batches, targets)``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsecraft.blocks import capture_block_inputs, find_blocks
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg).eval()
+    calib = torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(1))
+    _, blocks = find_blocks(model)
+    batches = capture_block_inputs(model, blocks, calib, batch_size=2)
+    block = blocks[0]
+    with torch.no_grad():
+        targets = [block(b.hidden, *b.args, **b.kwargs)[0].clone() for b in batches]
+    return block, batches, targets
+
+
 def snapshot(model: nn.Module) -> dict:
     """A deep copy of the state dict, to compare before/after."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -3,26 +3,15 @@
 import pytest
 import torch
 
-from sparsecraft.blocks import capture_block_inputs, find_blocks
 from sparsecraft.errors import ConfigError
 from sparsecraft.oneshot.block_tuning import tune_block_
 from sparsecraft.patterns import NM
 
 
 @pytest.fixture
-def pruned_block():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(cfg).eval()
-    calib = torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(1))
-    _, blocks = find_blocks(model)
-    batches = capture_block_inputs(model, blocks, calib, batch_size=2)
-    block = blocks[0]
+def pruned_block(llama_block):
+    block, batches, targets = llama_block
     with torch.no_grad():
-        targets = [block(b.hidden, *b.args, **b.kwargs)[0].clone() for b in batches]
         masks = {}
         for name, p in block.named_parameters():
             if name.endswith("proj.weight"):

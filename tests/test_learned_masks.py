@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from sparsecraft.blocks import capture_block_inputs, find_blocks
 from sparsecraft.errors import ConfigError
 from sparsecraft.oneshot.learned_masks import learn_nm_masks, nm_choices
 from sparsecraft.patterns import NM
@@ -16,19 +15,8 @@ def test_choices_enumerate_every_valid_group():
 
 
 @pytest.fixture
-def block_data():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(cfg).eval()
-    calib = torch.randint(0, 64, (10, 16), generator=torch.Generator().manual_seed(1))
-    _, blocks = find_blocks(model)
-    batches = capture_block_inputs(model, blocks, calib, batch_size=2)
-    block = blocks[0]
-    with torch.no_grad():
-        targets = [block(b.hidden, *b.args, **b.kwargs)[0].clone() for b in batches]
+def block_data(llama_block):
+    block, batches, targets = llama_block
     names = [n for n, _ in block.named_parameters() if n.endswith("proj.weight")]
     return block, batches, targets, names
 
