@@ -96,18 +96,20 @@ def _headline() -> None:
     if oneshot.exists():
         data = json.loads(oneshot.read_text())
         runs, settings = data["runs"], data.get("settings", {})
-        rows = [n for n in ("dense", "magnitude-0.5", "wanda-0.5", "sparsegpt-0.5", "magnitude-2:4", "wanda-2:4",
-                            "sparsegpt-2:4") if n in runs]
+        rows = [n for n in ("dense", "magnitude-0.5", "wanda-0.5", "sparsegpt-0.5", "admm-0.5", "admm+rec-0.5",
+                            "magnitude-2:4", "wanda-2:4", "sparsegpt-2:4", "admm-2:4", "admm+rec-2:4") if n in runs]
         lines += [
-            f"SmolLM2-135M (real weights), perplexity on held-out Lee news text; calibration "
-            f"{settings.get('samples')} x {settings.get('seq_len')} tokens (`benchmarks/bench_oneshot.py`):",
+            f"SmolLM2-135M (real weights), perplexity on held-out Lee news text and on held-out Wikipedia text "
+            f"(neither used for calibration); calibration {settings.get('samples')} x {settings.get('seq_len')} "
+            f"Lee tokens (`benchmarks/bench_oneshot.py`; `-` where a row was measured before the Wikipedia column):",
             "",
-            "| model | sparsity | perplexity | prune time (s) |",
-            "|---|---|---|---|",
+            "| model | sparsity | perplexity | wiki perplexity | prune time (s) |",
+            "|---|---|---|---|---|",
         ]
         for n in rows:
             r = runs[n]
-            lines.append(f"| {n} | {r.get('sparsity', 0.0):.2f} | {r['perplexity']:.1f} | "
+            wiki = f"{r['perplexity_wiki']:.1f}" if "perplexity_wiki" in r else "-"
+            lines.append(f"| {n} | {r.get('sparsity', 0.0):.2f} | {r['perplexity']:.1f} | {wiki} | "
                          f"{r.get('prune_seconds', 0.0):.1f} |")
     formats = RESULTS / "formats.json"
     if formats.exists():
