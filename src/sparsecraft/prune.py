@@ -167,7 +167,7 @@ class PruneConfig:
             shared = sorted(_DRIVER_FIELDS | set(REFINERS) | set(BLOCK_STAGES))
             raise ConfigError(f"{exc}; options every method takes: {', '.join(shared)}") from None
 
-    def _switched_on(self, registry: Mapping[str, type]) -> list:
+    def _switched_on(self, registry: Mapping[str, type], kind: str) -> list:
         """The stages of ``registry`` switched on in ``options`` (``True`` or their own options)."""
         out = []
         for name, value in self._split_options()[3].items():
@@ -178,16 +178,16 @@ class PruneConfig:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"option '{name}' must be true/false or a mapping of {name}'s options, got {value!r}")
             cls = registry[name]
-            out.append(cls(build_options(cls.Options, value, f"'{name}'")))
+            out.append(cls(build_options(cls.Options, value, f"{kind} '{name}'")))
         return out
 
     def refiners(self) -> list[Refiner]:
         """The refinement stages switched on in ``options``."""
-        return self._switched_on(REFINERS)
+        return self._switched_on(REFINERS, "refiner")
 
     def block_stages(self) -> list[BlockStage]:
         """The block stages switched on in ``options``, in the order they run."""
-        stages = sorted(self._switched_on(BLOCK_STAGES), key=lambda st: st.order)
+        stages = sorted(self._switched_on(BLOCK_STAGES, "stage"), key=lambda st: st.order)
         for st in stages:
             st.check(stages)
             if st.patterns is not None and not isinstance(self.pattern_obj, st.patterns):
