@@ -127,12 +127,10 @@ def cmd_info(args) -> int:
     path = tensor_file(Path(args.path))
     if not path.is_file():
         raise SparsecraftError(f"no checkpoint at '{args.path}'")
-    header = read_header(path)
     if args.json:
-        write_line(json.dumps(header, indent=2, default=str))
+        write_line(json.dumps(read_header(path), indent=2, default=str))
         return 0
-    write_line(f"{path}  (format version {header.get('version', '?')})")
-    write_line(describe(path))
+    write_line(describe(path))  # its first line names the file and the format version
     return 0
 
 
