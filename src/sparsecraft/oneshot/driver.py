@@ -29,9 +29,12 @@ samples, dense model) are collected once before any block changes.
 
 An allocation that ``requires`` statistics (OWL) gets them from one dense pass over all
 blocks first. Memory: the calibration activations of one block boundary plus one block's
-statistics. The original weights of each block are spilled to a temporary file before the
-block changes, so an error half-way restores the model exactly. The driver estimates its
-memory before starting and refuses when it will not fit.
+statistics. With ``activations="disk"`` (or ``"auto"``, the default, when the estimate does
+not fit in the available memory) the boundary activations live in two memory-mapped files
+in the temporary folder (``TMPDIR``), so the calibration set may exceed the memory. The
+original weights of each block are spilled to a temporary file before the block changes, so
+an error half-way restores the model exactly. The driver estimates its memory before
+starting and refuses when it will not fit.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from tqdm.auto import tqdm
 from ..allocation import allocate
 from ..blocks import (
     BlockBatch,
+    DiskActivations,
     block_targets,
     capture_block_inputs,
     check_calibration,
@@ -81,10 +85,13 @@ class DriverOptions:
     batch_size: int = 8  # calibration samples per forward pass
     measure_error: bool = False  # record ||WX - W'X|| / ||WX|| per layer in the info
     sequential: bool = False  # "true sequential" blocks (see the module docstring)
+    activations: str = "auto"  # block-boundary activations: memory | disk | auto (disk when RAM is short)
 
     def check(self):
         if self.batch_size < 1:
             raise ConfigError(f"option batch_size must be >= 1, got {self.batch_size}")
+        if self.activations not in ("memory", "disk", "auto"):
+            raise ConfigError(f"option activations must be memory, disk or auto, got {self.activations!r}")
 
 
 # ---- statistics ---------------------------------------------------------------------------
@@ -382,13 +389,20 @@ class _Lockstep(_LayerStats):
         return self.outs
 
 
-def _estimate_bytes(model, calibration, per_block, need_hessian, sequential=False) -> int:
+def _estimate_bytes(model, calibration, per_block, need_hessian, *, sequential=False, on_disk=False,
+                    block_stages=False, batch_size=8) -> int:
+    """Memory the driver needs besides the model: block-boundary activations (unless they
+    live on disk), one block's statistics, and what a block's forward keeps alive."""
     config = getattr(model, "config", None)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     if hidden is None:
         hidden = max(t.module.in_features for ts in per_block for t in ts)
     elem = next(model.parameters()).element_size()
-    acts = 2 * calibration.numel() * hidden * elem  # inputs and outputs of one block
+    boundary = calibration.numel() * hidden * elem  # the hidden states of every sample
+    # inputs and outputs of one block (on disk: the pages of about one batch each)
+    acts = 2 * (boundary * min(batch_size, calibration.shape[0]) // calibration.shape[0] if on_disk else boundary)
+    if block_stages:  # the dense block's outputs and the tuning's own copy of its inputs
+        acts += 2 * boundary
     stats = max(
         sum((t.module.in_features ** 2 * 4 if need_hessian else 0) + t.module.in_features * 24 for t in ts)
         for ts in per_block
@@ -477,17 +491,23 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
     layer_stats, model_stats = _split(names)
     alloc_stats, _ = _split(alloc.requires)
     need_hessian = any(s.key == "hessian" for s in layer_stats)
-    estimate = _estimate_bytes(model, calibration, per_block, need_hessian, opts.sequential)
+    sizes = dict(sequential=opts.sequential, block_stages=bool(block_stages), batch_size=opts.batch_size)
+    estimate = _estimate_bytes(model, calibration, per_block, need_hessian, **sizes)
     available = available_memory()
+    on_disk = opts.activations == "disk" or (
+        opts.activations == "auto" and available is not None and estimate > 0.9 * available)
+    if on_disk:
+        estimate = _estimate_bytes(model, calibration, per_block, need_hessian, on_disk=True, **sizes)
     if available is not None and estimate > 0.9 * available:
         raise SparsecraftError(
-            f"calibrated pruning needs about {estimate / 2**30:.2f} GiB for activations and "
-            f"statistics but only {available / 2**30:.2f} GiB is available; use fewer or shorter "
-            f"calibration samples"
+            f"calibrated pruning needs about {estimate / 2**30:.2f} GiB for "
+            f"{'statistics (activations on disk)' if on_disk else 'activations and statistics'} but only "
+            f"{available / 2**30:.2f} GiB is available; use fewer or shorter calibration samples"
+            + ("" if on_disk else " or activations='disk'")
         )
-    log.info("calibrated %s: %d blocks, %d samples x %d tokens, estimated %.0f MiB%s",
+    log.info("calibrated %s: %d blocks, %d samples x %d tokens, estimated %.0f MiB%s%s",
              config.method, len(blocks), calibration.shape[0], calibration.shape[1], estimate / 2**20,
-             ", sequential" if opts.sequential else "")
+             ", sequential" if opts.sequential else "", ", activations on disk" if on_disk else "")
 
     # Model-level statistics first, from the untouched model.
     model_values = collect_model_statistics(model, active, [s.name for s in model_stats], calibration,
@@ -503,6 +523,7 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
     spill = Path(tempfile.mkdtemp(prefix="sparsecraft-originals-"))
     touched: list[int] = []
     try:
+        store = DiskActivations(batches, spill) if on_disk else None
         for i, (block, targets_i) in enumerate(
             tqdm(list(zip(blocks, per_block)), desc=f"{config.method} blocks", disable=not progress)
         ):
@@ -531,10 +552,12 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
                                   originals, masks, info, progress)
                 del targets_out
                 outs = None  # the weights changed
-            if outs is None:
-                outs = run_block(block, batches)
-            for b, out in zip(batches, outs):
-                b.hidden = out
+            if store is not None:  # the outputs go to the other memory-mapped file
+                store.run(block, batches) if outs is None else store.adopt(batches, outs)
+            else:
+                for b, out in zip(batches, run_block(block, batches) if outs is None else outs):
+                    b.hidden = out
+            del outs
     except BaseException:
         log.error("calibrated pruning failed; restoring the original weights of %d blocks", len(touched))
         params = dict(model.named_parameters())
