@@ -106,13 +106,13 @@ def tune_block_(
     targets: list[torch.Tensor],
     masks: dict[str, torch.Tensor],
     *,
-    lr: float = 1e-4,
+    lr: float = 1e-3,
     epochs: int = 3,
     holdout: int = 1,
     patience: int = 1,
     tune: str = "weights",
     time_budget: float | None = None,
-    micro_batch: int | None = 1,
+    micro_batch: int | None = 4,
     progress: bool = False,
     desc: str = "reconstruct",
 ) -> dict:
@@ -254,13 +254,16 @@ class Reconstruct(BlockStage):
 
     @dataclass(frozen=True)
     class Options:
-        lr: float = 1e-4
+        # from a sweep on SmolLM2's first blocks (SparseGPT 2:4, 64 x 512 calibration): at equal
+        # compute, more and smaller steps at 1e-3 lowered the held-out loss more than 1e-4 did;
+        # 3e-3 overshot on some blocks (early stopping then kept the untouched weights)
+        lr: float = 1e-3
         epochs: int = 3
         holdout: int = 1  # calibration batches kept for early stopping
         patience: int = 1
         tune: str = "weights"  # weights | weights+norms | weights+norms+biases
         time_budget: float | None = None  # seconds per block
-        micro_batch: int | None = 1  # samples per optimizer step (None: a whole calibration batch)
+        micro_batch: int | None = 4  # samples per optimizer step (None: a whole calibration batch)
 
         def check(self):
             # the same rules tune_block_ applies, checked before the model changes

@@ -21,7 +21,7 @@ EPILOG_PRUNE = """examples:
   sparsecraft prune smollm2-135m --sparsity 0.5 --out pruned.safetensors   # one file, tensors only
   sparsecraft prune smollm2-135m --method admm --pattern 2:4 --reconstruct --eval --out pruned-admm/
   sparsecraft prune smollm2-135m --method sparsegpt --pattern 2:4 --learn-mask --reconstruct \
-      --option 'reconstruct={lr: 1e-4, epochs: 3}' --out pruned-learned/
+      --option 'reconstruct={lr: 1e-3, epochs: 3}' --out pruned-learned/
 """
 
 
@@ -80,7 +80,7 @@ def register(sub) -> dict:
                         "(KL of next-token distributions, masks kept, held-out samples keep the best weights)")
     p.add_argument("--option", action="append", default=[], type=assignment_arg, metavar="KEY=VALUE",
                    help="a setting of the method, allocation, driver or a stage (YAML value), e.g. "
-                        "rho=0.2, blocksize=64, 'reconstruct={lr: 1e-4, epochs: 2}'; repeatable")
+                        "rho=0.2, blocksize=64, 'reconstruct={lr: 1e-3, epochs: 2}'; repeatable")
     p.add_argument("--calib", metavar="FILE", default=None,
                    help="calibration text (.txt) or JSONL with a 'text' field; default: built-in Lee corpus")
     p.add_argument("--corpus", default="lee", choices=("lee", "wiki"),
