@@ -177,3 +177,35 @@ def test_one_step_per_micro_batch(pruned_block):
     assert whole["steps"] == len(batches) - 2
     with pytest.raises(ConfigError, match="micro_batch"):
         tune_block_(block, batches, targets, masks, micro_batch=0)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def test_reconstruct_can_tune_only_some_layers():
+    import sparsecraft as sc
+
+    from conftest import assert_unchanged, snapshot
+
+    calib = torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(0))
+    plain, tuned = _tiny_llama(), _tiny_llama()
+    sc.prune_(plain, sc.SparseGPT(sparsity=0.5, batch_size=2), calib, progress=False)
+    state = sc.prune_(tuned, sc.SparseGPT(sparsity=0.5, batch_size=2, reconstruct={"layers": ["mlp.*"]}),
+                      calib, progress=False)
+    a, b = dict(plain.named_parameters()), dict(tuned.named_parameters())
+    for name in state.masks:
+        if name.startswith("model.layers.0.self_attn."):  # not tuned: SparseGPT's weights exactly
+            assert torch.equal(a[name], b[name]), name
+        if name.startswith("model.layers.0.mlp."):
+            assert not torch.equal(a[name], b[name]), name
+    fresh = _tiny_llama()
+    before = snapshot(fresh)
+    with pytest.raises(ConfigError, match="match none"):
+        sc.prune_(fresh, sc.SparseGPT(sparsity=0.5, batch_size=2, reconstruct={"layers": ["nothing.*"]}), calib,
+                  progress=False)
+    assert_unchanged(fresh, before)

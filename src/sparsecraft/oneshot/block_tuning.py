@@ -16,6 +16,7 @@ The loss is the mean squared error normalised by the target's mean square, per b
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import time
@@ -264,6 +265,9 @@ class Reconstruct(BlockStage):
         tune: str = "weights"  # weights | weights+norms | weights+norms+biases
         time_budget: float | None = None  # seconds per block
         micro_batch: int | None = 4  # samples per optimizer step (None: a whole calibration batch)
+        # which pruned layers of the block are tuned: glob patterns on their names inside the
+        # block (e.g. "mlp.*"); None: all of them
+        layers: tuple[str, ...] | None = None
 
         def check(self):
             # the same rules tune_block_ applies, checked before the model changes
@@ -278,13 +282,20 @@ class Reconstruct(BlockStage):
                 raise ConfigError(f"reconstruct: time_budget must be > 0 seconds, got {self.time_budget}")
             if self.micro_batch is not None and self.micro_batch < 1:
                 raise ConfigError(f"reconstruct: micro_batch must be >= 1, got {self.micro_batch}")
+            if self.layers is not None and (isinstance(self.layers, str) or not self.layers
+                                            or not all(isinstance(r, str) for r in self.layers)):
+                raise ConfigError(f"reconstruct: layers must be a non-empty list of glob patterns, got {self.layers!r}")
 
     def holdout(self) -> int:
         return self.options.holdout
 
     def run(self, block, batches, targets, layers, *, progress=False):
         o = self.options
-        masks = {name: layer.keep for name, layer in layers.items()}
+        masks = {name: layer.keep for name, layer in layers.items()
+                 if o.layers is None or any(fnmatch.fnmatchcase(name, rule) for rule in o.layers)}
+        if not masks:
+            raise ConfigError(f"reconstruct: layers {list(o.layers or [])} match none of the block's pruned "
+                              f"layers ({', '.join(sorted(layers))})")
         return tune_block_(block, batches, targets, masks, lr=o.lr, epochs=o.epochs, holdout=o.holdout,
                            patience=o.patience, tune=o.tune, time_budget=o.time_budget, micro_batch=o.micro_batch,
                            progress=progress)
