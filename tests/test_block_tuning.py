@@ -209,3 +209,18 @@ def test_reconstruct_can_tune_only_some_layers():
         sc.prune_(fresh, sc.SparseGPT(sparsity=0.5, batch_size=2, reconstruct={"layers": ["nothing.*"]}), calib,
                   progress=False)
     assert_unchanged(fresh, before)
+
+
+def test_a_total_time_budget_is_shared_over_the_blocks():
+    import sparsecraft as sc
+
+    calib = torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(0))
+    state = sc.prune_(_tiny_llama(), sc.SparseGPT(sparsity=0.5, batch_size=2, reconstruct={
+        "total_time_budget": 0.4, "epochs": 10_000, "patience": 10_000}), calib, progress=False)
+    per_block = {n.split(".")[2]: i["reconstruct"] for n, i in state.info.items()}
+    assert set(per_block) == {"0", "1"}
+    assert all(s["stopped"] == "time budget" for s in per_block.values())
+    # each block stops after the step that passes its share: the total stays near the budget
+    assert sum(s["seconds"] for s in per_block.values()) < 0.4 + 0.5
+    with pytest.raises(ConfigError, match="total_time_budget"):
+        sc.SparseGPT(sparsity=0.5, reconstruct={"total_time_budget": 0}).validate()

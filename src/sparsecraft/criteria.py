@@ -308,6 +308,9 @@ class BlockStage:
     def check(self, stages: list["BlockStage"]) -> None:
         """Refuse a combination of stages that cannot work (e.g. learned masks alone)."""
 
+    def start(self, blocks: int) -> None:
+        """Called once before the first block with the number of blocks (for budgets)."""
+
     def run(self, block: nn.Module, batches: list, targets: list[torch.Tensor],
             layers: dict[str, "BlockLayer"], *, progress: bool = False) -> dict:
         raise NotImplementedError

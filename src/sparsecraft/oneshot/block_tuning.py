@@ -252,6 +252,9 @@ class Reconstruct(BlockStage):
 
     name = "reconstruct"
     order = 10  # after stages that change masks
+    # for total_time_budget: blocks still to tune and seconds spent so far (start() resets them)
+    _blocks_left: int = 1
+    _spent: float = 0.0
 
     @dataclass(frozen=True)
     class Options:
@@ -264,6 +267,8 @@ class Reconstruct(BlockStage):
         patience: int = 1
         tune: str = "weights"  # weights | weights+norms | weights+norms+biases
         time_budget: float | None = None  # seconds per block
+        # seconds for all blocks together: each block gets what is left over the blocks left
+        total_time_budget: float | None = None
         micro_batch: int | None = 4  # samples per optimizer step (None: a whole calibration batch)
         # which pruned layers of the block are tuned: glob patterns on their names inside the
         # block (e.g. "mlp.*"); None: all of them
@@ -282,12 +287,26 @@ class Reconstruct(BlockStage):
                 raise ConfigError(f"reconstruct: time_budget must be > 0 seconds, got {self.time_budget}")
             if self.micro_batch is not None and self.micro_batch < 1:
                 raise ConfigError(f"reconstruct: micro_batch must be >= 1, got {self.micro_batch}")
+            total = self.total_time_budget
+            if total is not None and not (total > 0 and math.isfinite(total)):
+                raise ConfigError(f"reconstruct: total_time_budget must be > 0 seconds, got {total}")
             if self.layers is not None and (isinstance(self.layers, str) or not self.layers
                                             or not all(isinstance(r, str) for r in self.layers)):
                 raise ConfigError(f"reconstruct: layers must be a non-empty list of glob patterns, got {self.layers!r}")
 
     def holdout(self) -> int:
         return self.options.holdout
+
+    def start(self, blocks: int) -> None:
+        self._blocks_left, self._spent = blocks, 0.0
+
+    def _budget(self) -> float | None:
+        """This block's seconds: the per-block budget, or a fair share of what is left."""
+        o = self.options
+        budgets = [o.time_budget] if o.time_budget is not None else []
+        if o.total_time_budget is not None:
+            budgets.append(max(1e-3, (o.total_time_budget - self._spent) / max(1, self._blocks_left)))
+        return min(budgets) if budgets else None
 
     def run(self, block, batches, targets, layers, *, progress=False):
         o = self.options
@@ -296,6 +315,9 @@ class Reconstruct(BlockStage):
         if not masks:
             raise ConfigError(f"reconstruct: layers {list(o.layers or [])} match none of the block's pruned "
                               f"layers ({', '.join(sorted(layers))})")
-        return tune_block_(block, batches, targets, masks, lr=o.lr, epochs=o.epochs, holdout=o.holdout,
-                           patience=o.patience, tune=o.tune, time_budget=o.time_budget, micro_batch=o.micro_batch,
-                           progress=progress)
+        summary = tune_block_(block, batches, targets, masks, lr=o.lr, epochs=o.epochs, holdout=o.holdout,
+                              patience=o.patience, tune=o.tune, time_budget=self._budget(),
+                              micro_batch=o.micro_batch, progress=progress)
+        self._spent += summary["seconds"]
+        self._blocks_left = max(1, self._blocks_left - 1)
+        return summary

@@ -524,6 +524,8 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
     touched: list[int] = []
     try:
         store = DiskActivations(batches, spill) if on_disk else None
+        for st in block_stages:
+            st.start(len(blocks))
         for i, (block, targets_i) in enumerate(
             tqdm(list(zip(blocks, per_block)), desc=f"{config.method} blocks", disable=not progress)
         ):
