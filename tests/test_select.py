@@ -68,3 +68,25 @@ def test_bad_input_is_a_clear_error():
     qs = QuickSelection(n_features_to_select=5, hidden=5, epochs=1).fit(X)
     with pytest.raises(ConfigError, match="fitted on 105"):
         qs.transform(X[:, :10])
+
+
+def test_cli_selects_from_csv_and_refuses_bad_files(tmp_path, capsys):
+    import json
+
+    from sparsecraft.cli import main
+
+    X, _ = _data(n=200)
+    np.savetxt(tmp_path / "x.csv", X, delimiter=",")
+    out = tmp_path / "sel"
+    assert main(["select", "--data", str(tmp_path / "x.csv"), "--k", "5", "--hidden", "5", "--epsilon", "5",
+                 "--epochs", "5", "--out", str(out)]) == 0
+    result = json.loads((out / "selection.json").read_text())
+    assert len(result["selected"]) == 5 and np.load(out / "selected.npy").shape == (200, 5)
+    (tmp_path / "bad.csv").write_text("1,2\n3,x\n")
+    (tmp_path / "nan.csv").write_text("1,2\n3,nan\n")
+    for name, k, message in (("bad.csv", "1", "cannot be read"), ("nan.csv", "1", "NaN"),
+                             ("x.csv", "500", "only 105 features")):
+        code = main(["select", "--data", str(tmp_path / name), "--k", k, "--out", str(tmp_path / f"o-{name}")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err
+        assert not (tmp_path / f"o-{name}").exists()
