@@ -29,7 +29,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import ALLOCATIONS, Allocation, allocate, check_sparsity, get_allocation
-from .blocks import check_calibration
 from .criteria import (
     BLOCK_STAGES,
     MODEL_STAGES,
@@ -50,6 +49,7 @@ from .masks import SparsityState
 from .oneshot.driver import (
     DriverOptions,
     calibrated_prune,
+    check_model_inputs,
     check_requires,
     collect_model_statistics,
     needs_block_driver,
@@ -320,7 +320,7 @@ def _plan(model, config, targets, calibration, progress):
     active = [t for t in targets if patterns[t.name] is not None]
     values: dict[str, dict] = {}
     if solver.requires:  # model-level statistics only (the block driver handles the rest)
-        calibration = check_calibration(model, calibration)
+        calibration = check_model_inputs(model, calibration, solver.requires)
         values = collect_model_statistics(model, active, solver.requires, calibration,
                                           config.driver_options().batch_size)
 

@@ -72,7 +72,7 @@ from .stats import HessianAccumulator, InputNormAccumulator
 
 __all__ = [
     "DriverOptions", "Statistic", "STATISTICS", "register_statistic", "check_requires", "calibrated_prune",
-    "prune_layer", "collect_model_statistics", "collect_gradients", "needs_block_driver",
+    "prune_layer", "collect_model_statistics", "collect_gradients", "needs_block_driver", "check_model_inputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,9 @@ class Statistic:
     key: str
     make: Callable[..., Any]
     extract: Callable[[Any], dict] | None = None
+    #: what calibration it reads: "tokens" (token ids [samples, seq_len]) or "any" (a batch of
+    #: model inputs, e.g. images, batch on dim 0)
+    inputs: str = "tokens"
 
 
 STATISTICS: dict[str, Statistic] = {}
@@ -197,6 +200,21 @@ def _split(names: Iterable[str]) -> tuple[list[Statistic], list[Statistic]]:
         seen.add(stat.key)
         (layer if stat.scope == "layer" else model).append(stat)
     return layer, model
+
+
+def check_model_inputs(model: nn.Module, calibration, names: Iterable[str]) -> torch.Tensor:
+    """Calibration checked for the model-scope statistics ``names``: token ids unless every one
+    of them reads any model inputs (then a non-empty tensor with the batch on dim 0)."""
+    _, stats = _split(names)
+    if stats and all(s.inputs == "any" for s in stats) and not (
+            isinstance(calibration, torch.Tensor) and not calibration.dtype.is_floating_point):
+        if not isinstance(calibration, torch.Tensor) or calibration.dim() < 1 or calibration.shape[0] < 1:
+            raise ConfigError("this method needs calibration data: a non-empty tensor of model inputs "
+                              "(batch on dim 0)")
+        if not torch.isfinite(calibration).all():
+            raise ConfigError("calibration inputs contain NaN or inf")
+        return calibration
+    return check_calibration(model, calibration)
 
 
 def needs_block_driver(config) -> bool:
