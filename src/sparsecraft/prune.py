@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import ALLOCATIONS, Allocation, allocate, check_sparsity, get_allocation
+from .blocks import check_calibration
 from .criteria import (
     BLOCK_STAGES,
     MODEL_STAGES,
