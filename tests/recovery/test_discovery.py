@@ -77,3 +77,21 @@ def test_derivative_central_differences_exact_on_quadratics():
     t = np.linspace(0, 1, 11)[:, None]
     d = D.derivative(t ** 2, 0.1)
     np.testing.assert_allclose(d, 2 * t, atol=1e-12)
+
+
+def test_stlsq_equals_pysindy_stlsq_at_equal_settings():
+    """Same library, derivatives, threshold and (no) ridge: the same terms and coefficients as
+    PySINDy's STLSQ (to round-off: the two least-squares solvers differ), so that benchmark
+    differences come from the solvers' settings, not the library."""
+    ps = pytest.importorskip("pysindy")
+    _, X, _ = D.lorenz63(3000, 0.002, (-8.0, 7.0, 27.0))
+    X = X.numpy()
+    Xn = X + 0.01 * X.std(0) * np.random.default_rng(0).standard_normal(X.shape)
+    dX = np.asarray(D.derivative(Xn, 0.002, window=51))
+    Th = np.asarray(D.polynomial_library(D.smooth(Xn, window=51), 2)[0])
+    ours = np.asarray(D.stlsq(Th, dX, 0.5))
+    opt = ps.STLSQ(threshold=0.5, alpha=0.0)
+    opt.fit(Th, dX)
+    assert np.array_equal(ours != 0, opt.coef_.T != 0)
+    assert (ours != 0).sum() == 7
+    np.testing.assert_allclose(ours, opt.coef_.T, rtol=0, atol=1e-10 * np.abs(ours).max())

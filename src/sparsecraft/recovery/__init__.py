@@ -6,6 +6,7 @@ Functional solvers (torch on the inputs' device; numpy in, numpy out) return a
 
 from . import discovery
 from ._common import DivergenceError, RecoveryError, RecoveryResult
+from .batched import krosbl_batch, omp_batch
 from .convex import cv_lambda, fista, lambda_max, soft_threshold, universal_lambda
 from .discovery import lorenz63, polynomial_library, sbl_threshold, stlsq
 from .estimators import AMP, OMP, SBL, BlockSBL, EquationDiscovery, KroneckerOMP, KroSBL, Lasso, PatternCoupledSBL
@@ -20,6 +21,6 @@ __all__ = [
     "PatternCoupledSBL", "SBL", "discovery", "lorenz63", "polynomial_library", "sbl_threshold", "stlsq",
     "DenseOperator", "DivergenceError", "KroneckerOperator", "LinearOperator",
     "PartialDFTOperator", "RecoveryError", "RecoveryResult", "as_operator", "block_sbl",
-    "am_mstep", "amp", "amp_step", "cv_lambda", "fista", "kron_posterior", "krosbl", "rank_one_fit", "kron_apply", "kron_omp", "lambda_max", "omp", "pc_sbl", "sbl",
+    "am_mstep", "amp", "amp_step", "cv_lambda", "fista", "kron_posterior", "krosbl", "rank_one_fit", "kron_apply", "kron_omp", "krosbl_batch", "lambda_max", "omp", "omp_batch", "pc_sbl", "sbl",
     "sbl_posterior", "soft_threshold", "universal_lambda",
 ]

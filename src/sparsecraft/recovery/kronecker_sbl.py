@@ -637,8 +637,9 @@ def _better(trial, best, factors, y, noise_known: bool) -> bool:
     """Does a restart's outcome replace the current one?
 
     Without a known noise level: when its cost is lower. With one, outcomes whose residual is
-    noise (:func:`residual_is_noise`) come first, the smaller support among them, then the
-    lower cost (which alone can prefer a wrong support).
+    noise (:func:`residual_is_noise`) come first, ranked among them by the cost plus ``log M``
+    per kept coefficient (BIC). The cost alone can prefer a wrong, larger support; the support
+    size alone preferred, on fresh draws, wrong smaller supports whose cost was hundreds worse.
     """
     if not noise_known:
         return trial.final["cost"] < best.final["cost"] - 1e-9 * abs(best.final["cost"])
@@ -652,7 +653,7 @@ def _rank(outcome, factors, y):
         outcome.fits = residual_is_noise(factors, r, outcome.noise_var, outcome.final["dof"])
     size = math.prod(int(kp.numel()) for kp in outcome.keep)
     cost = outcome.final["cost"]
-    return (0, size, cost) if outcome.fits else (1, 0, cost)
+    return (0, cost + math.log(y.shape[0]) * size) if outcome.fits else (1, cost)
 
 
 def _flat_start(g: torch.Tensor, cfg: KroSBLSettings, i: int) -> torch.Tensor:
