@@ -37,6 +37,7 @@ from .layers import (
 from .measures import OOD_KINDS, auroc, brier, ece, entropy, nll, ood_inputs, predict_probs, uncertainty_report
 from .objective import ELBO, VariationalTraining
 from .priors import DEFAULT_THRESHOLD, ARDPrior, GaussianPrior, LogUniformPrior, Prior, gaussian_kl, log_uniform_kl
+from .ssvi import SSVI, subspace_scores
 from .vd import VariationalDropout
 
 __all__ = [
@@ -44,5 +45,5 @@ __all__ = [
     "sampling", "DEFAULT_LOG_SIGMA2",
     "Prior", "GaussianPrior", "LogUniformPrior", "ARDPrior", "gaussian_kl", "log_uniform_kl", "DEFAULT_THRESHOLD",
     "nll", "ece", "brier", "entropy", "auroc", "predict_probs", "ood_inputs", "uncertainty_report", "OOD_KINDS",
-    "ELBO", "VariationalTraining", "VariationalDropout", "ARD",
+    "ELBO", "VariationalTraining", "VariationalDropout", "ARD", "SSVI", "subspace_scores",
 ]

@@ -30,7 +30,7 @@ from .layers import DEFAULT_LOG_SIGMA2, bayes_layers, bayesian_
 from .measures import check_samples, ood_inputs, uncertainty_report
 from .priors import Prior, make_prior
 
-__all__ = ["ELBO", "VariationalTraining", "VI_OPTIONS", "vi_settings"]
+__all__ = ["ELBO", "VariationalTraining", "VI_OPTIONS", "vi_settings", "variational_report"]
 
 STATE_VERSION = 1
 #: recipe options every variational method accepts
@@ -151,11 +151,9 @@ class VariationalTraining:
         self.finalized = True
         return self.model
 
-    def report(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def report(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
         """Uncertainty measures on test data (MC prediction with ``samples`` draws)."""
-        kind = "rotated" if x.dim() == 4 and x.shape[-1] == x.shape[-2] else "reversed"
-        out = uncertainty_report(self.model, x, y, ood_inputs(x, kind), samples=self.samples)
-        return {f"mc_{k}": v for k, v in out.items()} | {"ood_set": kind}  # type: ignore[dict-item]
+        return variational_report(self.model, x, y, self.samples)
 
     def _check_open(self) -> None:
         if self.finalized:
@@ -207,6 +205,16 @@ class VariationalTraining:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(step={self.step_count}, sparsity={self.sparsity():.4f})"
+
+
+def variational_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, samples: int | None) -> dict[str, Any]:
+    """The training report's uncertainty entries (``mc_*``) on test data; the OOD set is the
+    test images rotated 90 degrees (1-D signals: reversed), see :mod:`.measures`."""
+    kind = "rotated" if x.dim() == 4 and x.shape[-1] == x.shape[-2] else "reversed"
+    out: dict[str, Any] = {f"mc_{k}": v for k, v in
+                           uncertainty_report(model, x, y, ood_inputs(x, kind), samples=samples).items()}
+    out["ood_set"] = kind
+    return out
 
 
 # -- recipes (sparsecraft train) -----------------------------------------------------------------
