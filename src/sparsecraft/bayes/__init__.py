@@ -38,6 +38,7 @@ from .measures import OOD_KINDS, auroc, brier, ece, entropy, nll, ood_inputs, pr
 from .objective import ELBO, VariationalTraining
 from .priors import DEFAULT_THRESHOLD, ARDPrior, GaussianPrior, LogUniformPrior, Prior, gaussian_kl, log_uniform_kl
 from .ssvi import SSVI, subspace_scores
+from .turbo import TurboPrior, TurboVBI, shrink_neurons_, support_posterior, zero_neurons_
 from .vd import VariationalDropout
 
 __all__ = [
@@ -46,4 +47,5 @@ __all__ = [
     "Prior", "GaussianPrior", "LogUniformPrior", "ARDPrior", "gaussian_kl", "log_uniform_kl", "DEFAULT_THRESHOLD",
     "nll", "ece", "brier", "entropy", "auroc", "predict_probs", "ood_inputs", "uncertainty_report", "OOD_KINDS",
     "ELBO", "VariationalTraining", "VariationalDropout", "ARD", "SSVI", "subspace_scores",
+    "TurboVBI", "TurboPrior", "support_posterior", "shrink_neurons_", "zero_neurons_",
 ]
