@@ -193,7 +193,7 @@ class TurboVBI(VariationalTraining):
 
     @torch.no_grad()
     def _prune(self):
-        for name, layer in self.elbo.layers:
+        for _, layer in self.elbo.layers:
             drop = (layer.support < 0.5) | (layer.log_alpha() > self.threshold)
             layer.weight.masked_fill_(drop, 0.0)
         zero_neurons_(self.model, self.dead_neurons())
