@@ -9,8 +9,11 @@ output neurons ``i`` (a conv layer: filters) and the weights ``w_ij`` reading in
 2. **clustered support inside a neuron** ``s_ij``: all zero when ``c_i = 0``; otherwise a
    Markov chain along ``j`` (``p01``: 0 -> 1, ``p10``: 1 -> 0, small, so active weights come
    in runs);
-3. **precision** ``rho_ij ~ Gamma(a, a * var_active)`` when ``s_ij = 1`` (a broad prior) and
-   ``Gamma(a, a * var_inactive)`` when ``s_ij = 0`` (pinned near zero); ``w_ij ~ N(0, 1/rho_ij)``.
+3. **precision** ``rho_ij ~ Gamma(a, a * v1)`` when ``s_ij = 1`` (weights of the layer's own
+   scale) and ``Gamma(a, a * v0)`` when ``s_ij = 0`` (pinned near zero); ``w_ij ~ N(0, 1/rho_ij)``.
+   ``v1`` is ``var_active`` or, by default, the mean square of the layer's weights when
+   training starts (a buffer ``var_active`` per layer, so the prior fits every layer's
+   scale); ``v0 = inactive_ratio * v1``.
 
 Inference alternates two modules, as the turbo approach does:
 
@@ -26,7 +29,7 @@ Inference alternates two modules, as the turbo approach does:
   ``P(c_i = 1)`` and ``P(s_ij = 1)``; its extrinsic message back is that posterior with
   module A's own evidence divided out, ``logit pi_ij - l_ij``;
 * module A combines it with its evidence into ``q(s_ij)`` and updates ``q(rho_ij)`` in
-  closed form: ``Gamma(a + 1/2, q a var_active + (1-q) a var_inactive + (mu^2+sigma^2)/2)``,
+  closed form: ``Gamma(a + 1/2, q a v1 + (1-q) a v0 + (mu^2+sigma^2)/2)``,
   whose mean sets the new prior variances.
 
 At the end (``finalize_``) a neuron with ``P(c_i = 1) < 0.5`` (or with no weight left) is
@@ -101,8 +104,8 @@ class TurboPrior(Prior):
     """The three-layer prior's settings; the per-weight prior variance lives in each layer's
     ``prior_var`` buffer, ``support`` holds ``q(s)`` and ``neuron_support`` ``P(c = 1)``."""
 
-    var_active: float = 0.1
-    var_inactive: float = 1e-6
+    var_active: float | None = None
+    inactive_ratio: float = 1e-3
     shape: float = 2.0
     neuron_prior: float = 0.5
     p01: float = 0.05
@@ -110,20 +113,21 @@ class TurboPrior(Prior):
     name: ClassVar[str] = "turbo"
 
     def __post_init__(self):
-        for field in ("var_active", "var_inactive", "shape", "neuron_prior", "p01", "p10"):
+        if self.var_active is not None:
+            self.var_active = _positive(self.var_active, "turbo prior var_active")
+        for field in ("inactive_ratio", "shape", "neuron_prior", "p01", "p10"):
             setattr(self, field, _positive(getattr(self, field), f"turbo prior {field}"))
-        for field in ("neuron_prior", "p01", "p10"):
+        for field in ("inactive_ratio", "neuron_prior", "p01", "p10"):
             if getattr(self, field) >= 1:
-                raise ConfigError(f"turbo prior {field} must be a probability in (0, 1), got {getattr(self, field)}")
-        if self.var_inactive >= self.var_active:
-            raise ConfigError(
-                f"turbo prior var_inactive ({self.var_inactive}) must be below var_active ({self.var_active})"
-            )
+                raise ConfigError(f"turbo prior {field} must be in (0, 1), got {getattr(self, field)}")
 
     def attach_(self, layer):
         w = layer.weight.detach()
         if getattr(layer, "prior_var", None) is None:
-            layer.register_buffer("prior_var", torch.full_like(w, self.var_active))
+            scale = float((w * w).mean()) if self.var_active is None else self.var_active
+            scale = max(scale, 1e-12)
+            layer.register_buffer("var_active", torch.tensor(scale, dtype=w.dtype, device=w.device))
+            layer.register_buffer("prior_var", torch.full_like(w, scale))
             layer.register_buffer("support", torch.ones_like(w))
             layer.register_buffer("neuron_support", torch.ones(w.shape[0], dtype=w.dtype, device=w.device))
 
@@ -139,19 +143,21 @@ class TurboPrior(Prior):
         """One turbo round: A -> B evidence, B's posterior and extrinsic message, A's q(s), q(rho)."""
         mu, var = layer.weight.detach(), torch.exp(layer.log_sigma2.detach()) * layer.active()
         second = (mu * mu + var).reshape(mu.shape[0], -1)
-        llr = student_t_llr(second, self.shape, self.var_active, self.var_inactive).clamp(-50, 50)
+        v1 = float(layer.var_active)
+        v0 = v1 * self.inactive_ratio
+        llr = student_t_llr(second, self.shape, v1, v0).clamp(-50, 50)
         p_c, pi = support_posterior(llr, self.neuron_prior, self.p01, self.p10, self.p_start, neuron_free)
         pi = pi.clamp(1e-6, 1 - 1e-6)
         extrinsic = torch.logit(pi) - llr  # B's message to A: its posterior without A's own evidence
         q = torch.sigmoid(extrinsic + llr)  # A's q(s): extrinsic prior times its own evidence
         a = self.shape
-        rate = q * a * self.var_active + (1 - q) * a * self.var_inactive + 0.5 * second
+        rate = q * a * v1 + (1 - q) * a * v0 + 0.5 * second
         layer.prior_var.copy_((rate / (a + 0.5)).reshape(mu.shape))  # 1 / E[rho]
         layer.support.copy_(q.reshape(mu.shape))
         layer.neuron_support.copy_(p_c)
 
     def config(self):
-        return {"prior": self.name, "var_active": self.var_active, "var_inactive": self.var_inactive,
+        return {"prior": self.name, "var_active": self.var_active, "inactive_ratio": self.inactive_ratio,
                 "shape": self.shape, "neuron_prior": self.neuron_prior, "p01": self.p01, "p10": self.p10}
 
 
@@ -250,15 +256,16 @@ def shrink_neurons_(model: nn.Module, dead: dict[str, torch.Tensor]):
 
 
 # -- recipe (sparsecraft train) --------------------------------------------------------------------
-@recipe_method("turbo-vbi", options=VI_OPTIONS | {"threshold", "update_every", "var_active", "var_inactive",
+@recipe_method("turbo-vbi", options=VI_OPTIONS | {"threshold", "update_every", "var_active", "inactive_ratio",
                                                   "neuron_prior", "p01", "p10"})
 def _plan_turbo(recipe) -> Plan:
     settings = vi_settings(recipe)
     threshold = option_number(recipe, "threshold", DEFAULT_THRESHOLD, low=-10.0, high=10.0)
     every = option_int(recipe, "update_every", 50)
     prior = {
-        "var_active": option_number(recipe, "var_active", 0.1, low=1e-12),
-        "var_inactive": option_number(recipe, "var_inactive", 1e-6, low=1e-12),
+        "var_active": None if recipe.options.get("var_active") is None
+        else option_number(recipe, "var_active", None, low=1e-12),
+        "inactive_ratio": option_number(recipe, "inactive_ratio", 1e-3, low=1e-12, high=1 - 1e-6),
         "neuron_prior": option_number(recipe, "neuron_prior", 0.5, low=1e-6, high=1 - 1e-6),
         "p01": option_number(recipe, "p01", 0.05, low=1e-6, high=1 - 1e-6),
         "p10": option_number(recipe, "p10", 0.05, low=1e-6, high=1 - 1e-6),
