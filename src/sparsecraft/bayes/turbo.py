@@ -41,6 +41,7 @@ weights with ``q(s_ij) < 0.5`` or ``log_alpha > threshold`` are zeroed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -51,6 +52,7 @@ from torch import nn
 from ..errors import ConfigError, TargetError
 from ..targets import output_head_names
 from ..train.registry import Plan, option_int, option_number, recipe_method
+from .layers import bayes_layers
 from .objective import VI_OPTIONS, VariationalTraining, _train_size, vi_settings
 from .priors import DEFAULT_THRESHOLD, Prior, _positive, gaussian_kl
 
@@ -208,10 +210,26 @@ class TurboVBI(VariationalTraining):
         return {**super().config_dict(), "update_every": self.update_every}
 
 
+@contextlib.contextmanager
+def _plain_classes(model: nn.Module):
+    """Variational layers look like their plain classes for the ``torch.fx`` trace (which
+    traces into modules from outside ``torch.nn``, and would not see them as layers)."""
+    layers = [m for _, m in bayes_layers(model)]
+    saved = [type(m) for m in layers]
+    try:
+        for m in layers:
+            m.__class__ = nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d
+        yield model
+    finally:
+        for m, cls in zip(layers, saved):
+            m.__class__ = cls
+
+
 def _neuron_groups(model: nn.Module, names) -> dict:
     from ..structured.fxdeps import find_conv_groups
 
-    groups, skipped = find_conv_groups(model, kinds=("conv", "linear"))
+    with _plain_classes(model):
+        groups, skipped = find_conv_groups(model, kinds=("conv", "linear"))
     found = {g.name: g for g in groups}
     missing = [n for n in names if n not in found]
     if missing:
