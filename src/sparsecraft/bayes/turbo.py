@@ -268,8 +268,12 @@ def shrink_neurons_(model: nn.Module, dead: dict[str, torch.Tensor]):
         return None
     groups = _neuron_groups(model, list(dead))
     overrides = {name: counts.get(name, 0) / groups[name].units for name in groups}
-    config = ShrinkConfig(linear=max(overrides.values()), conv=max(overrides.values()),
-                          overrides={k: v for k, v in overrides.items()}, criterion="magnitude")
+    # every layer's exact fraction is an override; a kind is switched on where it has layers
+    top = {kind: max([overrides[n] for n, g in groups.items() if g.kind == kind] or [0.0])
+           for kind in ("linear", "conv")}
+    if not any(top.values()):
+        return None
+    config = ShrinkConfig(linear=top["linear"], conv=top["conv"], overrides=overrides, criterion="magnitude")
     return shrink_(model, config, progress=False)
 
 
