@@ -345,7 +345,8 @@ def test_support_posterior_finds_clustered_neurons():
 
 
 def test_turbo_vbi_recovers_the_true_neurons():
-    # teacher: 12 hidden neurons, only 0, 5 and 9 connected; the student must find them
+    # teacher: 12 hidden neurons, only 0, 5 and 9 connected; the student starts from the teacher
+    # plus noise on every weight (a dense "pretrained" model) and must find the three again
     g = torch.Generator().manual_seed(0)
     w1 = torch.zeros(12, 10)
     w2 = torch.zeros(3, 12)
@@ -354,12 +355,13 @@ def test_turbo_vbi_recovers_the_true_neurons():
     w2[:, true] = torch.randn(3, 3, generator=g) * 2
     x = torch.randn(1024, 10, generator=g)
     y = (F.relu(x @ w1.T) @ w2.T).argmax(1)
-    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(w1 + 0.3 * torch.randn(12, 10, generator=g))
+        model[2].weight.copy_(w2 + 0.3 * torch.randn(3, 12, generator=g))
     opt = torch.optim.Adam(model.parameters(), lr=2e-2)
-    turbo = bayes.TurboVBI(model, opt, train_size=1024, update_every=10, init_log_sigma2=-6.0,
-                           prior_options={"neuron_prior": 0.2})
-    for _ in range(500):
+    turbo = bayes.TurboVBI(model, opt, train_size=1024, update_every=10, init_log_sigma2=-6.0)
+    for _ in range(300):
         loss = F.cross_entropy(model(x), y) + turbo.loss_term()
         opt.zero_grad()
         loss.backward()
@@ -367,13 +369,13 @@ def test_turbo_vbi_recovers_the_true_neurons():
         turbo.step()
     dead = turbo.dead_neurons()["0"]
     turbo.finalize_()
-    alive = sorted((~dead).nonzero().flatten().tolist())
-    assert set(alive) <= set(range(12)) and set(alive) >= set(true) and len(alive) <= 4, alive
+    assert sorted((~dead).nonzero().flatten().tolist()) == true
     model.eval()
     before = model(x)
+    assert (before.argmax(1) == y).float().mean() > 0.9
     bayes.deterministic_(model)
     report = bayes.shrink_neurons_(model, {"0": dead})
-    assert model[0].out_features == len(alive) and report is not None
+    assert model[0].out_features == 3 and report is not None
     assert torch.allclose(model(x), before, atol=1e-5)  # removing the zeroed neurons changes nothing
 
 

@@ -21,9 +21,10 @@ Inference alternates two modules, as the turbo approach does:
   ``N(mu, sigma^2)`` is trained by gradient steps on the ELBO, with the Gaussian KL against
   the current prior variance ``1/E[rho]`` (a buffer ``prior_var`` per weight);
 * every ``update_every`` steps, module A sends module B the *extrinsic* evidence of each
-  weight for its support, the log-likelihood ratio
-  ``l_ij = log p(w_ij | s=1) - log p(w_ij | s=0)`` of the Student-t marginals at the
-  posterior's second moment ``mu^2 + sigma^2``;
+  weight for its support: the data's message about the weight, ``N(m, v)`` = the posterior
+  divided by the current prior (:func:`data_evidence`; a weight the data does not constrain
+  carries no evidence), scored as ``l_ij = log N(m; 0, v + v1) - log N(m; 0, v + v0)``
+  (slab against spike, :func:`slab_spike_llr`);
 * **module B** (message passing over the support prior) runs forward-backward along every
   neuron's chain, in the log domain and for all neurons at once, and returns the posterior
   ``P(c_i = 1)`` and ``P(s_ij = 1)``; its extrinsic message back is that posterior with
@@ -42,6 +43,7 @@ weights with ``q(s_ij) < 0.5`` or ``log_alpha > threshold`` are zeroed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -56,17 +58,26 @@ from .layers import bayes_layers
 from .objective import VI_OPTIONS, VariationalTraining, _train_size, vi_settings
 from .priors import DEFAULT_THRESHOLD, Prior, _positive, gaussian_kl
 
-__all__ = ["TurboPrior", "TurboVBI", "support_posterior", "student_t_llr", "shrink_neurons_", "zero_neurons_"]
+__all__ = ["TurboPrior", "TurboVBI", "support_posterior", "data_evidence", "slab_spike_llr", "shrink_neurons_", "zero_neurons_"]
 
 
-def student_t_llr(second_moment: torch.Tensor, a: float, var_active: float, var_inactive: float) -> torch.Tensor:
-    """``log p(w | s=1) - log p(w | s=0)`` for ``w ~ N(0, 1/rho)``, ``rho ~ Gamma(a, a var_s)``
-    (Student-t marginals), evaluated at ``w^2 = second_moment``."""
-    def logp(var):
-        b = a * var
-        return -0.5 * math.log(b) - (a + 0.5) * torch.log1p(second_moment / (2.0 * b))
+log = logging.getLogger(__name__)
 
-    return logp(var_active) - logp(var_inactive)
+
+def data_evidence(mu: torch.Tensor, log_sigma2: torch.Tensor, prior_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the data alone says about each weight, ``N(m, v)``: the posterior ``N(mu, sigma^2)``
+    divided by the prior ``N(0, prior_var)`` (precisions subtract). A weight the data does not
+    constrain has a posterior equal to its prior, so ``v`` is huge and it carries no evidence."""
+    post = torch.exp(-log_sigma2)
+    data = (post - 1.0 / prior_var).clamp_min(1e-12)
+    return mu * post / data, 1.0 / data
+
+
+def slab_spike_llr(m: torch.Tensor, v: torch.Tensor, var_active: float, var_inactive: float) -> torch.Tensor:
+    """``log N(m; 0, v + var_active) - log N(m; 0, v + var_inactive)``: the evidence of the data
+    message ``N(m, v)`` for "active" (slab) against "inactive" (spike)."""
+    va, vi = v + var_active, v + var_inactive
+    return -0.5 * torch.log(va / vi) - 0.5 * m * m * (1.0 / va - 1.0 / vi)
 
 
 def support_posterior(llr: torch.Tensor, neuron_prior: float, p01: float, p10: float, p_start: float,
@@ -108,8 +119,8 @@ class TurboPrior(Prior):
 
     var_active: float | None = None
     inactive_ratio: float = 1e-3
-    shape: float = 2.0
-    neuron_prior: float = 0.5
+    shape: float = 0.5
+    neuron_prior: float = 0.2
     p01: float = 0.05
     p10: float = 0.05
     name: ClassVar[str] = "turbo"
@@ -143,11 +154,15 @@ class TurboPrior(Prior):
     @torch.no_grad()
     def turbo_update_(self, layer, neuron_free: bool) -> None:
         """One turbo round: A -> B evidence, B's posterior and extrinsic message, A's q(s), q(rho)."""
-        mu, var = layer.weight.detach(), torch.exp(layer.log_sigma2.detach()) * layer.active()
-        second = (mu * mu + var).reshape(mu.shape[0], -1)
+        mu, log_sigma2 = layer.weight.detach(), layer.log_sigma2.detach()
+        active = layer.active()
+        second = (mu * mu + torch.exp(log_sigma2) * active).reshape(mu.shape[0], -1)
         v1 = float(layer.var_active)
         v0 = v1 * self.inactive_ratio
-        llr = student_t_llr(second, self.shape, v1, v0).clamp(-50, 50)
+        m, v = data_evidence(mu, log_sigma2, layer.prior_var)
+        # a pruned weight (mean exactly zero) is evidence for "inactive" as strong as its prior
+        llr = torch.where(active > 0, slab_spike_llr(m, v, v1, v0), torch.full_like(mu, -50.0))
+        llr = llr.reshape(mu.shape[0], -1).clamp(-50, 50)
         p_c, pi = support_posterior(llr, self.neuron_prior, self.p01, self.p10, self.p_start, neuron_free)
         pi = pi.clamp(1e-6, 1 - 1e-6)
         extrinsic = torch.logit(pi) - llr  # B's message to A: its posterior without A's own evidence
@@ -243,9 +258,19 @@ def zero_neurons_(model: nn.Module, dead: dict[str, torch.Tensor]) -> None:
     """Zero everything of the ``dead`` units: their weights and bias, and the inputs that the
     layers reading them take from them (found through the ``torch.fx`` trace), so removing
     the units later changes nothing (with activations that map 0 to 0)."""
-    groups = _neuron_groups(model, [n for n, d in dead.items() if d.any()])
+    try:
+        groups = _neuron_groups(model, [n for n, d in dead.items() if d.any()])
+    except TargetError as exc:  # consumers unknown: the units' own weights and bias still go
+        log.warning("%s; zeroing only the dead units' own weights and bias", exc)
+        groups = {}
     for name, units in dead.items():
         if not units.any():
+            continue
+        if name not in groups:
+            layer = model.get_submodule(name)
+            layer.weight[units.to(layer.weight.device)] = 0
+            if layer.bias is not None:
+                layer.bias[units.to(layer.bias.device)] = 0
             continue
         for sl in groups[name].slices:
             module = model.get_submodule(sl.module)
@@ -279,7 +304,7 @@ def shrink_neurons_(model: nn.Module, dead: dict[str, torch.Tensor]):
 
 # -- recipe (sparsecraft train) --------------------------------------------------------------------
 @recipe_method("turbo-vbi", options=VI_OPTIONS | {"threshold", "update_every", "var_active", "inactive_ratio",
-                                                  "neuron_prior", "p01", "p10"})
+                                                  "shape", "neuron_prior", "p01", "p10"})
 def _plan_turbo(recipe) -> Plan:
     settings = vi_settings(recipe)
     threshold = option_number(recipe, "threshold", DEFAULT_THRESHOLD, low=-10.0, high=10.0)
@@ -288,7 +313,8 @@ def _plan_turbo(recipe) -> Plan:
         "var_active": None if recipe.options.get("var_active") is None
         else option_number(recipe, "var_active", None, low=1e-12),
         "inactive_ratio": option_number(recipe, "inactive_ratio", 1e-3, low=1e-12, high=1 - 1e-6),
-        "neuron_prior": option_number(recipe, "neuron_prior", 0.5, low=1e-6, high=1 - 1e-6),
+        "shape": option_number(recipe, "shape", 0.5, low=1e-6),
+        "neuron_prior": option_number(recipe, "neuron_prior", 0.2, low=1e-6, high=1 - 1e-6),
         "p01": option_number(recipe, "p01", 0.05, low=1e-6, high=1 - 1e-6),
         "p10": option_number(recipe, "p10", 0.05, low=1e-6, high=1 - 1e-6),
     }
