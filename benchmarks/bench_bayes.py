@@ -234,6 +234,14 @@ def table(results) -> str:
              "Produced by `python benchmarks/bench_bayes.py` (parts `ssvi`, `compress`); MNIST-5k, LeNet-300-100, "
              "AdamW lr 1e-3 cosine, batch 64. Medians over the seeds listed; Bayesian models: 10 MC draws; "
              "OOD: test digits rotated 90 degrees.", ""]
+    for part in ("ssvi", "compress"):
+        seeds = sorted({k.split("/")[3] for k in results if k.startswith(f"{part}/")})
+        if seeds:
+            lines.append(f"- part `{part}`: seeds {', '.join(seeds)} "
+                         f"(`python benchmarks/bench_bayes.py --part {part} --seeds {' '.join(seeds)}`)")
+        else:
+            lines.append(f"- part `{part}`: not run yet (`python benchmarks/bench_bayes.py --part {part}`)")
+    lines.append("")
     for steps in sorted({k.split("/")[2] for k in results if k.startswith("ssvi/")}):
         g = _group(results, f"ssvi/lenet300/{steps}/")
         lines += [f"## SSVI vs dense VI vs RigL ({steps} steps)", "",
@@ -306,10 +314,12 @@ def _ssvi_aims(g) -> list[str]:
             r = _median(ss, "train_flops_ratio")
             out.append(f"- SSVI 0.9 training FLOPs {r:.3f}x dense VI (aim <= 0.2): {_verdict(r <= 0.2)}")
         if rl:
-            out.append(f"- SSVI {s} vs RigL {s}: NLL {_median(ss, 'nll'):.4f} vs {_median(rl, 'nll'):.4f} "
+            out.append(f"- SSVI {s} vs RigL {s} (same sparsity, same steps): NLL {_median(ss, 'nll'):.4f} vs {_median(rl, 'nll'):.4f} "
                        f"({_verdict(_median(ss, 'nll') < _median(rl, 'nll'))}), ECE {_median(ss, 'ece'):.4f} vs "
                        f"{_median(rl, 'ece'):.4f} ({_verdict(_median(ss, 'ece') < _median(rl, 'ece'))})")
-    return out + [""]
+    return out + ["", "Tried for SSVI: one setting only (ERK random subspace, SNR removal, gradient growth, "
+                  "update every 50 steps until 75% of the run, KL warm-up over 30%, starting log sigma^2 -10, "
+                  "AdamW 1e-3, 600 steps); no tuning yet.", ""]
 
 
 def _compress_aims(g) -> list[str]:
