@@ -62,12 +62,20 @@ def _grid() -> dict[str, dict]:
         grid[f"admm-{p}"] = {**spec, "method": "admm"}
         grid[f"sparsegpt+rec-{p}"] = {**spec, "method": "sparsegpt", "options": {"reconstruct": True}}
         grid[f"admm+rec-{p}"] = {**spec, "method": "admm", "options": {"reconstruct": True}}
+    grid["sparsegpt+distill-2:4"] = {"model": "smollm2-135m", "method": "sparsegpt", "sparsity": None,
+                                     "pattern": "2:4", "options": {"distill": {"epochs": 2}}}
     grid["sparsegpt+learn+rec-2:4"] = {"model": "smollm2-135m", "method": "sparsegpt", "sparsity": None,
                                        "pattern": "2:4", "options": {"learn_mask": True, "reconstruct": True}}
     for p in ("unstructured", "2:4"):
         for m in ("magnitude", "wanda", "sparsegpt"):
             grid[f"minilm-{m}-{p}"] = {"model": "minilm-l6", "method": m,
                                        "sparsity": 0.5 if p == "unstructured" else None, "pattern": p}
+    # MiniLM encodes sentences: calibrated on sentence-length windows (256 x 64 tokens), with the
+    # reconstruction tuning norms and biases too (BERT has both)
+    for m, options in (("sparsegpt", {}), ("admm", {}), ("sparsegpt+rec", {"reconstruct": True}),
+                       ("admm+rec", {"reconstruct": {"tune": "weights+norms+biases", "epochs": 8, "patience": 2}})):
+        grid[f"minilm-{m}-2:4@256x64"] = {"model": "minilm-l6", "method": m.split("+")[0], "sparsity": None,
+                                          "pattern": "2:4", "samples": 256, "seq_len": 64, "options": options}
     # per-layer reconstruction error is recorded on these (their prune times include collecting it)
     for name in ("magnitude-0.5", "wanda-0.5", "sparsegpt-0.5", "magnitude-2:4", "wanda-2:4", "sparsegpt-2:4"):
         grid[name]["measure_error"] = True
@@ -75,6 +83,24 @@ def _grid() -> dict[str, dict]:
     for m in ("wanda", "sparsegpt"):
         grid[f"{m}-0.5@128x512"] = {"model": "smollm2-135m", "method": m, "sparsity": 0.5,
                                     "pattern": "unstructured", "samples": 128, "seq_len": 512}
+    # one forward pass per block (sequential) against two, and the peak memory at 256 x 512
+    for size in (128, 256):
+        for seq in (False, True):
+            grid[f"wanda{'-seq' if seq else ''}-0.5@{size}x512"] = {
+                "model": "smollm2-135m", "method": "wanda", "sparsity": 0.5, "pattern": "unstructured",
+                "samples": size, "seq_len": 512, "options": {"sequential": seq}, "wiki": False}
+    # the reconstruction aims are set at 128 x 512: SparseGPT there is the reference
+    for p, s in (("0.5", 0.5), ("2:4", None), ("4:8", None), ("0.7", 0.7)):
+        spec = {"model": "smollm2-135m", "sparsity": s, "pattern": "unstructured" if s else p,
+                "samples": 128, "seq_len": 512}
+        grid[f"sparsegpt-{p}@128x512"] = {**spec, "method": "sparsegpt"}
+        # the whole run must take <= 20 min: ADMM's pruning takes about 10 of them on 2 cores, so
+        # the reconstruction gets 9 minutes over the 30 blocks
+        grid[f"admm+rec-{p}@128x512"] = {**spec, "method": "admm",
+                                         "options": {"reconstruct": {"total_time_budget": 540}}}
+    # <= 30 min: 20 s per block to learn masks, then the same reconstruction
+    grid["sparsegpt+learn+rec-2:4@128x512"] = {**grid["sparsegpt-2:4@128x512"], "options": {
+        "learn_mask": {"time_budget": 20}, "reconstruct": {"total_time_budget": 540}}}
     first = ["dense", "magnitude-0.5", "wanda-0.5", "sparsegpt-0.5", "magnitude-2:4", "wanda-2:4",
              "sparsegpt-2:4", "wanda-0.5@128x512", "sparsegpt-0.5@128x512", "minilm-magnitude-unstructured", "minilm-wanda-unstructured",
              "minilm-sparsegpt-unstructured", "minilm-magnitude-2:4", "minilm-wanda-2:4", "minilm-sparsegpt-2:4",
@@ -93,6 +119,16 @@ def _peak_rss() -> int:
     return 0
 
 
+def _reset_peak_rss() -> bool:
+    """Start a new VmHWM window (Linux: clear_refs 5); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def run_one(spec: dict, samples: int, seq_len: int) -> dict:
     """Runs in the child process."""
     import copy
@@ -104,7 +140,11 @@ def run_one(spec: dict, samples: int, seq_len: int) -> dict:
 
     torch.manual_seed(0)
     model, tok = models.load(spec["model"])
-    result: dict = {"spec": spec}
+    result: dict = {"spec": spec, "load_peak_rss_bytes": _peak_rss()}
+    import gc
+
+    gc.collect()
+    peak_reset = _reset_peak_rss()  # the pruning's own peak, the GGUF loading's apart
     causal = evaluate.is_causal_lm(model)
     eval_docs = data.builtin_texts()["evaluation"]
     reference = None if causal else copy.deepcopy(model)
@@ -120,6 +160,8 @@ def run_one(spec: dict, samples: int, seq_len: int) -> dict:
         start = time.perf_counter()
         state = sc.prune_(model, config, calib, progress=False)
         result["prune_seconds"] = time.perf_counter() - start
+        if peak_reset:
+            result["prune_peak_rss_bytes"] = _peak_rss()
         result["sparsity"] = state.sparsity()
         errors = {n: i["reconstruction_error"] for n, i in state.info.items() if "reconstruction_error" in i}
         if errors:
@@ -137,9 +179,10 @@ def run_one(spec: dict, samples: int, seq_len: int) -> dict:
         result["perplexity"] = evaluate.perplexity(model, tokens, 512, progress=False)
         result["eval_tokens"] = int(tokens.numel())
         # a second held-out text of another kind: overfitting to the (Lee) calibration text shows here
-        wiki = data.tokenize(tok, data.builtin_texts("wiki")["evaluation"])
-        result["perplexity_wiki"] = evaluate.perplexity(model, wiki, 512, progress=False)
-        result["eval_tokens_wiki"] = int(wiki.numel())
+        if spec.get("wiki", True):  # time and memory rows skip it (about 8 minutes)
+            wiki = data.tokenize(tok, data.builtin_texts("wiki")["evaluation"])
+            result["perplexity_wiki"] = evaluate.perplexity(model, wiki, 512, progress=False)
+            result["eval_tokens_wiki"] = int(wiki.numel())
     else:
         result.update(evaluate.embedding_similarity(model, reference, tok, evaluate.split_sentences(eval_docs)))
     result["peak_rss_bytes"] = _peak_rss()
@@ -178,9 +221,11 @@ def write_table(results: dict) -> str:
             f"{r['peak_rss_bytes'] / 2**20:.0f} | {mean_err} |"
         )
     lines += _beyond_sparsegpt(runs)
+    lines += _one_pass(runs)
     minilm = {n: r for n, r in runs.items() if r["spec"]["model"] == "minilm-l6"}
     if minilm:
-        lines += ["", "MiniLM-L6 (BERT encoder): cosine similarity of mean-pooled sentence embeddings to the dense model.",
+        lines += ["", "MiniLM-L6 (BERT encoder): cosine similarity of mean-pooled sentence embeddings to the dense model "
+                  "(rows @256x64 calibrated on 256 windows of 64 tokens, the others on the SmolLM2 rows' calibration).",
                   "", "| configuration | sparsity | mean cosine | min cosine | prune time (s) |", "|---|---|---|---|---|"]
         for name, r in minilm.items():
             lines.append(f"| {name} | {r.get('sparsity', 0):.4f} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | "
@@ -204,7 +249,7 @@ def _beyond_sparsegpt(runs: dict) -> list[str]:
     rows = []
     for name, r in runs.items():
         base = runs.get("sparsegpt-" + name.split("-", 1)[1]) if "-" in name else None
-        if not name.startswith(("admm", "sparsegpt+rec", "sparsegpt+learn")) or not base or "perplexity_wiki" not in base:
+        if not name.startswith(("admm", "sparsegpt+")) or not base or "perplexity_wiki" not in base:
             continue
         if "perplexity_wiki" not in r:
             continue
@@ -221,6 +266,31 @@ def _beyond_sparsegpt(runs: dict) -> list[str]:
             "layers where the ADMM solver's layer error is below SparseGPT's on the same inputs):", "",
             "| configuration | Lee ppl / SparseGPT | wiki ppl / SparseGPT | time / SparseGPT | layers below SparseGPT |",
             "|---|---|---|---|---|", *rows]
+
+
+def _one_pass(runs: dict) -> list[str]:
+    """Wanda with one forward pass per block (sequential) against two, same calibration."""
+    rows = []
+    for size in (128, 256):
+        two, one = runs.get(f"wanda-0.5@{size}x512"), runs.get(f"wanda-seq-0.5@{size}x512")
+        for name, r in ((f"wanda-0.5@{size}x512", two), (f"wanda-seq-0.5@{size}x512", one)):
+            if r is None:
+                continue
+            peak = r.get("prune_peak_rss_bytes", r["peak_rss_bytes"])
+            over = (peak - r["model_param_bytes"]) / 2**30
+            ratio = f"{r['prune_seconds'] / two['prune_seconds']:.2f}" if two else "-"
+            load = f"{r['load_peak_rss_bytes'] / 2**20:.0f}" if "load_peak_rss_bytes" in r else "-"
+            rows.append(f"| {name} | {r['perplexity']:.2f} | {r['prune_seconds']:.1f} | {ratio} | "
+                        f"{peak / 2**20:.0f} | {over:.2f} | {load} |")
+    if not rows:
+        return []
+    return ["", "Wanda: two forward passes per block (default) against one (sequential=True: the pass that "
+            "collects each layer's statistics also produces the pruned outputs). Peak RSS is the pruning's "
+            "(the process peak is reset after loading; rows without a load peak include the GGUF load); 'over "
+            "model' is that peak minus the fp32 parameters (aim: <= 1.5 GiB at 256 x 512).", "",
+            "| configuration | perplexity | prune time (s) | time / two-pass | peak RSS (MB) | over model (GiB) "
+            "| loading peak (MB) |",
+            "|---|---|---|---|---|---|---|", *rows]
 
 
 def _plot(runs: dict) -> None:

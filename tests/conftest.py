@@ -114,8 +114,9 @@ def llama_block():
     _, blocks = find_blocks(model)
     batches = capture_block_inputs(model, blocks, calib, batch_size=2)
     block = blocks[0]
-    with torch.no_grad():
-        targets = [block(b.hidden, *b.args, **b.kwargs)[0].clone() for b in batches]
+    from sparsecraft.blocks import run_block
+
+    targets = [t.clone() for t in run_block(block, batches)]  # [batch, tokens, hidden] each
     return block, batches, targets
 
 

@@ -122,3 +122,37 @@ def test_admm_through_prune_and_the_cli(tiny_llama_tok_dir, tmp_path):
     assert main(argv) == 0
     header = sc.formats.read_header(out / "model.safetensors")
     assert header["tensors"]["model.layers.0.mlp.up_proj.weight"]["pattern"] == "2:4"
+
+
+def test_layers_with_one_input_share_one_eigendecomposition(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import sparsecraft as sc
+    from sparsecraft.oneshot import admm
+
+    calls = []
+    real = admm.prepare_hessian
+    monkeypatch.setattr(admm, "prepare_hessian", lambda h, *a, **k: calls.append(h) or real(h, *a, **k))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    calib = torch.randint(0, 64, (6, 12), generator=torch.Generator().manual_seed(0))
+    state = sc.prune_(model, sc.method_config("admm", pattern="2:4", max_iter=30), calib, progress=False)
+    # per block: q/k/v, o, gate/up, down
+    assert len(calls) == 8 and len(state.masks) == 14
+    # and sharing changes nothing: k_proj's result equals a solve of its own
+    from sparsecraft.oneshot.stats import HessianAccumulator
+
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(model.config).eval()
+    acc = HessianAccumulator()
+    k_proj = dense.model.layers[0].self_attn.k_proj
+    handle = k_proj.register_forward_hook(lambda _m, inputs, _o: acc.add(inputs[0]))
+    with torch.no_grad():
+        dense(calib)
+    handle.remove()
+    w = k_proj.weight.detach()
+    sw, sk, _ = sparsegpt_prune(w, acc.hessian, None, "2:4")
+    own, keep, _ = admm_prune(w, acc.hessian, None, "2:4", max_iter=30, candidates=[(sw, sk)])
+    assert torch.equal(keep, state.masks["model.layers.0.self_attn.k_proj.weight"])
+    torch.testing.assert_close(own, dict(model.named_parameters())["model.layers.0.self_attn.k_proj.weight"].detach())

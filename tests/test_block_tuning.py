@@ -23,7 +23,7 @@ def pruned_block(llama_block):
 
 def test_tuning_keeps_masks_and_lowers_the_loss(pruned_block):
     block, batches, targets, masks = pruned_block
-    summary = tune_block_(block, batches, targets, masks, lr=3e-3, epochs=4, holdout=2)
+    summary = tune_block_(block, batches, targets, masks, lr=1e-3, epochs=4, holdout=2)
     params = dict(block.named_parameters())
     for name, keep in masks.items():
         assert torch.all(params[name][~keep] == 0), name  # exact zeros where pruned
@@ -45,7 +45,8 @@ def test_early_stopping_restores_the_best_weights(pruned_block):
 def test_norms_and_biases_are_tuned_on_request(pruned_block):
     block, batches, targets, masks = pruned_block
     norm_before = block.input_layernorm.weight.detach().clone()
-    tune_block_(block, batches, targets, masks, lr=3e-3, epochs=2, holdout=2, tune="weights+norms")
+    tune_block_(block, batches, targets, masks, lr=1e-3, epochs=2, holdout=2, tune="weights+norms",
+                micro_batch=None)
     assert not torch.equal(block.input_layernorm.weight, norm_before)
 
 
@@ -152,3 +153,74 @@ def test_cli_reconstruct_and_options(tiny_llama_tok_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
         assert not (tmp_path / "bad").exists()
+
+
+def test_micro_batches_are_exact_slices_of_the_calibration_batches(llama_block):
+    from sparsecraft.oneshot.block_tuning import _forward, _micro_batches
+
+    block, batches, targets = llama_block
+    pieces, piece_targets = _micro_batches(batches, targets, 1)
+    assert len(pieces) == sum(b.hidden.shape[0] for b in batches)
+    with torch.no_grad():
+        whole = torch.cat([_forward(block, b) for b in batches])
+        cut = torch.cat([_forward(block, b) for b in pieces])
+    torch.testing.assert_close(cut, whole, rtol=1e-5, atol=1e-6)
+    assert torch.equal(torch.cat(piece_targets), torch.cat(targets))
+
+
+def test_one_step_per_micro_batch(pruned_block):
+    block, batches, targets, masks = pruned_block
+    samples = sum(b.hidden.shape[0] for b in batches[:-2])
+    one = tune_block_(block, batches, targets, masks, lr=1e-3, epochs=1, holdout=2, micro_batch=1)
+    assert one["steps"] == samples
+    whole = tune_block_(block, batches, targets, masks, lr=1e-3, epochs=1, holdout=2, micro_batch=None)
+    assert whole["steps"] == len(batches) - 2
+    with pytest.raises(ConfigError, match="micro_batch"):
+        tune_block_(block, batches, targets, masks, micro_batch=0)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def test_reconstruct_can_tune_only_some_layers():
+    import sparsecraft as sc
+
+    from conftest import assert_unchanged, snapshot
+
+    calib = torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(0))
+    plain, tuned = _tiny_llama(), _tiny_llama()
+    sc.prune_(plain, sc.SparseGPT(sparsity=0.5, batch_size=2), calib, progress=False)
+    state = sc.prune_(tuned, sc.SparseGPT(sparsity=0.5, batch_size=2, reconstruct={"layers": ["mlp.*"]}),
+                      calib, progress=False)
+    a, b = dict(plain.named_parameters()), dict(tuned.named_parameters())
+    for name in state.masks:
+        if name.startswith("model.layers.0.self_attn."):  # not tuned: SparseGPT's weights exactly
+            assert torch.equal(a[name], b[name]), name
+        if name.startswith("model.layers.0.mlp."):
+            assert not torch.equal(a[name], b[name]), name
+    fresh = _tiny_llama()
+    before = snapshot(fresh)
+    with pytest.raises(ConfigError, match="match none"):
+        sc.prune_(fresh, sc.SparseGPT(sparsity=0.5, batch_size=2, reconstruct={"layers": ["nothing.*"]}), calib,
+                  progress=False)
+    assert_unchanged(fresh, before)
+
+
+def test_a_total_time_budget_is_shared_over_the_blocks():
+    import sparsecraft as sc
+
+    calib = torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(0))
+    state = sc.prune_(_tiny_llama(), sc.SparseGPT(sparsity=0.5, batch_size=2, reconstruct={
+        "total_time_budget": 0.4, "epochs": 10_000, "patience": 10_000}), calib, progress=False)
+    per_block = {n.split(".")[2]: i["reconstruct"] for n, i in state.info.items()}
+    assert set(per_block) == {"0", "1"}
+    assert all(s["stopped"] == "time budget" for s in per_block.values())
+    # each block stops after the step that passes its share: the total stays near the budget
+    assert sum(s["seconds"] for s in per_block.values()) < 0.4 + 0.5
+    with pytest.raises(ConfigError, match="total_time_budget"):
+        sc.SparseGPT(sparsity=0.5, reconstruct={"total_time_budget": 0}).validate()

@@ -205,3 +205,50 @@ def test_calibrated_fallback_for_layers_the_pattern_cannot_tile(fallback, calib)
         assert meta[down]["pattern"] == "unstructured"
         assert int((~state.masks[down]).sum()) == state.masks[down].numel() // 2
     assert sc.NM(4, 8).is_valid(state.masks["model.layers.1.mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_activations_on_disk_give_the_same_result(calib, sequential, monkeypatch, tmp_path):
+    from sparsecraft.blocks import DiskActivations
+
+    seen = []
+    real_run = DiskActivations.run
+
+    def run(self, block, batches):
+        seen.extend(b.hidden.untyped_storage().filename for b in batches)
+        return real_run(self, block, batches)
+
+    monkeypatch.setattr(DiskActivations, "run", run)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    a, b = _llama(), _llama()
+    config = dict(sparsity=0.5, batch_size=2, sequential=sequential, reconstruct={"epochs": 1})
+    sa = sc.prune_(a, sc.SparseGPT(**config), calib, progress=False)
+    sb = sc.prune_(b, sc.SparseGPT(**config, activations="disk"), calib, progress=False)
+    for name, keep in sa.masks.items():
+        assert torch.equal(keep, sb.masks[name]), name
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    assert seen and all(f and f.startswith(str(tmp_path)) for f in seen)  # the inputs were file-backed
+    assert not list(tmp_path.iterdir())  # and the files are gone
+
+
+def test_auto_puts_activations_on_disk_when_memory_is_short(monkeypatch, calib):
+    from sparsecraft.blocks import DiskActivations
+
+    used = []
+    real_init = DiskActivations.__init__
+    monkeypatch.setattr(DiskActivations, "__init__", lambda self, *a: (used.append(1), real_init(self, *a))[1])
+    # in memory needs more than there is; on disk fits
+    monkeypatch.setattr(driver, "_estimate_bytes", lambda *a, on_disk=False, **k: 1 if on_disk else 10**12)
+    monkeypatch.setattr(driver, "available_memory", lambda: 10**9)
+    sc.prune_(_llama(), sc.SparseGPT(sparsity=0.5, batch_size=2), calib, progress=False)
+    assert used == [1]
+    model = _llama()
+    before = snapshot(model)
+    with pytest.raises(SparsecraftError, match="or activations='disk'"):
+        sc.prune_(model, sc.SparseGPT(sparsity=0.5, activations="memory"), calib, progress=False)
+    assert_unchanged(model, before)
+    with pytest.raises(ConfigError, match="activations must be"):
+        sc.SparseGPT(sparsity=0.5, activations="ram").driver_options()

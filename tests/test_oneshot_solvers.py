@@ -190,6 +190,66 @@ def test_sequential_blocks_prune_later_layers_from_pruned_inputs(calib):
         assert int((~keep).sum()) == keep.numel() // 2
 
 
+def _block_forwards(model):
+    """Counts the forward calls of every decoder block."""
+    counts = [0] * len(model.model.layers)
+    for i, block in enumerate(model.model.layers):
+        block.register_forward_pre_hook(lambda *_a, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("sequential,passes", [(False, 2), (True, 1)])
+def test_sequential_blocks_take_one_forward_pass(calib, sequential, passes):
+    model = _llama()
+    counts = _block_forwards(model)
+    sc.prune_(model, sc.Wanda(sparsity=0.5, batch_size=2, sequential=sequential), calib, progress=False)
+    batches = calib.shape[0] // 2
+    # block 0 also sees the capture (stopped before it runs); then `passes` passes per block
+    assert counts == [(passes + 1) * batches, passes * batches]
+
+
+def test_sequential_statistics_come_from_the_pruned_earlier_layers(calib):
+    from sparsecraft.oneshot.sparsegpt import sparsegpt_prune
+    from sparsecraft.oneshot.stats import HessianAccumulator
+
+    model, dense = _llama(), _llama()
+    state = sc.prune_(model, sc.SparseGPT(sparsity=0.5, batch_size=2, sequential=True), calib, progress=False)
+    pruned = dict(model.named_parameters())
+    original = dict(dense.named_parameters())
+    # Each layer's inputs, with the final (pruned) model: earlier layers and earlier blocks
+    # pruned. The layer's mask and weights must be SparseGPT's on exactly those inputs.
+    for name in ("model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
+                 "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        module = model.get_submodule(name)
+        acc = HessianAccumulator()
+        handle = module.register_forward_hook(lambda _m, inputs, _o: acc.add(inputs[0]))
+        with torch.no_grad():
+            for start in range(0, calib.shape[0], 2):
+                model(calib[start:start + 2], use_cache=False)
+        handle.remove()
+        weight, keep, _ = sparsegpt_prune(original[name + ".weight"].detach(), acc.hessian, 0.5, "unstructured")
+        assert torch.equal(keep, state.masks[name + ".weight"]), name
+        torch.testing.assert_close(weight * keep, pruned[name + ".weight"].detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_sequential_failure_half_way_restores_the_model(calib, monkeypatch):
+    from sparsecraft.oneshot import sparsegpt as sg
+
+    model = _llama()
+    before = snapshot(model)
+    real = sg.sparsegpt_prune
+
+    def failing(weight, hessian, *args, layer="", **kwargs):
+        if layer == "model.layers.1.mlp.up_proj.weight":
+            raise RuntimeError("solver failed on purpose")
+        return real(weight, hessian, *args, layer=layer, **kwargs)
+
+    monkeypatch.setattr(sg, "sparsegpt_prune", failing)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        sc.prune_(model, sc.SparseGPT(sparsity=0.5, batch_size=2, sequential=True), calib, progress=False)
+    assert_unchanged(model, before)
+
+
 # ---- import structure ---------------------------------------------------------------------
 
 def test_no_import_cycle_between_prune_and_the_driver():

@@ -7,13 +7,16 @@ one-shot driver, structured shrinking): no method lives here.
 * :func:`capture_block_inputs`: run the model up to the first block and record its inputs
   (hidden states plus the other arguments: attention masks, position embeddings);
 * :func:`run_block`: one block over recorded batches; :func:`block_targets`: targets per block;
-* :func:`check_calibration`: validate calibration token ids against the model.
+* :func:`check_calibration`: validate calibration token ids against the model;
+* :class:`DiskActivations`: the hidden states at a block boundary in memory-mapped files,
+  for calibration sets larger than memory.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +27,7 @@ from .targets import Target
 
 __all__ = [
     "BlockBatch", "find_blocks", "check_calibration", "capture_block_inputs", "run_block",
-    "block_targets",
+    "block_targets", "DiskActivations",
 ]
 
 
@@ -124,13 +127,69 @@ def capture_block_inputs(
     return captured
 
 
-def run_block(block: nn.Module, batches: list[BlockBatch]) -> list[torch.Tensor]:
+def run_block(block: nn.Module, batches: list[BlockBatch], into: list[torch.Tensor] | None = None
+              ) -> list[torch.Tensor]:
+    """The block's output for every batch; with ``into``, each output is copied into the
+    given tensor as soon as it is computed (so only one batch's output is in memory)."""
     outs = []
     with torch.inference_mode():
-        for b in batches:
+        for i, b in enumerate(batches):
             out = block(b.hidden, *b.args, **b.kwargs)
-            outs.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
+            out = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+            if into is not None:
+                into[i].copy_(out)
+                out = into[i]
+            outs.append(out)
     return outs
+
+
+class DiskActivations:
+    """The hidden states of every calibration batch at a block boundary, kept in two
+    memory-mapped files under ``folder``: one holds the current block's inputs, the other
+    receives its outputs, and they swap after each block. The operating system pages them
+    in and out, so the calibration set may be larger than the memory.
+
+    :meth:`adopt` moves the batches' hidden states into the first file; :meth:`run` runs a
+    block over the batches writing each output straight to the other file, then makes the
+    outputs the batches' hidden states.
+    """
+
+    def __init__(self, batches: list[BlockBatch], folder: str | Path):
+        if not batches:
+            raise SparsecraftError("DiskActivations needs at least one batch")
+        dtype = batches[0].hidden.dtype
+        shapes = [tuple(b.hidden.shape) for b in batches]
+        total = sum(math.prod(shape) for shape in shapes)
+        self.buffers = []
+        for name in ("activations-a.bin", "activations-b.bin"):
+            flat = torch.from_file(str(Path(folder) / name), shared=True, size=total, dtype=dtype)
+            views, start = [], 0
+            for shape in shapes:
+                n = math.prod(shape)
+                views.append(flat[start:start + n].view(shape))
+                start += n
+            self.buffers.append(views)
+        self.current = 0
+        with torch.no_grad():
+            for b, view in zip(batches, self.buffers[0]):
+                view.copy_(b.hidden)
+                b.hidden = view
+
+    def run(self, block: nn.Module, batches: list[BlockBatch]) -> None:
+        """``block`` over ``batches``; its outputs become the batches' hidden states."""
+        target = self.buffers[1 - self.current]
+        run_block(block, batches, into=target)
+        self.adopt(batches)
+
+    def adopt(self, batches: list[BlockBatch], outputs: list[torch.Tensor] | None = None) -> None:
+        """Make the other file the batches' hidden states (after copying ``outputs`` into it)."""
+        target = self.buffers[1 - self.current]
+        with torch.no_grad():
+            for i, b in enumerate(batches):
+                if outputs is not None:
+                    target[i].copy_(outputs[i])
+                b.hidden = target[i]
+        self.current = 1 - self.current
 
 
 def block_targets(blocks: nn.ModuleList, targets: list[Target]) -> list[list[Target]]:

@@ -31,6 +31,7 @@ log = logging.getLogger("sparsecraft.cli")
 COMMAND_MODULES: list[str] = [
     "sparsecraft.oneshot.commands", "sparsecraft.commands", "sparsecraft.train.commands",
     "sparsecraft.structured.commands", "sparsecraft.runtime.commands", "sparsecraft.recovery.commands",
+    "sparsecraft.select.commands",
 ]
 
 

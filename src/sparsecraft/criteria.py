@@ -48,6 +48,9 @@ __all__ = [
     "BlockStage",
     "BlockLayer",
     "register_block_stage",
+    "MODEL_STAGES",
+    "ModelStage",
+    "register_model_stage",
     "register_solver",
     "register_refiner",
     "get_solver",
@@ -305,6 +308,9 @@ class BlockStage:
     def check(self, stages: list["BlockStage"]) -> None:
         """Refuse a combination of stages that cannot work (e.g. learned masks alone)."""
 
+    def start(self, blocks: int) -> None:
+        """Called once before the first block with the number of blocks (for budgets)."""
+
     def run(self, block: nn.Module, batches: list, targets: list[torch.Tensor],
             layers: dict[str, "BlockLayer"], *, progress: bool = False) -> dict:
         raise NotImplementedError
@@ -319,8 +325,40 @@ class BlockLayer:
     dense: torch.Tensor
 
 
+class ModelStage:
+    """Base class of a stage run on the whole pruned model, after every block is pruned.
+
+    ``run(model, teacher, calibration, state)`` may change the kept weights (never the
+    masks; ``state`` is the :class:`~sparsecraft.masks.SparsityState` that keeps them).
+    ``teacher`` is a copy of the model made before pruning. Switched on by an option named
+    after it, like block stages. ``check(calibration)`` refuses unusable calibration before
+    anything changes.
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options=None):
+        self.options = options if options is not None else build_options(self.Options, {}, f"stage '{self.name}'")
+
+    def check(self, calibration) -> None:
+        """ConfigError when ``calibration`` cannot serve this stage."""
+
+    def run(self, model: nn.Module, teacher: nn.Module, calibration, state, *, progress: bool = False) -> dict:
+        raise NotImplementedError
+
+
 REFINERS: dict[str, type[Refiner]] = {}
 BLOCK_STAGES: dict[str, type[BlockStage]] = {}
+MODEL_STAGES: dict[str, type[ModelStage]] = {}
+
+
+def register_model_stage(cls: type[ModelStage]) -> type[ModelStage]:
+    """Class decorator: make a whole-model stage available by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty name")
+    MODEL_STAGES[cls.name] = cls
+    return cls
 
 
 def register_solver(cls: type[Solver]) -> type[Solver]:

@@ -144,12 +144,12 @@ class SparsityState:
         for name, keep in self.masks.items():
             self._params[name].masked_fill_(~keep, 0.0)
 
-    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Re-apply masks after every ``optimizer.step()``."""
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.utils.hooks.RemovableHandle:
+        """Re-apply masks after every ``optimizer.step()``; returns the hook's handle."""
         self._check_open()
-        self._optim_hooks.append(
-            optimizer.register_step_post_hook(lambda *_args, **_kw: self.apply_())
-        )
+        handle = optimizer.register_step_post_hook(lambda *_args, **_kw: self.apply_())
+        self._optim_hooks.append(handle)
+        return handle
 
     # -- introspection --------------------------------------------------------------
     def sparsity(self) -> float:

@@ -18,6 +18,7 @@ constructors (``SparseGPT(...)``, ``Wanda(...)``, ``Magnitude(...)``, or
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -31,10 +32,12 @@ from .allocation import ALLOCATIONS, Allocation, allocate, check_sparsity, get_a
 from .blocks import check_calibration
 from .criteria import (
     BLOCK_STAGES,
+    MODEL_STAGES,
     REFINERS,
     SOLVERS,
     BlockStage,
     LayerContext,
+    ModelStage,
     Refiner,
     Solver,
     build_options,
@@ -47,6 +50,7 @@ from .masks import SparsityState
 from .oneshot.driver import (
     DriverOptions,
     calibrated_prune,
+    check_model_inputs,
     check_requires,
     collect_model_statistics,
     needs_block_driver,
@@ -122,6 +126,7 @@ class PruneConfig:
         solver, refiners, alloc = self.solver(), self.refiners(), self.allocation_obj()
         self.driver_options()
         self.block_stages()
+        self.model_stages()
         check_requires(solver.requires, f"method '{self.method}'")
         for r in refiners:
             check_requires(r.requires, f"refiner '{r.name}'")
@@ -147,7 +152,7 @@ class PruneConfig:
         for key, value in self.options.items():
             if key in _DRIVER_FIELDS:
                 driver[key] = value
-            elif key in REFINERS or key in BLOCK_STAGES:
+            elif key in REFINERS or key in BLOCK_STAGES or key in MODEL_STAGES:
                 refine[key] = value
             elif key in alloc_fields:
                 alloc[key] = value
@@ -164,7 +169,7 @@ class PruneConfig:
             unknown = [k for k in method_opts if "'" + k + "'" in str(exc)]
             if not unknown:
                 raise
-            shared = sorted(_DRIVER_FIELDS | set(REFINERS) | set(BLOCK_STAGES))
+            shared = sorted(_DRIVER_FIELDS | set(REFINERS) | set(BLOCK_STAGES) | set(MODEL_STAGES))
             raise ConfigError(f"{exc}; options every method takes: {', '.join(shared)}") from None
 
     def _switched_on(self, registry: Mapping[str, type], kind: str) -> list:
@@ -195,6 +200,10 @@ class PruneConfig:
                                   f"not {self.pattern_obj}")
         return stages
 
+    def model_stages(self) -> list[ModelStage]:
+        """The whole-model stages switched on in ``options`` (distillation), run after pruning."""
+        return self._switched_on(MODEL_STAGES, "stage")
+
     def allocation_obj(self) -> Allocation:
         return get_allocation(self.allocation, self._split_options()[2])
 
@@ -205,7 +214,7 @@ class PruneConfig:
     def needs_calibration(self) -> bool:
         """Whether this config needs calibration data (any statistic, refiner or error measure)."""
         names = set(self.solver().requires) | set(self.allocation_obj().requires)
-        return (bool(names) or bool(self.refiners()) or bool(self.block_stages())
+        return (bool(names) or bool(self.refiners()) or bool(self.block_stages()) or bool(self.model_stages())
                 or self.driver_options().measure_error)
 
     @property
@@ -312,7 +321,7 @@ def _plan(model, config, targets, calibration, progress):
     active = [t for t in targets if patterns[t.name] is not None]
     values: dict[str, dict] = {}
     if solver.requires:  # model-level statistics only (the block driver handles the rest)
-        calibration = check_calibration(model, calibration)
+        calibration = check_model_inputs(model, calibration, solver.requires)
         values = collect_model_statistics(model, active, solver.requires, calibration,
                                           config.driver_options().batch_size)
 
@@ -361,6 +370,13 @@ def prune_(
     config.validate()
     targets = select_targets(model, config.targets)
     _check_finite(targets)
+    model_stages = config.model_stages()
+    teacher = None
+    if model_stages:  # checked, and the dense teacher copied, before the model changes
+        calibration = check_calibration(model, calibration)
+        for st in model_stages:
+            st.check(calibration)
+        teacher = copy.deepcopy(model)
     weights: dict[str, torch.Tensor] = {}
     if needs_block_driver(config):
         masks, info = calibrated_prune(model, targets, config, calibration, progress=progress)
@@ -379,4 +395,8 @@ def prune_(
     for name in info.keys() - masks.keys():
         state.note(name, **info[name])
     log.info("pruned %d targets with %s: sparsity %.4f", len(masks), config.method, state.sparsity())
+    for st in model_stages:
+        summary = st.run(model, teacher, calibration, state, progress=progress)
+        for name in masks:
+            state.info[name][st.name] = summary
     return state

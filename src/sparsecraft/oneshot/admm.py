@@ -44,7 +44,7 @@ from ..errors import ConfigError, TargetError
 from ..patterns import NM, Pattern, Unstructured, num_to_prune, parse_pattern, reduction_view
 from .sparsegpt import sparsegpt_prune
 
-__all__ = ["admm_prune", "solve_on_support", "layer_error", "ADMMSolver"]
+__all__ = ["admm_prune", "prepare_hessian", "PreparedHessian", "solve_on_support", "layer_error", "ADMMSolver"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,39 @@ def solve_on_support(
     return x * m, {"iterations": it, "residual": float(rel.max()) if rel.numel() else 0.0}
 
 
+@dataclass(frozen=True)
+class PreparedHessian:
+    """What ADMM needs of a Hessian, independent of the weights: layers that read the same
+    input (q/k/v, gate/up) share it, so its eigendecomposition is made once."""
+
+    dead: torch.Tensor  # inputs that never fire (zero diagonal)
+    scale: float  # mean diagonal, divided out
+    c: torch.Tensor  # sqrt of the damped diagonal: the unit-diagonal scaling
+    h_true: torch.Tensor  # undamped, scaled (float64): judges the results
+    hc: torch.Tensor  # damped, unit diagonal, compute dtype
+    evals: torch.Tensor
+    evecs: torch.Tensor
+
+
+def prepare_hessian(hessian: torch.Tensor, percdamp: float, dtype: torch.dtype = torch.float32,
+                    device=None) -> PreparedHessian:
+    """Damped, unit-diagonal Hessian and its eigendecomposition (see :func:`admm_prune`)."""
+    h = hessian.detach().to(device=device, dtype=torch.float64, copy=True)
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1  # a channel that never fires: its weights do nothing
+    scale = float(h.diagonal().mean())
+    h /= scale
+    h_true = h.clone()
+    h.diagonal().add_(percdamp)
+    # Work with unit-diagonal H: W~ = W diag(c), H~ = diag(1/c) H diag(1/c), c = sqrt(diag H).
+    # f and the zeros are unchanged, but the projection's "largest magnitude" now weighs a
+    # weight by how strongly its input fires, and rho is relative to a unit diagonal.
+    c = h.diagonal().sqrt()
+    h = h / c[:, None] / c[None, :]
+    evals, evecs = torch.linalg.eigh(h)
+    return PreparedHessian(dead, scale, c, h_true, h.to(dtype), evals.to(dtype), evecs.to(dtype))
+
+
 def _project(z: torch.Tensor, pattern: Pattern, num_pruned: int | None) -> torch.Tensor:
     scores = z.abs()
     if isinstance(pattern, NM):
@@ -120,6 +153,7 @@ def admm_prune(
     cg_tol: float | None = None,
     dtype: torch.dtype = torch.float32,
     layer: str = "",
+    prepared: PreparedHessian | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Prune one layer by ADMM and back-solve the kept weights exactly (module docstring).
 
@@ -137,6 +171,8 @@ def admm_prune(
         cg_iter, cg_tol: the conjugate-gradient back-solve.
         dtype: compute dtype (float32 or float64).
         layer: name for messages.
+        prepared: :func:`prepare_hessian` of ``hessian`` with the same ``percdamp`` and
+            ``dtype``, when several layers share it.
 
     Returns:
         ``(new_weight, keep_mask, info)``; ``info`` has ``error`` (``f`` of the result on
@@ -185,25 +221,15 @@ def admm_prune(
         raise ConfigError(f"layer '{layer}': ADMM supports unstructured and N:M patterns, not {pattern}")
 
     device = w0.device
+    prep = prepared if prepared is not None else prepare_hessian(h0, percdamp, dtype, device)
+    if tuple(prep.h_true.shape) != (cols, cols):
+        raise TargetError(f"layer '{layer}': the prepared Hessian does not match the weight's {cols} columns")
+    dead, c, scale, h_true, hc = prep.dead, prep.c, prep.scale, prep.h_true, prep.hc
+    evals, evecs = prep.evals, prep.evecs
     w = w0.to(dtype=dtype, copy=True)
-    h = h0.to(device=device, dtype=torch.float64, copy=True)
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1  # a channel that never fires: its weights do nothing
     w[:, dead] = 0
-    scale = float(h.diagonal().mean())
-    h /= scale
-    h_true = h.clone()
-    h.diagonal().add_(percdamp)
-    # Work with unit-diagonal H: W~ = W diag(c), H~ = diag(1/c) H diag(1/c), c = sqrt(diag H).
-    # f and the zeros are unchanged, but the projection's "largest magnitude" now weighs a
-    # weight by how strongly its input fires, and rho is relative to a unit diagonal.
-    c = h.diagonal().sqrt()
-    h = h / c[:, None] / c[None, :]
     w_orig = w
     w = w * c.to(dtype)[None, :]
-    evals, evecs = torch.linalg.eigh(h)
-    evals, evecs = evals.to(dtype), evecs.to(dtype)
-    hc = h.to(dtype)
     wh = w @ hc  # constant part of the B-update
 
     def b_update(target: torch.Tensor, r: float) -> torch.Tensor:
@@ -290,15 +316,21 @@ class ADMMSolver(Solver):
             if not (self.percdamp >= 0 and math.isfinite(self.percdamp)):
                 raise ConfigError(f"admm: percdamp must be >= 0, got {self.percdamp}")
 
+    _shared: tuple | None = None  # (Hessian tensor, its PreparedHessian) of the last layer
+
     def solve(self, ctx, pattern, sparsity):
         o = self.options
         weight, hessian = ctx.param.detach(), ctx.stats["hessian"]
+        # layers reading the same input get the same Hessian object from the driver
+        if self._shared is None or self._shared[0] is not hessian:
+            self._shared = (hessian, prepare_hessian(hessian, o.percdamp, torch.float32, weight.device))
         candidates = []
         if o.sparsegpt_candidate:
             sw, sk, _ = sparsegpt_prune(weight, hessian, sparsity, pattern, percdamp=o.percdamp, layer=ctx.name)
             candidates.append((sw, sk))
         new, keep, info = admm_prune(weight, hessian, sparsity, pattern, candidates=candidates, rho=o.rho,
-                                     max_iter=o.max_iter, percdamp=o.percdamp, layer=ctx.name)
+                                     max_iter=o.max_iter, percdamp=o.percdamp, layer=ctx.name,
+                                     prepared=self._shared[1])
         summary = {"layer_error": info["error"], "source": "sparsegpt" if info["source"] != "admm" else "admm"}
         if o.sparsegpt_candidate:
             summary["sparsegpt_layer_error"] = info["errors"]["candidate_0"]

@@ -21,7 +21,7 @@ EPILOG_PRUNE = """examples:
   sparsecraft prune smollm2-135m --sparsity 0.5 --out pruned.safetensors   # one file, tensors only
   sparsecraft prune smollm2-135m --method admm --pattern 2:4 --reconstruct --eval --out pruned-admm/
   sparsecraft prune smollm2-135m --method sparsegpt --pattern 2:4 --learn-mask --reconstruct \
-      --option 'reconstruct={lr: 1e-4, epochs: 3}' --out pruned-learned/
+      --option 'reconstruct={lr: 1e-3, epochs: 3}' --out pruned-learned/
 """
 
 
@@ -75,9 +75,12 @@ def register(sub) -> dict:
                         "(masks fixed; one calibration batch held out for early stopping)")
     p.add_argument("--learn-mask", action="store_true",
                    help="learn N:M masks per block from the method's masks (needs --reconstruct)")
+    p.add_argument("--distill", action="store_true",
+                   help="after pruning, fine-tune the whole model towards the dense one on the calibration text "
+                        "(KL of next-token distributions, masks kept, held-out samples keep the best weights)")
     p.add_argument("--option", action="append", default=[], type=assignment_arg, metavar="KEY=VALUE",
                    help="a setting of the method, allocation, driver or a stage (YAML value), e.g. "
-                        "rho=0.2, blocksize=64, 'reconstruct={lr: 1e-4, epochs: 2}'; repeatable")
+                        "rho=0.2, blocksize=64, 'reconstruct={lr: 1e-3, epochs: 2}'; repeatable")
     p.add_argument("--calib", metavar="FILE", default=None,
                    help="calibration text (.txt) or JSONL with a 'text' field; default: built-in Lee corpus")
     p.add_argument("--corpus", default="lee", choices=("lee", "wiki"),
@@ -112,7 +115,8 @@ def _options(args) -> dict:
 
     options = {key: load_yaml(value, f"--option {key}") for key, value in args.option}
     for flag, key in ((args.dsnot, "dsnot"), (args.sequential, "sequential"),
-                      (args.reconstruct, "reconstruct"), (args.learn_mask, "learn_mask")):
+                      (args.reconstruct, "reconstruct"), (args.learn_mask, "learn_mask"),
+                      (args.distill, "distill")):
         if flag:
             options.setdefault(key, True)
     return options

@@ -9,32 +9,42 @@ with them. For each repeated block (:func:`~sparsecraft.blocks.find_blocks`):
    layer statistics (input norms, mean/variance, Hessian ``2/n X^T X``);
 2. per layer: the solver's mask (and new weights), then each refiner, then the solver
    reconstructs for a changed mask;
-3. run the block again with the pruned weights; its outputs are the next block's inputs.
+3. block stages (reconstruction, learned masks), when switched on, tune the pruned block
+   against the dense block's outputs;
+4. run the block again with the pruned weights; its outputs are the next block's inputs.
 
 Two ways through a block (driver option ``sequential``):
 
 * ``False`` (default, "two-pass"): every layer of the block from the statistics of the
   dense block; two forward passes per block.
-* ``True`` ("true sequential"): the block's layers in the order the forward pass calls
-  them, grouped by shared input (q/k/v, gate/up); each group is pruned from the inputs
-  that the already-pruned earlier groups produce. One pass per group plus one.
+* ``True`` ("true sequential", one pass): the block's layers in the order the forward pass
+  calls them, each pruned from the inputs that the already-pruned earlier layers produce; the
+  pass that collects the statistics is the pass that produces the pruned outputs (the
+  batches run in lock step, see :class:`_Lockstep`).
+
+Layers that read the same input tensor (q/k/v, gate/up) share one set of statistics.
 
 Model-level statistics (``gradients``: of the language-modelling loss on the calibration
 samples, dense model) are collected once before any block changes.
 
 An allocation that ``requires`` statistics (OWL) gets them from one dense pass over all
 blocks first. Memory: the calibration activations of one block boundary plus one block's
-statistics. The original weights of each block are spilled to a temporary file before the
-block changes, so an error half-way restores the model exactly. The driver estimates its
-memory before starting and refuses when it will not fit.
+statistics. With ``activations="disk"`` (or ``"auto"``, the default, when the estimate does
+not fit in the available memory) the boundary activations live in two memory-mapped files
+in the temporary folder (``TMPDIR``), so the calibration set may exceed the memory. The
+original weights of each block are spilled to a temporary file before the block changes, so
+an error half-way restores the model exactly. The driver estimates its memory before
+starting and refuses when it will not fit.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -46,6 +56,7 @@ from tqdm.auto import tqdm
 from ..allocation import allocate
 from ..blocks import (
     BlockBatch,
+    DiskActivations,
     block_targets,
     capture_block_inputs,
     check_calibration,
@@ -61,7 +72,7 @@ from .stats import HessianAccumulator, InputNormAccumulator
 
 __all__ = [
     "DriverOptions", "Statistic", "STATISTICS", "register_statistic", "check_requires", "calibrated_prune",
-    "prune_layer", "collect_model_statistics", "collect_gradients", "needs_block_driver",
+    "prune_layer", "collect_model_statistics", "collect_gradients", "needs_block_driver", "check_model_inputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,10 +85,13 @@ class DriverOptions:
     batch_size: int = 8  # calibration samples per forward pass
     measure_error: bool = False  # record ||WX - W'X|| / ||WX|| per layer in the info
     sequential: bool = False  # "true sequential" blocks (see the module docstring)
+    activations: str = "auto"  # block-boundary activations: memory | disk | auto (disk when RAM is short)
 
     def check(self):
         if self.batch_size < 1:
             raise ConfigError(f"option batch_size must be >= 1, got {self.batch_size}")
+        if self.activations not in ("memory", "disk", "auto"):
+            raise ConfigError(f"option activations must be memory, disk or auto, got {self.activations!r}")
 
 
 # ---- statistics ---------------------------------------------------------------------------
@@ -98,6 +112,9 @@ class Statistic:
     key: str
     make: Callable[..., Any]
     extract: Callable[[Any], dict] | None = None
+    #: what calibration it reads: "tokens" (token ids [samples, seq_len]) or "any" (a batch of
+    #: model inputs, e.g. images, batch on dim 0)
+    inputs: str = "tokens"
 
 
 STATISTICS: dict[str, Statistic] = {}
@@ -185,6 +202,21 @@ def _split(names: Iterable[str]) -> tuple[list[Statistic], list[Statistic]]:
     return layer, model
 
 
+def check_model_inputs(model: nn.Module, calibration, names: Iterable[str]) -> torch.Tensor:
+    """Calibration checked for the model-scope statistics ``names``: token ids unless every one
+    of them reads any model inputs (then a non-empty tensor with the batch on dim 0)."""
+    _, stats = _split(names)
+    if stats and all(s.inputs == "any" for s in stats) and not (
+            isinstance(calibration, torch.Tensor) and not calibration.dtype.is_floating_point):
+        if not isinstance(calibration, torch.Tensor) or calibration.dim() < 1 or calibration.shape[0] < 1:
+            raise ConfigError("this method needs calibration data: a non-empty tensor of model inputs "
+                              "(batch on dim 0)")
+        if not torch.isfinite(calibration).all():
+            raise ConfigError("calibration inputs contain NaN or inf")
+        return calibration
+    return check_calibration(model, calibration)
+
+
 def needs_block_driver(config) -> bool:
     """Whether ``config`` needs per-layer calibration statistics (the block driver)."""
     names = set(config.solver().requires)
@@ -207,71 +239,196 @@ def collect_model_statistics(model, targets, names, calibration, batch_size) -> 
     return out
 
 
-class _Collector:
-    """Forward hooks on layers that feed their inputs to the required accumulators."""
+class _LayerStats:
+    """The accumulators of one block's target layers; a layer that reads the same input tensor
+    as the layer before it (q/k/v, gate/up) shares that layer's statistics instead of
+    accumulating the same numbers again."""
 
     def __init__(self, targets: list[Target], stats: list[Statistic]):
         self.stats = stats
         self.accs = {t.name: {s.key: s.make() for s in stats} for t in targets}
+        self.owner: dict[str, str] = {}
+
+    def feed(self, name: str, x: torch.Tensor, previous: tuple[str, torch.Tensor] | None) -> bool:
+        """Add one batch's input of ``name``; ``previous`` is ``(layer, input)`` of the last
+        layer that accumulated for this batch. Returns whether ``name`` shares that input."""
+        shares = previous is not None and previous[1] is x
+        owner = self.owner.setdefault(name, previous[0] if shares and previous is not None else name)
+        if (owner != name) != shares:
+            raise SparsecraftError(
+                f"layer '{name}' reads the same input as '{owner}' for one calibration batch but not "
+                f"for another; the block's forward differs between batches"
+            )
+        if owner == name:
+            for acc in self.accs[name].values():
+                acc.add(x)
+        return shares
+
+    def layer_stats(self, name: str) -> dict:
+        accs = self.accs[self.owner.get(name, name)]
+        out: dict = {}
+        for s in self.stats:
+            out.update(s.extract(accs[s.key]))
+        return out
+
+
+class _Collector(_LayerStats):
+    """Forward hooks on the target layers feeding their inputs to the accumulators, for
+    batches run one after another (``run_block``)."""
+
+    def __init__(self, targets: list[Target], stats: list[Statistic]):
+        super().__init__(targets, stats)
+        self.last: tuple[str, torch.Tensor] | None = None
         self.handles = [t.module.register_forward_hook(self._hook(t.name)) for t in targets]
 
     def _hook(self, name):
         def hook(_module, inputs, _output):
-            for acc in self.accs[name].values():
-                acc.add(inputs[0])
+            if not self.feed(name, inputs[0], self.last):
+                self.last = (name, inputs[0])
 
         return hook
 
     def remove(self):
         for h in self.handles:
             h.remove()
-
-    def layer_stats(self, name: str) -> dict:
-        out: dict = {}
-        for s in self.stats:
-            out.update(s.extract(self.accs[name][s.key]))
-        return out
+        self.last = None
 
 
-def _stages(block: nn.Module, targets: list[Target], batch: BlockBatch) -> list[list[Target]]:
-    """The block's targets in call order, grouped by shared input (one probe forward)."""
-    calls: list[tuple[Target, torch.Tensor]] = []
-    handles = []
-    for t in targets:
-        def hook(_m, inputs, _o, t=t):
-            if not any(c[0] is t for c in calls):
-                calls.append((t, inputs[0]))  # holding the input keeps its identity unique
-        handles.append(t.module.register_forward_hook(hook))
-    try:
-        run_block(block, [batch])
-    finally:
-        for h in handles:
-            h.remove()
-    stages: list[list[Target]] = []
-    last = None
-    for t, x in calls:
-        if last is not None and x is last:
-            stages[-1].append(t)
-        else:
-            stages.append([t])
-        last = x
-    uncalled = [t for t in targets if not any(c[0] is t for c in calls)]
-    return stages + ([uncalled] if uncalled else [])
+class _Aborted(Exception):
+    """Another batch of a lock-step pass failed; this one stops."""
 
 
-def _estimate_bytes(model, calibration, per_block, need_hessian) -> int:
+class _Lockstep(_LayerStats):
+    """One forward pass through a block that prunes its layers in call order ("true sequential").
+
+    Each calibration batch runs the block in a thread of its own, but only one thread computes
+    at a time: they pass a baton (the condition's lock), so the cores are never oversubscribed.
+    Every target layer is a meeting point. Its forward pre-hook adds the batch's input to the
+    layer's statistics, in batch order (so the sums are the same on every run), and waits;
+    the last batch to arrive prunes the layer (``solve``), and then every batch goes on through
+    the pruned layer. A layer that reads the same input as the layer before it shares that
+    layer's statistics and is pruned by the first batch that reaches it. So the pass that
+    collects each layer's statistics from the already-pruned earlier layers is the pass that
+    produces the pruned block's outputs.
+    """
+
+    def __init__(self, targets: list[Target], stats: list[Statistic],
+                 solve: Callable[[Target, Callable[[str], dict]], None]):
+        super().__init__(targets, stats)
+        self.targets = targets
+        self.solve = solve
+        self.cv = threading.Condition()
+        self.local = threading.local()
+
+    def _check(self) -> None:
+        if self.failed:
+            raise _Aborted
+
+    def _hook(self, t: Target):
+        def hook(_module, args):
+            if not args:
+                raise SparsecraftError(f"layer '{t.name}' was called without a positional input")
+            j, x = self.local.index, args[0]
+            if t.name in self.local.visited:
+                raise SparsecraftError(
+                    f"layer '{t.name}' runs more than once in one forward pass of its block; "
+                    f"sequential=True cannot prune it in lock step (use sequential=False)"
+                )
+            self.local.visited.add(t.name)
+            self.cv.wait_for(lambda: self.failed or self.arrived[t.name] == j)
+            self._check()
+            if self.feed(t.name, x, self.local.last):
+                self.arrived[t.name] += 1
+                if t.name not in self.done:  # statistics complete: the owner was pruned
+                    self.solve(t, self.layer_stats)
+                    self.done.add(t.name)
+                self.cv.notify_all()
+                return
+            self.local.last = (t.name, x)
+            self.arrived[t.name] += 1
+            if self.arrived[t.name] == self.n:
+                self.solve(t, self.layer_stats)
+                self.done.add(t.name)
+            self.cv.notify_all()
+            self.cv.wait_for(lambda: self.failed or t.name in self.done)
+            self._check()
+
+        return hook
+
+    def _body(self, j: int, block: nn.Module, batch: BlockBatch, threads: int) -> None:
+        self.local.index, self.local.visited, self.local.last = j, set(), None
+        try:
+            torch.set_num_threads(threads)  # a per-thread setting in OpenMP
+            with self.cv, torch.inference_mode():
+                out = block(batch.hidden, *batch.args, **batch.kwargs)
+                self.outs[j] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+                missed = [t.name for t in self.targets if t.name not in self.local.visited]
+                if missed:
+                    raise SparsecraftError(
+                        f"layer '{missed[0]}' did not run for calibration batch {j}; sequential=True "
+                        f"needs every target layer to run for every batch (use sequential=False)"
+                    )
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.errors[j] = e
+            with self.cv:
+                self.failed = True
+                self.cv.notify_all()
+        finally:
+            self.local.last = None
+
+    def run(self, block: nn.Module, batches: list[BlockBatch]) -> list[torch.Tensor]:
+        self.n = len(batches)
+        self.arrived = {t.name: 0 for t in self.targets}
+        self.done: set[str] = set()
+        self.failed = False
+        self.outs: list[Any] = [None] * self.n
+        self.errors: dict[int, BaseException] = {}
+        handles = [t.module.register_forward_pre_hook(self._hook(t)) for t in self.targets]
+        workers = [threading.Thread(target=self._body, args=(j, block, b, torch.get_num_threads()), daemon=True,
+                                    name=f"sparsecraft-batch-{j}") for j, b in enumerate(batches)]
+        try:
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+        except BaseException:
+            with self.cv:
+                self.failed = True
+                self.cv.notify_all()
+            for w in workers:
+                w.join()
+            raise
+        finally:
+            for h in handles:
+                h.remove()
+        if self.errors:
+            first = [e for _, e in sorted(self.errors.items()) if not isinstance(e, _Aborted)]
+            raise (first or list(self.errors.values()))[0]
+        return self.outs
+
+
+def _estimate_bytes(model, calibration, per_block, need_hessian, *, sequential=False, on_disk=False,
+                    block_stages=False, batch_size=8) -> int:
+    """Memory the driver needs besides the model: block-boundary activations (unless they
+    live on disk), one block's statistics, and what a block's forward keeps alive."""
     config = getattr(model, "config", None)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     if hidden is None:
         hidden = max(t.module.in_features for ts in per_block for t in ts)
     elem = next(model.parameters()).element_size()
-    acts = 2 * calibration.numel() * hidden * elem  # inputs and outputs of one block
+    boundary = calibration.numel() * hidden * elem  # the hidden states of every sample
+    # inputs and outputs of one block (on disk: the pages of about one batch each)
+    acts = 2 * (boundary * min(batch_size, calibration.shape[0]) // calibration.shape[0] if on_disk else boundary)
+    if block_stages:  # the dense block's outputs and the tuning's own copy of its inputs
+        acts += 2 * boundary
     stats = max(
         sum((t.module.in_features ** 2 * 4 if need_hessian else 0) + t.module.in_features * 24 for t in ts)
         for ts in per_block
     )
     # the widest intermediate activation of one batch (MLP width) during a block's forward
     widest = max(t.module.out_features for ts in per_block for t in ts)
+    if sequential:  # every batch's forward is paused inside the block at once
+        return acts + stats + calibration.numel() * (2 * hidden + widest) * elem
     return acts + stats + 4 * widest * calibration.shape[1] * elem
 
 
@@ -352,17 +509,23 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
     layer_stats, model_stats = _split(names)
     alloc_stats, _ = _split(alloc.requires)
     need_hessian = any(s.key == "hessian" for s in layer_stats)
-    estimate = _estimate_bytes(model, calibration, per_block, need_hessian)
+    sizes = dict(sequential=opts.sequential, block_stages=bool(block_stages), batch_size=opts.batch_size)
+    estimate = _estimate_bytes(model, calibration, per_block, need_hessian, **sizes)
     available = available_memory()
+    on_disk = opts.activations == "disk" or (
+        opts.activations == "auto" and available is not None and estimate > 0.9 * available)
+    if on_disk:
+        estimate = _estimate_bytes(model, calibration, per_block, need_hessian, on_disk=True, **sizes)
     if available is not None and estimate > 0.9 * available:
         raise SparsecraftError(
-            f"calibrated pruning needs about {estimate / 2**30:.2f} GiB for activations and "
-            f"statistics but only {available / 2**30:.2f} GiB is available; use fewer or shorter "
-            f"calibration samples"
+            f"calibrated pruning needs about {estimate / 2**30:.2f} GiB for "
+            f"{'statistics (activations on disk)' if on_disk else 'activations and statistics'} but only "
+            f"{available / 2**30:.2f} GiB is available; use fewer or shorter calibration samples"
+            + ("" if on_disk else " or activations='disk'")
         )
-    log.info("calibrated %s: %d blocks, %d samples x %d tokens, estimated %.0f MiB%s",
+    log.info("calibrated %s: %d blocks, %d samples x %d tokens, estimated %.0f MiB%s%s",
              config.method, len(blocks), calibration.shape[0], calibration.shape[1], estimate / 2**20,
-             ", sequential" if opts.sequential else "")
+             ", sequential" if opts.sequential else "", ", activations on disk" if on_disk else "")
 
     # Model-level statistics first, from the untouched model.
     model_values = collect_model_statistics(model, active, [s.name for s in model_stats], calibration,
@@ -378,26 +541,43 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
     spill = Path(tempfile.mkdtemp(prefix="sparsecraft-originals-"))
     touched: list[int] = []
     try:
+        store = DiskActivations(batches, spill) if on_disk else None
+        for st in block_stages:
+            st.start(len(blocks))
         for i, (block, targets_i) in enumerate(
             tqdm(list(zip(blocks, per_block)), desc=f"{config.method} blocks", disable=not progress)
         ):
-            stages = _stages(block, targets_i, batches[0]) if opts.sequential else [targets_i]
             # the original weights go to disk before the block changes (restored on failure)
             originals = {t.name: t.param.detach().cpu().clone() for t in targets_i}
             torch.save(originals, spill / f"{i}.pt")
             touched.append(i)
             # the dense block's outputs on this block's inputs: what block stages reconstruct
             targets_out = run_block(block, batches) if block_stages else None
-            for stage in stages:
-                _prune_stage(block, stage, batches, solver, refiners, layer_stats, model_values, layer_pattern,
-                             budgets, originals, opts, config.method, masks, info)
+            solve = functools.partial(_solve_layers, solver=solver, refiners=refiners, model_values=model_values,
+                                      layer_pattern=layer_pattern, budgets=budgets, originals=originals,
+                                      opts=opts, method=config.method, masks=masks, info=info)
+            outs: list[torch.Tensor] | None = None
+            if opts.sequential:  # one pass: statistics, pruning and the pruned outputs
+                outs = _Lockstep(targets_i, layer_stats, lambda t, stats_of: solve([t], stats_of)).run(block, batches)
+            else:
+                collector = _Collector(targets_i, layer_stats)
+                try:
+                    run_block(block, batches)
+                finally:
+                    collector.remove()
+                solve(targets_i, collector.layer_stats)
+                del collector
             if block_stages:
                 _run_block_stages(block, i, targets_i, batches, targets_out, block_stages, layer_pattern,
                                   originals, masks, info, progress)
                 del targets_out
-            outs = run_block(block, batches)
-            for b, out in zip(batches, outs):
-                b.hidden = out
+                outs = None  # the weights changed
+            if store is not None:  # the outputs go to the other memory-mapped file
+                store.run(block, batches) if outs is None else store.adopt(batches, outs)
+            else:
+                for b, out in zip(batches, run_block(block, batches) if outs is None else outs):
+                    b.hidden = out
+            del outs
     except BaseException:
         log.error("calibrated pruning failed; restoring the original weights of %d blocks", len(touched))
         params = dict(model.named_parameters())
@@ -416,17 +596,12 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
     return masks, info
 
 
-def _prune_stage(block, stage, batches, solver, refiners, layer_stats, model_values, layer_pattern, budgets,
-                 originals, opts, method, masks, info) -> None:
-    """Collect the stage's statistics on the block's current weights, solve, write back."""
-    collector = _Collector(stage, layer_stats)
-    try:
-        run_block(block, batches)
-    finally:
-        collector.remove()
+def _solve_layers(targets, stats_of, *, solver, refiners, model_values, layer_pattern, budgets, originals, opts,
+                  method, masks, info) -> None:
+    """Solve each layer from its statistics (``stats_of(name)``) and write the result back."""
     results, hessians = {}, {}
-    for t in stage:
-        stats = collector.layer_stats(t.name)
+    for t in targets:
+        stats = stats_of(t.name)
         extra = model_values.get(t.name, {})
         stats.update(extra)
         ctx = LayerContext(t.name, t.module, t.param, stats, grad=extra.get("gradients"))
@@ -434,9 +609,8 @@ def _prune_stage(block, stage, batches, solver, refiners, layer_stats, model_val
         results[t.name] = prune_layer(solver, refiners, ctx, p, None if p.fixed_sparsity is not None else budgets[t.name])
         if opts.measure_error:
             hessians[t.name] = stats["hessian"]
-    del collector
     with torch.no_grad():
-        for t in stage:
+        for t in targets:
             result = results[t.name]
             if result.weight is not None:
                 t.param.copy_(result.weight)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..criteria import BlockStage, register_block_stage
 from ..errors import ConfigError
 from ..patterns import NM, reduction_view
-from .block_tuning import _loss, _plain
+from .block_tuning import _loss, _micro_batches, _plain
 
 __all__ = ["learn_nm_masks", "nm_choices", "LearnMask"]
 
@@ -75,6 +75,7 @@ def learn_nm_masks(
     strength: float = 3.0,
     time_budget: float | None = None,
     seed: int = 0,
+    micro_batch: int | None = 4,
     progress: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Learn N:M keep-masks for the parameters named in ``prior`` (module docstring).
@@ -91,6 +92,7 @@ def learn_nm_masks(
         strength: the prior's logit lead.
         time_budget: seconds (None: no limit).
         seed: Gumbel noise seed.
+        micro_batch: samples per optimizer step (None: a whole calibration batch).
 
     Returns:
         ``(masks, summary)``: hardened keep-masks and ``{"val_prior", "val_best",
@@ -102,7 +104,7 @@ def learn_nm_masks(
     for name, value in (("lr", lr), ("tau", tau), ("tau_end", tau_end), ("strength", strength)):
         if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
             raise ConfigError(f"learned masks: {name} must be a positive number, got {value!r}")
-    for name, value in (("epochs", epochs), ("holdout", holdout)):
+    for name, value in (("epochs", epochs), ("holdout", holdout), ("micro_batch", 1 if micro_batch is None else micro_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"learned masks: {name} must be an integer >= 1, got {value!r}")
     if time_budget is not None and not (time_budget > 0 and math.isfinite(time_budget)):
@@ -126,6 +128,8 @@ def learn_nm_masks(
     soft_choices = choices.float()
     train_b = [type(b)(_plain(b.hidden), _plain(b.args), _plain(b.kwargs)) for b in batches[:-holdout]]
     train_t, val_b, val_t = targets[:-holdout], batches[-holdout:], targets[-holdout:]
+    if micro_batch is not None:
+        train_b, train_t = _micro_batches(train_b, train_t, micro_batch)
     gen = torch.Generator().manual_seed(seed)
     total = epochs * len(train_b)
 
@@ -202,14 +206,16 @@ class LearnMask(BlockStage):
         strength: float = 3.0
         time_budget: float | None = None  # seconds per block
         seed: int = 0
+        micro_batch: int | None = 4  # samples per optimizer step (None: a whole calibration batch)
 
         def check(self):
             for name in ("lr", "tau", "tau_end", "strength"):
                 value = getattr(self, name)
                 if not (value > 0 and math.isfinite(value)):
                     raise ConfigError(f"learn_mask: {name} must be a positive number, got {value}")
-            for name in ("epochs", "holdout"):
-                if getattr(self, name) < 1:
+            for name in ("epochs", "holdout", "micro_batch"):
+                value = getattr(self, name)
+                if value is not None and value < 1:
                     raise ConfigError(f"learn_mask: {name} must be >= 1, got {getattr(self, name)}")
             if self.time_budget is not None and not (self.time_budget > 0 and math.isfinite(self.time_budget)):
                 raise ConfigError(f"learn_mask: time_budget must be > 0 seconds, got {self.time_budget}")
@@ -230,7 +236,7 @@ class LearnMask(BlockStage):
         masks, summary = learn_nm_masks(
             block, batches, targets, prior, pattern, dense=dense, lr=o.lr, epochs=o.epochs, holdout=o.holdout,
             tau=o.tau, tau_end=o.tau_end, strength=o.strength, time_budget=o.time_budget, seed=o.seed,
-            progress=progress)
+            micro_batch=o.micro_batch, progress=progress)
         params = dict(block.named_parameters())
         with torch.no_grad():
             for name, layer in layers.items():

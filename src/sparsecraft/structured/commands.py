@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli_args import add_overwrite, check_output, int_arg, number_arg, override_arg, write_line
+from .config import CRITERIA
 
 EPILOG = """examples:
   sparsecraft shrink smollm2-135m --mlp 0.3 --out shrunk/
@@ -43,8 +44,9 @@ def register(subparsers) -> dict:
                    help="fraction of attention heads to remove per block (k/v groups under GQA)")
     p.add_argument("--query-heads", type=_fraction, default=0.0,
                    help="fraction of query heads to remove inside every k/v group (GQA only)")
-    p.add_argument("--criterion", default="magnitude", choices=("magnitude", "wanda", "taylor"),
-                   help="unit importance (default: magnitude; wanda and taylor use calibration text)")
+    p.add_argument("--criterion", default="magnitude", choices=CRITERIA,
+                   help="unit importance (default: magnitude; wanda and taylor use calibration text; "
+                        "lrp-epsilon/lrp-zplus need a Linear/Conv/ReLU network, not a transformer)")
     p.add_argument("--override", action="append", default=[], type=_override, metavar="RULE=F",
                    help="fraction for layers matching RULE (glob or re:, on e.g. model.layers.0.mlp); repeatable")
     p.add_argument("--round-to", type=int_arg("round-to"), default=1, help="keep a multiple of this many MLP channels")

@@ -31,7 +31,7 @@ from ..errors import ConfigError, config_fields
 
 __all__ = ["ShrinkConfig", "CRITERIA", "FRACTIONS"]
 
-CRITERIA = ("magnitude", "wanda", "taylor")
+CRITERIA = ("magnitude", "wanda", "taylor", "lrp-epsilon", "lrp-zplus")
 FRACTIONS = ("mlp", "heads", "query_heads", "conv", "linear")
 
 
@@ -85,7 +85,7 @@ class ShrinkConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.criterion in ("wanda", "taylor")
+        return self.criterion != "magnitude"
 
     def kinds(self) -> set[str]:
         """Unit kinds asked for by a fraction above 0 (overrides may add layers of any kind)."""

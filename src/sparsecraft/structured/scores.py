@@ -15,6 +15,9 @@ model is unchanged.
 * ``taylor``: ``sum |w * dL/dw|`` over the unit's parameters (biases and norm parameters
   included), the first-order estimate of the loss change when the unit is removed; ``L`` is
   the language-model loss for causal LMs, or a ``loss_fn(model, batch)`` you pass.
+* ``lrp-epsilon`` / ``lrp-zplus``: relevance of the unit's producing weights from layer-wise
+  relevance propagation on the calibration inputs (:mod:`sparsecraft.oneshot.lrp`; Linear,
+  Conv, BatchNorm, pooling and ReLU networks).
 """
 
 from __future__ import annotations

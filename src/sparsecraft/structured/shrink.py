@@ -265,6 +265,8 @@ def _score_maps(model, plan: ShrinkPlan, config: ShrinkConfig, calibration, loss
         norms = S.input_norms(model, modules, calibration, config.batch_size, progress)
         for s in slices:
             maps[s] = [S.wanda_map(modules[s.module].weight, norms[s.module])]
+    elif config.criterion.startswith("lrp-"):
+        maps.update(_lrp_maps(model, groups, config, calibration))
     else:
         params = {f"{s.module}.{t}": model.get_submodule(s.module)._parameters[t]
                   for g in groups for s in g.slices for t in s.tensors
@@ -273,6 +275,23 @@ def _score_maps(model, plan: ShrinkPlan, config: ShrinkConfig, calibration, loss
         for s in (s for g in groups for s in g.slices):
             maps[s] = [S.taylor_map(params[f"{s.module}.{t}"], grads[f"{s.module}.{t}"])
                        for t in s.tensors if f"{s.module}.{t}" in params]
+    return maps
+
+
+def _lrp_maps(model, groups, config: ShrinkConfig, calibration) -> dict[Slice, list[torch.Tensor]]:
+    """Relevance of each unit's producing weights (rows of a Linear, filters of a Conv): the
+    relevance its output carries, less what its bias carries (Yeom et al., 2021)."""
+    from ..oneshot.lrp import relevance
+
+    rule = config.criterion.split("-", 1)[1]
+    rel = relevance(model, calibration, rule=rule, batch_size=config.batch_size)
+    maps: dict[Slice, list[torch.Tensor]] = {}
+    for g in groups:
+        producers = [s for s in S.weight_slices(model, g) if s.dim == 0 and f"{s.module}.weight" in rel.weights]
+        if not producers:
+            raise ConfigError(f"layer '{g.name}': LRP relevance does not reach the weights that produce its units")
+        for s in producers:
+            maps[s] = [rel.weights[f"{s.module}.weight"].double()]
     return maps
 
 

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..patterns import Pattern
 from ..targets import TargetSpec
 from .base import StateMismatch, TrainingSparsity, check_pattern_for_training, current_sparsity
-from .registry import Plan, option_choice, option_int, option_steps, recipe_method, recipe_sparsity
+from .registry import Plan, option_choice, option_int, option_number, option_steps, recipe_method, recipe_sparsity
 from .schedules import CubicSchedule
 
 __all__ = ["StaticSparsity", "GMP", "IMP", "SNIP", "accumulate_gradients"]
@@ -133,11 +133,18 @@ class StaticSparsity(TrainingSparsity):
 
 
 class GMP(TrainingSparsity):
-    """Gradual magnitude pruning: prune by |w| at the steps of a :class:`CubicSchedule`.
+    """Gradual pruning at the steps of a :class:`CubicSchedule`, by |w| or by M-FAC.
 
     ``GMP(model, sparsity=0.9, start=1000, end=8000, frequency=100)`` reaches exactly 90% at
     step 8000. A model that already has zeros starts from them: its current sparsity is the
     schedule's initial value (it must not exceed the target) and its zeros stay pruned.
+
+    ``criterion="mfac"`` (with ``loss_fn(model, batch)`` and ``batches``, a function of an
+    index) scores by ``w^2 / (2 [F^-1]_ii)`` from ``fisher_samples`` gradients taken at each
+    pruning step on the next training batches, block-diagonal inverse Fisher with blocks of
+    ``fisher_block`` (see :mod:`sparsecraft.oneshot.mfac`), and with ``obs_update`` moves the
+    kept weights by the OBS correction. ``last_cost`` holds the seconds and the bytes of
+    gradients and inverse blocks of the latest pruning step.
     """
 
     method = "gmp"
@@ -155,8 +162,30 @@ class GMP(TrainingSparsity):
         pattern: str | Pattern = "unstructured",
         targets: TargetSpec | dict | None = None,
         max_sparsity: float = 0.99,
+        criterion: str = "magnitude",
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        batches: Callable[[int], Any] | None = None,
+        fisher_samples: int = 16,
+        fisher_block: int = 64,
+        fisher_damp: float = 1e-2,
+        obs_update: bool = True,
     ):
         super().__init__(model, optimizer, targets=targets)
+        if criterion not in ("magnitude", "mfac"):
+            raise ConfigError(f"GMP criterion must be 'magnitude' or 'mfac', got {criterion!r}")
+        if criterion == "mfac":
+            if loss_fn is None or batches is None:
+                raise ConfigError("GMP criterion 'mfac' needs loss_fn and batches (gradients at each pruning step)")
+            for key, value in (("fisher_samples", fisher_samples), ("fisher_block", fisher_block)):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ConfigError(f"GMP {key} must be a positive integer, got {value!r}")
+            if not fisher_damp > 0:
+                raise ConfigError(f"GMP fisher_damp must be > 0, got {fisher_damp!r}")
+        self.criterion = criterion
+        self.loss_fn, self.batches = loss_fn, batches
+        self.fisher = {"samples": fisher_samples, "block": fisher_block, "damp": float(fisher_damp),
+                       "obs_update": bool(obs_update)}
+        self.last_cost: dict[str, float] = {}
         if isinstance(end, (int, float)) and not isinstance(end, bool) and end < 1:
             # sparsity.step() is first called after optimizer step 1: step 0 never comes
             raise ConfigError(f"GMP end must be a step >= 1 (steps count from 1), got {end}")
@@ -178,14 +207,55 @@ class GMP(TrainingSparsity):
         if not self.schedule.is_pruning_step(step):
             return None
         target = self.schedule.sparsity(step)
+        if self.criterion == "mfac":
+            return self._update_mfac(step, target)
         self._install(self._plan_magnitude(target, self.allocation, self.pattern), pattern=str(self.pattern))
         log.debug("GMP step %d: sparsity %.4f", step, self.state.sparsity())
         return {"pruned": True, "sparsity": target}
 
+    def _update_mfac(self, step: int, target: float) -> dict[str, Any]:
+        import time
+
+        from ..oneshot import mfac
+
+        start = time.perf_counter()
+        names = [t.name for t in self.targets]
+        grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        for k in range(self.fisher["samples"]):  # the next training batches: a function of the step
+            with torch.enable_grad():
+                g = accumulate_gradients(self.model, self.loss_fn, [self.batches(step + k)], names)
+            for n in names:
+                grads[n].append(g[n].detach().float().reshape(-1))
+        stacked = {n: torch.stack(v) for n, v in grads.items()}
+        lam = {n: mfac.damping(stacked[n], self.fisher["damp"]) for n in names}
+        current = self.state.masks
+
+        def score(t):
+            diag = mfac.inverse_fisher_diag(stacked[t.name], self.fisher["block"], lam[t.name])
+            return mfac.mfac_scores(t.param, diag).float().masked_fill(~current[t.name], -1.0)
+
+        masks = self._plan_scores(score, target, self.allocation, self.pattern)
+        if self.fisher["obs_update"]:
+            with torch.no_grad():
+                for t in self.targets:
+                    t.param.copy_(mfac.obs_update(t.param, masks[t.name], stacked[t.name],
+                                                  self.fisher["block"], lam[t.name]))
+        self._install(masks, pattern=str(self.pattern))
+        block = self.fisher["block"]
+        nbytes = sum(v.numel() * 4 for v in stacked.values())
+        nbytes += max(-(-v.shape[1] // block) * block * block * 8 for v in stacked.values())  # one layer's blocks
+        self.last_cost = {"seconds": time.perf_counter() - start, "bytes": float(nbytes)}
+        log.info("GMP/M-FAC step %d: sparsity %.4f, %.2f s, %.1f MB", step, self.state.sparsity(),
+                 self.last_cost["seconds"], nbytes / 2**20)
+        return {"pruned": True, "sparsity": target, **self.last_cost}
+
     def config_dict(self):
         s = self.schedule
-        return {"sparsity": s.final, "start": s.start, "end": s.end, "frequency": s.frequency,
-                "initial": s.initial, "allocation": self.allocation, "pattern": str(self.pattern)}
+        out = {"sparsity": s.final, "start": s.start, "end": s.end, "frequency": s.frequency,
+               "initial": s.initial, "allocation": self.allocation, "pattern": str(self.pattern)}
+        if self.criterion != "magnitude":  # magnitude runs keep the settings they always had
+            out.update(criterion=self.criterion, **{f"fisher_{k}": v for k, v in self.fisher.items()})
+        return out
 
 
 class IMP(TrainingSparsity):
@@ -365,7 +435,8 @@ def _plan_snip(recipe) -> Plan:
     return Plan(build, recipe.steps)
 
 
-@recipe_method("gmp", options={"start", "end", "frequency", "allocation"})
+@recipe_method("gmp", options={"start", "end", "frequency", "allocation", "criterion", "fisher_samples",
+                               "fisher_block", "fisher_damp", "obs_update"})
 def _plan_gmp(recipe) -> Plan:
     sparsity = recipe_sparsity(recipe)
     end = option_steps(recipe, "end", 0.75, low=1)
@@ -378,9 +449,21 @@ def _plan_gmp(recipe) -> Plan:
         )
     allocation = _recipe_allocation(recipe, "uniform")
     pattern = _recipe_pattern(recipe, "GMP")
+    criterion = option_choice(recipe, "criterion", "magnitude", ("magnitude", "mfac"))
+    fisher = {"fisher_samples": option_int(recipe, "fisher_samples", 16),
+              "fisher_block": option_int(recipe, "fisher_block", 64),
+              "fisher_damp": option_number(recipe, "fisher_damp", 1e-2, low=1e-12),
+              "obs_update": recipe.options.get("obs_update", True)}
+    if not isinstance(fisher["obs_update"], bool):
+        raise ConfigError(f"train recipe: options.obs_update must be true or false, got {fisher['obs_update']!r}")
+    if criterion == "magnitude" and any(k in recipe.options for k in fisher):
+        raise ConfigError("train recipe: options fisher_* and obs_update apply to criterion 'mfac' only")
 
     def build(model, optimizer, context):
-        return GMP(model, sparsity, start, end, frequency, optimizer, allocation=allocation, pattern=pattern)
+        extra = {} if criterion == "magnitude" else {"criterion": criterion, "loss_fn": context.loss_fn,
+                                                     "batches": context.batch_at, **fisher}
+        return GMP(model, sparsity, start, end, frequency, optimizer, allocation=allocation, pattern=pattern,
+                   **extra)
 
     return Plan(build, recipe.steps)
 

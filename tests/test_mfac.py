@@ -1,0 +1,143 @@
+"""M-FAC / oBERT: the block inverse-Fisher equals the exact inverse; OBS update; prune_ and GMP."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import sparsecraft as sc
+from sparsecraft.errors import ConfigError
+from sparsecraft.oneshot.mfac import (
+    damping,
+    gradient_samples,
+    inverse_fisher_blocks,
+    inverse_fisher_diag,
+    mfac_scores,
+    obs_update,
+)
+from sparsecraft.targets import select_targets
+from sparsecraft.train import GMP, StateMismatch
+
+
+def _exact_blocks(g: torch.Tensor, block: int, lam: float) -> list[torch.Tensor]:
+    fisher = lam * torch.eye(g.shape[1], dtype=torch.float64) + g.T @ g / g.shape[0]
+    return [torch.linalg.inv(fisher[s:s + block, s:s + block]) for s in range(0, g.shape[1], block)]
+
+
+@pytest.mark.parametrize("m,n,block", [(5, 10, 4), (12, 8, 8), (3, 7, 7), (20, 33, 16)])
+def test_inverse_fisher_equals_exact_inverse(m, n, block):
+    g = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(m * n))
+    lam = 0.37
+    exact = _exact_blocks(g, block, lam)
+    diag = inverse_fisher_diag(g, block, lam)
+    assert torch.allclose(diag, torch.cat([torch.diagonal(b) for b in exact]), rtol=1e-9, atol=1e-12)
+    blocks = inverse_fisher_blocks(g, block, lam)
+    for i, b in enumerate(exact):
+        k = b.shape[0]
+        assert torch.allclose(blocks[i, :k, :k], b, rtol=1e-9, atol=1e-12)
+
+
+def test_obs_update_is_the_exact_constrained_minimiser():
+    g = torch.randn(6, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    keep = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
+    lam = 0.2
+    new = obs_update(w, keep, g, 12, lam)
+    fisher = lam * torch.eye(12, dtype=torch.float64) + g.T @ g / 6
+    # min d^T F d subject to d_Q = -w_Q: d_K = -F_KK^-1 F_KQ d_Q
+    d_k = torch.linalg.solve(fisher[keep][:, keep], fisher[keep][:, ~keep] @ w[~keep])
+    assert torch.equal(new[~keep], torch.zeros(int((~keep).sum()), dtype=torch.float64))
+    assert torch.allclose(new[keep], w[keep] + d_k)
+    # blocks are independent: block 4 uses only its own entries of the Fisher
+    blocks = obs_update(w, keep, g, 4, lam)
+    for s in range(0, 12, 4):
+        sub = obs_update(w[s:s + 4], keep[s:s + 4], g[:, s:s + 4], 4, lam)
+        assert torch.allclose(blocks[s:s + 4], sub)
+
+
+def test_scores_prefer_weights_with_low_curvature():
+    w = torch.ones(4, dtype=torch.float64)
+    g = torch.zeros(50, 4, dtype=torch.float64)
+    g[:, 0] = torch.randn(50, generator=torch.Generator().manual_seed(0)) * 10  # high Fisher for weight 0
+    lam = damping(g, 1e-3)
+    scores = mfac_scores(w, inverse_fisher_diag(g, 4, lam))
+    assert scores.argmax() == 0 and torch.allclose(scores[1:], scores[1:].mean().expand(3))
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 6))
+
+
+def test_gradient_samples_one_per_batch_and_model_unchanged():
+    net = _mlp()
+    x = torch.randn(12, 10)
+    targets = select_targets(net)
+    grads = gradient_samples(net, targets, x, batch_size=3)
+    assert grads[targets[0].name].shape == (4, targets[0].param.numel())
+    assert all(p.grad is None and p.requires_grad for p in net.parameters())
+
+
+def test_mfac_one_shot_prunes_and_updates_weights():
+    net = _mlp()
+    x = torch.randn(32, 10, generator=torch.Generator().manual_seed(2))
+    dense = net(x).detach()
+    plain, updated = _mlp(), _mlp()
+    opts = {"sparsity": 0.5, "batch_size": 1, "damp": 1e-3, "block": 24, "targets": {"include": ["2.weight"]}}
+    sc.prune_(plain, sc.method_config("mfac", **opts), x, progress=False)
+    state = sc.prune_(updated, sc.method_config("mfac", update=True, **opts), x, progress=False)
+    assert torch.equal(state.masks["2.weight"], plain[2].weight != 0)
+    assert abs(state.sparsity() - 0.5) < 1e-3
+    # the OBS update compensates: outputs closer to the dense ones than the same mask without it
+    err_plain = (plain(x) - dense).pow(2).mean()
+    err_updated = (updated(x) - dense).pow(2).mean()
+    assert err_updated < err_plain
+
+
+def test_gmp_with_mfac_reaches_target_and_round_trips():
+    torch.manual_seed(0)
+    net = _mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    data = [(torch.randn(16, 10, generator=torch.Generator().manual_seed(i)), torch.randint(0, 6, (16,)))
+            for i in range(64)]
+
+    def loss_fn(m, batch):
+        return F.cross_entropy(m(batch[0]), batch[1])
+
+    def batches(i):
+        return data[i % len(data)]
+
+    gmp = GMP(net, 0.8, start=2, end=10, frequency=2, optimizer=opt, criterion="mfac", loss_fn=loss_fn,
+              batches=batches, fisher_samples=4, fisher_block=8)
+    events = []
+    for step in range(12):
+        loss = loss_fn(net, batches(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        events.append(gmp.step())
+    assert abs(gmp.sparsity() - 0.8) < 1e-2
+    costs = [e for e in events if "seconds" in e]
+    assert costs and all(e["bytes"] > 0 for e in costs)
+    state = gmp.state_dict()
+    other = GMP(_mlp(), 0.8, start=2, end=10, frequency=2, criterion="mfac", loss_fn=loss_fn, batches=batches,
+                fisher_samples=4, fisher_block=8)
+    other.load_state_dict(state)
+    assert all(torch.equal(other.masks[k], v) for k, v in gmp.masks.items())
+    magnitude = GMP(_mlp(), 0.8, start=2, end=10, frequency=2)
+    with pytest.raises(StateMismatch, match="fisher"):
+        magnitude.load_state_dict(state)
+
+
+def test_bad_mfac_settings_are_clear_errors():
+    with pytest.raises(ConfigError, match="needs loss_fn and batches"):
+        GMP(_mlp(), 0.5, start=1, end=4, criterion="mfac")
+    with pytest.raises(ConfigError, match="criterion must be"):
+        GMP(_mlp(), 0.5, start=1, end=4, criterion="fisher")
+    with pytest.raises(ConfigError, match="option block"):
+        sc.method_config("mfac", block=0)
+    from sparsecraft.train.recipe import TrainRecipe
+
+    with pytest.raises(ConfigError, match="criterion 'mfac' only"):
+        TrainRecipe(method="gmp", options={"fisher_samples": 4})
+    TrainRecipe(method="gmp", options={"criterion": "mfac", "fisher_samples": 4})
