@@ -32,6 +32,7 @@ _LAZY = {
     "train": ("sparsecraft.train", None),
     "structured": ("sparsecraft.structured", None),
     "runtime": ("sparsecraft.runtime", None),
+    "bayes": ("sparsecraft.bayes", None),
 }
 
 
@@ -52,5 +53,5 @@ __all__ = [
     "Pattern", "Unstructured", "NM", "Block", "Rows", "parse_pattern",
     "Criterion", "LayerContext", "register_criterion", "allocate",
     "SparsecraftError", "ConfigError", "TargetError", "FormatError",
-    "save", "load", "report", "Report", "models", "data", "formats", "recovery", "train", "structured", "runtime",
+    "save", "load", "report", "Report", "models", "data", "formats", "recovery", "train", "structured", "runtime", "bayes",
 ]

@@ -12,6 +12,8 @@ project's rounding rule), so the counts are exact and the report lists them.
   each, so the layer keeps one ``num_key_value_groups``. Without GQA (one query head per
   k/v head) it cannot remove anything and is refused; use ``heads``.
 * ``conv``: conv filters per conv layer whose channels can be followed (see ``fxdeps``).
+* ``linear``: output neurons per hidden ``nn.Linear`` whose outputs can be followed into the
+  next Linear (plain MLPs; the head is never shrunk).
 * ``overrides``: ``{rule: fraction}``; a glob or ``re:`` rule on the layer name (the MLP,
   attention or conv module, e.g. ``model.layers.0.mlp``) replaces that layer's fraction
   (``mlp``, ``heads`` or ``conv``; ``query_heads`` is not overridden).
@@ -30,7 +32,7 @@ from ..errors import ConfigError, config_fields
 __all__ = ["ShrinkConfig", "CRITERIA", "FRACTIONS"]
 
 CRITERIA = ("magnitude", "wanda", "taylor", "lrp-epsilon", "lrp-zplus")
-FRACTIONS = ("mlp", "heads", "query_heads", "conv")
+FRACTIONS = ("mlp", "heads", "query_heads", "conv", "linear")
 
 
 def check_fraction(value: Any, what: str) -> float:
@@ -55,6 +57,7 @@ class ShrinkConfig:
     heads: float = 0.0
     query_heads: float = 0.0
     conv: float = 0.0
+    linear: float = 0.0
     criterion: str = "magnitude"
     overrides: dict[str, float] = field(default_factory=dict)
     round_to: int = 1
@@ -77,7 +80,7 @@ class ShrinkConfig:
         _positive_int(self.round_to, "round_to")
         _positive_int(self.batch_size, "batch_size")
         if not any(getattr(self, n) for n in FRACTIONS) and not any(self.overrides.values()):
-            raise ConfigError("nothing to shrink: set mlp, heads, query_heads or conv above 0")
+            raise ConfigError("nothing to shrink: set mlp, heads, query_heads, conv or linear above 0")
         return self
 
     @property
@@ -86,7 +89,7 @@ class ShrinkConfig:
 
     def kinds(self) -> set[str]:
         """Unit kinds asked for by a fraction above 0 (overrides may add layers of any kind)."""
-        kinds = {k for k in ("mlp", "heads", "conv") if getattr(self, k)}
+        kinds = {k for k in ("mlp", "heads", "conv", "linear") if getattr(self, k)}
         if self.query_heads:
             kinds.add("heads")
         return kinds

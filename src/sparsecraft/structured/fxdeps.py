@@ -172,8 +172,13 @@ class _Tracer:
         self.slices.append(Slice(name, 1))
 
 
-def find_conv_groups(model: nn.Module) -> tuple[list[UnitGroup], dict[str, str]]:
-    """``(groups, skipped)``: shrinkable conv filter groups and ``{conv: reason}`` for the rest."""
+def find_conv_groups(model: nn.Module, *, kinds: tuple[str, ...] = ("conv",)) -> tuple[list[UnitGroup], dict[str, str]]:
+    """``(groups, skipped)``: shrinkable conv filter groups and ``{conv: reason}`` for the rest.
+
+    With ``"linear"`` in ``kinds``, the output neurons of ``nn.Linear`` layers are followed the
+    same way (a 2-D ``[batch, features]`` output through activations into the next Linear):
+    plain MLPs lose hidden neurons. A Linear whose outputs reach the model's output (the
+    head) or anything else is skipped with the reason."""
     import torch.fx
 
     try:
@@ -185,11 +190,15 @@ def find_conv_groups(model: nn.Module) -> tuple[list[UnitGroup], dict[str, str]]
         ) from None
     modules = dict(traced.named_modules())
     groups, skipped = [], {}
+    sources: tuple[type, ...] = (_CONVS if "conv" in kinds else ()) + ((nn.Linear,) if "linear" in kinds else ())
     for node in traced.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], _CONVS):
+        if node.op != "call_module" or not isinstance(modules[node.target], sources):
             continue
         conv = modules[node.target]
         name = node.target
+        if isinstance(conv, nn.Linear):
+            _linear_group(traced, modules, node, groups, skipped)
+            continue
         if conv.groups != 1:
             skipped[name] = f"grouped conv (groups={conv.groups})"
             continue
@@ -206,5 +215,21 @@ def find_conv_groups(model: nn.Module) -> tuple[list[UnitGroup], dict[str, str]]
         groups.append(UnitGroup(name, "conv", "filter", conv.out_channels,
                                 [Slice(name, 0, tensors=produce)] + tracer.slices))
     for name, reason in skipped.items():
-        log.info("conv '%s' keeps its filters: %s", name, reason)
+        log.info("'%s' keeps its units: %s", name, reason)
     return groups, skipped
+
+
+def _linear_group(traced, modules, node, groups: list[UnitGroup], skipped: dict[str, str]) -> None:
+    name, linear = node.target, modules[node.target]
+    if any(n.op == "call_module" and n.target == name for n in traced.graph.nodes if n is not node):
+        skipped[name] = "the module is called more than once"
+        return
+    tracer = _Tracer(modules, name, linear.out_features)
+    try:
+        tracer.follow(node, rank=2)
+    except _Unsupported as exc:
+        skipped[name] = str(exc)
+        return
+    produce = ("weight", "bias") if linear.bias is not None else ("weight",)
+    groups.append(UnitGroup(name, "linear", "neuron", linear.out_features,
+                            [Slice(name, 0, tensors=produce)] + tracer.slices))

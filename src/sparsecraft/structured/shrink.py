@@ -133,16 +133,22 @@ def _discover(model: nn.Module, config: ShrinkConfig) -> tuple[list[UnitGroup], 
                 what = "MLP (gate/up/down or intermediate/output)" if kind == "mlp" else "attention (q/k/v/o with a head size)"
                 raise TargetError(f"found no {what} layers in the blocks of {type(model).__name__}")
         groups += found
-    if "conv" in explicit or (overrides and any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())):
+    traced_kinds = tuple(k for k in ("conv", "linear") if k in explicit)
+    if overrides and any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
+        traced_kinds = tuple(sorted(set(traced_kinds) | {"conv"}))
+    if traced_kinds:
         from .fxdeps import find_conv_groups
 
         try:
-            conv_groups, skipped = find_conv_groups(model)
+            conv_groups, skipped = find_conv_groups(model, kinds=traced_kinds)
         except TargetError:
-            if "conv" in explicit:
+            if "conv" in explicit or "linear" in explicit:
                 raise
             conv_groups = []
-        if "conv" in explicit and not conv_groups:
+        if "linear" in explicit and not any(g.kind == "linear" for g in conv_groups):
+            reasons = "; ".join(f"{n}: {r}" for n, r in skipped.items()) or "no Linear layers"
+            raise TargetError(f"no Linear layer of {type(model).__name__} can lose neurons ({reasons})")
+        if "conv" in explicit and not any(g.kind == "conv" for g in conv_groups):
             reasons = "; ".join(f"{n}: {r}" for n, r in skipped.items()) or "no conv layers"
             raise TargetError(f"no conv layer of {type(model).__name__} can lose filters ({reasons})")
         groups += conv_groups
@@ -154,7 +160,7 @@ def _fraction(group: UnitGroup, config: ShrinkConfig, used: set[str]) -> float:
         if match_rule(rule, group.name):
             used.add(rule)
             return float(value)
-    return {"mlp": config.mlp, "heads": config.heads, "conv": config.conv}[group.kind]
+    return {"mlp": config.mlp, "heads": config.heads, "conv": config.conv, "linear": config.linear}[group.kind]
 
 
 def _round_kept(kept: int, units: int, multiple: int) -> int:

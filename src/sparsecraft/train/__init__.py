@@ -30,3 +30,6 @@ __all__ = [
     "CubicSchedule", "UpdateSchedule", "DecaySchedule",
     "average_models", "sparse_soup", "zero_masks",
 ]
+
+# the variational methods (vi, vd, ard, ssvi, turbo-vbi) register their recipes when imported
+from .. import bayes as _bayes  # noqa: E402,F401

@@ -20,7 +20,7 @@ writes into a folder that holds anything else. Values of --set are YAML (pattern
 def register(sub) -> dict:
     p = sub.add_parser(
         "train", help="train a built-in model on a built-in data set with a sparse-training method",
-        description="Train with static masks, GMP, IMP, SET, RigL or N:M recipes; checkpoints "
+        description="Train with static masks, GMP, IMP, SET, RigL, N:M or Bayesian (vi, vd, ard, ssvi, turbo-vbi) recipes; checkpoints "
                     "every checkpoint_every steps into --out and resumes from them.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )

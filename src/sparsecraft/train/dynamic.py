@@ -118,6 +118,16 @@ class DynamicSparsity(TrainingSparsity):
     def grow_scores(self, name: str, keep: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def drop_scores(self, target) -> torch.Tensor:
+        """Scores whose smallest active entries are dropped (|w|; subclasses may change it)."""
+        return target.param
+
+    @torch.no_grad()
+    def _init_grown_(self, target, grown: torch.Tensor) -> None:
+        """New connections start from zero, with their optimizer state reset."""
+        target.param.masked_fill_(grown, 0.0)
+        self.reset_optimizer_state_(target.name, grown)
+
     def _before_update(self) -> None:
         """Hook for state the grow scores need (e.g. RigL's averaged gradients)."""
 
@@ -134,16 +144,14 @@ class DynamicSparsity(TrainingSparsity):
         for t in self.targets:
             keep = self.state.masks[t.name]
             count = int(fraction * int(keep.sum()) + 0.5)
-            new_keep, grown = drop_and_grow(keep, t.param, self.grow_scores(t.name, keep), count)
+            new_keep, grown = drop_and_grow(keep, self.drop_scores(t), self.grow_scores(t.name, keep), count)
             new_masks[t.name], grown_all[t.name] = new_keep, grown
             moved += int(grown.sum())
         self._after_update()
         grown_all = self._synchronise(grown_all)
         self._install(new_masks, pattern="unstructured")
         for t in self.targets:
-            grown = grown_all[t.name].to(t.param.device)
-            t.param.masked_fill_(grown, 0.0)  # new connections start from zero
-            self.reset_optimizer_state_(t.name, grown)
+            self._init_grown_(t, grown_all[t.name].to(t.param.device))
         log.debug("%s step %d: moved %d connections (fraction %.4f)", self.method, step, moved, fraction)
         return {"updated": True, "fraction": fraction, "moved": moved}
 

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 def build_sparsity(recipe: TrainRecipe, model: nn.Module, optimizer, loss_fn, batch_at):
     """The training-time sparsity object of ``recipe`` (None for dense)."""
-    return recipe.plan().build(model, optimizer, BuildContext(loss_fn=loss_fn, batch_at=batch_at))
+    train_size = len(batch_at.x) if isinstance(batch_at, _Batches) else None
+    return recipe.plan().build(model, optimizer, BuildContext(loss_fn=loss_fn, batch_at=batch_at,
+                                                              train_size=train_size))
 
 
 class _Batches:
@@ -120,7 +122,10 @@ def run_training(
     def loss_fn(m, batch):
         return F.cross_entropy(m(batch[0]), batch[1])
 
-    sparsity = plan.build(model, optimizer, BuildContext(loss_fn=loss_fn, batch_at=batch_at))
+    sparsity = plan.build(model, optimizer, BuildContext(loss_fn=loss_fn, batch_at=batch_at,
+                                                         train_size=len(x_train)))
+    # variational methods add their KL part of the negative ELBO to the data loss
+    loss_term = getattr(sparsity, "loss_term", None)
     step, elapsed = 0, 0.0
     if saved is not None:
         step, elapsed = restore_(ckpt, saved, recipe, total, model, optimizer, sparsity)
@@ -143,6 +148,8 @@ def run_training(
             group["lr"] = _lr_at(recipe, lr_step, horizon)
         xb, yb = batch_at(step)
         loss = loss_fn(model, (xb, yb))
+        if loss_term is not None:
+            loss = loss + loss_term()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -166,6 +173,8 @@ def run_training(
         return result
     if sparsity is not None:
         sparsity.finalize_()
+        if hasattr(sparsity, "report"):  # variational methods: NLL, ECE, Brier, OOD entropy
+            result.update(sparsity.report(x_test, y_test))
     from ..targets import select_targets
     from .base import current_sparsity
 

@@ -28,10 +28,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class BuildContext:
-    """What a builder may need besides the model and optimizer."""
+    """What a builder may need besides the model and optimizer (``train_size``: training
+    examples, for methods whose loss is per example, like variational inference)."""
 
     loss_fn: Callable[[Any, Any], Any]
     batch_at: Callable[[int], Any]
+    train_size: int | None = None
 
 
 @dataclass(frozen=True)
