@@ -350,7 +350,8 @@ def test_methods_come_from_the_registry():
     from sparsecraft.train import loop, registry, runner
     from sparsecraft.train import recipe as recipe_module
 
-    assert set(METHODS) == {"dense", "static", "snip", "gmp", "imp", "set", "rigl", "srste", "decaying-nm"}
+    assert set(METHODS) == {"dense", "static", "snip", "gmp", "imp", "set", "rigl", "srste", "decaying-nm",
+                            "vi", "vd", "ard", "ssvi", "turbo-vbi"}  # the last five: sparsecraft.bayes
     assert METHODS == registry.method_names()
     for module in (runner, loop, recipe_module):
         source = inspect.getsource(module)
