@@ -329,16 +329,17 @@ def main() -> None:
         emit_result(run_one(spec, args.samples, args.seq_len))
         return
     logging.basicConfig(level=logging.WARNING)
-    results = {"runs": {}} if args.fresh else _load()
     if args.table:
-        sys.stdout.write(write_table(results))
+        sys.stdout.write(write_table(_load()))
         return
     settings = {"samples": args.samples, "seq_len": args.seq_len, "torch_threads": 2}
-    if results.get("settings") not in (None, settings):
-        raise SystemExit(f"existing results used {results['settings']}; pass --fresh to start over")
-    results["settings"] = settings
     grid = _grid()
     with bench_lock():
+        # read under the lock: another run may have added rows while this one waited
+        results = {"runs": {}} if args.fresh else _load()
+        if results.get("settings") not in (None, settings):
+            raise SystemExit(f"existing results used {results['settings']}; pass --fresh to start over")
+        results["settings"] = settings
         for name in args.only or grid:
             if name in results["runs"] and not args.only:
                 continue
