@@ -39,6 +39,7 @@ starting and refuses when it will not fit.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -135,6 +136,22 @@ def _hessian_stats(acc: HessianAccumulator) -> dict:
     return {"hessian": acc.hessian}
 
 
+@contextlib.contextmanager
+def gradients_only_for(model: nn.Module, params: list[torch.Tensor]):
+    """Inside: only ``params`` require gradients and grad mode is on; the flags come back after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def collect_gradients(model: nn.Module, targets: list[Target], calibration: torch.Tensor, batch_size: int):
     """Sum over the calibration batches of d(LM loss)/dW for each target (dense model).
 
@@ -142,34 +159,25 @@ def collect_gradients(model: nn.Module, targets: list[Target], calibration: torc
     a ConfigError. ``requires_grad`` flags and ``.grad`` fields are left as they were.
     """
     params = [t.param for t in targets]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
     total = {t.name: torch.zeros_like(t.param, dtype=torch.float32) for t in targets}
     device = params[0].device if params else torch.device("cpu")
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            for start in range(0, calibration.shape[0], batch_size):
-                batch = calibration[start : start + batch_size].to(device)
-                try:
-                    out = model(input_ids=batch, labels=batch)
-                except TypeError:
-                    out = None
-                loss = getattr(out, "loss", None)
-                if loss is None:
-                    raise ConfigError(
-                        "gradients need a model that returns a language-modelling loss for labels= "
-                        f"(got {type(model).__name__}); use a method without 'gradients'"
-                    )
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for t, g in zip(targets, grads):
-                    if g is not None:
-                        total[t.name] += g.float()
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    with gradients_only_for(model, params):
+        for start in range(0, calibration.shape[0], batch_size):
+            batch = calibration[start : start + batch_size].to(device)
+            try:
+                out = model(input_ids=batch, labels=batch)
+            except TypeError:
+                out = None
+            loss = getattr(out, "loss", None)
+            if loss is None:
+                raise ConfigError(
+                    "gradients need a model that returns a language-modelling loss for labels= "
+                    f"(got {type(model).__name__}); use a method without 'gradients'"
+                )
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for t, g in zip(targets, grads):
+                if g is not None:
+                    total[t.name] += g.float()
     return total
 
 

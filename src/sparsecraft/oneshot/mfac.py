@@ -31,7 +31,7 @@ from torch import nn
 
 from ..criteria import LayerContext, LayerResult, Solver, register_solver
 from ..errors import ConfigError
-from .driver import Statistic, register_statistic
+from .driver import Statistic, gradients_only_for, register_statistic
 
 __all__ = ["damping", "inverse_fisher_diag", "inverse_fisher_blocks", "mfac_scores", "obs_update",
            "gradient_samples", "MFAC", "MFACOptions"]
@@ -149,7 +149,6 @@ def gradient_samples(model: nn.Module, targets, calibration: torch.Tensor, batch
     from ..evaluate import is_causal_lm
 
     params = [t.param for t in targets]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
     rows: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
     device = params[0].device if params else torch.device("cpu")
     gen = torch.Generator().manual_seed(seed)
@@ -157,11 +156,7 @@ def gradient_samples(model: nn.Module, targets, calibration: torch.Tensor, batch
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
+        with gradients_only_for(model, params):
             for start in range(0, calibration.shape[0], batch_size):
                 batch = calibration[start:start + batch_size].to(device)
                 if causal:
@@ -175,8 +170,6 @@ def gradient_samples(model: nn.Module, targets, calibration: torch.Tensor, batch
                         raise ConfigError(f"layer '{t.name}': the model output does not depend on it")
                     rows[t.name].append(g.detach().float().reshape(-1))
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
         for m, mode in modes.items():
             m.training = mode
     return {name: torch.stack(r) for name, r in rows.items()}
