@@ -59,6 +59,14 @@ def _check(lr, epochs, batch_size, holdout, eval_every, temperature, time_budget
         raise ConfigError(f"distill: time_budget must be > 0 seconds, got {time_budget!r}")
 
 
+def _check_holdout(samples: int, holdout: int) -> None:
+    if samples <= holdout:
+        raise ConfigError(
+            f"distill holds out {holdout} calibration sample(s) and needs at least one more to train on; "
+            f"got {samples}"
+        )
+
+
 def distill_(
     model: nn.Module,
     teacher: nn.Module,
@@ -92,11 +100,7 @@ def distill_(
     """
     _check(lr, epochs, batch_size, holdout, eval_every, temperature, time_budget)
     calibration = check_calibration(model, calibration)
-    if calibration.shape[0] <= holdout:
-        raise ConfigError(
-            f"distill holds out {holdout} calibration sample(s) and needs at least one more to train on; "
-            f"got {calibration.shape[0]}"
-        )
+    _check_holdout(calibration.shape[0], holdout)
     device = next(model.parameters()).device
     train, val = calibration[:-holdout], calibration[-holdout:]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -116,10 +120,19 @@ def distill_(
             total += float(_kl(_logits(model, ids), teacher_logits(ids), temperature)) * ids.shape[0]
         return total / val.shape[0]
 
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
     start_time = time.perf_counter()
     summary = {"val_before": val_loss(), "best_step": 0, "steps": 0, "stopped": "epochs"}
-    best = summary["val_before"]
-    best_state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    best, best_state = summary["val_before"], snapshot()
+
+    def judge() -> None:
+        """Measure the held-out loss; keep these weights if they are the best so far."""
+        nonlocal best, best_state
+        current = val_loss()
+        if current < best:
+            best, best_state, summary["best_step"] = current, snapshot(), summary["steps"]
     opt = torch.optim.Adam(params, lr=lr)
     handle = state.attach_optimizer(opt)  # masks re-applied after every step
     steps_per_epoch = math.ceil(train.shape[0] / batch_size)
@@ -140,20 +153,14 @@ def distill_(
                 bar.set_postfix(loss=f"{float(loss.detach()):.4g}", best=f"{best:.4g}")
                 out_of_time = time_budget is not None and time.perf_counter() - start_time > time_budget
                 if summary["steps"] % every == 0 or out_of_time:
-                    current = val_loss()
-                    if current < best:
-                        best, summary["best_step"] = current, summary["steps"]
-                        best_state = {n: p.detach().clone() for n, p in model.named_parameters()}
+                    judge()
                 if out_of_time:
                     summary["stopped"] = "time budget"
                     break
             if summary["stopped"] == "time budget":
                 break
         if summary["steps"] % every and summary["stopped"] != "time budget":
-            current = val_loss()
-            if current < best:
-                best, summary["best_step"] = current, summary["steps"]
-                best_state = {n: p.detach().clone() for n, p in model.named_parameters()}
+            judge()
     finally:
         bar.close()
         handle.remove()
@@ -189,12 +196,7 @@ class Distill(ModelStage):
                    self.time_budget)
 
     def check(self, calibration) -> None:
-        n = calibration.shape[0] if hasattr(calibration, "shape") and len(calibration.shape) == 2 else None
-        if n is not None and n <= self.options.holdout:
-            raise ConfigError(
-                f"distill holds out {self.options.holdout} calibration sample(s) and needs at least one more "
-                f"to train on; got {n}"
-            )
+        _check_holdout(calibration.shape[0], self.options.holdout)  # prune_ checked the ids already
 
     def run(self, model, teacher, calibration, state, *, progress=False):
         o = self.options

@@ -345,16 +345,12 @@ class _Lockstep(_LayerStats):
             self.local.visited.add(t.name)
             self.cv.wait_for(lambda: self.failed or self.arrived[t.name] == j)
             self._check()
-            if self.feed(t.name, x, self.local.last):
-                self.arrived[t.name] += 1
-                if t.name not in self.done:  # statistics complete: the owner was pruned
-                    self.solve(t, self.layer_stats)
-                    self.done.add(t.name)
-                self.cv.notify_all()
-                return
-            self.local.last = (t.name, x)
+            shares = self.feed(t.name, x, self.local.last)
+            if not shares:
+                self.local.last = (t.name, x)
             self.arrived[t.name] += 1
-            if self.arrived[t.name] == self.n:
+            # a layer sharing its input has complete statistics already (its owner was pruned)
+            if (shares or self.arrived[t.name] == self.n) and t.name not in self.done:
                 self.solve(t, self.layer_stats)
                 self.done.add(t.name)
             self.cv.notify_all()
