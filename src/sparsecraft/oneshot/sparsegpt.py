@@ -25,9 +25,17 @@ Mask selection (adaptive, per block, on the weights as updated so far):
   ``k = floor(s * rows * cols + 0.5)`` weights: ``k`` is split over the blocks in
   proportion to their widths by largest remainder (ties to the earlier block), and each
   block prunes exactly its share (ties: lower flat index first). Per-row counts vary.
-* N:M: each group of M columns is chosen when the solver reaches its first column, with
-  :class:`~sparsecraft.patterns.NM` on ``w^2 / U_jj^2``; the block size is rounded down
-  to a multiple of M so groups never straddle blocks.
+* N:M: each group of M columns is chosen when the solver reaches its first column; the
+  block size is rounded down to a multiple of M so groups never straddle blocks. Two rules:
+  ``nm_choice="greedy"`` (the default) is the reference implementation's: keep the N largest
+  ``w^2 / U_jj^2`` (each column scored as if it were pruned alone). ``nm_choice="exact"``
+  runs the sweep over the group's M columns for every choice of N kept ones
+  (per row, all choices at once) and keeps the choice whose OBS loss is least: pruning one
+  column moves the group's later columns, which the diagonal score does not see. Both
+  are greedy across groups; ``exact`` is optimal within each group. Patterns with more than
+  ``MAX_EXACT_CHOICES`` choices per group fall back to ``greedy``. On SmolLM2 layers at 2:4
+  ``exact`` lowered the layer error by 0.03-2% (median about 0.3%) for 20-40% more time,
+  too little to be the default.
 * ``keep_mask=``: reconstruct with a given mask (no selection).
 
 Damping: ``lambda = percdamp * mean(diag H)``. If a Cholesky factorisation fails (or the
@@ -38,6 +46,7 @@ raises :class:`SolverError`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -88,6 +97,40 @@ def _split_budget(total: int, sizes: list[int], rows: int) -> list[int]:
     return counts
 
 
+NM_CHOICES = ("exact", "greedy")
+MAX_EXACT_CHOICES = 256  # 2:4 has 6 choices per group, 4:8 has 70, 8:16 would have 12,870
+
+
+def nm_choices(nm: NM) -> torch.Tensor | None:
+    """Every keep pattern of one N:M group, ``[choices, M]`` bool, or None when too many."""
+    if math.comb(nm.m, nm.n) > MAX_EXACT_CHOICES:
+        return None
+    combos = list(itertools.combinations(range(nm.m), nm.n))
+    keep = torch.zeros(len(combos), nm.m, dtype=torch.bool)
+    for c, kept in enumerate(combos):
+        keep[c, list(kept)] = True
+    return keep
+
+
+def exact_group_keep(w: torch.Tensor, u: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
+    """The keep pattern of least OBS loss for one group of columns, per row.
+
+    ``w`` is ``[rows, M]`` (the group's weights as updated so far), ``u`` the ``[M, M]``
+    block of the upper Cholesky factor of ``H^-1`` on the group, ``choices`` ``[C, M]`` from
+    :func:`nm_choices`. The sweep over the group is simulated for every choice at once; its
+    loss is exactly what the solver's own sweep will add for that choice.
+    """
+    prune = (~choices).to(w.dtype)  # [C, M]
+    cur = w[:, None, :].repeat(1, choices.shape[0], 1)  # [rows, C, M]
+    loss = torch.zeros(cur.shape[:2], dtype=w.dtype, device=w.device)
+    d = u.diagonal()
+    for j in range(w.shape[1]):
+        err = cur[:, :, j] * prune[:, j] / d[j]
+        loss += err * err
+        cur[:, :, j:] -= err[..., None] * u[j, j:]
+    return choices.to(w.device)[loss.argmin(dim=1)]
+
+
 def _damp_schedule(percdamp: float, growth: float, tries: int) -> list[float]:
     base = percdamp if percdamp > 0 else 1e-3
     return [percdamp] + [base * growth**t for t in range(1, tries)]
@@ -101,9 +144,11 @@ def _solve(
     budgets: list[int] | None,
     nm: NM | None,
     fixed: torch.Tensor | None,
+    nm_choice: str = "greedy",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the column sweep on ``w`` (modified in place); returns (w, keep, row losses)."""
     rows, cols = w.shape
+    choices = nm_choices(nm) if nm is not None and nm_choice == "exact" else None
     keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
     losses = torch.zeros(rows, dtype=w.dtype, device=w.device)
     for b, i1 in enumerate(range(0, cols, blocksize)):
@@ -122,7 +167,10 @@ def _solve(
         for i in range(i2 - i1):
             if nm is not None and fixed is None and i % nm.m == 0:
                 g = slice(i, i + nm.m)
-                k1[:, g] = nm.keep_mask(w1[:, g].pow(2) / d[g].pow(2)[None, :])
+                if choices is not None:
+                    k1[:, g] = exact_group_keep(w1[:, g], u1[g, g], choices)
+                else:
+                    k1[:, g] = nm.keep_mask(w1[:, g].pow(2) / d[g].pow(2)[None, :])
             err = w1[:, i] * (~k1[:, i]) / d[i]
             losses += err * err / 2
             # Exact OBS step for the rest of the block; column i itself becomes q.
@@ -148,6 +196,7 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     damp_growth: float = 10.0,
     max_damp_tries: int = 5,
+    nm_choice: str = "greedy",
     dtype: torch.dtype = torch.float32,
     layer: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -162,6 +211,8 @@ def sparsegpt_prune(
         keep_mask: if given, reconstruct with this mask instead of choosing one.
         blocksize: columns per lazy-update block.
         percdamp, damp_growth, max_damp_tries: damping and its escalation.
+        nm_choice: ``"greedy"`` (the reference implementation's diagonal score) or
+            ``"exact"`` (least sweep loss per group); N:M only.
         dtype: compute dtype, float32 or float64.
         layer: name used in messages.
 
@@ -181,6 +232,8 @@ def sparsegpt_prune(
         raise ConfigError(f"sparsegpt: percdamp must be >= 0, got {percdamp}")
     if max_damp_tries < 1 or damp_growth <= 1:
         raise ConfigError("sparsegpt: need max_damp_tries >= 1 and damp_growth > 1")
+    if nm_choice not in NM_CHOICES:
+        raise ConfigError(f"sparsegpt: nm_choice must be one of {NM_CHOICES}, got {nm_choice!r}")
 
     w0 = reduction_view(weight.detach())
     rows, cols = w0.shape
@@ -245,7 +298,7 @@ def sparsegpt_prune(
         problem = "Cholesky factorisation failed"
         if upper is not None:
             new, keep, losses = _solve(
-                w.clone(), upper, blocksize, budgets=budgets, nm=nm, fixed=fixed
+                w.clone(), upper, blocksize, budgets=budgets, nm=nm, fixed=fixed, nm_choice=nm_choice
             )
             if torch.isfinite(new).all():
                 break
@@ -297,6 +350,7 @@ class SparseGPTSolver(Solver):
         percdamp: float = 0.01  # damping as a fraction of mean(diag H)
         max_damp_tries: int = 5
         damp_growth: float = 10.0
+        nm_choice: str = "greedy"  # N:M groups: least OBS loss ("exact") or the diagonal score ("greedy")
 
         def check(self):
             if self.blocksize < 1:
@@ -305,12 +359,15 @@ class SparseGPTSolver(Solver):
                 raise ConfigError(f"sparsegpt: percdamp must be >= 0, got {self.percdamp}")
             if self.max_damp_tries < 1 or self.damp_growth <= 1:
                 raise ConfigError("sparsegpt: need max_damp_tries >= 1 and damp_growth > 1")
+            if self.nm_choice not in NM_CHOICES:
+                raise ConfigError(f"sparsegpt: nm_choice must be one of {NM_CHOICES}, got {self.nm_choice!r}")
 
     def _run(self, ctx, pattern, sparsity, keep=None):
         o = self.options
         weight, keep, info = sparsegpt_prune(
             ctx.param.detach(), ctx.stats["hessian"], sparsity, pattern, keep_mask=keep, blocksize=o.blocksize,
-            percdamp=o.percdamp, max_damp_tries=o.max_damp_tries, damp_growth=o.damp_growth, layer=ctx.name,
+            percdamp=o.percdamp, max_damp_tries=o.max_damp_tries, damp_growth=o.damp_growth,
+            nm_choice=o.nm_choice, layer=ctx.name,
         )
         if info.get("tries", 1) > 1:
             log.warning("layer '%s': SparseGPT needed damping %.3g", ctx.name, info["percdamp"])
