@@ -36,7 +36,7 @@ Mask selection (adaptive, per block, on the weights as updated so far):
   ``MAX_EXACT_CHOICES`` choices per group fall back to ``greedy``. On 16 SmolLM2 layers (q, o,
   gate and down of blocks 0, 10, 20 and 29; 8 x 512 dense calibration tokens) the exact
   rule's layer error was 0.979-1.002x the greedy rule's at 2:4 (median 0.9985) and
-  0.951-0.998x at 4:8 (median 0.9955), for up to 1.5x (2:4) and 3.5x (4:8) the time: too
+  0.951-0.998x at 4:8 (median 0.9955), for 1.04-1.70x (2:4) and 2.1-4.7x (4:8) the time: too
   little gain to be the default.
 * ``keep_mask=``: reconstruct with a given mask (no selection).
 
