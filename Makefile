@@ -11,7 +11,7 @@ RUNENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
 # Benchmarks: every script holds benchmarks/results/.train.lock while it measures (see
 # benchmarks/_common.py), so `make -j bench` still runs them one at a time.
 BENCH  := $(RUNENV) $(PY) benchmarks
-BENCHES := prune formats oneshot reconstruct train shrink runtime recovery
+BENCHES := prune formats oneshot reconstruct train sparse-ift shrink runtime recovery
 
 .PHONY: setup demo lint test test-fast bench $(addprefix bench-,$(BENCHES)) bench-readme clean
 
@@ -65,6 +65,10 @@ bench-reconstruct: setup
 
 bench-train: setup
 	OMP_NUM_THREADS=1 $(BENCH)/bench_train.py
+
+# accuracy only (no timing): it does not take the benchmark lock
+bench-sparse-ift: setup
+	OMP_NUM_THREADS=1 $(BENCH)/bench_sparse_ift.py
 
 bench-shrink: setup
 	OMP_NUM_THREADS=2 $(BENCH)/bench_shrink.py

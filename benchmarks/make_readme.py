@@ -35,6 +35,7 @@ SECTIONS = [
     ("bayes.md", "Bayesian sparsification: SSVI (issue 14)"),
     ("recovery_kron_fresh.md", "KroSBL on fresh random draws (issue 16)"),
     ("train.md", "Sparse training on real data (issue: Sparse training)"),
+    ("sparse_ift.md", "Sparse-IFT wide against the dense model of equal FLOPs (issue 15)"),
     ("shrink.md", "Structured shrinking: smaller and faster tensors (issue 5)"),
     ("runtime.md", "Runtime: sparse kernels, the measuring planner, activation sparsity (issue 5)"),
     ("recovery.md", "Sparse recovery (issue: Sparse recovery)"),
@@ -43,8 +44,9 @@ SECTIONS = [
 
 RUNNING = """## Running the benchmarks
 
-Each runs on the real models and takes minutes to hours; every script holds
-`benchmarks/results/.train.lock` while it measures, so two never share the CPU (`make -j` is safe).
+Each runs on the real models and takes minutes to hours; every script that measures time holds
+`benchmarks/results/.train.lock` while it measures, so two never share the CPU (`make -j` is safe;
+`bench_sparse_ift.py` measures accuracy only and takes no lock).
 Each JSON result records the commit that produced it (`git_commit`).
 
 | command | script | writes |
@@ -54,6 +56,7 @@ Each JSON result records the commit that produced it (`git_commit`).
 | `make bench-oneshot` | `bench_oneshot.py` (resumable; `--only NAME`, `--fresh`) | `oneshot.json`, `oneshot.md`, `.png` |
 | `make bench-reconstruct` | `bench_reconstruct.py` | `reconstruct.json`, `reconstruct.md` |
 | `make bench-train` | `bench_train.py` (resumable; `--part`) | `train.json`, `train.md`, `.png` |
+| `make bench-sparse-ift` | `bench_sparse_ift.py` (resumable; accuracy only, takes no lock) | `sparse_ift.json`, `sparse_ift.md`, `.png` |
 | `make bench-shrink` | `bench_shrink.py` | `shrink.json`, `shrink.md`, `.png` |
 | `make bench-runtime` | `bench_runtime.py layers`, `model`, `model --threads 1` | `runtime_*.json`, `runtime.md`, `.png` |
 | `make bench-recovery` | `recovery/bench_*.py` with the trial counts below | `recovery_*.json`, `.png` |

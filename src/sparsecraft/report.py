@@ -5,7 +5,10 @@ the model, else the default targets): shape, pattern, nonzeros, sparsity, dense 
 compressed bytes under the encoding ``save`` would choose, and, when an input shape or
 example input is given, dense and effective FLOPs measured by running one forward pass with
 hooks. A FLOP is one multiply or one add, so a multiply-accumulate counts 2; effective FLOPs
-count only nonzero weights (what an ideal sparse kernel would do).
+count only nonzero weights (what an ideal sparse kernel would do). ``targets=`` (rules as in
+:func:`sparsecraft.targets.select_targets`) counts exactly those parameters instead, e.g.
+``targets={"include_head": True}`` for every Linear/Conv weight of two models compared
+whole (a dense model and its Sparse-IFT version).
 """
 
 from __future__ import annotations
@@ -194,13 +197,17 @@ def _example_input(model: nn.Module, input_shape) -> torch.Tensor:
     return torch.zeros(tuple(input_shape), dtype=dtype, device=device)
 
 
-def report(model: nn.Module, input_shape=None, example_input=None) -> Report:
+def report(model: nn.Module, input_shape=None, example_input=None, targets=None) -> Report:
     """Build a :class:`Report` for ``model`` (see the module docstring)."""
     from .formats import choose_encoding, encoded_nbytes
 
     meta = get_meta(model)
     params = dict(model.named_parameters())
-    if meta:
+    if targets is not None:
+        chosen = select_targets(model, targets)
+        names = [t.name for t in chosen]
+        owner = {t.name: t.module for t in chosen}
+    elif meta:
         names = [n for n in meta if n in params]
         modules = dict(model.named_modules())
         owner = {n: modules.get(n.rsplit(".", 1)[0] if "." in n else "") for n in names}

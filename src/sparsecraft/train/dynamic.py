@@ -32,7 +32,7 @@ from .pruning import _check_allocation
 from .registry import Plan, option_choice, option_int, option_number, option_steps, recipe_method, recipe_sparsity
 from .schedules import UpdateSchedule
 
-__all__ = ["DynamicSparsity", "SET", "RigL", "drop_and_grow"]
+__all__ = ["DynamicSparsity", "SET", "RigL", "drop_and_grow", "schedule_options", "SCHEDULE_OPTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,11 @@ def drop_and_grow(
 
 
 class DynamicSparsity(TrainingSparsity):
-    """Prune-and-regrow at a cadence; subclasses choose where to grow (:meth:`grow_scores`)."""
+    """Prune-and-regrow at a cadence; subclasses choose where to grow (:meth:`grow_scores`).
+
+    ``overrides={rule: sparsity}`` pins the sparsity of matching targets (first matching rule
+    wins); ``allocation`` spreads ``sparsity`` over the others (see :mod:`sparsecraft.allocation`).
+    """
 
     method = ""
 
@@ -86,6 +90,7 @@ class DynamicSparsity(TrainingSparsity):
         seed: int = 0,
         targets: TargetSpec | dict | None = None,
         max_sparsity: float = 0.99,
+        overrides: dict[str, float] | None = None,
     ):
         name = type(self).__name__
         if isinstance(update_every, torch.optim.Optimizer) or isinstance(end, torch.optim.Optimizer):
@@ -106,12 +111,15 @@ class DynamicSparsity(TrainingSparsity):
         if init not in ("random", "magnitude"):
             raise ConfigError(f"unknown initial mask '{init}'; known: random, magnitude")
         self.init, self.seed, self.max_sparsity = init, int(seed), max_sparsity
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ConfigError(f"{name} overrides must map target rules to sparsities, got {overrides!r}")
+        self.overrides = dict(overrides or {})  # {rule: sparsity}, checked by the allocation
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(self.seed)
         criterion = get_criterion("random", seed=self.seed) if init == "random" else get_criterion("magnitude")
         masks = self._plan_scores(
             lambda t: criterion(LayerContext(t.name, t.module, t.param)),
-            self.target, self.allocation, Unstructured(),
+            self.target, self.allocation, Unstructured(), overrides=self.overrides,
         )
         self._start(masks, pattern="unstructured")
 
@@ -157,9 +165,12 @@ class DynamicSparsity(TrainingSparsity):
 
     def config_dict(self):
         s = self.schedule
-        return {"sparsity": self.target, "update_every": s.every, "end": s.end,
-                "fraction": s.fraction, "decay": s.decay, "allocation": self.allocation,
-                "init": self.init, "seed": self.seed}
+        config = {"sparsity": self.target, "update_every": s.every, "end": s.end,
+                  "fraction": s.fraction, "decay": s.decay, "allocation": self.allocation,
+                  "init": self.init, "seed": self.seed}
+        if self.overrides:  # only when set, so states saved before overrides existed still load
+            config["overrides"] = dict(self.overrides)
+        return config
 
     def _extra_state(self):
         return {"generator": self.generator.get_state()}
@@ -228,32 +239,42 @@ class RigL(DynamicSparsity):
 
 
 # -- recipes (sparsecraft train) -------------------------------------------------------------
+#: the recipe options of the prune-and-regrow schedule (read by :func:`schedule_options`)
+SCHEDULE_OPTIONS = frozenset({"update_every", "end", "fraction", "decay"})
+
+
+def schedule_options(recipe) -> dict[str, Any]:
+    """The checked prune-and-regrow schedule of a recipe: ``update_every``, ``end``,
+    ``fraction`` and ``decay``, as keyword arguments of :class:`DynamicSparsity`."""
+    if recipe.pattern != "unstructured":
+        raise ConfigError(f"train recipe: method '{recipe.method}' is unstructured only, got pattern {recipe.pattern!r}")
+    end = option_steps(recipe, "end", 0.75, low=1)
+    every = option_int(recipe, "update_every", 50)
+    if every >= end:
+        raise ConfigError(
+            f"train recipe: options.update_every ({every}) must be below options.end (step {end}); "
+            "otherwise the masks never change"
+        )
+    fraction = option_number(recipe, "fraction", 0.3, high=1.0)
+    if fraction == 0:
+        raise ConfigError("train recipe: options.fraction must be in (0, 1], got 0")
+    decay = option_choice(recipe, "decay", "cosine", ("cosine", "linear", "constant"))
+    return {"update_every": every, "end": end, "fraction": fraction, "decay": decay}
+
+
 def _plan_dynamic(cls):
     def plan(recipe) -> Plan:
         sparsity = recipe_sparsity(recipe)
-        if recipe.pattern != "unstructured":
-            raise ConfigError(f"train recipe: method '{recipe.method}' is unstructured only, got pattern {recipe.pattern!r}")
-        end = option_steps(recipe, "end", 0.75, low=1)
-        every = option_int(recipe, "update_every", 50)
-        if every >= end:
-            raise ConfigError(
-                f"train recipe: options.update_every ({every}) must be below options.end (step {end}); "
-                "otherwise the masks never change"
-            )
-        fraction = option_number(recipe, "fraction", 0.3, high=1.0)
-        if fraction == 0:
-            raise ConfigError("train recipe: options.fraction must be in (0, 1], got 0")
-        decay = option_choice(recipe, "decay", "cosine", ("cosine", "linear", "constant"))
+        schedule = schedule_options(recipe)
         allocation = option_choice(recipe, "allocation", "erk", ALLOCATIONS)
 
         def build(model, optimizer, context):
-            return cls(model, sparsity, every, end, optimizer, fraction=fraction, decay=decay,
-                       allocation=allocation, seed=recipe.seed)
+            return cls(model, sparsity, optimizer=optimizer, allocation=allocation, seed=recipe.seed, **schedule)
 
         return Plan(build, recipe.steps)
 
     return plan
 
 
-recipe_method("set", options={"update_every", "end", "fraction", "decay", "allocation"})(_plan_dynamic(SET))
-recipe_method("rigl", options={"update_every", "end", "fraction", "decay", "allocation"})(_plan_dynamic(RigL))
+recipe_method("set", options=SCHEDULE_OPTIONS | {"allocation"})(_plan_dynamic(SET))
+recipe_method("rigl", options=SCHEDULE_OPTIONS | {"allocation"})(_plan_dynamic(RigL))

@@ -33,9 +33,14 @@ log = logging.getLogger(__name__)
 
 
 def build_sparsity(recipe: TrainRecipe, model: nn.Module, optimizer, loss_fn, batch_at):
-    """The training-time sparsity object of ``recipe`` (None for dense)."""
+    """The training-time sparsity object of ``recipe`` (None for dense). Methods that replace
+    layers (Sparse-IFT) need :func:`run_training`, which transforms before the optimizer exists."""
+    plan = recipe.plan()
+    if plan.prepare is not None:
+        raise ConfigError(f"method '{recipe.method}' replaces layers before the optimizer is built; "
+                          "use run_training, or sparsecraft.train.to_sparse_ift_ in your own loop")
     train_size = len(batch_at.x) if isinstance(batch_at, _Batches) else None
-    return recipe.plan().build(model, optimizer, BuildContext(loss_fn=loss_fn, batch_at=batch_at,
+    return plan.build(model, optimizer, BuildContext(loss_fn=loss_fn, batch_at=batch_at,
                                                               train_size=train_size))
 
 
@@ -111,6 +116,9 @@ def run_training(
                 f"{' '.join(str(exc).split())[:200]}"
             ) from None
     model = fresh
+    prepared = None
+    if plan.prepare is not None:  # new layers (Sparse-IFT) must exist before the optimizer sees them
+        model, prepared = plan.prepare(model)
     params = model.parameters()
     if recipe.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
@@ -123,7 +131,7 @@ def run_training(
         return F.cross_entropy(m(batch[0]), batch[1])
 
     sparsity = plan.build(model, optimizer, BuildContext(loss_fn=loss_fn, batch_at=batch_at,
-                                                         train_size=len(x_train)))
+                                                         train_size=len(x_train), prepared=prepared))
     # variational methods add their KL part of the negative ELBO to the data loss
     loss_term = getattr(sparsity, "loss_term", None)
     step, elapsed = 0, 0.0

@@ -4,7 +4,9 @@ A registered planner reads a recipe (``sparsity``, ``pattern``, ``steps``, ``see
 ``options``), checks every setting (type, range, and that its schedule fits inside the run's
 ``steps``) and returns a :class:`Plan`: how many steps the run lasts and a function that
 builds the sparsity object on the model. Planning touches nothing, so a recipe is checked
-completely before any data set, model or file is opened.
+completely before any data set, model or file is opened. A method that changes the model's
+architecture (Sparse-IFT) also gives ``prepare(model) -> (model, prepared)``: the runner calls
+it before the optimizer is built and hands ``prepared`` to ``build`` in the context.
 
 ```
 @recipe_method("gmp", options={"start", "end", "frequency", "allocation"})
@@ -29,19 +31,23 @@ __all__ = [
 @dataclass(frozen=True)
 class BuildContext:
     """What a builder may need besides the model and optimizer (``train_size``: training
-    examples, for methods whose loss is per example, like variational inference)."""
+    examples, for methods whose loss is per example, like variational inference;
+    ``prepared``: what the plan's ``prepare`` returned besides the model)."""
 
     loss_fn: Callable[[Any, Any], Any]
     batch_at: Callable[[int], Any]
     train_size: int | None = None
+    prepared: Any = None
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A checked method: ``build(model, optimizer, context)`` and the run's length in steps."""
+    """A checked method: ``build(model, optimizer, context)`` and the run's length in steps;
+    ``prepare(model) -> (model, prepared)`` for methods that replace layers before training."""
 
     build: Callable[[Any, Any, BuildContext], Any]
     total_steps: int
+    prepare: Callable[[Any], tuple[Any, Any]] | None = None
 
 
 @dataclass(frozen=True)
