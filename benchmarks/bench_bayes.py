@@ -80,7 +80,7 @@ RIGL_OPTIONS = dict(SCHEDULE)
 #: variant that changes what both share gets its own dense-VI reference
 TUNE = {
     "first": ({}, {}, {}),
-    "snr_abs": ({}, {}, {"criterion": "snr_abs"}),
+    "mean_abs": ({}, {}, {"criterion": "mean_abs"}),
     "magnitude": ({}, {}, {"criterion": "magnitude"}),
     "grow_sigma": ({}, {}, {"grow_sigma": "mean"}),
     "every100": ({}, {}, {"update_every": 100}),

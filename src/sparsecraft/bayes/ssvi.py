@@ -11,7 +11,8 @@ each layer's active weights is exchanged, keeping every layer's exact count:
   weight's posterior ``q(theta) = N(mu, sigma^2)``: ``snr`` (the default, ``|mu| / sigma``),
   ``magnitude`` (``|mu|``), ``second_moment`` (``mu^2 + sigma^2``), and the paper's two
   statistics of ``|theta|`` (a folded normal): ``mean_abs`` (``E|theta|``) and ``snr_abs``
-  (``E|theta| / std|theta|``, the paper's default);
+  (``E|theta| / std|theta|``, the paper's default; it is an increasing function of
+  ``|mu| / sigma`` alone, so it removes exactly the weights ``snr`` removes);
 * **growth** takes the inactive weights with the largest dense gradient ``|dL/dmu|``
   (``grow="gradient"``, read only on the backward pass before an update, as RigL) or random
   ones (``grow="random"``, a seeded generator saved in the state).
