@@ -86,17 +86,18 @@ TUNE = {
     "every100": ({}, {}, {"update_every": 100}),
     "lr3e-3": ({"lr": 3e-3}, {}, {}),
     "sigma-8": ({}, {"init_log_sigma2": -8.0}, {}),
+    "sgd": ({"optimizer": "sgd", "lr": 0.05}, {}, {}),  # the library's default recipe (momentum 0.9)
 }
 TUNED = "first"  # the variant whose settings the other parts use (must match the constants above)
 
 log = logging.getLogger("bench_bayes")
 
 
-def _recipe(setting: str, steps: int, seed: int, method: str, sparsity=None, lr=None, **options) -> TrainRecipe:
+def _recipe(setting: str, steps: int, seed: int, method: str, sparsity=None, changes=None, **options) -> TrainRecipe:
+    """The run's recipe; ``changes`` replaces fields of ``BASE`` (optimizer, lr, ...)."""
     data, model = setting.split("/")
-    base = {**BASE, "lr": lr or BASE["lr"]}
-    return TrainRecipe(data=data, model=model, **base, steps=steps, seed=seed, method=method, sparsity=sparsity,
-                       options=options)
+    return TrainRecipe(data=data, model=model, **{**BASE, **(changes or {})}, steps=steps, seed=seed, method=method,
+                       sparsity=sparsity, options=options)
 
 
 def _ood_kind(x: torch.Tensor) -> str:
@@ -145,19 +146,21 @@ def _train(results, key, recipe, data, *, bayesian, start=None, extra=None):
 
 
 # -- part tune: SSVI's settings on the validation split ---------------------------------------------------
-def part_tune(results, steps, seed=0, setting=COMPRESS_SETTING):
+def part_tune(results, steps, variants=None, seed=0, setting=COMPRESS_SETTING):
     data_name = setting.split("/")[0]
     with _validation_split(data_name) as data:
         _train(results, f"tune/{setting}/{steps}/{seed}/rigl-0.9", _recipe(setting, steps, seed, "rigl", 0.9,
                                                                             **RIGL_OPTIONS), data, bayesian=False)
         for name, (recipe_change, shared, own) in TUNE.items():
+            if variants and name not in variants:
+                continue
             vi_name = "vi" if not (recipe_change or shared) else f"vi~{name}"
             vi_options = {**VI_OPTIONS, **shared}
             _train(results, f"tune/{setting}/{steps}/{seed}/{vi_name}",
-                   _recipe(setting, steps, seed, "vi", **recipe_change, **vi_options), data, bayesian=True)
+                   _recipe(setting, steps, seed, "vi", None, recipe_change, **vi_options), data, bayesian=True)
             ssvi_options = {**SSVI_OPTIONS, **shared, **own}
             _train(results, f"tune/{setting}/{steps}/{seed}/ssvi-0.9~{name}",
-                   _recipe(setting, steps, seed, "ssvi", 0.9, **recipe_change, **ssvi_options), data, bayesian=True,
+                   _recipe(setting, steps, seed, "ssvi", 0.9, recipe_change, **ssvi_options), data, bayesian=True,
                    extra={"vi": vi_name})
 
 
@@ -168,14 +171,14 @@ def part_ssvi(results, settings, seeds, steps):
         data = load_dataset(setting.split("/")[0])
         for seed in seeds:
             tag = f"ssvi/{setting}/{steps}/{seed}"
-            _train(results, f"{tag}/dense", _recipe(setting, steps, seed, "dense", **tuned_recipe), data,
+            _train(results, f"{tag}/dense", _recipe(setting, steps, seed, "dense", None, tuned_recipe), data,
                    bayesian=False)
-            _train(results, f"{tag}/vi", _recipe(setting, steps, seed, "vi", **tuned_recipe, **VI_OPTIONS), data,
+            _train(results, f"{tag}/vi", _recipe(setting, steps, seed, "vi", None, tuned_recipe, **VI_OPTIONS), data,
                    bayesian=True)
             for s in (0.9, 0.95):
-                _train(results, f"{tag}/ssvi-{s}", _recipe(setting, steps, seed, "ssvi", s, **tuned_recipe,
+                _train(results, f"{tag}/ssvi-{s}", _recipe(setting, steps, seed, "ssvi", s, tuned_recipe,
                                                            **SSVI_OPTIONS), data, bayesian=True)
-                _train(results, f"{tag}/rigl-{s}", _recipe(setting, steps, seed, "rigl", s, **tuned_recipe,
+                _train(results, f"{tag}/rigl-{s}", _recipe(setting, steps, seed, "rigl", s, tuned_recipe,
                                                            **RIGL_OPTIONS), data, bayesian=False)
 
 
@@ -507,6 +510,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=("tune", "ssvi", "compress"), action="append", default=[])
     p.add_argument("--setting", choices=SETTINGS, action="append", help="part ssvi: only these (default: all)")
+    p.add_argument("--variant", choices=tuple(TUNE), action="append", help="part tune: only these (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--no-lock", action="store_true",
@@ -520,7 +524,7 @@ def main(argv=None) -> int:
         with lock:
             for part in args.part or ["tune", "ssvi", "compress"]:
                 if part == "tune":
-                    part_tune(results, args.steps)
+                    part_tune(results, args.steps, args.variant)
                 elif part == "ssvi":
                     part_ssvi(results, args.setting or SETTINGS, args.seeds, args.steps)
                 else:
