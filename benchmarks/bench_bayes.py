@@ -105,8 +105,14 @@ def _ood_kind(x: torch.Tensor) -> str:
 
 
 def _measures(model, x, y, bayesian: bool) -> dict:
+    """Uncertainty measures (Bayesian models: MC average); Bayesian models also get the accuracy
+    of their mean weights (``mean_accuracy``: the deterministic sparse network a compression
+    method ships, as the variational-dropout paper evaluates it)."""
     ood = bayes.ood_inputs(x, _ood_kind(x))
-    return bayes.uncertainty_report(model, x, y, ood, samples=SAMPLES if bayesian else None)
+    out = bayes.uncertainty_report(model, x, y, ood, samples=SAMPLES if bayesian else None)
+    if bayesian:
+        out["mean_accuracy"] = bayes.uncertainty_report(model, x, y)["accuracy"]
+    return out
 
 
 def _nonzeros(model) -> tuple[int, int]:
@@ -391,8 +397,9 @@ def table(results) -> str:
     for (setting, steps), _seeds in sorted(_keys(results, "compress").items()):
         g = _group(results, f"compress/{setting}/{steps}/")
         lines += [f"## Variational dropout, ARD, Turbo-VBI: {setting}, {steps} steps, each from the dense model", "",
-                  "| model | seeds | accuracy % | NLL | ECE | nonzero weights | compression | hidden neurons removed | "
-                  "neurons removed at Turbo-VBI's count |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| model | seeds | accuracy % (MC) | accuracy % (mean weights) | NLL | ECE | nonzero weights | "
+                  "compression | hidden neurons removed | neurons removed at Turbo-VBI's count |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name in ("dense", "vd", "ard", "turbo-vbi"):
             rows = g.get(name, [])
             if not rows:
@@ -400,7 +407,8 @@ def table(results) -> str:
             at = [r["at_turbo_count"]["neurons_removed"] for r in rows if "at_turbo_count" in r]
             removed = _median(rows, "neurons_removed")
             lines.append(
-                f"| {name} | {len(rows)} | {_spread(rows, 'accuracy', 100)} | {_median(rows, 'nll'):.4f} | "
+                f"| {name} | {len(rows)} | {_spread(rows, 'accuracy', 100)} | {_spread(rows, 'mean_accuracy', 100)} | "
+                f"{_median(rows, 'nll'):.4f} | "
                 f"{_median(rows, 'ece'):.4f} | {_median(rows, 'nonzeros'):.0f} | "
                 f"{_median(rows, 'weights') / max(1, _median(rows, 'nonzeros')):.1f}x | "
                 f"{'-' if removed != removed else f'{removed:.0f}'} | "
@@ -488,8 +496,10 @@ def _compress_aims(g) -> list[str]:
     if dense and vd:
         ratio = _median(vd, "weights") / max(1, _median(vd, "nonzeros"))
         da = _median(dense, "accuracy") - _median(vd, "accuracy")
-        out.append(f"- VD: {ratio:.1f}x fewer nonzero weights (aim >= 20x) at {100 * da:+.2f} points below dense "
-                   f"(aim <= 1): {_verdict(ratio >= 20 and da <= 0.01)}")
+        dm = _median(dense, "accuracy") - _median(vd, "mean_accuracy")
+        out.append(f"- VD: {ratio:.1f}x fewer nonzero weights (aim >= 20x) at {100 * dm:+.2f} points below dense with "
+                   f"its mean weights, the sparse network it ships (aim <= 1): {_verdict(ratio >= 20 and dm <= 0.01)}; "
+                   f"averaging 10 MC draws instead: {100 * da:+.2f} points ({_verdict(ratio >= 20 and da <= 0.01)})")
     t = [r for r in t if "speedup" in r]
     if t:
         mine = _median(t, "neurons_removed")
