@@ -166,6 +166,7 @@ def _unchanged(model, snap):
     (lambda m: bayes.SSVI(m, 0.5, 2, 10, train_size=10, prior_var=0.0), "var"),
     (lambda m: bayes.SSVI(m, 0.5, 2, 10, train_size=10, criterion="loud"), "criterion"),
     (lambda m: bayes.SSVI(m, 0.5, 2, 10, train_size=10, samples=0), "samples"),
+    (lambda m: bayes.SSVI(m, 0.5, 2, 10, train_size=10, grow_sigma="wide"), "grow_sigma"),
     (lambda m: bayes.VariationalTraining(m, train_size=10, prior_options={"var": -1.0}), "var"),
     (lambda m: bayes.ARD(m, train_size=10, init_var=0.0), "init_var"),
     (lambda m: bayes.VariationalDropout(m, train_size=0), "train_size"),
@@ -257,6 +258,48 @@ def test_ssvi_removes_the_lowest_snr_weights():
     # the dropped ones may only come back by random regrowth, as fresh weights
     regrown = lowest[still]
     assert torch.all(layer.weight.detach().flatten()[regrown].abs() < 0.01)
+
+
+def test_folded_normal_moments_against_closed_forms_and_sampling():
+    sigma = torch.tensor([0.5, 2.0, 1e-3, 0.3], dtype=torch.float64)
+    mu = torch.tensor([0.0, 0.0, 1.0, -0.4], dtype=torch.float64)
+    mean, var = bayes.folded_normal_moments(mu, sigma)
+    # mu = 0: a half-normal; |mu| >> sigma: |theta| is theta's normal
+    assert mean[:2].tolist() == pytest.approx((sigma[:2] * math.sqrt(2 / math.pi)).tolist(), rel=1e-12)
+    assert var[:2].tolist() == pytest.approx((sigma[:2] ** 2 * (1 - 2 / math.pi)).tolist(), rel=1e-12)
+    assert (mean[2].item(), var[2].item()) == pytest.approx((1.0, 1e-6), rel=1e-9)
+    draws = (mu[3] + sigma[3] * torch.randn(400_000, generator=torch.Generator().manual_seed(0),
+                                             dtype=torch.float64)).abs()
+    assert mean[3].item() == pytest.approx(float(draws.mean()), abs=2e-3)
+    assert var[3].item() == pytest.approx(float(draws.var()), rel=1e-2)
+
+
+def test_ssvi_paper_criteria_rank_as_their_definitions():
+    g = torch.Generator().manual_seed(1)
+    mu, log_s2 = torch.randn(200, generator=g) * 0.1, torch.randn(200, generator=g) - 5
+    snr = bayes.subspace_scores(mu, log_s2, "snr")
+    # SNR of |theta| depends on |mu| / sigma alone and grows with it: the same removal order
+    assert torch.equal(torch.argsort(bayes.subspace_scores(mu, log_s2, "snr_abs"), stable=True),
+                       torch.argsort(snr, stable=True))
+    mean, _ = bayes.folded_normal_moments(mu, torch.exp(0.5 * log_s2))
+    assert torch.allclose(bayes.subspace_scores(mu, log_s2, "mean_abs"), mean.float())
+
+
+def test_ssvi_grown_weights_take_the_layers_mean_variance():
+    model, opt, ssvi, x, y = _ssvi_run(0, grow="random", grow_sigma="mean", fraction=0.25, decay="constant")
+    t = ssvi.targets[0]
+    keep = ssvi.masks[t.name]
+    with torch.no_grad():
+        t.module.log_sigma2.copy_(torch.linspace(-9, -3, keep.numel()).reshape(keep.shape))
+    before = t.module.log_sigma2.detach().clone()
+    ssvi.step_count = 2  # the next step (3) is an update step
+    ssvi.step()
+    new, after = ssvi.masks[t.name], t.module.log_sigma2.detach()
+    grown = new & (after != before)  # new positions, and dropped ones grown back as fresh weights
+    assert (new & ~keep).any() and not (new & ~keep & ~grown).any()
+    expected = before[new & ~grown].mean()
+    assert torch.all(after[grown] == expected)
+    assert float(expected) != pytest.approx(ssvi.elbo.init_log_sigma2)
 
 
 def test_ssvi_state_round_trip_and_bit_exact_resume():

@@ -37,7 +37,7 @@ from .layers import (
 from .measures import OOD_KINDS, auroc, brier, ece, entropy, nll, ood_inputs, predict_probs, uncertainty_report
 from .objective import ELBO, VariationalTraining
 from .priors import DEFAULT_THRESHOLD, ARDPrior, GaussianPrior, LogUniformPrior, Prior, gaussian_kl, log_uniform_kl
-from .ssvi import SSVI, subspace_scores
+from .ssvi import SSVI, folded_normal_moments, subspace_scores
 from .turbo import TurboPrior, TurboVBI, shrink_neurons_, support_posterior, zero_neurons_
 from .vd import VariationalDropout
 
@@ -46,6 +46,6 @@ __all__ = [
     "sampling", "DEFAULT_LOG_SIGMA2",
     "Prior", "GaussianPrior", "LogUniformPrior", "ARDPrior", "gaussian_kl", "log_uniform_kl", "DEFAULT_THRESHOLD",
     "nll", "ece", "brier", "entropy", "auroc", "predict_probs", "ood_inputs", "uncertainty_report", "OOD_KINDS",
-    "ELBO", "VariationalTraining", "VariationalDropout", "ARD", "SSVI", "subspace_scores",
+    "ELBO", "VariationalTraining", "VariationalDropout", "ARD", "SSVI", "subspace_scores", "folded_normal_moments",
     "TurboVBI", "TurboPrior", "support_posterior", "shrink_neurons_", "zero_neurons_",
 ]

@@ -7,20 +7,28 @@ as for the library's RigL). The subspace is trained by VI (Gaussian prior, local
 reparameterisation) and, every ``update_every`` steps until ``end``, a decaying fraction of
 each layer's active weights is exchanged, keeping every layer's exact count:
 
-* **removal** takes the active weights with the lowest ``criterion``: ``snr`` (the default,
-  ``|mu| / sigma``), ``magnitude`` (``|mu|``) or ``second_moment`` (``mu^2 + sigma^2``);
+* **removal** takes the active weights with the lowest ``criterion``, a statistic of each
+  weight's posterior ``q(theta) = N(mu, sigma^2)``: ``snr`` (the default, ``|mu| / sigma``),
+  ``magnitude`` (``|mu|``), ``second_moment`` (``mu^2 + sigma^2``), and the paper's two
+  statistics of ``|theta|`` (a folded normal): ``mean_abs`` (``E|theta|``) and ``snr_abs``
+  (``E|theta| / std|theta|``, the paper's default; it is an increasing function of
+  ``|mu| / sigma`` alone, so it removes exactly the weights ``snr`` removes);
 * **growth** takes the inactive weights with the largest dense gradient ``|dL/dmu|``
   (``grow="gradient"``, read only on the backward pass before an update, as RigL) or random
   ones (``grow="random"``, a seeded generator saved in the state).
 
 A grown weight starts with a tiny random mean (``1e-3`` times a standard normal draw; a mean
-of exactly zero means "pruned" to the variational layers) and the starting variance, and
-its optimizer state (mean and variance) is reset. Training FLOPs are counted against dense
-VI on the same passes (:class:`~.flops.TrainingFlops`).
+of exactly zero means "pruned" to the variational layers) and a log variance of
+``grow_sigma``: ``"init"`` (the run's starting value) or ``"mean"`` (the mean log variance of
+the layer's weights that stayed, as the paper does, so a newcomer is as uncertain as its
+neighbours rather than a near point estimate); its optimizer state (mean and variance) is
+reset. Training FLOPs are counted against dense VI on the same passes
+(:class:`~.flops.TrainingFlops`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -47,11 +55,24 @@ from .measures import check_samples
 from .objective import ELBO, VI_OPTIONS, _train_size, variational_report, vi_settings
 from .priors import GaussianPrior
 
-__all__ = ["SSVI", "SSVI_CRITERIA", "subspace_scores"]
+__all__ = ["SSVI", "SSVI_CRITERIA", "subspace_scores", "folded_normal_moments"]
 
-SSVI_CRITERIA = ("snr", "magnitude", "second_moment")
+SSVI_CRITERIA = ("snr", "magnitude", "second_moment", "mean_abs", "snr_abs")
 GROW = ("gradient", "random")
+GROW_SIGMA = ("init", "mean")
 _GROWN_SCALE = 1e-3
+
+
+def folded_normal_moments(mu: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E|theta|, Var|theta|)`` for ``theta ~ N(mu, sigma^2)``; pure, in float64 (the variance
+    ``mu^2 + sigma^2 - E|theta|^2`` cancels when ``|mu| >> sigma``)."""
+    mu, sigma = mu.double(), sigma.double().clamp_min(1e-30)
+    r = mu / sigma
+    mean = sigma * math.sqrt(2 / math.pi) * torch.exp(-0.5 * r * r) + mu * torch.erf(r / math.sqrt(2))
+    var = (mu * mu + sigma * sigma - mean * mean).clamp_min(0.0)
+    # beyond 8 standard deviations |theta| is theta's normal to double precision
+    far = r.abs() > 8
+    return torch.where(far, mu.abs(), mean), torch.where(far, sigma * sigma, var)
 
 
 def subspace_scores(mu: torch.Tensor, log_sigma2: torch.Tensor, criterion: str) -> torch.Tensor:
@@ -63,17 +84,26 @@ def subspace_scores(mu: torch.Tensor, log_sigma2: torch.Tensor, criterion: str) 
         return mu.abs()
     if criterion == "second_moment":
         return mu * mu + torch.exp(log_sigma2)
+    if criterion in ("mean_abs", "snr_abs"):
+        mean, var = folded_normal_moments(mu, torch.exp(0.5 * log_sigma2.double()))
+        if criterion == "mean_abs":
+            return mean.float()
+        return (mean / var.sqrt().clamp_min(1e-300)).clamp_max(1e30).float()
     raise ConfigError(f"unknown SSVI criterion '{criterion}'; known: {', '.join(SSVI_CRITERIA)}")
 
 
 class SSVI(RigL):
-    """``SSVI(model, 0.9, update_every=100, end=1500, optimizer=opt, train_size=4000)``."""
+    """``SSVI(model, 0.9, update_every=100, end=1500, optimizer=opt, train_size=4000)``.
+
+    ``fraction`` (decaying by ``decay`` until ``end``) of each layer's active weights is
+    exchanged every ``update_every`` steps; ``prior_var``, ``kl_weight``, ``kl_warmup`` and
+    ``init_log_sigma2`` are those of :class:`~.objective.ELBO`."""
 
     method = "ssvi"
 
     def __init__(self, model: nn.Module, sparsity: float, update_every: int = 100, end: int | None = None,
                  optimizer=None, *, train_size: int, criterion: str = "snr", grow: str = "gradient",
-                 prior_var: float = 1.0, kl_weight: float = 1.0, kl_warmup: int = 0,
+                 grow_sigma: str = "init", prior_var: float = 1.0, kl_weight: float = 1.0, kl_warmup: int = 0,
                  init_log_sigma2: float = DEFAULT_LOG_SIGMA2, samples: int = 10, fraction: float = 0.3,
                  decay: str = "cosine", allocation: str = "erk", seed: int = 0, targets=None):
         # every setting is checked before the layers become variational
@@ -88,7 +118,10 @@ class SSVI(RigL):
             raise ConfigError(f"unknown SSVI criterion '{criterion}'; known: {', '.join(SSVI_CRITERIA)}")
         if grow not in GROW:
             raise ConfigError(f"unknown SSVI growth '{grow}'; known: {', '.join(GROW)}")
+        if grow_sigma not in GROW_SIGMA:
+            raise ConfigError(f"unknown SSVI grow_sigma '{grow_sigma}'; known: {', '.join(GROW_SIGMA)}")
         self.criterion, self.grow, self.samples = criterion, grow, check_samples(samples)
+        self.grow_sigma = grow_sigma
         model = unwrap_model(model)
         self.elbo = ELBO(model, optimizer, GaussianPrior(prior_var), train_size=train_size, kl_weight=kl_weight,
                          kl_warmup=kl_warmup, init_log_sigma2=init_log_sigma2, seed=seed)
@@ -127,7 +160,11 @@ class SSVI(RigL):
         start = _GROWN_SCALE * torch.randn(mu.shape, generator=self.generator).to(mu)
         start = torch.where(start == 0, torch.full_like(start, _GROWN_SCALE), start)
         mu.copy_(torch.where(grown, start, mu))
-        log_sigma2.masked_fill_(grown, self.elbo.init_log_sigma2)
+        fill = self.elbo.init_log_sigma2
+        stayed = (mu != 0) & ~grown
+        if self.grow_sigma == "mean" and stayed.any():
+            fill = float(log_sigma2[stayed].mean())
+        log_sigma2.masked_fill_(grown, fill)
         self.reset_optimizer_state_(target.name, grown)
         for opt in self.optimizers:
             for value in opt.state.get(log_sigma2, {}).values():
@@ -143,7 +180,7 @@ class SSVI(RigL):
     # -- persistence ------------------------------------------------------------------------------
     def config_dict(self):
         return {**super().config_dict(), **self.elbo.config(), "criterion": self.criterion, "grow": self.grow,
-                "samples": self.samples}
+                "grow_sigma": self.grow_sigma, "samples": self.samples}
 
     def _extra_state(self):
         return {**super()._extra_state(), "noise": self.elbo.generator.get_state(), "flops": self.flops.state()}
@@ -166,7 +203,7 @@ class SSVI(RigL):
 
 
 @recipe_method("ssvi", options=VI_OPTIONS | {"update_every", "end", "fraction", "decay", "allocation", "criterion",
-                                             "grow", "prior_var"})
+                                             "grow", "grow_sigma", "prior_var"})
 def _plan_ssvi(recipe) -> Plan:
     sparsity = recipe_sparsity(recipe)
     if recipe.pattern != "unstructured":
@@ -185,10 +222,12 @@ def _plan_ssvi(recipe) -> Plan:
     allocation = option_choice(recipe, "allocation", "erk", ALLOCATIONS)
     criterion = option_choice(recipe, "criterion", "snr", SSVI_CRITERIA)
     grow = option_choice(recipe, "grow", "gradient", GROW)
+    grow_sigma = option_choice(recipe, "grow_sigma", "init", GROW_SIGMA)
     prior_var = option_number(recipe, "prior_var", 1.0, low=1e-12)
 
     def build(model, optimizer, context):
         return SSVI(model, sparsity, every, end, optimizer, train_size=_train_size(context), criterion=criterion,
-                    grow=grow, prior_var=prior_var, fraction=fraction, decay=decay, allocation=allocation, **settings)
+                    grow=grow, grow_sigma=grow_sigma, prior_var=prior_var, fraction=fraction, decay=decay,
+                    allocation=allocation, **settings)
 
     return Plan(build, recipe.steps)

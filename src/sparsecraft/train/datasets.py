@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import ConfigError
@@ -16,7 +18,19 @@ DATASETS = ("mnist", "digits", "mnist1d")
 
 
 def load_dataset(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_train, y_train, x_test, y_test) as float32 / int64 tensors, split fixed."""
+    """(x_train, y_train, x_test, y_test) as float32 / int64 tensors, split fixed.
+
+    Built once per process (parsing MNIST's CSV and generating mnist1d take seconds, and a
+    benchmark trains dozens of runs); every call returns fresh copies, so a caller that
+    changes its tensors in place changes nobody else's.
+    """
+    if name not in DATASETS:
+        raise ConfigError(f"unknown data set '{name}'; known: {', '.join(DATASETS)}")
+    return tuple(t.clone() for t in _build(name))  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=None)
+def _build(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     import numpy as np
 
     if name == "mnist":
@@ -45,7 +59,7 @@ def load_dataset(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
         ys = np.concatenate([d["y"], d["y_test"]])
         return (torch.from_numpy(xs[:4000]).reshape(-1, 1, 40), torch.from_numpy(ys[:4000]).long(),
                 torch.from_numpy(xs[4000:]).reshape(-1, 1, 40), torch.from_numpy(ys[4000:]).long())
-    else:
+    else:  # pragma: no cover - load_dataset checked the name
         raise ConfigError(f"unknown data set '{name}'; known: {', '.join(DATASETS)}")
     # one fixed permutation (independent of the run's seed) so the split is not class-sorted
     order = np.random.default_rng(12345).permutation(len(y))
