@@ -14,8 +14,8 @@ from .greedy import kron_omp, omp
 from .kronecker_sbl import am_mstep, kron_posterior, krosbl, rank_one_fit
 from .message_passing import amp, amp_step
 from .operators import DenseOperator, KroneckerOperator, LinearOperator, PartialDFTOperator, as_operator, kron_apply
-from .sbl_batch import sbl_batch
 from .sbl_em import block_sbl, pc_sbl, sbl, sbl_posterior
+from .sbl_fast_batch import sbl_batch
 
 __all__ = [
     "AMP", "BlockSBL", "EquationDiscovery", "KroSBL", "KroneckerOMP", "Lasso", "OMP",
