@@ -148,23 +148,53 @@ def ls_rank(outcome, factors, y):
 
 
 def rerun_with_ls_rule(args):
+    """Re-run the stored failures under ``ls_rank`` (into their own JSON, so the main run may still
+    be writing; failures already re-run are skipped)."""
     import sparsecraft.recovery.kronecker_sbl as K
 
     stored = B._common.read_json(B.RESULTS / "recovery_kron_identifiability.json")
+    path = B.RESULTS / "recovery_kron_identifiability_lsrule.json"
+    done = B._common.read_json(path, {"command": B._common.command_line(), "rows": []})
+    seen = {(r["seed"], r["method"]) for r in done["rows"]}
     K._rank = ls_rank
-    rows = []
     for row in stored["trials_rows"]:
         for m in args.methods:
-            if row[m]["gap_db"] <= 10.0:
+            if row[m]["gap_db"] <= 10.0 or (row["seed"], m) in seen:
                 continue
             fs, op, x, y, nv = problem(6, 4, 25, row["seed"])
             r = R.krosbl(fs, y, noise_var=nv, method=m)
             gap = B.nmse_db(r.x, x) - row["oracle_db"]
-            rows.append({"seed": row["seed"], "method": m, "gap_db_cost_rule": row[m]["gap_db"], "gap_db_ls_rule": gap})
-            print(rows[-1], flush=True)
-    stored["ls_rule_on_failures"] = rows
-    B.write_json("kron_identifiability", stored)
+            done["rows"].append({"seed": row["seed"], "method": m, "gap_db_cost_rule": row[m]["gap_db"],
+                                 "gap_db_ls_rule": gap})
+            print(done["rows"][-1], flush=True)
+            B._common.write_json(path, done)
     report(stored)
+
+
+def check_other_m1(args):
+    """Both rules on the first ``--check-trials`` problems of ``bench_kron_fresh.py`` per M1: does
+    the least-squares BIC hurt where the cost rule works?"""
+    import sparsecraft.recovery.kronecker_sbl as K
+
+    cost_rank = K._rank
+    path = B.RESULTS / "recovery_kron_identifiability_lsrule_check.json"
+    out = {"command": B._common.command_line(), "entropy": args.entropy, "trials": args.check_trials,
+           "methods": args.methods, "results": {}}
+    for M1 in args.check_m1:
+        rows = {m: {"cost": [], "ls": []} for m in args.methods}
+        for seed in seeds_for(args.entropy, M1, args.check_trials):
+            fs, op, x, y, nv = problem(M1, 4, 25, seed)
+            oracle = B.nmse_db(B.oracle_ls(op.to_dense().numpy(), y, x), x)
+            for m in args.methods:
+                for rule, fn in (("cost", cost_rank), ("ls", ls_rank)):
+                    K._rank = fn
+                    rows[m][rule].append(B.nmse_db(R.krosbl(fs, y, noise_var=nv, method=m).x, x) - oracle)
+        K._rank = cost_rank
+        out["results"][f"M1={M1}"] = {m: {rule: {"mean_gap_db": float(np.mean(g)), "over_1db": int(np.sum(np.array(g) > 1)),
+                                                 "over_10x": int(np.sum(np.array(g) > 10)), "worst_gap_db": float(max(g))}
+                                          for rule, g in r.items()} for m, r in rows.items()}
+        print(M1, out["results"][f"M1={M1}"], flush=True)
+        B._common.write_json(path, out)
 
 
 def report(out):
@@ -186,7 +216,8 @@ def report(out):
               "(other modes on their true supports).", "",
               "| seed | method | gap dB | wrong modes | found rank | rank from truth (its gap dB) | LS residual found / "
               "true | better 4-sets | LS-BIC rule gap dB |", "|---|---|---|---|---|---|---|---|---|"]
-    rerun = {(r["seed"], r["method"]): r["gap_db_ls_rule"] for r in out.get("ls_rule_on_failures", [])}
+    ls = B._common.read_json(B.RESULTS / "recovery_kron_identifiability_lsrule.json", {"rows": []})
+    rerun = {(r["seed"], r["method"]): r["gap_db_ls_rule"] for r in ls["rows"]}
     for row in out["trials_rows"]:
         for m in out["summary"]:
             r = row[m]
@@ -198,6 +229,16 @@ def report(out):
                          f"{r['truth_em_rank'][1]:.1f} ({r['truth_em_gap_db']:+.1f}) | "
                          f"{r['found_ls_residual']:.4g} / {r['true_ls_residual']:.4g} | "
                          f"{r['mode0_sets_with_less_residual']} | {'-' if ls is None else f'{ls:+.1f}'} |")
+    chk = B._common.read_json(B.RESULTS / "recovery_kron_identifiability_lsrule_check.json")
+    if chk:
+        lines += ["", f"Both rules on the first {chk['trials']} problems of each M1 (same entropy), mean gap to the "
+                  "oracle dB / trials > 1 dB / trials > 10x: SBL cost + log M per coefficient (the default) against "
+                  "the least-squares BIC.", "", "| M1 | method | cost rule | LS rule |", "|---|---|---|---|"]
+        for key, res in chk["results"].items():
+            for m, r in res.items():
+                c, q = r["cost"], r["ls"]
+                lines.append(f"| {key.split('=')[1]} | {m} | {c['mean_gap_db']:+.2f} / {c['over_1db']} / {c['over_10x']} "
+                             f"| {q['mean_gap_db']:+.2f} / {q['over_1db']} / {q['over_10x']} |")
     B._common.write_text(B.RESULTS / "recovery_kron_identifiability.md", "\n".join(lines) + "\n")
 
 
@@ -209,9 +250,15 @@ def main():
     ap.add_argument("--methods", nargs="+", default=["svd", "am"])
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--ls-rule", action="store_true", help="re-run the stored failures with the LS-deviance BIC")
+    ap.add_argument("--check-m1", type=int, nargs="+", default=None,
+                    help="run both rules on the first --check-trials problems at these M1")
+    ap.add_argument("--check-trials", type=int, default=20)
     B.add_lock_option(ap)
     args = ap.parse_args()
     B.setup_threads()
+    if args.check_m1:
+        check_other_m1(args)
+        return
     if args.ls_rule:
         rerun_with_ls_rule(args)
         return
