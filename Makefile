@@ -91,6 +91,12 @@ _bench-recovery:
 	cd benchmarks/recovery && OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR)/src $(RUNENV) $(abspath $(PY)) bench_kron_sklearn.py --trials 2
 	OMP_NUM_THREADS=1 PYTHONPATH=src $(RUNENV) $(PY) benchmarks/recovery/bench_irs.py --trials 50 --sbl-trials 4 --sbl-iters 50 --workers 2
 	OMP_NUM_THREADS=1 PYTHONPATH=src $(RUNENV) $(PY) benchmarks/recovery/bench_lorenz.py --trials 20
+	cd benchmarks/recovery && for p in "gaussian --snr 20" "gaussian --snr inf" "dft" "lorenz"; do \
+		OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR)/src $(RUNENV) $(abspath $(PY)) bench_peers.py --problem $$p --trials 50 || exit 1; done
+	cd benchmarks/recovery && OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR)/src $(RUNENV) $(abspath $(PY)) bench_peers_discovery.py --trials 20
+	cd benchmarks/recovery && OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR)/src $(RUNENV) $(abspath $(PY)) bench_batched.py --problems 1000 --loop 50
+	cd benchmarks/recovery && OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR)/src $(RUNENV) $(abspath $(PY)) bench_kron_identifiability.py --trials 200 --workers 2
+	cd benchmarks/recovery && OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR)/src $(RUNENV) $(abspath $(PY)) bench_kron_identifiability.py --ls-rule
 
 # rewrite benchmarks/results/README.md (and the README's headline table) from the results
 bench-readme: setup

@@ -3,6 +3,7 @@ through ``benchmarks/_common.py`` (atomic, stamped with the git commit) like eve
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -23,6 +24,34 @@ def setup_threads():
     n = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(n)
     return n
+
+
+def add_lock_option(ap) -> None:
+    """``--no-lock``: measure without the benchmark lock (beside another run; times then say so)."""
+    ap.add_argument("--no-lock", action="store_true",
+                    help="do not take benchmarks/results/.train.lock: times are then measured beside "
+                         "whatever else runs and are marked so")
+
+
+def lock(args, out: dict):
+    """The benchmark lock, or (``--no-lock``) nothing, with ``out["timing"]`` saying which."""
+    if getattr(args, "no_lock", False):
+        out["timing"] = {"lock": False, "load_average_at_start": _common.load_average(),
+                         "note": "times measured niced beside another benchmark, without the lock; ratios "
+                                 "between rows of the same run remain comparable, absolute times do not"}
+        return contextlib.nullcontext()
+    out["timing"] = {"lock": True, "load_average_at_start": _common.load_average()}
+    return _common.bench_lock()
+
+
+def timing_note(out: dict) -> str:
+    """One line for a table: how the times in it were measured."""
+    t = out.get("timing", {})
+    if t.get("lock", True):
+        return ""
+    return (f"**Times were measured niced beside another benchmark (no lock; load average "
+            f"{t['load_average_at_start'][0]:.1f} at the start)**: ratios between rows of the same run remain "
+            "comparable, absolute times do not. Accuracy columns are unaffected.")
 
 
 def nmse_db(xhat, x) -> float:

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+import sparsecraft.recovery as R
 from sparsecraft.recovery import RecoveryError
+from sparsecraft.recovery import sbl_batch as sparsecraft_sbl_batch
 from sparsecraft.recovery.batched import krosbl_batch, omp_batch
 
 
@@ -74,3 +76,64 @@ def test_batched_bad_input_is_refused_clearly():
         omp_batch(np.kron(fs[0], fs[1]), Y, 49)
     with pytest.raises(RecoveryError, match="prune"):
         krosbl_batch(fs, Y, noise_var=nv, prune=1.5)
+
+
+def _sbl_problems(B, seed=2, M=30, N=80, K=4, complex_=False):
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((M, N)) / np.sqrt(M)
+    X = np.zeros((B, N), complex if complex_ else float)
+    for b in range(B):
+        v = rng.standard_normal(K) + (1j * rng.standard_normal(K) if complex_ else 0)
+        X[b, rng.choice(N, K, replace=False)] = v
+    if complex_:
+        A = A + 1j * rng.standard_normal((M, N)) / np.sqrt(M)
+    Y = X @ A.T
+    noise = 0.01 * rng.standard_normal(Y.shape)
+    return A, X, Y + (noise + 1j * noise[::-1] if complex_ else noise)
+
+
+@pytest.mark.parametrize("noise_var", [None, 1e-4])
+def test_sbl_batch_equals_single_calls(noise_var):
+    A, X, Y = _sbl_problems(6)
+    Y[4], X[4] = 0.0, 0.0  # a problem with nothing to find stays zero, as in sbl
+    batch = sparsecraft_sbl_batch(A, Y, noise_var=noise_var)
+    assert batch.x.shape == X.shape and not batch.x[4].any() and len(batch.support[4]) == 0
+    for b in range(6):
+        one = sparsecraft_sbl_batch(A, Y[b], noise_var=noise_var)
+        # The batch of one: bit for bit (a problem's numbers ignore its batch-mates).
+        assert np.array_equal(one.x, batch.x[b]) and one.n_iter == batch.n_iter[b]
+        # The library's numpy sbl: the same steps, round-off apart (another summation order).
+        lib = R.sbl(A, Y[b], noise_var=noise_var, record_cost=False)
+        assert lib.support.tolist() == batch.support[b].tolist() and lib.n_iter == batch.n_iter[b]
+        np.testing.assert_allclose(batch.x[b], lib.x, rtol=0, atol=1e-9 * max(np.abs(lib.x).max(), 1e-300))
+        if noise_var is None and b != 4:
+            assert batch.info["noise_var"][b] == pytest.approx(lib.info["noise_var"], rel=1e-9)
+    assert 10 * np.log10(np.sum((batch.x - X) ** 2) / np.sum(X ** 2)) < -20
+
+
+def test_sbl_batch_complex_and_torch():
+    A, X, Y = _sbl_problems(3, seed=3, complex_=True)
+    batch = sparsecraft_sbl_batch(torch.from_numpy(A), torch.from_numpy(Y))
+    assert isinstance(batch.x, torch.Tensor) and batch.x.dtype == torch.complex128
+    for b in range(3):
+        lib = R.sbl(A, Y[b], record_cost=False)
+        assert lib.support.tolist() == batch.support[b].tolist()
+        np.testing.assert_allclose(batch.x[b].numpy(), lib.x, rtol=0, atol=1e-9 * np.abs(lib.x).max())
+
+
+def test_sbl_batch_bad_input_is_refused_clearly():
+    A, X, Y = _sbl_problems(2)
+    with pytest.raises(RecoveryError, match=r"Y\[1\] has 29 measurements but the dictionary has M = 30"):
+        sparsecraft_sbl_batch(A, [Y[0], Y[1][:29]])
+    with pytest.raises(RecoveryError, match=r"shape \(2, 20\).*M = 30"):
+        sparsecraft_sbl_batch(A, Y[:, :20])
+    bad = A.copy()
+    bad[:, 11] = np.nan
+    with pytest.raises(RecoveryError, match=r"A column 11 contains NaN or inf"):
+        sparsecraft_sbl_batch(bad, Y)
+    with pytest.raises(RecoveryError, match="add_level"):
+        sparsecraft_sbl_batch(A, Y, add_level=1.5)
+    with pytest.raises(RecoveryError, match="prune must be < 1"):
+        sparsecraft_sbl_batch(A, Y, prune=1.0)
+    with pytest.raises(RecoveryError, match="Y holds no problems"):
+        sparsecraft_sbl_batch(A, [])
