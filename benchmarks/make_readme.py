@@ -37,6 +37,7 @@ SECTIONS = [
     ("train.md", "Sparse training on real data (issue: Sparse training)"),
     ("shrink.md", "Structured shrinking: smaller and faster tensors (issue 5)"),
     ("runtime.md", "Runtime: sparse kernels, the measuring planner, activation sparsity (issue 5)"),
+    ("distributed.md", "Distributed calibration: one process against two (issue 13)"),
     ("recovery.md", "Sparse recovery (issue: Sparse recovery)"),
 ]
 
@@ -56,6 +57,7 @@ Each JSON result records the commit that produced it (`git_commit`).
 | `make bench-train` | `bench_train.py` (resumable; `--part`) | `train.json`, `train.md`, `.png` |
 | `make bench-shrink` | `bench_shrink.py` | `shrink.json`, `shrink.md`, `.png` |
 | `make bench-runtime` | `bench_runtime.py layers`, `model`, `model --threads 1` | `runtime_*.json`, `runtime.md`, `.png` |
+| `make bench-distributed` | `bench_distributed.py` (1 vs 2 processes, `torchrun`) | `distributed.json`, `distributed.md` |
 | `make bench-recovery` | `recovery/bench_*.py` with the trial counts below | `recovery_*.json`, `.png` |
 | `make bench-readme` | `make_readme.py`, `recovery/make_report.py` | this page, `recovery.md` |
 | `make bench` | all of the above, then `bench-readme` | |

@@ -152,3 +152,61 @@ def test_distributed_bad_input_is_refused_on_every_rank(distributed_results):
         assert "1 calibration sample(s) cannot be split over 2 processes" in results["too-few"]
         assert "6 samples make 1 batch(es) of batch_size 8, fewer than the 2 processes" in results["few-batches"]
         assert "use batch_size <= 3" in results["few-batches"]
+
+
+def _run(command, tmp_path, threads=1):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_torchrun_cli_prunes_like_one_process(tmp_path, tiny_llama_tok_dir):
+    import json
+
+    prune = ["-m", "sparsecraft", "prune", str(tiny_llama_tok_dir), "--method", "sparsegpt", "--samples", "8",
+             "--seq-len", "16", "--option", "batch_size=2"]
+    two = _run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *prune,
+                "--out", str(tmp_path / "two")], tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = _run([*prune, "--out", str(tmp_path / "one")], tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    # rank 0 alone prints and writes
+    printed = [line for line in two.stdout.splitlines() if line.startswith("pruned ")]
+    assert len(printed) == 1 and "calibration split over 2 processes" in two.stdout
+    assert json.loads((tmp_path / "two" / "prune_results.json").read_text())["processes"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no staging left behind
+    a, b = sc.load(tmp_path / "two"), sc.load(tmp_path / "one")
+    pruned = sc.get_meta(b)
+    assert set(sc.get_meta(a)) == set(pruned) and pruned
+    wa, wb = dict(a.named_parameters()), dict(b.named_parameters())
+    for name, w in wb.items():
+        assert _relative(wa[name], w) <= 1e-5, name
+        if name in pruned:
+            assert torch.equal(wa[name] == 0, w == 0), name
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_torchrun_environment_is_checked(tmp_path, tiny_llama_tok_dir, monkeypatch, capsys):
+    from sparsecraft.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    out = tmp_path / "o"
+    assert main(["-q", "prune", str(tiny_llama_tok_dir), "--method", "wanda", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sparsecraft prune: error: environment: WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT not set; "
+                   "launch with torchrun"]
+    monkeypatch.setenv("RANK", "5")
+    assert main(["-q", "prune", str(tiny_llama_tok_dir), "--out", str(out)]) == 2
+    assert "RANK=5 is outside 0..1" in capsys.readouterr().err
+    assert not out.exists() and not dist.is_initialized()

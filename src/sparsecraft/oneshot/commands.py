@@ -14,8 +14,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 
-from ..cli_args import add_format, add_overwrite, assignment_arg, check_output, int_arg, number_arg, override_arg, write_line
+from ..cli_args import (
+    add_format,
+    add_overwrite,
+    assignment_arg,
+    check_output,
+    int_arg,
+    number_arg,
+    override_arg,
+    write_line,
+)
 
 EPILOG_PRUNE = """examples:
   sparsecraft prune smollm2-135m --sparsity 0.5 --out pruned/
@@ -117,9 +127,14 @@ def distributed_run(args):
 
     ranks = init_from_env()
     try:
-        if ranks is not None and not ranks.main:
+        if ranks is not None and not ranks.main:  # rank 0 speaks for all
+            import transformers
+
             logging.getLogger().setLevel(logging.ERROR)
-            args.quiet = True  # no progress bars
+            transformers.utils.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+            args.quiet = True  # and no progress bars of ours
         yield ranks is None or ranks.main
     finally:
         shutdown()
