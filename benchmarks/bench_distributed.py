@@ -50,8 +50,8 @@ RUNS = {  # name -> (processes, threads per process)
 
 def _prune(model: str, method: str, out: Path, processes: int, threads: int, args) -> dict:
     """Run one ``sparsecraft prune``; its results file plus the command's wall time."""
-    prune = ["prune", model, "--method", method, "--sparsity", str(args.sparsity), "--samples", str(args.samples),
-             "--seq-len", str(args.seq_len), "--out", str(out), "-q"]
+    prune = ["-q", "prune", model, "--method", method, "--sparsity", str(args.sparsity), "--samples",
+             str(args.samples), "--seq-len", str(args.seq_len), "--out", str(out)]
     if processes == 1:
         command = [sys.executable, "-m", "sparsecraft", *prune]
     else:

@@ -24,6 +24,9 @@ CASES = {
     "wanda-owl-dsnot": (dict(method="wanda", sparsity=0.6, allocation="owl", dsnot=True, owl_lambda=0.1), 12, 2),
     "sparsegpt-error": (dict(method="sparsegpt", sparsity=0.5, measure_error=True), 12, 2),
     "snip": (dict(method="snip", sparsity=0.5), 12, 2),
+    # block and model stages train on every batch: each rank runs the whole set
+    "sparsegpt-stages": (dict(method="sparsegpt", sparsity=0.5, reconstruct={"epochs": 1},
+                              distill={"holdout": 2, "epochs": 1}), 12, 2),
 }
 
 
@@ -129,7 +132,9 @@ def test_two_processes_give_the_masks_and_weights_of_one(name, distributed_resul
             assert torch.equal(got["weights"][key] == 0, w == 0), f"rank {rank}: zeros of {key} differ"
     # the ranks ran contiguous runs of whole batches, together the whole set once
     kwargs, samples, batch_size = CASES[name]
-    if name != "snip":  # a model-level statistic only: no block inputs
+    if name == "sparsegpt-stages":
+        assert all(torch.equal(r[name]["seen"][0], _calibration(samples)) for r in distributed_results)
+    elif name != "snip":  # a model-level statistic only: no block inputs
         parts = [r[name]["seen"][0] for r in distributed_results]
         assert torch.equal(torch.cat(parts), _calibration(samples))
         batches = -(-samples // batch_size)
@@ -163,7 +168,7 @@ def _run(command, tmp_path, threads=1):
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, cwd=tmp_path,
-                          timeout=600)
+                          timeout=1200)
 
 
 @pytest.mark.slow

@@ -190,12 +190,14 @@ def save(
     # whatever zeros it holds (its measured sparsity is still stored)
     info = {name: dict(meta[name]) if "method" in meta.get(name, {}) else {"pattern": "dense"}
             for name in tensors}
-    extra = {"model": _model_record(model), "aliases": aliases}
+    record = _model_record(model)
+    extra = {"model": record, "aliases": aliases}
     shapes = getattr(model, SHAPES_ATTR, None)
     described = hf_config(model)
     if shapes:  # structurally shrunk modules: their shapes, so load can rebuild them
         extra["shapes"] = shapes
-        extra["shrink"] = described.record()
+        if record["kind"] == "transformers":  # and whether its config.json can describe them
+            extra["shrink"] = described.record()
 
     if path.suffix == ".safetensors":
         if extra_files:

@@ -97,13 +97,11 @@ class Ranks:
 
     # ---- collectives ------------------------------------------------------------------
     def _comm(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` on a device the process group's backend can reduce (contiguous)."""
-        backend = str(_dist().get_backend())
-        if "nccl" in backend and "gloo" not in backend:
+        """``t`` (contiguous) on the device every rank reduces on: the GPU when the group has
+        NCCL, else the CPU, whatever device ``t`` lives on (so all ranks take the same backend)."""
+        if "nccl" in str(_dist().get_backend()):
             return t.to(torch.device("cuda", torch.cuda.current_device())).contiguous()
-        if "gloo" in backend and "nccl" not in backend and t.device.type != "cpu":
-            return t.cpu().contiguous()
-        return t.contiguous()
+        return t.cpu().contiguous()
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks, in place; returns ``t``."""

@@ -129,6 +129,8 @@ class Statistic:
     #: what calibration it reads: "tokens" (token ids [samples, seq_len]) or "any" (a batch of
     #: model inputs, e.g. images, batch on dim 0)
     inputs: str = "tokens"
+    #: model scope, under torch.distributed: "sum" (each process's batches, summed) or None
+    #: (every process computes it over the whole calibration set)
     merge: str | None = None
 
 
@@ -588,7 +590,7 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
         )
     log.info("calibrated %s: %d blocks, %d samples x %d tokens%s, estimated %.0f MiB%s%s",
              config.method, len(blocks), whole.shape[0], whole.shape[1],
-             "" if ranks is None else f" ({calibration.shape[0]} in each of {ranks.world} processes)",
+             "" if ranks is None else f", {calibration.shape[0]} in process {ranks.rank} of {ranks.world}",
              estimate / 2**20, ", sequential" if opts.sequential else "",
              ", activations on disk" if on_disk else "")
 
