@@ -11,7 +11,7 @@ RUNENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
 # Benchmarks: every script holds benchmarks/results/.train.lock while it measures (see
 # benchmarks/_common.py), so `make -j bench` still runs them one at a time.
 BENCH  := $(RUNENV) $(PY) benchmarks
-BENCHES := prune formats oneshot reconstruct train sparse-ift shrink runtime recovery
+BENCHES := prune formats oneshot reconstruct train sparse-ift shrink runtime distributed recovery
 
 .PHONY: setup demo lint test test-fast bench $(addprefix bench-,$(BENCHES)) bench-readme clean
 
@@ -77,6 +77,10 @@ bench-runtime: setup
 	$(BENCH)/bench_runtime.py layers
 	$(BENCH)/bench_runtime.py model
 	$(BENCH)/bench_runtime.py model --threads 1
+
+# one process against two (torchrun) on SmolLM2: identical masks, weights within 1e-5, both times
+bench-distributed: setup
+	$(BENCH)/bench_distributed.py
 
 # the commands and trial counts in benchmarks/results/recovery.md
 bench-recovery: setup

@@ -42,6 +42,7 @@ SECTIONS = [
     ("sparse_ift.md", "Sparse-IFT wide against the dense model of equal FLOPs (issue 15)"),
     ("shrink.md", "Structured shrinking: smaller and faster tensors (issue 5)"),
     ("runtime.md", "Runtime: sparse kernels, the measuring planner, activation sparsity (issue 5)"),
+    ("distributed.md", "Distributed calibration: one process against two (issue 13)"),
     ("recovery.md", "Sparse recovery (issue: Sparse recovery)"),
 ]
 
@@ -63,6 +64,7 @@ Each JSON result records the commit that produced it (`git_commit`).
 | `make bench-sparse-ift` | `bench_sparse_ift.py` (resumable; accuracy only, takes no lock) | `sparse_ift.json`, `sparse_ift.md`, `.png` |
 | `make bench-shrink` | `bench_shrink.py` | `shrink.json`, `shrink.md`, `.png` |
 | `make bench-runtime` | `bench_runtime.py layers`, `model`, `model --threads 1` | `runtime_*.json`, `runtime.md`, `.png` |
+| `make bench-distributed` | `bench_distributed.py` (1 vs 2 processes, `torchrun`) | `distributed.json`, `distributed.md` |
 | `make bench-recovery` | `recovery/bench_*.py` with the trial counts below | `recovery_*.json`, `.png` |
 | `make bench-readme` | `make_readme.py`, `recovery/make_report.py` | this page, `recovery.md` |
 | `make bench` | all of the above, then `bench-readme` | |

@@ -22,7 +22,17 @@ folder gets the usual permissions (``0o777 & ~umask``), not the temporary folder
 model is loaded into a module you pass (``load(path, model=module)``). The model never
 gets pickled. Structurally shrunk models (:mod:`sparsecraft.structured`) carry a record of
 their resized modules (:mod:`sparsecraft.shapes`); ``load`` resizes those modules of the
-freshly built model first.
+freshly built model first. A shrunk transformers model whose blocks all have the same new
+sizes gets a ``config.json`` with those sizes (:func:`sparsecraft.hf_export.hf_config`), so
+``transformers`` loads the folder too as long as its tensors are stored dense (a shrunk model
+that was not also pruned); otherwise ``config.json`` keeps the original sizes plus a
+``sparsecraft_note`` saying why, and the header's ``extra["shrink"]`` (shown by
+``sparsecraft info``) says whether the shrink is uniform.
+
+``save(..., format="dense-hf")`` writes instead a folder that knows nothing of sparsity: plain
+dense safetensors shards and ``config.json`` as transformers saves them (see
+:mod:`sparsecraft.hf_export`), plus the tokenizer and ``extra_files``, made visible atomically
+the same way.
 
 Nothing the file says is used before it is checked, in this order: the whole header against
 its checksum; the model class against an allow-list of transformers model classes (built
@@ -43,6 +53,7 @@ only as trustworthy as its source.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -58,19 +69,31 @@ from .masks import META_ATTR, get_meta
 from .shapes import SHAPES_ATTR, check_record
 
 __all__ = ["save", "load", "load_tensors", "is_checkpoint", "claims_checkpoint", "tensor_file",
-           "describe", "TENSOR_FILE", "CONFIG_FILE"]
+           "describe", "TENSOR_FILE", "CONFIG_FILE", "FORMATS"]
 
 log = logging.getLogger(__name__)
 TENSOR_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+#: output formats of :func:`save`: sparsecraft's compressed checkpoint, or dense shards for transformers
+FORMATS = ("sparsecraft", "dense-hf")
 
 
 def describe(path: str | Path) -> str:
     """What ``sparsecraft info`` prints for a checkpoint folder or tensor file
-    (see :func:`sparsecraft.formats.describe`)."""
+    (see :func:`sparsecraft.formats.describe`), plus a line on a structural shrink."""
     from .formats import describe as describe_file
+    from .formats import read_header
 
-    return describe_file(_existing_file(Path(path)))
+    file = _existing_file(Path(path))
+    text = describe_file(file)
+    shrink = (read_header(file).get("extra") or {}).get("shrink")
+    if isinstance(shrink, dict):
+        sizes = shrink.get("sizes") if isinstance(shrink.get("sizes"), dict) else {}
+        kind = "uniform" if shrink.get("uniform") else "non-uniform"
+        text += (f"\nstructurally shrunk ({kind}"
+                 + ("".join(f", {k} {v}" for k, v in sorted(sizes.items())) if sizes else "") + "): "
+                 + str(shrink.get("note", "")))
+    return text
 
 
 def tensor_file(path: Path) -> Path:
@@ -125,32 +148,56 @@ def _model_record(model: nn.Module) -> dict:
 
 def save(
     model: nn.Module, path: str | Path, *, overwrite: bool = False, tokenizer=None,
-    extra_files: dict[str, str] | None = None,
+    extra_files: dict[str, str] | None = None, format: str = "sparsecraft",
+    max_shard_size: int | str | None = None,
 ) -> Path:
-    """Write ``model`` compressed to ``path`` (see the module docstring); returns the path.
+    """Write ``model`` to ``path`` (see the module docstring); returns the path.
 
-    ``extra_files`` (folder checkpoints only) maps plain file names (no folders, not
-    ``model.safetensors`` or ``config.json``) to text written beside the model inside the
-    same atomic step, e.g. a JSON report of the run.
+    ``format``: ``"sparsecraft"`` (compressed, the default) or ``"dense-hf"`` (a folder of
+    dense safetensors shards of at most ``max_shard_size``, transformers' notation such as
+    ``"2GB"``, for transformers' ``from_pretrained``; a model transformers cannot express is a
+    FormatError before anything is written). ``extra_files`` (folder checkpoints only) maps
+    plain file names (no folders, not ``model.safetensors`` or ``config.json``) to text written
+    beside the model inside the same atomic step, e.g. a JSON report of the run.
     """
     from .formats import write_tensors
+    from .hf_export import DEFAULT_SHARD_SIZE, check_dense_hf, hf_config, write_dense_hf
 
     path = Path(path)
+    if format not in FORMATS:
+        raise FormatError(f"unknown format {format!r}; known: {', '.join(FORMATS)}")
     if path.exists() and not overwrite:
         raise FormatError(f"'{path}' exists; pass overwrite=True to replace it")
     if not path.parent.is_dir():
         raise FormatError(f"parent folder of '{path}' does not exist")
     _check_extra_files(extra_files)
+    if format == "dense-hf":
+        if path.suffix == ".safetensors":
+            raise FormatError(f"format dense-hf writes a folder (shards, config.json, tokenizer), not the "
+                              f"single file '{path}'")
+        check_dense_hf(model)  # before anything is written
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            write_dense_hf(model, staging, max_shard_size=max_shard_size or DEFAULT_SHARD_SIZE)
+            _finish_folder(staging, path, overwrite, tokenizer, extra_files)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return path
     tensors, aliases = _unique_state(model)
     meta = get_meta(model)
     # only what sparsecraft pruned (a method on record) gets a pattern; the rest is dense
     # whatever zeros it holds (its measured sparsity is still stored)
     info = {name: dict(meta[name]) if "method" in meta.get(name, {}) else {"pattern": "dense"}
             for name in tensors}
-    extra = {"model": _model_record(model), "aliases": aliases}
+    record = _model_record(model)
+    extra = {"model": record, "aliases": aliases}
     shapes = getattr(model, SHAPES_ATTR, None)
+    described = hf_config(model)
     if shapes:  # structurally shrunk modules: their shapes, so load can rebuild them
         extra["shapes"] = shapes
+        if record["kind"] == "transformers":  # and whether its config.json can describe them
+            extra["shrink"] = described.record()
 
     if path.suffix == ".safetensors":
         if extra_files:
@@ -161,22 +208,31 @@ def save(
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         write_tensors(staging / TENSOR_FILE, tensors, info=info, extra=extra)
-        config = getattr(model, "config", None)
+        config = described.config
+        if config is None and shapes:  # the original sizes, and why transformers cannot load it
+            config = copy.deepcopy(getattr(model, "config", None))
+            if config is not None:
+                config.sparsecraft_note = f"{described.reason}; load this folder with sparsecraft.load"
         if config is not None and hasattr(config, "to_json_file"):
             config.to_json_file(str(staging / CONFIG_FILE))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(staging))
-        for name, text in (extra_files or {}).items():
-            if (staging / name).exists():  # e.g. a tokenizer file of the same name
-                raise FormatError(f"extra_files: '{name}' would replace a file of the checkpoint")
-            (staging / name).write_text(text)
-        # mkdtemp makes the folder 0700; a checkpoint gets the permissions of any new folder
-        os.chmod(staging, 0o777 & ~_UMASK)
-        _replace_dir(staging, path, overwrite)
+        _finish_folder(staging, path, overwrite, tokenizer, extra_files)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def _finish_folder(staging: Path, path: Path, overwrite: bool, tokenizer, extra_files) -> None:
+    """Tokenizer and extra files into the staging folder, then the folder into place."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(staging))
+    for name, text in (extra_files or {}).items():
+        if (staging / name).exists():  # e.g. a tokenizer file of the same name
+            raise FormatError(f"extra_files: '{name}' would replace a file of the checkpoint")
+        (staging / name).write_text(text)
+    # mkdtemp makes the folder 0700; a checkpoint gets the permissions of any new folder
+    os.chmod(staging, 0o777 & ~_UMASK)
+    _replace_dir(staging, path, overwrite)
 
 
 def _check_extra_files(extra_files) -> None:

@@ -107,6 +107,13 @@ def write_line(text: str) -> None:
     sys.stdout.write(text + "\n")
 
 
+def add_format(parser) -> None:
+    """The ``--format`` of commands that write a model (see ``sparsecraft.checkpoint.save``)."""
+    parser.add_argument("--format", default="sparsecraft", choices=("sparsecraft", "dense-hf"),
+                        help="sparsecraft: compressed checkpoint (default); dense-hf: a folder of plain dense "
+                             "safetensors shards + config.json that transformers' from_pretrained loads")
+
+
 def add_overwrite(parser) -> None:
     """The ``--overwrite`` flag every writing command takes (see :mod:`sparsecraft.outputs`)."""
     parser.add_argument("--overwrite", action="store_true",

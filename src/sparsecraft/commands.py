@@ -120,9 +120,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import tensor_file
+    from .checkpoint import describe, tensor_file
     from .errors import SparsecraftError
-    from .formats import describe, read_header
+    from .formats import read_header
 
     path = tensor_file(Path(args.path))
     if not path.is_file():
@@ -130,7 +130,7 @@ def cmd_info(args) -> int:
     if args.json:
         write_line(json.dumps(read_header(path), indent=2, default=str))
         return 0
-    write_line(describe(path))  # its first line names the file and the format version
+    write_line(describe(path))  # its first line names the file and the format version; a shrink is noted
     return 0
 
 

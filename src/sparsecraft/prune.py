@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -45,6 +47,7 @@ from .criteria import (
     method_names,
     register_solver,
 )
+from .distributed import Ranks, current
 from .errors import ConfigError, TargetError, config_fields
 from .masks import SparsityState
 from .oneshot.driver import (
@@ -323,7 +326,7 @@ def _plan(model, config, targets, calibration, progress):
     if solver.requires:  # model-level statistics only (the block driver handles the rest)
         calibration = check_model_inputs(model, calibration, solver.requires)
         values = collect_model_statistics(model, active, solver.requires, calibration,
-                                          config.driver_options().batch_size)
+                                          config.driver_options().batch_size, current())
 
     def ctx(t: Target) -> LayerContext:
         stats = values.get(t.name, {})
@@ -352,6 +355,24 @@ def _plan(model, config, targets, calibration, progress):
     return masks, info, weights
 
 
+def _fingerprint(value) -> str:
+    """Shape, dtype and SHA-256 of a tensor's bytes (``repr`` of anything else)."""
+    if not isinstance(value, torch.Tensor):
+        return repr(value)
+    t = value.detach().cpu().contiguous()
+    return f"{tuple(t.shape)} {t.dtype} {hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()}"
+
+
+def _check_ranks_agree(ranks: Ranks, config: PruneConfig, targets: list[Target], calibration) -> None:
+    """Every process of a distributed run must prune the same targets with the same config and
+    calibration; checked before anything runs (a mismatch is a ConfigError on every rank)."""
+    ranks.check_same({
+        "config": json.dumps(config.to_dict(), sort_keys=True, default=str),
+        "calibration": _fingerprint(calibration),
+        "model (targets and shapes)": json.dumps([[t.name, list(t.param.shape)] for t in targets]),
+    })
+
+
 def prune_(
     model: nn.Module,
     config: PruneConfig | Mapping[str, Any],
@@ -364,11 +385,20 @@ def prune_(
     ``calibration`` (token ids ``[samples, seq_len]``) feeds methods that need data (Wanda,
     SparseGPT, gradients, OWL, DSnoT); the others ignore it. Call ``state.finalize_()`` to
     drop the machinery.
+
+    Under ``torch.distributed`` every process calls ``prune_`` with the same model, config and
+    whole calibration set; the calibration batches are split over the processes, their
+    statistics summed, and every process ends with the same masks and weights (see
+    :mod:`sparsecraft.distributed`). Progress bars show on rank 0 only.
     """
     if not isinstance(config, PruneConfig):
         config = PruneConfig.from_dict(config)
     config.validate()
     targets = select_targets(model, config.targets)
+    ranks = current()
+    if ranks is not None:
+        _check_ranks_agree(ranks, config, targets, calibration)
+        progress = progress and ranks.main
     _check_finite(targets)
     model_stages = config.model_stages()
     teacher = None

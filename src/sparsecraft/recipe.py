@@ -3,6 +3,7 @@
 ```yaml
 model: smollm2-135m            # named model or a folder
 out: pruned/                   # where the compressed model goes
+format: sparsecraft            # or dense-hf: dense safetensors shards transformers loads
 overwrite: false
 prune:                         # a PruneConfig, field for field
   method: sparsegpt
@@ -22,6 +23,10 @@ evaluate: true                 # perplexity (causal LM) or embedding similarity 
 Everything is validated before the model is loaded (field types, values, whether the
 method can run without gradients, the output path); an error names the field. Patterns
 such as ``2:4`` may be written unquoted: recipes are read with :mod:`sparsecraft.yaml_io`.
+
+Under ``torchrun`` (``torch.distributed`` initialised) :func:`execute` runs in every process:
+each loads the model and the calibration set, ``prune_`` splits the calibration over them,
+and rank 0 alone evaluates and writes the output while the others wait at a barrier.
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ class Recipe:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     evaluate: bool = True
     overwrite: bool = False
+    format: str = "sparsecraft"  # or "dense-hf" (see sparsecraft.checkpoint.save)
 
     def __post_init__(self):
         # Python callers may pass plain mappings, as a YAML file would
@@ -92,6 +98,7 @@ class Recipe:
             self.prune = PruneConfig.from_dict(self.prune)
         if isinstance(self.calibration, Mapping):
             self.calibration = _build(CalibrationSpec, self.calibration, "calibration")
+        check_format(self.format, self.out)
 
     @classmethod
     def from_dict(cls, data: Any) -> "Recipe":
@@ -107,6 +114,8 @@ class Recipe:
         for key in ("evaluate", "overwrite"):
             if key in data and not isinstance(data[key], bool):
                 raise ConfigError(f"recipe: '{key}' must be true or false, got {data[key]!r}")
+        if "format" in data and not isinstance(data["format"], str):
+            raise ConfigError(f"recipe: 'format' must be a string, got {data['format']!r}")
         prune_data = data.get("prune") or {}
         try:
             check_types(PruneConfig, config_fields(PruneConfig, prune_data, "prune config",
@@ -122,7 +131,19 @@ class Recipe:
             calibration=_build(CalibrationSpec, data.get("calibration"), "calibration"),
             evaluate=data.get("evaluate", True),
             overwrite=data.get("overwrite", False),
+            format=data.get("format", "sparsecraft"),
         )
+
+
+def check_format(fmt: str, out: str) -> None:
+    """ConfigError for an unknown output format, or dense-hf into a single file."""
+    from .checkpoint import FORMATS
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "dense-hf" and str(out).endswith(".safetensors"):
+        raise ConfigError(f"format dense-hf writes a folder (shards, config.json, tokenizer); out '{out}' "
+                          f"names a single .safetensors file")
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -148,6 +169,7 @@ def execute(recipe: Recipe, *, progress: bool = True) -> dict:
 
     from . import data, models
     from .checkpoint import save
+    from .distributed import current
     from .errors import SparsecraftError
     from .outputs import MARKER, check_output, marker_text
     from .prune import prune_
@@ -160,6 +182,12 @@ def execute(recipe: Recipe, *, progress: bool = True) -> dict:
     start = time.perf_counter()
     model, tok = models.load(recipe.model)
     log.info("loaded %s in %.1f s", recipe.model, time.perf_counter() - start)
+    if recipe.format == "dense-hf":  # pruning keeps shapes: what transformers cannot express is known now
+        from .hf_export import check_dense_hf
+
+        check_dense_hf(model)
+    ranks = current()
+    main = ranks is None or ranks.main  # rank 0 evaluates and writes; the others wait for it
 
     results: dict[str, Any] = {"model": recipe.model, "prune": config.to_dict()}
     calibration = None
@@ -174,7 +202,7 @@ def execute(recipe: Recipe, *, progress: bool = True) -> dict:
             "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed,
         }
     corpus = recipe.calibration.corpus
-    eval_docs = data.builtin_texts(corpus)["evaluation"] if recipe.evaluate and tok is not None else None
+    eval_docs = data.builtin_texts(corpus)["evaluation"] if recipe.evaluate and tok is not None and main else None
     reference = None
     if eval_docs is not None:
         results["evaluation_text"] = f"built-in {corpus} corpus, evaluation part (disjoint from its calibration part)"
@@ -193,7 +221,12 @@ def execute(recipe: Recipe, *, progress: bool = True) -> dict:
     results["sparsity"] = rep.totals["sparsity"]
     results["compressed_bytes"] = rep.totals["compressed_bytes"]
     # one .safetensors file holds tensors only; a folder also gets the results and the marker
+    if ranks is not None:
+        results["processes"] = ranks.world
     extra = None if out.suffix == ".safetensors" else {
         "prune_results.json": json.dumps(results, indent=2) + "\n", MARKER: marker_text("prune")}
-    save(model, out, overwrite=recipe.overwrite, tokenizer=tok, extra_files=extra)
+    if main:
+        save(model, out, overwrite=recipe.overwrite, tokenizer=tok, extra_files=extra, format=recipe.format)
+    if ranks is not None:
+        ranks.barrier()
     return results

@@ -3,13 +3,29 @@
 Both build a :class:`~sparsecraft.recipe.Recipe` (validated: config, method, calibration,
 output path) and hand it to :func:`sparsecraft.recipe.execute`, which checks the output
 path before it loads the model.
+
+Launched by ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment), both join the process
+group (:func:`sparsecraft.distributed.init_from_env`, gloo on CPU), split the calibration over
+the processes, and only rank 0 logs below errors, shows progress, prints and writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
 
-from ..cli_args import add_overwrite, assignment_arg, check_output, int_arg, number_arg, override_arg, write_line
+from ..cli_args import (
+    add_format,
+    add_overwrite,
+    assignment_arg,
+    check_output,
+    int_arg,
+    number_arg,
+    override_arg,
+    write_line,
+)
 
 EPILOG_PRUNE = """examples:
   sparsecraft prune smollm2-135m --sparsity 0.5 --out pruned/
@@ -22,6 +38,8 @@ EPILOG_PRUNE = """examples:
   sparsecraft prune smollm2-135m --method admm --pattern 2:4 --reconstruct --eval --out pruned-admm/
   sparsecraft prune smollm2-135m --method sparsegpt --pattern 2:4 --learn-mask --reconstruct \
       --option 'reconstruct={lr: 1e-3, epochs: 3}' --out pruned-learned/
+  sparsecraft prune smollm2-135m --method wanda --format dense-hf --out pruned-hf/   # for transformers
+  torchrun --nproc-per-node 2 -m sparsecraft prune smollm2-135m --method sparsegpt --out pruned/
 """
 
 
@@ -90,6 +108,7 @@ def register(sub) -> dict:
                    help="tokens per calibration sample (default 512)")
     p.add_argument("--eval", action="store_true",
                    help="measure quality before and after on held-out text (perplexity or embedding cosine)")
+    add_format(p)
     add_overwrite(p)
 
     r = sub.add_parser("run", help="run a YAML recipe (the same fields as prune's flags)",
@@ -100,9 +119,32 @@ def register(sub) -> dict:
     return {"prune": cmd_prune, "run": cmd_run}
 
 
+@contextlib.contextmanager
+def distributed_run(args):
+    """Under torchrun: join the process group for the command, quiet every rank but 0; yields
+    whether this process is the one that prints."""
+    from ..distributed import init_from_env, shutdown
+
+    ranks = init_from_env()
+    try:
+        if ranks is not None and not ranks.main:  # rank 0 speaks for all
+            import transformers
+
+            logging.getLogger().setLevel(logging.ERROR)
+            transformers.utils.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+            args.quiet = True  # and no progress bars of ours
+        yield ranks is None or ranks.main
+    finally:
+        shutdown()
+
+
 def _finish(results: dict, recipe) -> None:
     write_line(f"pruned {recipe.model} with {recipe.prune.method} ({recipe.prune.pattern_obj}): "
                f"sparsity {results['sparsity']:.4f} in {results['prune_seconds']:.1f} s; saved to {recipe.out}")
+    if "processes" in results:
+        write_line(f"  calibration split over {results['processes']} processes")
     for key in ("dense", "pruned"):
         if key in results:
             write_line(f"  {key}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
@@ -142,9 +184,13 @@ def cmd_prune(args) -> int:
         model=args.model, out=args.out, prune=config, evaluate=args.eval, overwrite=args.overwrite,
         calibration=CalibrationSpec(file=args.calib, corpus=args.corpus, samples=args.samples,
                                     seq_len=args.seq_len, seed=args.seed),
+        format=args.format,
     )
     check_output(args.out, overwrite=args.overwrite, kind="model")  # execute checks again, as 'out'
-    _finish(execute(recipe, progress=not args.quiet), recipe)
+    with distributed_run(args) as main:
+        results = execute(recipe, progress=not args.quiet)
+        if main:
+            _finish(results, recipe)
     return 0
 
 
@@ -156,5 +202,8 @@ def cmd_run(args) -> int:
     recipe = load_recipe(args.recipe)
     if args.overwrite:
         recipe = dataclasses.replace(recipe, overwrite=True)
-    _finish(execute(recipe, progress=not args.quiet), recipe)
+    with distributed_run(args) as main:
+        results = execute(recipe, progress=not args.quiet)
+        if main:
+            _finish(results, recipe)
     return 0

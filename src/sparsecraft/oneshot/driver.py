@@ -27,6 +27,13 @@ Layers that read the same input tensor (q/k/v, gate/up) share one set of statist
 Model-level statistics (``gradients``: of the language-modelling loss on the calibration
 samples, dense model) are collected once before any block changes.
 
+Under ``torch.distributed`` (:mod:`sparsecraft.distributed`) each process runs its share of
+the calibration batches; a layer's statistics are summed over the processes just before the
+layer is solved (:meth:`_LayerStats.layer_stats`), model-level statistics that declare
+``merge="sum"`` right after they are collected, so every process solves from the same numbers
+and computes the same masks. Block stages train on all calibration batches, so with them every
+process runs the whole calibration set (the same work and result as one process).
+
 An allocation that ``requires`` statistics (OWL) gets them from one dense pass over all
 blocks first. Memory: the calibration activations of one block boundary plus one block's
 statistics. With ``activations="disk"`` (or ``"auto"``, the default, when the estimate does
@@ -65,6 +72,7 @@ from ..blocks import (
     run_block,
 )
 from ..criteria import BlockLayer, LayerContext, LayerResult, Refiner, Solver
+from ..distributed import Ranks, current
 from ..errors import ConfigError, SparsecraftError, TargetError
 from ..memory import available_memory
 from ..targets import Target, resolve_patterns
@@ -104,8 +112,13 @@ class Statistic:
     ``scope="layer"``: ``make()`` returns an accumulator with ``add(x)`` fed each batch of
     the layer's input; ``extract(acc)`` returns the ``ctx.stats`` entries. Requirements with
     the same ``key`` share one accumulator. ``scope="model"``: ``make(model, targets,
-    calibration, batch_size)`` returns ``{layer name: value}``, put in ``ctx.stats[key]``
-    (and in ``ctx.grad`` for ``gradients``).
+    calibration, batch_size)`` returns ``{layer name: value}`` (passed through ``extract``
+    when given), put in ``ctx.stats[key]`` (and in ``ctx.grad`` for ``gradients``).
+
+    Under ``torch.distributed``, a layer-scope accumulator needs ``all_reduce_(ranks)`` (sum
+    over the processes). A model-scope statistic with ``merge="sum"`` is computed by each
+    process on its calibration batches and summed over the processes; with ``merge=None``
+    every process computes it over the whole calibration set.
     """
 
     name: str
@@ -116,6 +129,9 @@ class Statistic:
     #: what calibration it reads: "tokens" (token ids [samples, seq_len]) or "any" (a batch of
     #: model inputs, e.g. images, batch on dim 0)
     inputs: str = "tokens"
+    #: model scope, under torch.distributed: "sum" (each process's batches, summed) or None
+    #: (every process computes it over the whole calibration set)
+    merge: str | None = None
 
 
 STATISTICS: dict[str, Statistic] = {}
@@ -124,6 +140,8 @@ STATISTICS: dict[str, Statistic] = {}
 def register_statistic(stat: Statistic) -> Statistic:
     if stat.scope not in ("layer", "model"):
         raise ValueError(f"statistic '{stat.name}': scope must be 'layer' or 'model'")
+    if stat.merge not in (None, "sum"):
+        raise ValueError(f"statistic '{stat.name}': merge must be None or 'sum'")
     STATISTICS[stat.name] = stat
     return stat
 
@@ -156,10 +174,12 @@ def collect_gradients(model: nn.Module, targets: list[Target], calibration: torc
     """Sum over the calibration batches of d(LM loss)/dW for each target (dense model).
 
     The loss is the model's own (``labels=`` the input ids); a model that returns none is
-    a ConfigError. ``requires_grad`` flags and ``.grad`` fields are left as they were.
+    a ConfigError. ``requires_grad`` flags and ``.grad`` fields are left as they were. The sum
+    is kept in float64 (so it does not depend on how the batches are grouped, e.g. over
+    processes) and returned in float32.
     """
     params = [t.param for t in targets]
-    total = {t.name: torch.zeros_like(t.param, dtype=torch.float32) for t in targets}
+    total = {t.name: torch.zeros_like(t.param, dtype=torch.float64) for t in targets}
     device = params[0].device if params else torch.device("cpu")
     with gradients_only_for(model, params):
         for start in range(0, calibration.shape[0], batch_size):
@@ -181,11 +201,15 @@ def collect_gradients(model: nn.Module, targets: list[Target], calibration: torc
     return total
 
 
+def _float32(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: v.float() for name, v in values.items()}
+
+
 for _name in ("input_norms", "input_sq_norm", "mean_var", "input_mean", "input_var"):
     register_statistic(Statistic(_name, "layer", "input_norms", InputNormAccumulator, _norm_stats))
 register_statistic(Statistic("hessian", "layer", "hessian", HessianAccumulator, _hessian_stats))
 for _name in ("gradients", "grad"):
-    register_statistic(Statistic(_name, "model", "gradients", collect_gradients))
+    register_statistic(Statistic(_name, "model", "gradients", collect_gradients, extract=_float32, merge="sum"))
 
 
 def check_requires(names: Iterable[str], who: str) -> None:
@@ -236,12 +260,25 @@ def needs_block_driver(config) -> bool:
             or config.driver_options().measure_error)
 
 
-def collect_model_statistics(model, targets, names, calibration, batch_size) -> dict[str, dict[str, Any]]:
-    """``{layer: {key: value}}`` for the model-scope statistics among ``names``."""
+def collect_model_statistics(model, targets, names, calibration, batch_size,
+                             ranks: Ranks | None = None) -> dict[str, dict[str, Any]]:
+    """``{layer: {key: value}}`` for the model-scope statistics among ``names``.
+
+    ``calibration`` is the whole set; with ``ranks`` a statistic that merges by ``"sum"`` is
+    computed on this process's batches and summed over the processes (see :class:`Statistic`).
+    A model-scope ``extract`` turns the summed values into what the solver reads.
+    """
     _, stats = _split(names)
     out: dict[str, dict[str, Any]] = {t.name: {} for t in targets}
     for stat in stats:
-        values = stat.make(model, targets, calibration, batch_size)
+        split = ranks is not None and stat.merge == "sum"
+        values = stat.make(model, targets, ranks.shard(calibration, batch_size) if split else calibration,
+                           batch_size)
+        if split:
+            for value in values.values():  # the same order on every process
+                ranks.sum_(value)
+        if stat.extract is not None:
+            values = stat.extract(values)
         for name, value in values.items():
             out[name][stat.key] = value
     return out
@@ -252,10 +289,12 @@ class _LayerStats:
     as the layer before it (q/k/v, gate/up) shares that layer's statistics instead of
     accumulating the same numbers again."""
 
-    def __init__(self, targets: list[Target], stats: list[Statistic]):
+    def __init__(self, targets: list[Target], stats: list[Statistic], ranks: Ranks | None = None):
         self.stats = stats
         self.accs = {t.name: {s.key: s.make() for s in stats} for t in targets}
         self.owner: dict[str, str] = {}
+        self.ranks = ranks
+        self.summed: set[str] = set()
 
     def feed(self, name: str, x: torch.Tensor, previous: tuple[str, torch.Tensor] | None) -> bool:
         """Add one batch's input of ``name``; ``previous`` is ``(layer, input)`` of the last
@@ -273,7 +312,13 @@ class _LayerStats:
         return shares
 
     def layer_stats(self, name: str) -> dict:
-        accs = self.accs[self.owner.get(name, name)]
+        owner = self.owner.get(name, name)
+        accs = self.accs[owner]
+        if self.ranks is not None and owner not in self.summed:
+            # the one point where processes meet: every process solves from the global sums
+            for key in sorted(accs):
+                accs[key].all_reduce_(self.ranks)
+            self.summed.add(owner)
         out: dict = {}
         for s in self.stats:
             out.update(s.extract(accs[s.key]))
@@ -284,8 +329,8 @@ class _Collector(_LayerStats):
     """Forward hooks on the target layers feeding their inputs to the accumulators, for
     batches run one after another (``run_block``)."""
 
-    def __init__(self, targets: list[Target], stats: list[Statistic]):
-        super().__init__(targets, stats)
+    def __init__(self, targets: list[Target], stats: list[Statistic], ranks: Ranks | None = None):
+        super().__init__(targets, stats, ranks)
         self.last: tuple[str, torch.Tensor] | None = None
         self.handles = [t.module.register_forward_hook(self._hook(t.name)) for t in targets]
 
@@ -321,8 +366,8 @@ class _Lockstep(_LayerStats):
     """
 
     def __init__(self, targets: list[Target], stats: list[Statistic],
-                 solve: Callable[[Target, Callable[[str], dict]], None]):
-        super().__init__(targets, stats)
+                 solve: Callable[[Target, Callable[[str], dict]], None], ranks: Ranks | None = None):
+        super().__init__(targets, stats, ranks)
         self.targets = targets
         self.solve = solve
         self.cv = threading.Condition()
@@ -426,7 +471,7 @@ def _estimate_bytes(model, calibration, per_block, need_hessian, *, sequential=F
     if block_stages:  # the dense block's outputs and the tuning's own copy of its inputs
         acts += 2 * boundary
     stats = max(
-        sum((t.module.in_features ** 2 * 4 if need_hessian else 0) + t.module.in_features * 24 for t in ts)
+        sum((t.module.in_features ** 2 * 12 if need_hessian else 0) + t.module.in_features * 24 for t in ts)
         for ts in per_block
     )
     # the widest intermediate activation of one batch (MLP width) during a block's forward
@@ -448,15 +493,15 @@ def prune_layer(solver: Solver, refiners: list[Refiner], ctx: LayerContext, patt
     return result
 
 
-def _scan(blocks, batches, per_block, stats, progress) -> dict[str, dict]:
+def _scan(blocks, batches, per_block, stats, progress, ranks=None) -> dict[str, dict]:
     """One dense pass over all blocks collecting ``stats`` per layer (for an allocation)."""
     out: dict[str, dict] = {}
-    current = [b.hidden for b in batches]
+    hidden = [b.hidden for b in batches]
     for block, targets in tqdm(list(zip(blocks, per_block)), desc="statistics scan", disable=not progress,
                                leave=False):
-        collector = _Collector(targets, stats)
+        collector = _Collector(targets, stats, ranks)
         try:
-            current = run_block(block, [BlockBatch(h, b.args, b.kwargs) for h, b in zip(current, batches)])
+            hidden = run_block(block, [BlockBatch(h, b.args, b.kwargs) for h, b in zip(hidden, batches)])
         finally:
             collector.remove()
         out.update({t.name: collector.layer_stats(t.name) for t in targets})
@@ -514,10 +559,24 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
         names.add("hessian")
     layer_stats, model_stats = _split(names)
     alloc_stats, _ = _split(alloc.requires)
+    ranks, whole = current(), calibration
+    if ranks is not None and block_stages:
+        log.warning("%s train(s) on every calibration batch: each of the %d processes runs the whole "
+                    "calibration set (no speed-up, the same result)", ", ".join(st.name for st in block_stages),
+                    ranks.world)
+        ranks = None
+    if ranks is not None:
+        unsupported = sorted(s.name for s in layer_stats + alloc_stats if not hasattr(s.make(), "all_reduce_"))
+        if unsupported:
+            raise ConfigError(f"statistic(s) {', '.join(unsupported)} cannot be summed over processes "
+                              f"(their accumulator has no all_reduce_); run in one process")
+        calibration = ranks.shard(calibration, opts.batch_size)
     need_hessian = any(s.key == "hessian" for s in layer_stats)
     sizes = dict(sequential=opts.sequential, block_stages=bool(block_stages), batch_size=opts.batch_size)
     estimate = _estimate_bytes(model, calibration, per_block, need_hessian, **sizes)
     available = available_memory()
+    if available is not None and ranks is not None:  # the processes on this machine share it
+        available //= ranks.local_world
     on_disk = opts.activations == "disk" or (
         opts.activations == "auto" and available is not None and estimate > 0.9 * available)
     if on_disk:
@@ -529,15 +588,17 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
             f"{available / 2**30:.2f} GiB is available; use fewer or shorter calibration samples"
             + ("" if on_disk else " or activations='disk'")
         )
-    log.info("calibrated %s: %d blocks, %d samples x %d tokens, estimated %.0f MiB%s%s",
-             config.method, len(blocks), calibration.shape[0], calibration.shape[1], estimate / 2**20,
-             ", sequential" if opts.sequential else "", ", activations on disk" if on_disk else "")
+    log.info("calibrated %s: %d blocks, %d samples x %d tokens%s, estimated %.0f MiB%s%s",
+             config.method, len(blocks), whole.shape[0], whole.shape[1],
+             "" if ranks is None else f", {calibration.shape[0]} in process {ranks.rank} of {ranks.world}",
+             estimate / 2**20, ", sequential" if opts.sequential else "",
+             ", activations on disk" if on_disk else "")
 
     # Model-level statistics first, from the untouched model.
-    model_values = collect_model_statistics(model, active, [s.name for s in model_stats], calibration,
-                                            opts.batch_size) if model_stats else {}
+    model_values = collect_model_statistics(model, active, [s.name for s in model_stats], whole,
+                                            opts.batch_size, ranks) if model_stats else {}
     batches = capture_block_inputs(model, blocks, calibration, opts.batch_size)
-    scanned = _scan(blocks, batches, per_block, alloc_stats, progress) if alloc_stats else None
+    scanned = _scan(blocks, batches, per_block, alloc_stats, progress, ranks) if alloc_stats else None
     budgets = allocate(
         active, config.target_sparsity, alloc, overrides=config.overrides, max_sparsity=config.max_sparsity,
         stats=scanned, groups=[[t.name for t in ts] for ts in per_block],
@@ -565,9 +626,10 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
             # reconstruct; the two-pass variant's statistics pass computes them anyway
             if opts.sequential:  # one pass: statistics, pruning and the pruned outputs
                 targets_out = run_block(block, batches) if block_stages else None
-                outs = _Lockstep(targets_i, layer_stats, lambda t, stats_of: solve([t], stats_of)).run(block, batches)
+                outs = _Lockstep(targets_i, layer_stats, lambda t, stats_of: solve([t], stats_of),
+                                 ranks).run(block, batches)
             else:
-                collector = _Collector(targets_i, layer_stats)
+                collector = _Collector(targets_i, layer_stats, ranks)
                 try:
                     dense_out = run_block(block, batches)
                 finally:

@@ -6,8 +6,14 @@ leading dims: batch, sequence) to ``add``. Every row of the flattened ``x`` is o
 
 * :class:`InputNormAccumulator`: per input channel the sum, the sum of squares and the
   count, hence ``sq_norm`` (``||X_j||^2``, Wanda), ``mean`` and ``var`` (DSnoT).
-* :class:`HessianAccumulator`: ``H = 2/n * sum_t x_t x_t^T`` as a running average, as in
-  SparseGPT, so the scale does not grow with the number of samples.
+* :class:`HessianAccumulator`: ``H = 2/n * sum_t x_t x_t^T`` as in SparseGPT.
+
+Both keep raw sums and a sample count, so accumulators of disjoint parts of the calibration
+set combine exactly by adding them: ``all_reduce_`` sums them over the processes of a
+``torch.distributed`` group (:mod:`sparsecraft.distributed`) and the normalisation then uses
+the global count. The sums are float64: the per-batch terms (float32 products for the
+Hessian) add up to the same number, to float64 rounding, whichever way the batches are
+grouped, so the float32 statistics a solver reads match one process's.
 
 Linear inputs only for now; a convolution's input would first be unfolded so that the
 columns match the weight's reduction view (``in_channels x kernel``).
@@ -15,13 +21,29 @@ columns match the weight's reduction view (``in_channels x kernel``).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import TargetError
 
 __all__ = ["InputNormAccumulator", "HessianAccumulator"]
+
+
+def _sum_over_ranks(ranks, count: int, width: int | None, tensors: list[torch.Tensor] | None,
+                    make) -> tuple[int, int | None, list[torch.Tensor] | None]:
+    """Sum ``count`` and ``tensors`` (raw sums) over ``ranks``; a rank that saw no sample
+    (``tensors`` None) takes part with zeros of the ``width`` the others report."""
+    fed = tensors is not None
+    header = ranks.sum_(torch.tensor([count, int(fed), (width or 0) * fed], dtype=torch.int64))
+    count, fed_ranks, widths = (int(v) for v in header)
+    if fed_ranks == 0:
+        return 0, width, None
+    if widths % fed_ranks or (fed and widths != width * fed_ranks):
+        raise TargetError("calibration statistics: the processes saw inputs of different widths")
+    if tensors is None:
+        tensors = make(widths // fed_ranks)
+    for t in tensors:
+        ranks.sum_(t)
+    return count, widths // fed_ranks, tensors
 
 
 def _rows(x: torch.Tensor, features: int | None, who: str) -> torch.Tensor:
@@ -67,6 +89,18 @@ class InputNormAccumulator:
         self._sq += (x * x).sum(dim=0)
         self.count += x.shape[0]
 
+    def all_reduce_(self, ranks) -> None:
+        """Sum the sums and counts over the processes of ``ranks``
+        (:class:`sparsecraft.distributed.Ranks`); afterwards every process holds the totals."""
+        def zeros(width):
+            device = self.device if self.device is not None else torch.device("cpu")
+            return [torch.zeros(width, dtype=self.dtype, device=device) for _ in range(2)]
+
+        parts = None if self._sum is None else [self._sum, self._sq]
+        self.count, self.in_features, parts = _sum_over_ranks(ranks, self.count, self.in_features, parts, zeros)
+        if parts is not None:
+            self._sum, self._sq = parts
+
     def _need(self) -> None:
         if self._sum is None or self.count == 0:
             raise TargetError("InputNormAccumulator: no calibration samples were added")
@@ -97,11 +131,12 @@ class InputNormAccumulator:
 
 
 class HessianAccumulator:
-    """``H = 2/n * sum_t x_t x_t^T`` over all ``n`` samples seen, kept as a running mean.
+    """``H = 2/n * sum_t x_t x_t^T`` over all ``n`` samples seen.
 
-    ``dtype`` float32 (default) or float64; the result lives on ``device`` (default: the
-    device of the first batch). ``hessian`` returns the accumulator's own tensor (no copy;
-    the solvers copy before they change anything).
+    Each batch's ``X^T X`` is computed in ``dtype`` (float32 by default, or float64) and added
+    to a float64 sum; ``hessian`` is ``2/n`` times that sum in ``dtype``, on ``device``
+    (default: the device of the first batch). It is computed once and kept until the next
+    ``add``: the solvers get the accumulator's own tensor and copy before they change it.
     """
 
     def __init__(self, in_features: int | None = None, *, dtype=torch.float32, device=None):
@@ -109,27 +144,39 @@ class HessianAccumulator:
         self.dtype = dtype
         self.device = device
         self.count = 0
+        self._sum: torch.Tensor | None = None  # float64 sum of the per-batch products
         self._h: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
         x = _rows(x, self.in_features, "HessianAccumulator")
-        if self._h is None:
+        if self._sum is None:
             self.in_features = x.shape[1]
             device = self.device if self.device is not None else x.device
-            self._h = torch.zeros(
-                self.in_features, self.in_features, dtype=self.dtype, device=device
-            )
-        b = x.shape[0]
-        if b == 0:
+            self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=device)
+        if x.shape[0] == 0:
             return
-        # Rescale the old mean before adding, so H never holds an unnormalised sum.
-        self._h *= self.count / (self.count + b)
-        self.count += b
-        x = x.to(device=self._h.device, dtype=self.dtype) * math.sqrt(2.0 / self.count)
-        self._h.addmm_(x.t(), x)
+        x = x.to(device=self._sum.device, dtype=self.dtype)
+        self._sum += x.t() @ x
+        self.count += x.shape[0]
+        self._h = None
+
+    def all_reduce_(self, ranks) -> None:
+        """Sum the sums and counts over the processes of ``ranks``
+        (:class:`sparsecraft.distributed.Ranks`); ``hessian`` then uses the global count."""
+        def zeros(width):
+            device = self.device if self.device is not None else torch.device("cpu")
+            return [torch.zeros(width, width, dtype=torch.float64, device=device)]
+
+        parts = None if self._sum is None else [self._sum]
+        self.count, self.in_features, parts = _sum_over_ranks(ranks, self.count, self.in_features, parts, zeros)
+        if parts is not None:
+            self._sum = parts[0]
+        self._h = None
 
     @property
     def hessian(self) -> torch.Tensor:
-        if self._h is None or self.count == 0:
+        if self._sum is None or self.count == 0:
             raise TargetError("HessianAccumulator: no calibration samples were added")
+        if self._h is None:
+            self._h = (self._sum * (2.0 / self.count)).to(self.dtype)
         return self._h

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli_args import add_overwrite, check_output, int_arg, number_arg, override_arg, write_line
+from ..cli_args import add_format, add_overwrite, check_output, int_arg, number_arg, override_arg, write_line
 from .config import CRITERIA
 
 EPILOG = """examples:
@@ -59,6 +59,7 @@ def register(subparsers) -> dict:
     p.add_argument("--seed", type=int_arg("seed", minimum=0), default=0, help="seed for calibration sampling")
     p.add_argument("--eval", action="store_true",
                    help="quality before and after on held-out text (perplexity or embedding cosine)")
+    add_format(p)
     add_overwrite(p)
     return {"shrink": run}
 
@@ -81,7 +82,7 @@ def run(args) -> int:
     from ..checkpoint import save
     from ..errors import SparsecraftError
     from ..outputs import MARKER, marker_text
-    from ..recipe import CalibrationSpec
+    from ..recipe import CalibrationSpec, check_format
     from .config import ShrinkConfig
     from .shrink import shrink_
 
@@ -92,6 +93,7 @@ def run(args) -> int:
                           round_to=args.round_to, batch_size=args.batch_size)
     spec = CalibrationSpec(file=args.calib, corpus=args.corpus, samples=args.samples,
                            seq_len=args.seq_len, seed=args.seed)
+    check_format(args.format, args.out)
     out = check_output(args.out, overwrite=args.overwrite, kind="model")
 
     start = time.perf_counter()
@@ -120,7 +122,7 @@ def run(args) -> int:
     results["report"] = rep.to_dict()
     if eval_docs is not None:
         results["shrunk"] = _quality(model, tok, reference, eval_docs)
-    save(model, out, overwrite=args.overwrite, tokenizer=tok,
+    save(model, out, overwrite=args.overwrite, tokenizer=tok, format=args.format,
          extra_files=None if out.suffix == ".safetensors" else
          {"shrink_results.json": json.dumps(results, indent=2) + "\n", MARKER: marker_text("shrink")})
 
