@@ -7,7 +7,7 @@
   for Hugging Face models, so their own tools can read the folder, + ``extra_files``: plain
   file names only);
 * with ``max_shard_bytes`` (folders only), or when written block by block
-  (:mod:`sparsecraft.oneshot.streaming`), a directory of shards
+  (:mod:`sparsecraft.streaming`), a directory of shards
   ``model-00001-of-0000N.safetensors``, each a complete tensor file as above, plus the index
   ``model.safetensors.index.json`` (see :func:`write_index`). Folders with one
   ``model.safetensors`` (every checkpoint written before shards existed) load as before.
@@ -164,7 +164,7 @@ def write_index(folder: Path, shards: list[str], extra: dict) -> dict:
     total = 0
     for name in shards:
         header = read_header(folder / name)
-        for tensor, entry in header["tensors"].items():
+        for entry in header["tensors"].values():
             for key in entry["components"].values():
                 weight_map[key] = name
             total += int(entry["nbytes"])

@@ -21,7 +21,7 @@ stream: null                   # Hugging Face folder with safetensors: prune blo
 resume: true                   # a streamed run continues an interrupted one (same config and input)
 ```
 
-Streaming (:mod:`sparsecraft.oneshot.streaming`): a Hugging Face folder with safetensors
+Streaming (:mod:`sparsecraft.streaming`): a Hugging Face folder with safetensors
 weights is pruned block by block, never whole in memory, unless the recipe needs the whole
 model (``evaluate``, a single ``.safetensors`` output, or a config that is not streamable);
 then it loads whole, as for any other model, and says why in the log. ``stream: true``
@@ -219,8 +219,8 @@ def _stream_obstacle(recipe: Recipe) -> str | None:
     """Why ``recipe`` cannot be pruned block by block, or None when it can."""
     from .checkpoint import claims_checkpoint
     from .errors import ConfigError
-    from .oneshot.streaming import check_streamable
     from .shards import has_safetensors
+    from .streaming import check_streamable
 
     if not has_safetensors(recipe.model) or claims_checkpoint(recipe.model):
         return f"'{recipe.model}' is not a Hugging Face folder with safetensors weights"
@@ -255,7 +255,7 @@ def _streams(recipe: Recipe) -> bool:
 
 def _execute_streamed(recipe: Recipe, out: Path, progress: bool) -> dict:
     """:func:`execute` for a streamed run: calibration from the folder's tokenizer, then
-    :func:`~sparsecraft.oneshot.streaming.prune_pretrained`. The results file holds nothing
+    :func:`~sparsecraft.streaming.prune_pretrained`. The results file holds nothing
     that changes from run to run (no timings), so a resumed run writes the same bytes."""
     import json
     import time
@@ -263,8 +263,8 @@ def _execute_streamed(recipe: Recipe, out: Path, progress: bool) -> dict:
     from . import data
     from .errors import SparsecraftError
     from .models import _local_tokenizer, _offline
-    from .oneshot.streaming import prune_pretrained
     from .outputs import MARKER, marker_text
+    from .streaming import prune_pretrained
 
     config = recipe.prune
     results: dict[str, Any] = {"model": recipe.model, "prune": config.to_dict(), "streamed": True}

@@ -36,7 +36,7 @@ original weights of each block are spilled to a temporary file before the block 
 an error half-way restores the model exactly. The driver estimates its memory before
 starting and refuses when it will not fit.
 
-Streaming (``stream=``, a :class:`BlockStream`; see :mod:`sparsecraft.oneshot.streaming`):
+Streaming (``stream=``, a :class:`BlockStream`; see :mod:`sparsecraft.streaming`):
 the caller owns the blocks' weights. The driver asks it to load each block before the block
 runs and hands it each finished block (weights pruned, outputs computed) with the block's
 masks, which the driver then forgets; the boundary activations live in the caller's
@@ -618,7 +618,7 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True, stre
             if stream is not None:  # the block's masks leave with its weights
                 stream.done(i, block, {t.name: masks.pop(t.name) for t in targets_i if t.name in masks},
                             {t.name: info[t.name] for t in targets_i if t.name in info})
-            del originals, solve  # before the next block's weights arrive
+            originals.clear()  # this block's copies go before the next block's weights arrive
     except BaseException:
         log.error("calibrated pruning failed; restoring the original weights of %d blocks", len(touched))
         params = dict(model.named_parameters())

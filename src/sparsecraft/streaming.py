@@ -52,6 +52,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,23 +62,28 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..blocks import BlockBatch, DiskActivations, block_targets, check_calibration, find_blocks
-from ..criteria import LayerContext
-from ..errors import ConfigError, FormatError, SparsecraftError, TargetError
-from ..memory import check_memory, format_bytes
-from ..shards import ShardedWeights, TensorSlot
-from ..targets import Target, resolve_patterns, select_targets
-from .driver import _split, calibrated_prune, needs_block_driver
+from . import __version__
+from .allocation import allocate
+from .blocks import BlockBatch, DiskActivations, block_targets, check_calibration, find_blocks
+from .checkpoint import CONFIG_FILE, _check_extra_files, _model_record, _replace_dir, shard_name, write_index
+from .criteria import LayerContext
+from .errors import ConfigError, FormatError, SparsecraftError, TargetError
+from .formats import read_header, write_tensors
+from .formats.io import _UMASK, HEADER_SHA_KEY, atomic_write
+from .memory import check_memory, format_bytes
+from .models import _offline
+from .oneshot.driver import _split, calibrated_prune, needs_block_driver
+from .outputs import check_output
+from .prune import WEIGHT_DTYPES, PruneConfig, _check_finite
+from .shards import ShardedWeights, TensorSlot
+from .targets import Target, resolve_patterns, select_targets
 
-__all__ = ["prune_pretrained", "StreamResult", "check_streamable", "staging_folder", "MANIFEST", "WEIGHT_DTYPES"]
+__all__ = ["prune_pretrained", "StreamResult", "check_streamable", "staging_folder", "MANIFEST"]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "stream-manifest.json"
 MANIFEST_VERSION = 1
-#: the weight dtypes the methods handle (statistics and solvers compute in float32 and the
-#: results are cast back)
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: files of the input folder copied byte for byte next to the checkpoint
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
@@ -197,9 +203,7 @@ def _init_buffers_(model: nn.Module, scope: nn.Module, skip: nn.Module | None = 
 
 def _skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
     """The model ``config.json`` describes, built on the meta device (no memory)."""
-    import transformers
-
-    from ..models import _offline
+    import transformers  # here: importing it takes seconds
 
     _offline()
     config_file = folder / "config.json"
@@ -242,8 +246,6 @@ def _check_tensors(model: nn.Module, weights: ShardedWeights, groups, targets: l
                 raise FormatError(f"shard '{slot.file}': tensor '{n}' has shape {list(slot.shape)}, the model "
                                   f"needs {list(t.shape)}")
     ignore = [getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [], [r"rotary_emb\.inv_freq"]]
-    import re
-
     for name, slot in weights.slots.items():
         if name not in expected and not any(re.search(p, name) for ps in ignore for p in ps):
             raise FormatError(f"shard '{slot.file}' holds tensor '{name}', which the {type(model).__name__} that "
@@ -275,8 +277,6 @@ class _Run:
 
     def __init__(self, model, weights: ShardedWeights, groups, block_names: list[list[str]], rest_names: list[str],
                  staging: Path, identity: dict, rest_info: dict, skipped: set[str], progress: bool):
-        from ..checkpoint import shard_name
-
         self.model = model
         self.weights = weights
         self.groups = groups
@@ -298,8 +298,6 @@ class _Run:
 
     # -- the manifest ----------------------------------------------------------------------
     def _write_manifest(self) -> None:
-        from ..formats.io import atomic_write
-
         text = json.dumps(self.manifest, indent=1, sort_keys=True, default=str) + "\n"
         atomic_write(self.staging / MANIFEST, lambda tmp: tmp.write_text(text))
 
@@ -367,9 +365,6 @@ class _Run:
 
     def _finished_blocks(self, manifest: dict) -> int:
         """Finished blocks whose shards are intact (their header checksums on record)."""
-        from ..formats import read_header
-        from ..formats.io import HEADER_SHA_KEY
-
         done = manifest.get("done")
         if not isinstance(done, int) or not 0 <= done <= len(self.block_names):
             raise SparsecraftError(f"'{self.staging / MANIFEST}': field 'done' is {done!r}")
@@ -399,9 +394,6 @@ class _Run:
         return {name: tensors[source] for name, source in stored.items()}
 
     def _write_shard(self, index: int, tensors: dict[str, torch.Tensor], info: dict[str, dict]) -> None:
-        from ..formats import write_tensors
-        from ..formats.io import HEADER_SHA_KEY
-
         name = self.shards[index]
         header = write_tensors(self.staging / name, tensors, info=info, overwrite=True)
         self.manifest["shards"][name] = header[HEADER_SHA_KEY]
@@ -454,8 +446,6 @@ class _Run:
         return self.activations
 
     def load(self, index: int, block: nn.Module, targets: list[Target]) -> None:
-        from ..prune import _check_finite
-
         _init_buffers_(self.model, block)
         _assign_(self.model, self._read(self.block_names[index]), self.groups)
         _check_finite(targets)
@@ -485,16 +475,11 @@ class _Run:
     # -- the end ---------------------------------------------------------------------------
     def stored_bytes(self) -> int:
         """Stored bytes of every tensor in the shards (what the index calls total_size)."""
-        from ..formats import read_header
-
         return sum(int(e["nbytes"]) for name in self.shards
                    for e in read_header(self.staging / name)["tensors"].values())
 
     def finish(self, out: Path, overwrite: bool, extra_files: dict[str, str] | None) -> None:
         """Write the index and the files beside it, then make the folder ``out`` (atomically)."""
-        from ..checkpoint import CONFIG_FILE, _model_record, _replace_dir, write_index
-        from ..formats.io import _UMASK
-
         for name in DiskActivations.NAMES:
             (self.staging / name).unlink(missing_ok=True)
         write_index(self.staging, self.shards, {"model": _model_record(self.model), "aliases": self.aliases})
@@ -563,12 +548,6 @@ def prune_pretrained(
     result returning them (called once every block is written). See the module docstring.
     The result loads with :func:`sparsecraft.load`; weights keep the input's dtype.
     """
-    from .. import __version__
-    from ..allocation import allocate
-    from ..checkpoint import _check_extra_files
-    from ..outputs import check_output
-    from ..prune import PruneConfig, _check_finite
-
     if not isinstance(config, PruneConfig):
         config = PruneConfig.from_dict(config)
     config.validate()
@@ -594,11 +573,8 @@ def prune_pretrained(
     block_names: list[list[str]] = [[] for _ in blocks]
     rest_names = []
     for name in names:
-        head, _, tail = name.partition(f"{blocks_name}.") if name.startswith(f"{blocks_name}.") else ("", "", "")
-        if tail and tail.split(".")[0].isdigit():
-            block_names[int(tail.split(".")[0])].append(name)
-        else:
-            rest_names.append(name)
+        where = _where(name, blocks_name)
+        (rest_names if where == "rest" else block_names[int(where)]).append(name)
     for name in names:  # a tied group must live in one shard
         owners = {_where(n, blocks_name) for n in groups.get(name, [name])}
         if len(owners) > 1:
