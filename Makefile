@@ -11,7 +11,7 @@ RUNENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
 # Benchmarks: every script holds benchmarks/results/.train.lock while it measures (see
 # benchmarks/_common.py), so `make -j bench` still runs them one at a time.
 BENCH  := $(RUNENV) $(PY) benchmarks
-BENCHES := prune formats oneshot reconstruct train sparse-ift shrink runtime distributed recovery
+BENCHES := prune formats oneshot reconstruct train sparse-ift shrink runtime distributed recovery scale
 
 .PHONY: setup demo lint test test-fast bench $(addprefix bench-,$(BENCHES)) bench-readme clean
 
@@ -72,6 +72,11 @@ bench-sparse-ift: setup
 
 bench-shrink: setup
 	OMP_NUM_THREADS=2 $(BENCH)/bench_shrink.py
+
+# streaming: peak RSS and time against depth (synthetic bf16 Llamas, ~6.5 GB of models in
+# /tmp/sparsecraft-bench-scale), streaming vs in-memory on SmolLM2, resume after SIGKILL
+bench-scale: setup
+	$(BENCH)/bench_scale.py
 
 bench-runtime: setup
 	$(BENCH)/bench_runtime.py layers

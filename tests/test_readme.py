@@ -57,6 +57,7 @@ def named_model_is_tiny(monkeypatch, tiny_smollm, tmp_path):
 
     monkeypatch.setattr(models_module, "load", load)
     monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_smollm, tmp_path / "llama-7b")  # the Hugging Face folder the streaming samples prune
     return tmp_path
 
 

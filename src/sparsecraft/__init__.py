@@ -25,6 +25,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 _LAZY = {
     "save": ("sparsecraft.checkpoint", "save"),
     "load": ("sparsecraft.checkpoint", "load"),
+    "prune_pretrained": ("sparsecraft.streaming", "prune_pretrained"),
     "models": ("sparsecraft.models", None),
     "data": ("sparsecraft.data", None),
     "formats": ("sparsecraft.formats", None),
@@ -53,5 +54,5 @@ __all__ = [
     "Pattern", "Unstructured", "NM", "Block", "Rows", "parse_pattern",
     "Criterion", "LayerContext", "register_criterion", "allocate",
     "SparsecraftError", "ConfigError", "TargetError", "FormatError",
-    "save", "load", "report", "Report", "models", "data", "formats", "recovery", "train", "structured", "runtime", "bayes",
+    "save", "load", "prune_pretrained", "report", "Report", "models", "data", "formats", "recovery", "train", "structured", "runtime", "bayes",
 ]

@@ -15,6 +15,7 @@ one-shot driver, structured shrinking): no method lives here.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,26 +155,49 @@ class DiskActivations:
     outputs the batches' hidden states.
     """
 
-    def __init__(self, batches: list[BlockBatch], folder: str | Path):
+    NAMES = ("activations-a.bin", "activations-b.bin")
+
+    def __init__(self, batches: list[BlockBatch], folder: str | Path, *, current: int | None = None):
+        """Map the two files in ``folder`` (created or resized to fit the batches) and move
+        the batches' hidden states into the first. With ``current`` (0 or 1) the files are
+        a previous run's, kept whole: file ``current`` already holds the batches' hidden
+        states, which become views of it (a resumed run; sizes are checked first)."""
         if not batches:
             raise SparsecraftError("DiskActivations needs at least one batch")
         dtype = batches[0].hidden.dtype
         shapes = [tuple(b.hidden.shape) for b in batches]
         total = sum(math.prod(shape) for shape in shapes)
+        self.files = [Path(folder) / name for name in self.NAMES]
+        if current is not None:
+            nbytes = total * batches[0].hidden.element_size()
+            for file in self.files:
+                size = file.stat().st_size if file.is_file() else None
+                if size != nbytes:
+                    raise SparsecraftError(f"activations file '{file}' has {size} bytes, expected {nbytes}")
         self.buffers = []
-        for name in ("activations-a.bin", "activations-b.bin"):
-            flat = torch.from_file(str(Path(folder) / name), shared=True, size=total, dtype=dtype)
+        for file in self.files:
+            flat = torch.from_file(str(file), shared=True, size=total, dtype=dtype)
             views, start = [], 0
             for shape in shapes:
                 n = math.prod(shape)
                 views.append(flat[start:start + n].view(shape))
                 start += n
             self.buffers.append(views)
-        self.current = 0
+        self.current = 0 if current is None else current
         with torch.no_grad():
-            for b, view in zip(batches, self.buffers[0]):
-                view.copy_(b.hidden)
+            for b, view in zip(batches, self.buffers[self.current]):
+                if current is None:
+                    view.copy_(b.hidden)
                 b.hidden = view
+
+    def flush(self) -> None:
+        """Write the mapped pages to the disk (fsync): what the files hold survives a crash."""
+        for file in self.files:
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def run(self, block: nn.Module, batches: list[BlockBatch]) -> None:
         """``block`` over ``batches``; its outputs become the batches' hidden states."""

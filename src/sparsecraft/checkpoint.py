@@ -5,7 +5,12 @@
 * ``path`` itself when it ends in ``.safetensors`` (one file), or
 * a directory ``path/`` holding ``model.safetensors`` (+ ``config.json`` and the tokenizer
   for Hugging Face models, so their own tools can read the folder, + ``extra_files``: plain
-  file names only).
+  file names only);
+* with ``max_shard_bytes`` (folders only), or when written block by block
+  (:mod:`sparsecraft.streaming`), a directory of shards
+  ``model-00001-of-0000N.safetensors``, each a complete tensor file as above, plus the index
+  ``model.safetensors.index.json`` (see :func:`write_index`). Folders with one
+  ``model.safetensors`` (every checkpoint written before shards existed) load as before.
 
 The tensor file is valid safetensors; its header carries, per tensor, the encoding chosen
 automatically (dense, bitmask, CSR or packed N:M), the pattern, sparsity and a checksum
@@ -54,10 +59,13 @@ only as trustworthy as its source.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,24 +77,38 @@ from .masks import META_ATTR, get_meta
 from .shapes import SHAPES_ATTR, check_record
 
 __all__ = ["save", "load", "load_tensors", "is_checkpoint", "claims_checkpoint", "tensor_file",
-           "describe", "TENSOR_FILE", "CONFIG_FILE", "FORMATS"]
+           "describe", "read_checkpoint_header", "write_index", "shard_name", "TENSOR_FILE", "CONFIG_FILE",
+           "INDEX_FILE", "FORMATS"]
 
 log = logging.getLogger(__name__)
 TENSOR_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 #: output formats of :func:`save`: sparsecraft's compressed checkpoint, or dense shards for transformers
 FORMATS = ("sparsecraft", "dense-hf")
+#: the index of a sharded checkpoint (Hugging Face's name: its ``weight_map`` says which shard
+#: holds each stored key; sparsecraft's own table is under ``"sparsecraft"``)
+INDEX_FILE = "model.safetensors.index.json"
+INDEX_VERSION = 1
+_INDEX_SHA_KEY = "index_sha256"
+_MAX_INDEX_BYTES = 64 * 2**20
 
 
 def describe(path: str | Path) -> str:
     """What ``sparsecraft info`` prints for a checkpoint folder or tensor file
-    (see :func:`sparsecraft.formats.describe`), plus a line on a structural shrink."""
-    from .formats import describe as describe_file
-    from .formats import read_header
+    (see :func:`sparsecraft.formats.describe`; a sharded folder is one table over its shards),
+    plus a line on a structural shrink."""
+    from .formats.io import describe_header
 
-    file = _existing_file(Path(path))
-    text = describe_file(file)
-    shrink = (read_header(file).get("extra") or {}).get("shrink")
+    layout = _layout(Path(path))
+    if layout.index is None:
+        from .formats import describe as describe_file
+
+        text = describe_file(layout.files[0])
+    else:
+        size = sum(f.stat().st_size for f in layout.files)
+        title = f"{layout.index}  ({len(layout.files)} shards, format version {layout.version}"
+        text = describe_header(title, layout.header, size)
+    shrink = (layout.header.get("extra") or {}).get("shrink")
     if isinstance(shrink, dict):
         sizes = shrink.get("sizes") if isinstance(shrink.get("sizes"), dict) else {}
         kind = "uniform" if shrink.get("uniform") else "non-uniform"
@@ -96,32 +118,177 @@ def describe(path: str | Path) -> str:
     return text
 
 
+def read_checkpoint_header(path: str | Path) -> dict:
+    """The sparsecraft header of a checkpoint (a sharded one's shards merged: every tensor's
+    entry, and the index's ``extra``); reads no tensor data."""
+    return _layout(Path(path)).header
+
+
 def tensor_file(path: Path) -> Path:
     """The safetensors file of a checkpoint: the path itself or ``path/model.safetensors``."""
     return path if path.suffix == ".safetensors" else path / TENSOR_FILE
 
 
+def shard_name(i: int, n: int) -> str:
+    """The file name of shard ``i`` (from 0) of ``n``: ``model-00001-of-0000n.safetensors``."""
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _claims_index(index: Path) -> bool:
+    try:
+        with open(index, "rb") as f:
+            return b'"sparsecraft"' in f.read(1 << 20)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return False
+
+
 def is_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` looks like something :func:`save` wrote."""
-    from .formats import read_header
-
-    file = tensor_file(Path(path))
-    if not file.is_file():
-        return False
     try:
-        read_header(file)
+        _layout(Path(path))
     except FormatError:
         return False
     return True
 
 
 def claims_checkpoint(path: str | Path) -> bool:
-    """Whether ``path``'s tensor file presents itself as sparsecraft's, even a damaged one
-    (:func:`sparsecraft.formats.claims_sparsecraft`); such a path must load as a checkpoint
-    or fail, never fall back to another loader."""
+    """Whether ``path``'s tensor file (or a sharded folder's index) presents itself as
+    sparsecraft's, even a damaged one (:func:`sparsecraft.formats.claims_sparsecraft`); such a
+    path must load as a checkpoint or fail, never fall back to another loader."""
     from .formats import claims_sparsecraft
 
-    return claims_sparsecraft(tensor_file(Path(path)))
+    path = Path(path)
+    if claims_sparsecraft(tensor_file(path)):
+        return True
+    return path.suffix != ".safetensors" and _claims_index(path / INDEX_FILE)
+
+
+def _canonical_sha256(body: dict) -> str:
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def write_index(folder: Path, shards: list[str], extra: dict) -> dict:
+    """Write the index of the shards ``shards`` (file names in ``folder``, each written by
+    :func:`~sparsecraft.formats.write_tensors`) with the model-level ``extra`` (model record,
+    aliases, shape record); returns the index.
+
+    The index has Hugging Face's ``metadata.total_size`` and ``weight_map`` (stored key ->
+    shard) and sparsecraft's section: format, version, per shard its header checksum and the
+    tensors it holds, ``extra``, and ``index_sha256`` over the section (canonical JSON), so
+    a shard swapped for another checkpoint's or an edited index is refused on load. Built
+    from the shards' headers only, so the same shards always give the same bytes.
+    """
+    from .formats import read_header
+    from .formats.io import HEADER_SHA_KEY, atomic_write
+
+    weight_map: dict[str, str] = {}
+    table: dict[str, dict] = {}
+    total = 0
+    for name in shards:
+        header = read_header(folder / name)
+        for entry in header["tensors"].values():
+            for key in entry["components"].values():
+                weight_map[key] = name
+            total += int(entry["nbytes"])
+        table[name] = {"header_sha256": header[HEADER_SHA_KEY], "tensors": list(header["tensors"])}
+    section = {"format": "sparsecraft", "version": INDEX_VERSION, "shards": table, "extra": extra}
+    try:
+        section[_INDEX_SHA_KEY] = _canonical_sha256(section)
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"extra must be JSON-serialisable (no NaN/inf): {e}") from None
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map, "sparsecraft": section}
+    text = json.dumps(index, indent=1) + "\n"
+    atomic_write(folder / INDEX_FILE, lambda tmp: tmp.write_text(text))
+    return index
+
+
+@dataclass
+class _Layout:
+    """Where a checkpoint's tensors are: one file, or shards listed by an index."""
+
+    files: list[Path]
+    header: dict  # the header read_header returns; a sharded checkpoint's merged
+    index: Path | None = None
+    version: int = 0
+
+    @property
+    def what(self) -> Path:  # the file that errors name
+        return self.index if self.index is not None else self.files[0]
+
+
+def _layout(path: Path) -> _Layout:
+    """The checked layout of the checkpoint at ``path`` (headers only, see :func:`_read_index`)."""
+    from .formats import read_header
+
+    file = tensor_file(path)
+    index = path / INDEX_FILE
+    if path.suffix != ".safetensors" and not file.exists() and index.is_file():
+        return _read_index(index)
+    if not file.exists():
+        raise FormatError(f"no sparsecraft checkpoint at '{path}' (missing {file.name})")
+    return _Layout([file], read_header(file))
+
+
+def _read_index(index: Path) -> _Layout:
+    """A sharded checkpoint's index and every shard's header, checked before any is used:
+    size, JSON, the section's checksum, plain shard names present in the folder, each
+    shard's header checksum equal to the one on record and holding exactly the tensors the
+    index lists for it, no tensor in two shards."""
+    from .formats import read_header
+    from .formats.io import HEADER_SHA_KEY
+
+    size = index.stat().st_size
+    if size > _MAX_INDEX_BYTES:
+        raise FormatError(f"'{index}': index of {size:,} bytes is larger than any index sparsecraft writes")
+    try:
+        data = json.loads(index.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"'{index}': not valid JSON: {e}") from None
+    section = data.get("sparsecraft") if isinstance(data, dict) else None
+    if not isinstance(section, dict) or section.get("format") != "sparsecraft":
+        raise FormatError(f"'{index}' is not a sparsecraft index (no 'sparsecraft' section)")
+    version = section.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version != INDEX_VERSION:
+        raise FormatError(f"'{index}': index version {version!r} is not supported (this sparsecraft reads "
+                          f"{INDEX_VERSION})")
+    want = section.get(_INDEX_SHA_KEY)
+    try:
+        got = _canonical_sha256({k: v for k, v in section.items() if k != _INDEX_SHA_KEY})
+    except ValueError as e:
+        raise FormatError(f"'{index}': malformed index: {e}") from None
+    if not isinstance(want, str) or got != want:
+        raise FormatError(f"'{index}': index checksum mismatch: the shard table or model record was altered "
+                          "or corrupted")
+    shards = section.get("shards")
+    if not isinstance(shards, dict) or not shards:
+        raise FormatError(f"'{index}': field 'shards' must be a non-empty mapping")
+    entries: dict[str, dict] = {}
+    files = []
+    for name, record in shards.items():
+        if not isinstance(name, str) or name != os.path.basename(name) or name.startswith(".") \
+                or not name.endswith(".safetensors"):
+            raise FormatError(f"'{index}': shard {name!r} is not a plain .safetensors file name")
+        file = index.parent / name
+        if not file.is_file():
+            raise FormatError(f"shard '{file}' is missing (listed in '{index}')")
+        if not isinstance(record, dict) or not isinstance(record.get("tensors"), list):
+            raise FormatError(f"'{index}': shard '{name}' has a malformed record")
+        header = read_header(file)
+        if header.get(HEADER_SHA_KEY) != record.get("header_sha256"):
+            raise FormatError(f"shard '{file}' is not the shard '{index}' lists (header checksum differs): "
+                              "a shard of another checkpoint?")
+        if list(header["tensors"]) != record["tensors"]:
+            raise FormatError(f"shard '{file}' holds other tensors than '{index}' lists for it")
+        for tensor, entry in header["tensors"].items():
+            if tensor in entries:
+                raise FormatError(f"'{index}': tensor '{tensor}' is in two shards")
+            entries[tensor] = entry
+        files.append(file)
+    extra = section.get("extra")
+    if not isinstance(extra, dict):
+        raise FormatError(f"'{index}': field 'extra' must be a mapping")
+    return _Layout(files, {"tensors": entries, "extra": extra}, index, version)
 
 
 def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -149,7 +316,7 @@ def _model_record(model: nn.Module) -> dict:
 def save(
     model: nn.Module, path: str | Path, *, overwrite: bool = False, tokenizer=None,
     extra_files: dict[str, str] | None = None, format: str = "sparsecraft",
-    max_shard_size: int | str | None = None,
+    max_shard_size: int | str | None = None, max_shard_bytes: int | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` (see the module docstring); returns the path.
 
@@ -159,6 +326,9 @@ def save(
     FormatError before anything is written). ``extra_files`` (folder checkpoints only) maps
     plain file names (no folders, not ``model.safetensors`` or ``config.json``) to text written
     beside the model inside the same atomic step, e.g. a JSON report of the run.
+    ``max_shard_bytes`` (sparsecraft folders only) splits the tensors over shards of at most
+    that many dense bytes each, in state-dict order (a tensor larger than the limit gets a
+    shard of its own).
     """
     from .formats import write_tensors
     from .hf_export import DEFAULT_SHARD_SIZE, check_dense_hf, hf_config, write_dense_hf
@@ -171,6 +341,11 @@ def save(
     if not path.parent.is_dir():
         raise FormatError(f"parent folder of '{path}' does not exist")
     _check_extra_files(extra_files)
+    if max_shard_bytes is not None:
+        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+            raise FormatError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+        if path.suffix == ".safetensors":
+            raise FormatError("max_shard_bytes needs a folder checkpoint, not a single .safetensors file")
     if format == "dense-hf":
         if path.suffix == ".safetensors":
             raise FormatError(f"format dense-hf writes a folder (shards, config.json, tokenizer), not the "
@@ -207,7 +382,14 @@ def save(
 
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        write_tensors(staging / TENSOR_FILE, tensors, info=info, extra=extra)
+        if max_shard_bytes is None:
+            write_tensors(staging / TENSOR_FILE, tensors, info=info, extra=extra)
+        else:
+            groups = _shard_groups(tensors, max_shard_bytes)
+            names = [shard_name(i, len(groups)) for i in range(len(groups))]
+            for name, group in zip(names, groups):
+                write_tensors(staging / name, {k: tensors[k] for k in group}, info={k: info[k] for k in group})
+            write_index(staging, names, extra)
         config = described.config
         if config is None and shapes:  # the original sizes, and why transformers cannot load it
             config = copy.deepcopy(getattr(model, "config", None))
@@ -233,6 +415,18 @@ def _finish_folder(staging: Path, path: Path, overwrite: bool, tokenizer, extra_
     # mkdtemp makes the folder 0700; a checkpoint gets the permissions of any new folder
     os.chmod(staging, 0o777 & ~_UMASK)
     _replace_dir(staging, path, overwrite)
+def _shard_groups(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
+    """Tensor names in order, cut into runs of at most ``limit`` dense bytes."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
 
 
 def _check_extra_files(extra_files) -> None:
@@ -245,7 +439,7 @@ def _check_extra_files(extra_files) -> None:
                 or "\\" in name or "\0" in name or os.path.isabs(name):
             raise FormatError(f"extra_files: {name!r} is not a plain file name (no folders, "
                               "no '..', no absolute paths)")
-        if name in (TENSOR_FILE, CONFIG_FILE):
+        if name in (TENSOR_FILE, CONFIG_FILE, INDEX_FILE) or (name.startswith("model-") and name.endswith(".safetensors")):
             raise FormatError(f"extra_files: '{name}' is reserved for the checkpoint itself")
         if name.startswith("."):
             raise FormatError(f"extra_files: '{name}' is a hidden name (those are used for staging)")
@@ -286,22 +480,26 @@ def _aliases(file: Path, extra: dict, stored) -> dict[str, str]:
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict]:
     """Decoded tensors (aliases filled in), per-tensor info and the model record."""
-    from .formats import read_header, read_tensors
-
-    file = _existing_file(Path(path))
-    header = read_header(file)
-    _aliases(file, header.get("extra") or {}, header["tensors"])
-    tensors, info, extra = read_tensors(file)
+    layout = _layout(Path(path))
+    extra = layout.header.get("extra") or {}
+    _aliases(layout.what, extra, layout.header["tensors"])
+    tensors, info = _read_all(layout)
     for alias, source in (extra.get("aliases") or {}).items():
         tensors[alias] = tensors[source]
     return tensors, info, extra
 
 
-def _existing_file(path: Path) -> Path:
-    file = tensor_file(path)
-    if not file.exists():
-        raise FormatError(f"no sparsecraft checkpoint at '{path}' (missing {file.name})")
-    return file
+def _read_all(layout: _Layout) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Every tensor of the layout's files, verified (see :func:`sparsecraft.formats.read_tensors`)."""
+    from .formats import read_tensors
+
+    tensors: dict[str, torch.Tensor] = {}
+    info: dict[str, dict] = {}
+    for file in layout.files:
+        t, i, _ = read_tensors(file)
+        tensors.update(t)
+        info.update(i)
+    return tensors, info
 
 
 def _model_classes() -> set[str]:
@@ -426,13 +624,14 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     (see the module docstring); a bad file raises :class:`FormatError` naming the file and
     the field.
     """
-    from .formats import read_tensors
     from .formats.io import check_memory, read_plan
 
-    file = _existing_file(Path(path))
+    layout = _layout(Path(path))
+    file = layout.what
     # the whole header against its checksum, every component inside the file and fitting
-    # its tensor's shape; reads no tensor data
-    header, read_bytes = read_plan(file)
+    # its tensor's shape; reads no tensor data (a sharded checkpoint: every shard's)
+    read_bytes = sum(read_plan(f)[1] for f in layout.files)
+    header = layout.header
     extra = header.get("extra") or {}
     if not isinstance(extra, dict):
         raise FormatError(f"'{file}': field 'extra' must be a mapping")
@@ -463,7 +662,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     # too) while they are built and before the file's replace them
     check_memory(read_bytes + (_module_nbytes(target) if model is None else 0), f"loading '{file}'")
 
-    tensors, info, _ = read_tensors(file)  # verified before the model changes
+    tensors, info = _read_all(layout)  # verified before the model changes
     if model is None:
         model = cls(config)
     if shapes is not None:

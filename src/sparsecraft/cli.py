@@ -8,7 +8,7 @@ Exit codes: 0 done; 2 bad arguments or bad input (a :class:`SparsecraftError`, o
 ``OSError`` such as a full disk or a permission refused), with one line on standard error;
 1 an unexpected error (one line; the traceback with ``-v``); 130 / 143 interrupted by
 Ctrl-C / SIGTERM (both run the same clean-up: staging folders and spilled originals are
-removed); 141 standard output closed early (``sparsecraft info ... | head``), silently.
+removed, except a streamed prune's ``.OUT.partial``, kept so that the same command resumes); 141 standard output closed early (``sparsecraft info ... | head``), silently.
 """
 
 from __future__ import annotations

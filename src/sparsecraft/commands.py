@@ -120,17 +120,16 @@ def cmd_report(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import describe, tensor_file
+    from .checkpoint import INDEX_FILE, describe, read_checkpoint_header, tensor_file
     from .errors import SparsecraftError
-    from .formats import read_header
 
-    path = tensor_file(Path(args.path))
-    if not path.is_file():
+    path = Path(args.path)
+    if not (tensor_file(path).is_file() or (path.is_dir() and (path / INDEX_FILE).is_file())):
         raise SparsecraftError(f"no checkpoint at '{args.path}'")
     if args.json:
-        write_line(json.dumps(read_header(path), indent=2, default=str))
+        write_line(json.dumps(read_checkpoint_header(path), indent=2, default=str))
         return 0
-    write_line(describe(path))  # its first line names the file and the format version; a shrink is noted
+    write_line(describe(path))  # its first line names the file (or index) and the format version; a shrink is noted
     return 0
 
 

@@ -72,24 +72,29 @@ def _from_pretrained(auto, source, what: str, **kwargs):
 
 
 def load(name_or_path: str, dtype=None):
-    """``(model, tokenizer)`` for a named model or a local directory; model in eval mode."""
+    """``(model, tokenizer)`` for a named model or a local directory; model in eval mode.
+
+    ``dtype`` None: a Hugging Face folder keeps the dtype of its weights (bf16 stays bf16),
+    a sparsecraft checkpoint the dtypes it saved, the named models load in float32 (the
+    GGUF file is de-quantised).
+    """
     import torch
 
     _offline()
     import transformers
 
-    dtype = dtype or torch.float32
+    named_dtype = dtype or torch.float32
     if name_or_path == "smollm2-135m":
         module, gguf_file, dist = NAMED_MODELS[name_or_path]
         folder = _package_dir(module, dist)
         tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model = _from_pretrained(transformers.AutoModelForCausalLM, folder, name_or_path,
-                                 gguf_file=gguf_file, dtype=dtype)
+                                 gguf_file=gguf_file, dtype=named_dtype)
     elif name_or_path == "minilm-l6":
         module, sub, dist = NAMED_MODELS[name_or_path]
         folder = _package_dir(module, dist) / sub
         tok = transformers.AutoTokenizer.from_pretrained(folder)
-        model = _from_pretrained(transformers.AutoModel, folder, name_or_path, dtype=dtype)
+        model = _from_pretrained(transformers.AutoModel, folder, name_or_path, dtype=named_dtype)
     else:
         path = Path(name_or_path)
         if not path.exists():
@@ -111,7 +116,7 @@ def load(name_or_path: str, dtype=None):
                 if any(a.endswith("ForCausalLM") for a in (config.architectures or []))
                 else transformers.AutoModel
             )
-            model = _from_pretrained(auto, path, f"'{path}'", dtype=dtype)
+            model = _from_pretrained(auto, path, f"'{path}'", dtype=dtype or "auto")
         else:
             raise SparsecraftError(
                 f"'{path}' is not a model: no config.json and no sparsecraft checkpoint"

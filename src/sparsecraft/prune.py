@@ -291,8 +291,17 @@ SparseGPT = _typed(
 SparseGPT.__name__ = "SparseGPT"
 
 
+#: weight dtypes the methods handle: statistics accumulate in float32 (float64 for input
+#: norms), solvers compute in float32 or float64 and cast their results back
+WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def _check_finite(targets: list[Target]) -> None:
+    """TargetError for a weight of a dtype the methods cannot handle or holding NaN or inf."""
     for t in targets:
+        if t.param.dtype not in WEIGHT_DTYPES:
+            raise TargetError(f"layer '{t.name}': weight dtype {str(t.param.dtype).removeprefix('torch.')} is not "
+                              "supported; pruning handles float32, float64, bfloat16 and float16 weights")
         if not torch.isfinite(t.param.detach()).all():
             raise TargetError(f"layer '{t.name}': weight contains NaN or inf; refusing to prune")
 

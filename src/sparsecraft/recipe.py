@@ -18,7 +18,15 @@ calibration:                   # used by calibrated methods (wanda, sparsegpt, o
   seq_len: 512
   seed: 0
 evaluate: true                 # perplexity (causal LM) or embedding similarity (encoder) before/after
+stream: null                   # Hugging Face folder with safetensors: prune block by block (null: when possible)
+resume: true                   # a streamed run continues an interrupted one (same config and input)
 ```
+
+Streaming (:mod:`sparsecraft.streaming`): a Hugging Face folder with safetensors
+weights is pruned block by block, never whole in memory, unless the recipe needs the whole
+model (``evaluate``, a single ``.safetensors`` output, or a config that is not streamable);
+then it loads whole, as for any other model, and says why in the log. ``stream: true``
+makes that an error instead; ``stream: false`` always loads the model whole.
 
 Everything is validated before the model is loaded (field types, values, whether the
 method can run without gradients, the output path); an error names the field. Patterns
@@ -91,6 +99,8 @@ class Recipe:
     evaluate: bool = True
     overwrite: bool = False
     format: str = "sparsecraft"  # or "dense-hf" (see sparsecraft.checkpoint.save)
+    stream: bool | None = None
+    resume: bool = True
 
     def __post_init__(self):
         # Python callers may pass plain mappings, as a YAML file would
@@ -111,11 +121,13 @@ class Recipe:
         for key in ("model", "out"):
             if not isinstance(data.get(key), str) or not data[key]:
                 raise ConfigError(f"recipe: '{key}' is required and must be a string")
-        for key in ("evaluate", "overwrite"):
+        for key in ("evaluate", "overwrite", "resume"):
             if key in data and not isinstance(data[key], bool):
                 raise ConfigError(f"recipe: '{key}' must be true or false, got {data[key]!r}")
         if "format" in data and not isinstance(data["format"], str):
             raise ConfigError(f"recipe: 'format' must be a string, got {data['format']!r}")
+        if data.get("stream") is not None and not isinstance(data["stream"], bool):
+            raise ConfigError(f"recipe: 'stream' must be true, false or null, got {data['stream']!r}")
         prune_data = data.get("prune") or {}
         try:
             check_types(PruneConfig, config_fields(PruneConfig, prune_data, "prune config",
@@ -132,6 +144,8 @@ class Recipe:
             evaluate=data.get("evaluate", True),
             overwrite=data.get("overwrite", False),
             format=data.get("format", "sparsecraft"),
+            stream=data.get("stream"),
+            resume=data.get("resume", True),
         )
 
 
@@ -179,6 +193,8 @@ def execute(recipe: Recipe, *, progress: bool = True) -> dict:
     out = check_output(recipe.out, overwrite=recipe.overwrite, flag="out", kind="model",
                        how="pass --overwrite (in a recipe: overwrite: true)")
     config = recipe.prune
+    if _streams(recipe):
+        return _execute_streamed(recipe, out, progress)
     start = time.perf_counter()
     model, tok = models.load(recipe.model)
     log.info("loaded %s in %.1f s", recipe.model, time.perf_counter() - start)
@@ -229,4 +245,91 @@ def execute(recipe: Recipe, *, progress: bool = True) -> dict:
         save(model, out, overwrite=recipe.overwrite, tokenizer=tok, extra_files=extra, format=recipe.format)
     if ranks is not None:
         ranks.barrier()
+    return results
+
+
+def _stream_obstacle(recipe: Recipe) -> str | None:
+    """Why ``recipe`` cannot be pruned block by block, or None when it can."""
+    from .checkpoint import claims_checkpoint
+    from .errors import ConfigError
+    from .shards import has_safetensors
+    from .streaming import check_streamable
+
+    if not has_safetensors(recipe.model) or claims_checkpoint(recipe.model):
+        return f"'{recipe.model}' is not a Hugging Face folder with safetensors weights"
+    if recipe.out.endswith(".safetensors"):
+        return "the output is one .safetensors file (a streamed run writes a folder of shards)"
+    if recipe.evaluate:
+        return "evaluation (--eval) needs the whole model"
+    if recipe.format != "sparsecraft":
+        return f"format {recipe.format} is written from the whole model (a streamed run writes sparsecraft shards)"
+    from .distributed import current
+
+    if current() is not None:
+        return "calibration is split over processes (a streamed run is one process)"
+    try:
+        check_streamable(recipe.prune)
+    except ConfigError as exc:
+        return str(exc).split("; load the model whole")[0].removeprefix("cannot prune block by block: ")
+    return None
+
+
+def _streams(recipe: Recipe) -> bool:
+    """Whether to stream (see the module docstring); ``stream: true`` that cannot is an error."""
+    import logging
+
+    from .errors import ConfigError
+
+    if recipe.stream is False:
+        return False
+    why = _stream_obstacle(recipe)
+    if why is None:
+        return True
+    if recipe.stream:
+        raise ConfigError(f"stream: cannot prune '{recipe.model}' block by block: {why}")
+    if "safetensors weights" not in why:
+        logging.getLogger(__name__).info("loading the whole model: %s", why)
+    return False
+
+
+def _execute_streamed(recipe: Recipe, out: Path, progress: bool) -> dict:
+    """:func:`execute` for a streamed run: calibration from the folder's tokenizer, then
+    :func:`~sparsecraft.streaming.prune_pretrained`. The results file holds nothing
+    that changes from run to run (no timings), so a resumed run writes the same bytes."""
+    import json
+    import time
+
+    from . import data
+    from .errors import SparsecraftError
+    from .models import _local_tokenizer, _offline
+    from .outputs import MARKER, marker_text
+    from .streaming import prune_pretrained
+
+    config = recipe.prune
+    results: dict[str, Any] = {"model": recipe.model, "prune": config.to_dict(), "streamed": True}
+    calibration = None
+    if config.needs_calibration:
+        _offline()
+        tok = _local_tokenizer(Path(recipe.model))
+        if tok is None:
+            raise SparsecraftError(f"'{recipe.model}' has no tokenizer to build calibration samples")
+        spec = recipe.calibration
+        docs = data.load_texts(spec.file) if spec.file else data.builtin_texts(spec.corpus)["calibration"]
+        calibration = data.calibration(tok, spec.samples, spec.seq_len, spec.seed, docs=docs)
+        results["calibration"] = {
+            "source": spec.file or f"built-in {spec.corpus} corpus, calibration part",
+            "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed,
+        }
+    start = time.perf_counter()
+
+    def files(result) -> dict[str, str]:  # what the run decides: not its timing, nor whether it resumed
+        saved = {**results, "sparsity": result.sparsity, "checkpoint_bytes": result.checkpoint_bytes,
+                 "blocks": result.blocks}
+        return {"prune_results.json": json.dumps(saved, indent=2) + "\n", MARKER: marker_text("prune")}
+
+    result = prune_pretrained(recipe.model, config, calibration, out, overwrite=recipe.overwrite,
+                              resume=recipe.resume, extra_files=files, progress=progress)
+    results["prune_seconds"] = time.perf_counter() - start
+    results.update(sparsity=result.sparsity, checkpoint_bytes=result.checkpoint_bytes, blocks=result.blocks,
+                   resumed_from=result.resumed_from)
     return results

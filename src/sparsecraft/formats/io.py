@@ -69,7 +69,7 @@ from sparsecraft.formats import encodings as enc
 from sparsecraft.memory import available_memory, check_memory
 
 __all__ = ["FORMAT_VERSION", "write_tensors", "read_tensors", "read_header", "atomic_write",
-           "read_plan", "claims_sparsecraft", "available_memory", "check_memory", "describe"]
+           "read_plan", "claims_sparsecraft", "available_memory", "check_memory", "describe", "describe_header"]
 
 log = logging.getLogger(__name__)
 
@@ -551,7 +551,12 @@ def describe(path) -> str:
     path = Path(os.fspath(path))
     file = path / "model.safetensors" if path.is_dir() else path
     header = read_header(file)
-    size = file.stat().st_size
+    return describe_header(f"{file}  (format version {header.get('version')}", header, file.stat().st_size)
+
+
+def describe_header(title: str, header: dict, size: int) -> str:
+    """:func:`describe`'s table for a header already read (``title`` starts its first line;
+    ``size`` is the bytes of the file, or of every shard of a sharded checkpoint)."""
     rows = []
     stored_total = dense_total = 0
     for name, e in header["tensors"].items():
@@ -575,7 +580,7 @@ def describe(path) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     ratio = f"{stored_total / dense_total:.3f}" if dense_total else "n/a"
-    out = [f"{file}  (format version {header.get('version')}, {len(rows)} tensors)", line(heads)]
+    out = [f"{title}, {len(rows)} tensors)", line(heads)]
     out += [line(r) for r in rows]
     out.append(f"total: stored {stored_total:,} bytes ({_human(stored_total)}) vs dense {dense_total:,} "
                f"bytes ({_human(dense_total)}), ratio {ratio}; file {size:,} bytes ({_human(size)})")

@@ -40,6 +40,15 @@ EPILOG_PRUNE = """examples:
       --option 'reconstruct={lr: 1e-3, epochs: 3}' --out pruned-learned/
   sparsecraft prune smollm2-135m --method wanda --format dense-hf --out pruned-hf/   # for transformers
   torchrun --nproc-per-node 2 -m sparsecraft prune smollm2-135m --method sparsegpt --out pruned/
+  sparsecraft prune ./llama-7b --method sparsegpt --samples 32 --out llama-7b-50/   # block by block
+  sparsecraft prune ./llama-7b --method sparsegpt --samples 32 --out llama-7b-50/   # again: resumes
+
+A Hugging Face folder with safetensors weights (model.safetensors, or an index and shards) is
+pruned block by block: only one block is in memory at a time, weights keep their dtype
+(bf16 stays bf16), and the output (a sharded checkpoint) appears when the last block is
+written. An interrupted run leaves .OUT.partial beside OUT; the same command resumes it.
+--eval, --distill, a .safetensors output and the allocations global and owl need the whole
+model: then the folder is loaded whole (--stream makes that an error, --no-stream forces it).
 """
 
 
@@ -109,6 +118,10 @@ def register(sub) -> dict:
     p.add_argument("--eval", action="store_true",
                    help="measure quality before and after on held-out text (perplexity or embedding cosine)")
     add_format(p)
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="prune a Hugging Face safetensors folder block by block (default: when the run allows it)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="a streamed run starts over instead of continuing an interrupted one (.OUT.partial)")
     add_overwrite(p)
 
     r = sub.add_parser("run", help="run a YAML recipe (the same fields as prune's flags)",
@@ -141,7 +154,11 @@ def distributed_run(args):
 
 
 def _finish(results: dict, recipe) -> None:
-    write_line(f"pruned {recipe.model} with {recipe.prune.method} ({recipe.prune.pattern_obj}): "
+    how = ""
+    if results.get("streamed"):
+        how = f" block by block ({results['blocks']} blocks" + (
+            f", resumed at block {results['resumed_from']})" if results.get("resumed_from") else ")")
+    write_line(f"pruned {recipe.model} with {recipe.prune.method} ({recipe.prune.pattern_obj}){how}: "
                f"sparsity {results['sparsity']:.4f} in {results['prune_seconds']:.1f} s; saved to {recipe.out}")
     if "processes" in results:
         write_line(f"  calibration split over {results['processes']} processes")
@@ -182,6 +199,7 @@ def cmd_prune(args) -> int:
     )
     recipe = Recipe(
         model=args.model, out=args.out, prune=config, evaluate=args.eval, overwrite=args.overwrite,
+        stream=args.stream, resume=not args.no_resume,
         calibration=CalibrationSpec(file=args.calib, corpus=args.corpus, samples=args.samples,
                                     seq_len=args.seq_len, seed=args.seed),
         format=args.format,

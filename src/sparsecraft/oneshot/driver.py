@@ -42,6 +42,13 @@ in the temporary folder (``TMPDIR``), so the calibration set may exceed the memo
 original weights of each block are spilled to a temporary file before the block changes, so
 an error half-way restores the model exactly. The driver estimates its memory before
 starting and refuses when it will not fit.
+
+Streaming (``stream=``, a :class:`BlockStream`; see :mod:`sparsecraft.streaming`):
+the caller owns the blocks' weights. The driver asks it to load each block before the block
+runs and hands it each finished block (weights pruned, outputs computed) with the block's
+masks, which the driver then forgets; the boundary activations live in the caller's
+memory-mapped store; blocks before ``stream.first`` are finished already (a resumed run) and
+are skipped; nothing is spilled or restored (the caller's input files are never changed).
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from torch import nn
@@ -80,7 +87,7 @@ from .reconstruction import relative_reconstruction_error
 from .stats import HessianAccumulator, InputNormAccumulator
 
 __all__ = [
-    "DriverOptions", "Statistic", "STATISTICS", "register_statistic", "check_requires", "calibrated_prune",
+    "DriverOptions", "BlockStream", "Statistic", "STATISTICS", "register_statistic", "check_requires", "calibrated_prune",
     "prune_layer", "collect_model_statistics", "collect_gradients", "needs_block_driver", "check_model_inputs",
 ]
 
@@ -101,6 +108,23 @@ class DriverOptions:
             raise ConfigError(f"option batch_size must be >= 1, got {self.batch_size}")
         if self.activations not in ("memory", "disk", "auto"):
             raise ConfigError(f"option activations must be memory, disk or auto, got {self.activations!r}")
+
+
+class BlockStream(Protocol):
+    """A caller that owns the blocks' weights and outputs (see the module docstring)."""
+
+    #: blocks before this one are finished (a resumed run); the driver starts here
+    first: int
+
+    def store(self, batches: list[BlockBatch]) -> DiskActivations:
+        """The boundary activations' store, once the first block's inputs are captured; its
+        current file holds the inputs of block ``first``."""
+
+    def load(self, index: int, block: nn.Module, targets: list[Target]) -> None:
+        """Give block ``index`` its weights (it runs next)."""
+
+    def done(self, index: int, block: nn.Module, masks: dict[str, torch.Tensor], info: dict[str, dict]) -> None:
+        """Block ``index`` is pruned and its outputs are in the store: keep it, then free it."""
 
 
 # ---- statistics ---------------------------------------------------------------------------
@@ -508,11 +532,13 @@ def _scan(blocks, batches, per_block, stats, progress, ranks=None) -> dict[str, 
     return out
 
 
-def calibrated_prune(model, targets, config, calibration, *, progress=True):
+def calibrated_prune(model, targets, config, calibration, *, progress=True, stream: BlockStream | None = None):
     """Block-by-block driver; returns ``(masks, info)`` like ``prune.plan_masks``.
 
     ``config`` is a :class:`~sparsecraft.prune.PruneConfig` (it supplies ``solver()``,
-    ``refiners()``, ``allocation_obj()`` and ``driver_options()``).
+    ``refiners()``, ``allocation_obj()`` and ``driver_options()``). With ``stream`` the
+    blocks come and go through it (see the module docstring) and the masks returned are
+    those of layers outside the streamed blocks only.
     """
     solver, refiners, alloc, opts = config.solver(), config.refiners(), config.allocation_obj(), config.driver_options()
     calibration = check_calibration(model, calibration)
@@ -577,7 +603,7 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
     available = available_memory()
     if available is not None and ranks is not None:  # the processes on this machine share it
         available //= ranks.local_world
-    on_disk = opts.activations == "disk" or (
+    on_disk = stream is not None or opts.activations == "disk" or (
         opts.activations == "auto" and available is not None and estimate > 0.9 * available)
     if on_disk:
         estimate = _estimate_bytes(model, calibration, per_block, need_hessian, on_disk=True, **sizes)
@@ -608,16 +634,21 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
     spill = Path(tempfile.mkdtemp(prefix="sparsecraft-originals-"))
     touched: list[int] = []
     try:
-        store = DiskActivations(batches, spill) if on_disk else None
+        store = stream.store(batches) if stream is not None else DiskActivations(batches, spill) if on_disk else None
+        first = stream.first if stream is not None else 0
         for st in block_stages:
             st.start(len(blocks))
         for i, (block, targets_i) in enumerate(
             tqdm(list(zip(blocks, per_block)), desc=f"{config.method} blocks", disable=not progress)
         ):
-            # the original weights go to disk before the block changes (restored on failure)
+            if i < first:
+                continue
+            if stream is not None:
+                stream.load(i, block, targets_i)
             originals = {t.name: t.param.detach().cpu().clone() for t in targets_i}
-            torch.save(originals, spill / f"{i}.pt")
-            touched.append(i)
+            if stream is None:  # the original weights go to disk before the block changes (restored on failure)
+                torch.save(originals, spill / f"{i}.pt")
+                touched.append(i)
             solve = functools.partial(_solve_layers, solver=solver, refiners=refiners, model_values=model_values,
                                       layer_pattern=layer_pattern, budgets=budgets, originals=originals,
                                       opts=opts, method=config.method, masks=masks, info=info)
@@ -649,6 +680,10 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
                 for b, out in zip(batches, run_block(block, batches) if outs is None else outs):
                     b.hidden = out
             del outs
+            if stream is not None:  # the block's masks leave with its weights
+                stream.done(i, block, {t.name: masks.pop(t.name) for t in targets_i if t.name in masks},
+                            {t.name: info[t.name] for t in targets_i if t.name in info})
+            originals.clear()  # this block's copies go before the next block's weights arrive
     except BaseException:
         log.error("calibrated pruning failed; restoring the original weights of %d blocks", len(touched))
         params = dict(model.named_parameters())
