@@ -11,9 +11,9 @@ RUNENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
 # Benchmarks: every script holds benchmarks/results/.train.lock while it measures (see
 # benchmarks/_common.py), so `make -j bench` still runs them one at a time.
 BENCH  := $(RUNENV) $(PY) benchmarks
-BENCHES := prune formats oneshot reconstruct train shrink runtime recovery
+BENCHES := prune formats oneshot reconstruct train shrink runtime decode recovery
 
-.PHONY: setup demo lint test test-fast bench $(addprefix bench-,$(BENCHES)) bench-readme clean
+.PHONY: setup demo lint test test-fast bench $(addprefix bench-,$(BENCHES)) bench-runtime-layers bench-readme clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -69,10 +69,20 @@ bench-train: setup
 bench-shrink: setup
 	OMP_NUM_THREADS=2 $(BENCH)/bench_shrink.py
 
-bench-runtime: setup
-	$(BENCH)/bench_runtime.py layers
+bench-runtime: bench-runtime-layers
 	$(BENCH)/bench_runtime.py model
 	$(BENCH)/bench_runtime.py model --threads 1
+
+# the layer table alone (cold caches, 2 and 1 threads): `make bench-runtime-layers`
+bench-runtime-layers: setup
+	$(BENCH)/bench_runtime.py layers
+	$(BENCH)/bench_runtime.py layers --threads 1
+
+# SmolLM2 decode: eager, the fast decoder (fp32, W4, W4 + group sparsity) and llama.cpp, 1 and 2
+# threads; builds llama-cpp-python from source the first time (several minutes)
+bench-decode: setup
+	$(BENCH)/bench_decode.py --install-llama-cpp
+	$(BENCH)/profile_decode.py
 
 # the commands and trial counts in benchmarks/results/recovery.md
 bench-recovery: setup
