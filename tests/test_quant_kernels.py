@@ -151,7 +151,7 @@ def test_without_the_compiled_library_the_ops_fall_back_and_log(monkeypatch, cap
     extension._reset_for_tests()
     try:
         with caplog.at_level(logging.WARNING):
-            for kind, (bits, sparse_group) in KINDS.items():
+            for bits, sparse_group in KINDS.values():
                 qw = _random_qweight(33, 192, 64, bits, sparse_group)
                 x = torch.randn(3, 192)
                 _assert_close(qw.linear(x, None), _reference(qw, x, None))
@@ -164,7 +164,7 @@ def test_without_the_compiled_library_the_ops_fall_back_and_log(monkeypatch, cap
 
 # -- ops in torch.compile -------------------------------------------------------------------------------
 def test_ops_pass_opcheck_and_compile_fullgraph():
-    for kind, (bits, sparse_group) in KINDS.items():
+    for bits, sparse_group in KINDS.values():
         qw = _random_qweight(16, 64, 32, bits, sparse_group)
         x, b = torch.randn(2, 64), torch.randn(16)
         if sparse_group:

@@ -18,12 +18,6 @@
 
 namespace sc {
 
-// per-ISA loops of quant_body.h, resolved in quant_kernels.cpp
-using AttendFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, float, float*, float*);
-using SiluFn = void (*)(const float*, const float*, int64_t, float*);
-AttendFn attend_fn();
-SiluFn silu_fn();
-
 namespace {
 
 struct Block {
@@ -231,7 +225,16 @@ void register_decode(pybind11::module& m) {
       .def_readonly("kind", &Linear::kind)
       .def_readonly("in_features", &Linear::in)
       .def_readonly("out_features", &Linear::out);
-  m.def("make_linear", &make_linear, "a Linear for the decode step (kind: 0 int8, 1 int4, 2 group:8, 3 group:16, 4 float32)",
+  using OptT = c10::optional<torch::Tensor>;
+  m.def(
+      "make_linear",
+      [](const std::string& what, int64_t kind, const OptT& codes, const OptT& scale, const OptT& offset,
+         const OptT& group_index, const OptT& weight, const OptT& bias, int64_t g, int64_t sparse_group) {
+        const torch::Tensor none;
+        return make_linear(what, kind, codes.value_or(none), scale.value_or(none), offset.value_or(none), group_index,
+                           weight.value_or(none), bias, g, sparse_group);
+      },
+      "a Linear for the decode step (kind: 0 int8, 1 int4, 2 group:8, 3 group:16, 4 float32; unused tensors None)",
         py::arg("what"), py::arg("kind"), py::arg("codes"), py::arg("scale"), py::arg("offset"),
         py::arg("group_index"), py::arg("weight"), py::arg("bias"), py::arg("group_size"), py::arg("sparse_group"));
   py::class_<DecodeModel>(m, "DecodeModel")

@@ -35,9 +35,6 @@ namespace {
 
 const char* const kIsaNames[] = {"generic", "avx2", "avx512"};
 
-using AttendFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, float, float*, float*);
-using SiluFn = void (*)(const float*, const float*, int64_t, float*);
-
 struct Tables {
   RowFn t[3][kKinds][kMaxBatch];
   AttendFn attend[3] = {&isa_generic::attend, &isa_avx2::attend, &isa_avx512::attend};
@@ -95,8 +92,6 @@ int log2_exact(int64_t v) {
 
 std::string isa() { return kIsaNames[tables().active]; }
 
-using AttendFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, float, float*, float*);
-using SiluFn = void (*)(const float*, const float*, int64_t, float*);
 AttendFn attend_fn() { return tables().attend[tables().active]; }
 SiluFn silu_fn() { return tables().silu[tables().active]; }
 
@@ -161,12 +156,14 @@ Linear make_linear(const std::string& what, int64_t kind, const torch::Tensor& c
   TORCH_CHECK(kind >= 0 && kind < kKinds, what, ": unknown kernel kind ", kind);
   l.kind = static_cast<int>(kind);
   if (l.kind == kFloat) {
+    TORCH_CHECK(weight.defined(), what, ": a float32 layer needs its weight");
     TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat && weight.is_contiguous(),
                 what, ": weight must be a contiguous float32 [out, in]");
     l.weight = weight;
     l.out = weight.size(0);
     l.in = weight.size(1);
   } else {
+    TORCH_CHECK(codes.defined() && scale.defined() && offset.defined(), what, ": codes, scale and offset are needed");
     TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kByte && codes.is_contiguous(),
                 what, ": codes must be a contiguous uint8 [out, *]");
     TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == torch::kHalf && scale.is_contiguous() &&
@@ -191,10 +188,11 @@ Linear make_linear(const std::string& what, int64_t kind, const torch::Tensor& c
                   what, ": group_index must be a contiguous int32 [out, kept]");
       TORCH_CHECK(codes.size(1) == gi.size(1) * G / 2, what, ": packed kept groups must be [out, ",
                   gi.size(1) * G / 2, "], got width ", codes.size(1));
-      if (gi.numel() > 0) {
-        const auto mn = gi.min().item<int32_t>(), mx = gi.max().item<int32_t>();
-        TORCH_CHECK(mn >= 0 && mx < l.in / G, what, ": group_index values must lie in [0, ", l.in / G, ")");
-      }
+      const int32_t* gp = gi.data_ptr<int32_t>();
+      const int64_t n_groups = l.in / G;
+      bool in_range = true;  // a plain loop: torch reductions would cost more than a small GEMV
+      for (int64_t i = 0; i < gi.numel(); ++i) in_range &= gp[i] >= 0 && gp[i] < n_groups;
+      TORCH_CHECK(in_range, what, ": group_index values must lie in [0, ", n_groups, ")");
       l.group_index = gi;
       l.sparse_group = G;
     }

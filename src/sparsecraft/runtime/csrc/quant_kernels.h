@@ -47,6 +47,11 @@ constexpr int kMaxBatch = 8;
 enum Kind { kInt8 = 0, kInt4 = 1, kGroup8 = 2, kGroup16 = 3, kFloat = 4 };
 
 using RowFn = void (*)(const QArgs&, int64_t, int64_t);
+// the decode step's per-ISA loops (quant_body.h): one head's attention, SiLU(gate) * up
+using AttendFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, float, float*, float*);
+using SiluFn = void (*)(const float*, const float*, int64_t, float*);
+AttendFn attend_fn();
+SiluFn silu_fn();
 
 // One quantised or float Linear, as the decode step holds it.
 struct Linear {
