@@ -261,30 +261,40 @@ class QuantizedWeight:
 class QLinear(nn.Module):
     """A Linear computed by the quantised kernels (inference only).
 
-    The runtime's thin module over :class:`QuantizedWeight`; ``sparsecraft.quant`` builds the
-    quantised weights. ``weight`` returns the dequantised float32 weight (a new tensor each time).
+    The runtime's thin module over the layout: buffers ``codes``, ``scale``, ``offset`` (and
+    ``group_index``), attributes ``bits``, ``group_size``, ``sparse_group``; ``sparsecraft.quant``
+    builds the quantised weights. ``weight`` returns the dequantised float32 weight (a new tensor
+    each time); ``qweight`` the layout as a :class:`QuantizedWeight` over the same tensors.
     """
+
+    group_index: torch.Tensor | None
 
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None):
         super().__init__()
-        self.qweight = qweight
+        self.bits, self.group_size, self.sparse_group = qweight.bits, qweight.group_size, qweight.sparse_group
         self.in_features, self.out_features = qweight.in_features, qweight.out_features
-        for name in ("codes", "scale", "offset", "group_index"):
-            t = getattr(qweight, name)
-            if t is not None:
-                self.register_buffer(name, t)
+        self.register_buffer("codes", qweight.codes)
+        self.register_buffer("scale", qweight.scale)
+        self.register_buffer("offset", qweight.offset)
+        self.register_buffer("group_index", qweight.group_index)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32), requires_grad=False)
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.codes, self.scale, self.offset, self.group_size, self.bits, self.group_index,
+                               self.sparse_group)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.qweight.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.qweight.linear(x, self.bias)
+        return qlinear(x, self.codes, self.scale, self.offset, self.bias, group_size=self.group_size, bits=self.bits,
+                       group_index=self.group_index, sparse_group=self.sparse_group)
 
     def extra_repr(self) -> str:
-        q = self.qweight
-        kind = f"int{q.bits}, group {q.group_size}" + (f", group:{q.sparse_group} sparse" if q.sparse_group else "")
+        kind = f"int{self.bits}, group {self.group_size}" + (
+            f", group:{self.sparse_group} sparse" if self.sparse_group else "")
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, bias={self.bias is not None}"
 
 

@@ -4,6 +4,7 @@
 // Linear layers are float32 or quantised (quant_kernels.cpp). The Python side
 // (runtime/decode.py) checks that a model has this structure before building one.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <pybind11/stl.h>
 
@@ -21,7 +22,7 @@ namespace sc {
 namespace {
 
 struct Block {
-  torch::Tensor norm1, norm2;  // RMSNorm weights [hidden]
+  at::Tensor norm1, norm2;  // RMSNorm weights [hidden]
   std::vector<Linear> qkv;     // q, k, v (or one fused)
   Linear o;
   std::vector<Linear> gate_up;  // gate, up (or one fused)
@@ -35,30 +36,30 @@ const char* const kPhaseNames[] = {"embedding", "rmsnorm", "qkv_proj", "rotary+c
 
 class DecodeModel {
  public:
-  DecodeModel(int64_t n_heads, int64_t n_kv, int64_t head_dim, double eps, double scaling, torch::Tensor embed,
-              torch::Tensor final_norm, Linear head, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
-              torch::Tensor v_cache)
+  DecodeModel(int64_t n_heads, int64_t n_kv, int64_t head_dim, double eps, double scaling, at::Tensor embed,
+              at::Tensor final_norm, Linear head, at::Tensor cos, at::Tensor sin, at::Tensor k_cache,
+              at::Tensor v_cache)
       : n_heads_(n_heads), n_kv_(n_kv), hd_(head_dim), eps_(static_cast<float>(eps)),
         scaling_(static_cast<float>(scaling)), embed_(embed), final_norm_(final_norm), head_(head), cos_(cos),
         sin_(sin), k_cache_(k_cache), v_cache_(v_cache) {
     TORCH_CHECK(n_kv > 0 && n_heads % n_kv == 0, "attention heads ", n_heads, " not a multiple of kv heads ", n_kv);
-    TORCH_CHECK(embed.dim() == 2 && embed.scalar_type() == torch::kFloat && embed.is_contiguous(),
+    TORCH_CHECK(embed.dim() == 2 && embed.scalar_type() == c10::kFloat && embed.is_contiguous(),
                 "embedding must be a contiguous float32 [vocab, hidden]");
     hidden_ = embed.size(1);
     check_vec(final_norm, hidden_, "final norm");
     TORCH_CHECK(head.in == hidden_, "lm_head takes ", head.in, " inputs, hidden size is ", hidden_);
     TORCH_CHECK(cos.dim() == 2 && cos.size(1) == head_dim && cos.sizes() == sin.sizes() && cos.is_contiguous() &&
-                    sin.is_contiguous() && cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat,
+                    sin.is_contiguous() && cos.scalar_type() == c10::kFloat && sin.scalar_type() == c10::kFloat,
                 "cos / sin must be contiguous float32 [max_len, head_dim]");
     max_len_ = cos.size(0);
     TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(1) == n_kv && k_cache.size(2) == max_len_ &&
                     k_cache.size(3) == head_dim && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
-                    v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat &&
-                    v_cache.scalar_type() == torch::kFloat,
+                    v_cache.is_contiguous() && k_cache.scalar_type() == c10::kFloat &&
+                    v_cache.scalar_type() == c10::kFloat,
                 "k / v cache must be contiguous float32 [layers, kv heads, max_len, head_dim]");
   }
 
-  void add_block(torch::Tensor norm1, std::vector<Linear> qkv, Linear o, torch::Tensor norm2,
+  void add_block(at::Tensor norm1, std::vector<Linear> qkv, Linear o, at::Tensor norm2,
                  std::vector<Linear> gate_up, Linear down) {
     const auto what = "block " + std::to_string(blocks_.size());
     TORCH_CHECK(static_cast<int64_t>(blocks_.size()) < k_cache_.size(0), what, ": more blocks than cache layers");
@@ -78,7 +79,7 @@ class DecodeModel {
   int64_t max_len() const { return max_len_; }
 
   // Logits [vocab] of the token after `token` at position `pos` (its K and V are cached there).
-  torch::Tensor step(int64_t token, int64_t pos) {
+  at::Tensor step(int64_t token, int64_t pos) {
     TORCH_CHECK(!blocks_.empty() && static_cast<int64_t>(blocks_.size()) == k_cache_.size(0),
                 "the decode model has ", blocks_.size(), " blocks, the cache ", k_cache_.size(0));
     TORCH_CHECK(token >= 0 && token < embed_.size(0), "token ", token, " outside the vocabulary of ", embed_.size(0));
@@ -87,7 +88,7 @@ class DecodeModel {
     const int64_t H = hidden_, qd = n_heads_ * hd_, kvd = n_kv_ * hd_, T = pos + 1;
     std::vector<float> x(H), h(H), qkv(qd + 2 * kvd), att(qd), tmp(H), gu(2 * inter_), act(inter_);
     std::vector<float> scratch(std::max({H, inter_, qd}) * kMaxBatch);
-    auto logits = torch::empty({head_.out}, torch::kFloat);
+    auto logits = at::empty({head_.out}, c10::kFloat);
     const float* cs = cos_.data_ptr<float>() + pos * hd_;
     const float* sn = sin_.data_ptr<float>() + pos * hd_;
     float* kc = k_cache_.data_ptr<float>();
@@ -170,8 +171,8 @@ class DecodeModel {
     t = now;
   }
 
-  static void check_vec(const torch::Tensor& t, int64_t n, const std::string& what) {
-    TORCH_CHECK(t.dim() == 1 && t.numel() == n && t.scalar_type() == torch::kFloat && t.is_contiguous(), what,
+  static void check_vec(const at::Tensor& t, int64_t n, const std::string& what) {
+    TORCH_CHECK(t.dim() == 1 && t.numel() == n && t.scalar_type() == c10::kFloat && t.is_contiguous(), what,
                 " must be a contiguous float32 [", n, "]");
   }
 
@@ -208,9 +209,9 @@ class DecodeModel {
 
   int64_t n_heads_, n_kv_, hd_;
   float eps_, scaling_;
-  torch::Tensor embed_, final_norm_;
+  at::Tensor embed_, final_norm_;
   Linear head_;
-  torch::Tensor cos_, sin_, k_cache_, v_cache_;
+  at::Tensor cos_, sin_, k_cache_, v_cache_;
   int64_t hidden_ = 0, inter_ = 0, max_len_ = 0;
   std::vector<Block> blocks_;
   bool profiling_ = false;
@@ -225,12 +226,12 @@ void register_decode(pybind11::module& m) {
       .def_readonly("kind", &Linear::kind)
       .def_readonly("in_features", &Linear::in)
       .def_readonly("out_features", &Linear::out);
-  using OptT = c10::optional<torch::Tensor>;
+  using OptT = c10::optional<at::Tensor>;
   m.def(
       "make_linear",
       [](const std::string& what, int64_t kind, const OptT& codes, const OptT& scale, const OptT& offset,
          const OptT& group_index, const OptT& weight, const OptT& bias, int64_t g, int64_t sparse_group) {
-        const torch::Tensor none;
+        const at::Tensor none;
         return make_linear(what, kind, codes.value_or(none), scale.value_or(none), offset.value_or(none), group_index,
                            weight.value_or(none), bias, g, sparse_group);
       },
@@ -238,8 +239,8 @@ void register_decode(pybind11::module& m) {
         py::arg("what"), py::arg("kind"), py::arg("codes"), py::arg("scale"), py::arg("offset"),
         py::arg("group_index"), py::arg("weight"), py::arg("bias"), py::arg("group_size"), py::arg("sparse_group"));
   py::class_<DecodeModel>(m, "DecodeModel")
-      .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, torch::Tensor, Linear, torch::Tensor,
-                    torch::Tensor, torch::Tensor, torch::Tensor>())
+      .def(py::init<int64_t, int64_t, int64_t, double, double, at::Tensor, at::Tensor, Linear, at::Tensor,
+                    at::Tensor, at::Tensor, at::Tensor>())
       .def("add_block", &DecodeModel::add_block)
       .def("step", &DecodeModel::step, py::call_guard<py::gil_scoped_release>())
       .def("max_len", &DecodeModel::max_len)

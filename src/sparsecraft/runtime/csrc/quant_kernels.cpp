@@ -10,6 +10,10 @@
 #include "quant_kernels.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cstring>
@@ -118,8 +122,8 @@ void linear_into(const Linear& l, const float* x, int64_t batch, float* y, float
     a.x = x;
   } else {
     a.codes = l.codes.data_ptr<uint8_t>();
-    a.scale = reinterpret_cast<const uint16_t*>(l.scale.data_ptr<at::Half>());
-    a.offset = reinterpret_cast<const uint16_t*>(l.offset.data_ptr<at::Half>());
+    a.scale = reinterpret_cast<const uint16_t*>(l.scale.data_ptr<c10::Half>());
+    a.offset = reinterpret_cast<const uint16_t*>(l.offset.data_ptr<c10::Half>());
     if (l.kind == kInt8) {
       a.x = x;
     } else {
@@ -148,26 +152,26 @@ void linear_into(const Linear& l, const float* x, int64_t batch, float* y, float
   at::parallel_for(0, l.out, grain, [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
-Linear make_linear(const std::string& what, int64_t kind, const torch::Tensor& codes, const torch::Tensor& scale,
-                   const torch::Tensor& offset, const c10::optional<torch::Tensor>& group_index,
-                   const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias, int64_t g,
+Linear make_linear(const std::string& what, int64_t kind, const at::Tensor& codes, const at::Tensor& scale,
+                   const at::Tensor& offset, const c10::optional<at::Tensor>& group_index,
+                   const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t g,
                    int64_t sparse_group) {
   Linear l;
   TORCH_CHECK(kind >= 0 && kind < kKinds, what, ": unknown kernel kind ", kind);
   l.kind = static_cast<int>(kind);
   if (l.kind == kFloat) {
     TORCH_CHECK(weight.defined(), what, ": a float32 layer needs its weight");
-    TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat && weight.is_contiguous(),
+    TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == c10::kFloat && weight.is_contiguous(),
                 what, ": weight must be a contiguous float32 [out, in]");
     l.weight = weight;
     l.out = weight.size(0);
     l.in = weight.size(1);
   } else {
     TORCH_CHECK(codes.defined() && scale.defined() && offset.defined(), what, ": codes, scale and offset are needed");
-    TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kByte && codes.is_contiguous(),
+    TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == c10::kByte && codes.is_contiguous(),
                 what, ": codes must be a contiguous uint8 [out, *]");
-    TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == torch::kHalf && scale.is_contiguous() &&
-                    offset.sizes() == scale.sizes() && offset.scalar_type() == torch::kHalf && offset.is_contiguous(),
+    TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == c10::kHalf && scale.is_contiguous() &&
+                    offset.sizes() == scale.sizes() && offset.scalar_type() == c10::kHalf && offset.is_contiguous(),
                 what, ": scale and offset must be contiguous float16 [out, in / group_size] of one shape");
     TORCH_CHECK(g > 0 && g % 32 == 0, what, ": group size ", g, " must be a positive multiple of 32");
     l.out = codes.size(0);
@@ -184,7 +188,7 @@ Linear make_linear(const std::string& what, int64_t kind, const torch::Tensor& c
       TORCH_CHECK(sparse_group == G, what, ": sparse group ", sparse_group, " does not match kernel kind ", kind);
       TORCH_CHECK(group_index.has_value() && group_index->defined(), what, ": group-sparse needs group_index");
       const auto& gi = *group_index;
-      TORCH_CHECK(gi.dim() == 2 && gi.scalar_type() == torch::kInt && gi.is_contiguous() && gi.size(0) == l.out,
+      TORCH_CHECK(gi.dim() == 2 && gi.scalar_type() == c10::kInt && gi.is_contiguous() && gi.size(0) == l.out,
                   what, ": group_index must be a contiguous int32 [out, kept]");
       TORCH_CHECK(codes.size(1) == gi.size(1) * G / 2, what, ": packed kept groups must be [out, ",
                   gi.size(1) * G / 2, "], got width ", codes.size(1));
@@ -201,7 +205,7 @@ Linear make_linear(const std::string& what, int64_t kind, const torch::Tensor& c
     l.offset = offset;
   }
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == l.out,
+    TORCH_CHECK(bias->scalar_type() == c10::kFloat && bias->is_contiguous() && bias->numel() == l.out,
                 what, ": bias must be a contiguous float32 [", l.out, "]");
     l.bias = *bias;
   }
@@ -211,12 +215,12 @@ Linear make_linear(const std::string& what, int64_t kind, const torch::Tensor& c
 namespace {
 
 // Dequantise to float32 [out, in] (the large-batch path: dequantise once, then one GEMM).
-torch::Tensor dequantize(const Linear& l) {
-  auto w = torch::zeros({l.out, l.in}, torch::kFloat);
+at::Tensor dequantize(const Linear& l) {
+  auto w = at::zeros({l.out, l.in}, c10::kFloat);
   float* wp = w.data_ptr<float>();
   const uint8_t* cp = l.codes.data_ptr<uint8_t>();
-  const auto* sp = reinterpret_cast<const uint16_t*>(l.scale.data_ptr<at::Half>());
-  const auto* zp = reinterpret_cast<const uint16_t*>(l.offset.data_ptr<at::Half>());
+  const auto* sp = reinterpret_cast<const uint16_t*>(l.scale.data_ptr<c10::Half>());
+  const auto* zp = reinterpret_cast<const uint16_t*>(l.offset.data_ptr<c10::Half>());
   const int64_t ng = l.in / l.g, in = l.in, g = l.g;
   at::parallel_for(0, l.out, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
@@ -242,8 +246,8 @@ torch::Tensor dequantize(const Linear& l) {
   return w;
 }
 
-torch::Tensor run(const Linear& l, const torch::Tensor& x_in) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat, "x must be a 2-D float32 tensor");
+at::Tensor run(const Linear& l, const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == c10::kFloat, "x must be a 2-D float32 tensor");
   TORCH_CHECK(x_in.size(1) == l.in, "x has ", x_in.size(1), " columns, the weight ", l.in);
   const auto x = x_in.contiguous();
   const int64_t batch = x.size(0);
@@ -251,7 +255,7 @@ torch::Tensor run(const Linear& l, const torch::Tensor& x_in) {
     auto w = l.kind == kFloat ? l.weight : dequantize(l);
     return l.bias.defined() ? at::addmm(l.bias, x, w.t()) : at::mm(x, w.t());
   }
-  auto y = torch::empty({batch, l.out}, x.options());
+  auto y = at::empty({batch, l.out}, x.options());
   std::vector<float> scratch(kMaxBatch * l.in);
   for (int64_t b0 = 0; b0 < batch; b0 += kMaxBatch) {
     const int64_t n = std::min<int64_t>(kMaxBatch, batch - b0);
@@ -271,22 +275,22 @@ int64_t kind_of(int64_t bits, int64_t sparse_group) {
   return sparse_group == 8 ? kGroup8 : kGroup16;
 }
 
-torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
-                      const torch::Tensor& offset, const c10::optional<torch::Tensor>& group_index,
-                      const c10::optional<torch::Tensor>& bias, int64_t bits, int64_t g, int64_t sparse_group) {
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                      const at::Tensor& offset, const c10::optional<at::Tensor>& group_index,
+                      const c10::optional<at::Tensor>& bias, int64_t bits, int64_t g, int64_t sparse_group) {
   const Linear l = make_linear("qlinear", kind_of(bits, sparse_group), codes, scale, offset, group_index,
-                               torch::Tensor(), bias, g, sparse_group);
+                               at::Tensor(), bias, g, sparse_group);
   return run(l, x);
 }
 
-torch::Tensor qdequantize(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& offset,
-                          const c10::optional<torch::Tensor>& group_index, int64_t bits, int64_t g,
+at::Tensor qdequantize(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& offset,
+                          const c10::optional<at::Tensor>& group_index, int64_t bits, int64_t g,
                           int64_t sparse_group) {
   return dequantize(make_linear("dequantize", kind_of(bits, sparse_group), codes, scale, offset, group_index,
-                                torch::Tensor(), c10::nullopt, g, sparse_group));
+                                at::Tensor(), c10::nullopt, g, sparse_group));
 }
 
-torch::Tensor linear_f32(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   return run(make_linear("linear_f32", kFloat, {}, {}, {}, c10::nullopt, weight, bias, 0, 0), x);
 }
 

@@ -2,9 +2,12 @@
 // (decode_step.cpp). The weight layout is notes/quant_layout.md of the repository.
 #pragma once
 
-#include <torch/extension.h>
+// Light headers on purpose (not torch/extension.h): the library builds in a fraction of the time.
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <cstdint>
+#include <string>
 
 namespace sc {
 
@@ -56,7 +59,7 @@ SiluFn silu_fn();
 // One quantised or float Linear, as the decode step holds it.
 struct Linear {
   int kind = kFloat;
-  torch::Tensor codes, scale, offset, group_index, weight, bias;
+  at::Tensor codes, scale, offset, group_index, weight, bias;
   int64_t in = 0, out = 0, g = 0, sparse_group = 0;
 };
 
@@ -65,9 +68,9 @@ struct Linear {
 void linear_into(const Linear& l, const float* x, int64_t batch, float* y, float* scratch);
 
 // Build a Linear from tensors (checks shapes and dtypes; errors name `what`).
-Linear make_linear(const std::string& what, int64_t kind, const torch::Tensor& codes, const torch::Tensor& scale,
-                   const torch::Tensor& offset, const c10::optional<torch::Tensor>& group_index,
-                   const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias, int64_t g,
+Linear make_linear(const std::string& what, int64_t kind, const at::Tensor& codes, const at::Tensor& scale,
+                   const at::Tensor& offset, const c10::optional<at::Tensor>& group_index,
+                   const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t g,
                    int64_t sparse_group);
 
 void register_decode(pybind11::module& m);
