@@ -11,9 +11,9 @@ RUNENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
 # Benchmarks: every script holds benchmarks/results/.train.lock while it measures (see
 # benchmarks/_common.py), so `make -j bench` still runs them one at a time.
 BENCH  := $(RUNENV) $(PY) benchmarks
-BENCHES := prune formats oneshot reconstruct train sparse-ift shrink runtime distributed recovery scale
+BENCHES := prune formats oneshot reconstruct train sparse-ift shrink runtime decode distributed recovery scale
 
-.PHONY: setup demo lint test test-fast bench $(addprefix bench-,$(BENCHES)) bench-readme clean
+.PHONY: setup demo lint test test-fast bench $(addprefix bench-,$(BENCHES)) bench-runtime-layers bench-readme clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -78,14 +78,24 @@ bench-shrink: setup
 bench-scale: setup
 	$(BENCH)/bench_scale.py
 
-bench-runtime: setup
-	$(BENCH)/bench_runtime.py layers
-	$(BENCH)/bench_runtime.py model
-	$(BENCH)/bench_runtime.py model --threads 1
-
 # one process against two (torchrun) on SmolLM2: identical masks, weights within 1e-5, both times
 bench-distributed: setup
 	$(BENCH)/bench_distributed.py
+
+bench-runtime: bench-runtime-layers
+	$(BENCH)/bench_runtime.py model
+	$(BENCH)/bench_runtime.py model --threads 1
+
+# the layer table alone (cold caches, 2 and 1 threads): `make bench-runtime-layers`
+bench-runtime-layers: setup
+	$(BENCH)/bench_runtime.py layers
+	$(BENCH)/bench_runtime.py layers --threads 1
+
+# SmolLM2 decode: eager, the fast decoder (fp32, W4, W4 + group sparsity) and llama.cpp, 1 and 2
+# threads; builds llama-cpp-python from source the first time (several minutes)
+bench-decode: setup
+	$(BENCH)/bench_decode.py --install-llama-cpp
+	$(BENCH)/profile_decode.py
 
 # the commands and trial counts in benchmarks/results/recovery.md
 bench-recovery: setup

@@ -71,6 +71,31 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPUs"
 
 
+def cpu_info() -> dict:
+    """CPU model, caches (bytes, per level, as Linux reports them for CPU 0) and torch's ISA."""
+    info: dict = {"machine": platform.machine(), "cpus": os.cpu_count()}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["model"] = line.split(":", 1)[1].strip()
+                break
+    caches = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        with contextlib.suppress(OSError, ValueError):
+            kind = (index / "type").read_text().strip()
+            if kind == "Instruction":
+                continue
+            size = (index / "size").read_text().strip()
+            scale = {"K": 1024, "M": 1024 ** 2}.get(size[-1], 1)
+            caches[f"L{(index / 'level').read_text().strip()}"] = int(size.rstrip("KM")) * scale
+    info["caches"] = caches
+    with contextlib.suppress(Exception):
+        import torch
+
+        info["torch_isa"] = torch.backends.cpu.get_cpu_capability()
+    return info
+
+
 # -- atomic writes --------------------------------------------------------------------------
 def write_text(path: str | Path, text: str) -> Path:
     """Create or replace ``path`` with ``text`` atomically (via ``sparsecraft.formats.io``)."""

@@ -81,3 +81,18 @@ def test_make_readme_keeps_the_markers_make_report_writes_between(tmp_path, monk
     text = (results / "README.md").read_text()
     begin, end = make_readme.RECOVERY_BEGIN, make_readme.RECOVERY_END
     assert begin in text and end in text and text.index(begin) < text.index("Table.") < text.index(end)
+
+
+def test_bench_runtime_cold_copies_and_paired_ratios():
+    """Cold timing cycles through distinct copies; speed-ups are medians of same-round ratios."""
+    import torch
+
+    import bench_runtime
+
+    seen = []
+    call = bench_runtime._rotating(lambda p: (lambda: seen.append(p["w"].data_ptr())), {"w": torch.ones(4)}, "cold")
+    for _ in range(call.copies + 1):
+        call()
+    assert call.copies >= 2 and len(set(seen)) == call.copies and seen[0] == seen[call.copies]
+    assert bench_runtime._rotating(lambda p: (lambda: None), {"w": torch.ones(4)}, "warm").copies == 1
+    assert bench_runtime._paired({"dense": [2.0, 4.0, 6.0], "k": [1.0, 1.0, 2.0]})["k"][0] == 3.0

@@ -7,21 +7,30 @@
 * :func:`sparsify_activations_` skips small inputs of each Linear when decoding one token
   (TEAL / WINA thresholds calibrated on text); ``remove()`` on its handle undoes it.
 * :mod:`.timing` measures prefill latency and decode tokens per second.
+* :mod:`.qkernels`: int8 / int4 / int4 group-sparse kernels for the quantised-weight layout,
+  as ``torch.library`` ops (``torch.ops.sparsecraft.qlinear_*``), :class:`QLinear`, the
+  reference :func:`dequantize` and a round-to-nearest :func:`quantize_rtn`.
+* :func:`decoder` (:mod:`.decode`): batch-1 greedy decoding with a static KV cache and one
+  compiled call per token for Llama-family models (:class:`FastDecoder`), the model's own
+  forward for others (:class:`EagerDecoder`).
 
 Only torch is imported here; the CLI commands live in :mod:`.commands`.
 """
 
 from .activation import ActivationSparseLinear, ActivationSparsity, sparsify_activations_
+from .decode import EagerDecoder, FastDecoder, decoder
 from .kernels import KERNELS, Kernel, KernelUnavailable, register_kernel
 from .modules import SparseLinear
 from .planner import CompileReport, LayerPlan, apply_plan_, compile_, decompile_
-from .timing import greedy_decode, interleaved_medians, prefill_seconds
+from .qkernels import QLinear, QuantizedWeight, dequantize, qlinear, quantize_rtn
+from .timing import greedy_decode, interleaved_medians, interleaved_samples, prefill_seconds
 
 __all__ = [
     "compile_", "decompile_", "apply_plan_", "CompileReport", "LayerPlan", "SparseLinear",
     "KERNELS", "Kernel", "KernelUnavailable", "register_kernel",
     "sparsify_activations_", "ActivationSparsity", "ActivationSparseLinear",
-    "interleaved_medians", "prefill_seconds", "greedy_decode", "load_compiled", "PLAN_FILE",
+    "interleaved_medians", "interleaved_samples", "prefill_seconds", "greedy_decode", "load_compiled", "PLAN_FILE",
+    "QLinear", "QuantizedWeight", "dequantize", "qlinear", "quantize_rtn", "decoder", "FastDecoder", "EagerDecoder",
 ]
 
 PLAN_FILE = "runtime_plan.json"

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["interleaved_medians", "prefill_seconds", "greedy_decode", "DecodeResult"]
+__all__ = ["interleaved_medians", "interleaved_samples", "prefill_seconds", "greedy_decode", "DecodeResult"]
 
 log = logging.getLogger(__name__)
 
@@ -26,19 +26,25 @@ def _sync(device: torch.device | None) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(
+def interleaved_samples(
     fns: dict[str, Callable[[], object]],
     *,
     repeats: int = 7,
     min_seconds: float = 1e-3,
     device: torch.device | None = None,
+    shuffle_seed: int | None = None,
     **_context,
-) -> dict[str, float]:
-    """Median seconds per call of each function, sampled in turns.
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, ``repeats`` samples each, taken in turns.
 
-    Extra keyword arguments (the planner passes ``layer`` and ``rows``) are accepted so
-    that this function and injected test timers share one signature.
+    Each round times every function once (a sample loops it for at least ``min_seconds``);
+    with ``shuffle_seed`` the order inside a round is shuffled (seeded), so no function always
+    runs right after the same neighbour (whose cache footprint or thread wake-ups it would
+    inherit). Sample ``i`` of every function comes from round ``i``: ratios of same-round
+    samples are paired measurements.
     """
+    import random
+
     loops: dict[str, int] = {}
     for name, fn in fns.items():  # warm up and size each sample
         fn()
@@ -49,13 +55,35 @@ def interleaved_medians(
         once = max(time.perf_counter() - start, 1e-7)
         loops[name] = max(1, min(10_000, round(min_seconds / once)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    rng = random.Random(shuffle_seed)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        if shuffle_seed is not None:
+            rng.shuffle(order)
+        for name in order:
+            fn = fns[name]
             start = time.perf_counter()
             for _ in range(loops[name]):
                 fn()
             _sync(device)
             samples[name].append((time.perf_counter() - start) / loops[name])
+    return samples
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 7,
+    min_seconds: float = 1e-3,
+    device: torch.device | None = None,
+    **_context,
+) -> dict[str, float]:
+    """Median seconds per call of each function, sampled in turns (:func:`interleaved_samples`).
+
+    Extra keyword arguments (the planner passes ``layer`` and ``rows``) are accepted so
+    that this function and injected test timers share one signature.
+    """
+    samples = interleaved_samples(fns, repeats=repeats, min_seconds=min_seconds, device=device)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 

@@ -1,0 +1,171 @@
+"""sparsecraft.runtime.decode: the fused Llama-family decode step against the eager model."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from sparsecraft.errors import ConfigError
+from sparsecraft.runtime import decode, extension
+from sparsecraft.runtime import qkernels as qk
+from sparsecraft.runtime.timing import greedy_decode
+
+
+def _tiny_llama(seed=0, **overrides):
+    """A random fp32 Llama with GQA whose logits are peaked enough for a stable argmax."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def _prompt(n=11, vocab=96, seed=1):
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _quantise_(model, sparse_group=0, keep=1.0):
+    """Every block linear and the head -> QLinear with RTN int4 (g 32)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            q = qk.quantize_rtn(module.weight, bits=4, group_size=32,
+                                sparse_group=0 if name == "lm_head" else sparse_group, keep=keep)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, qk.QLinear(q, module.bias))
+    return model
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = extension.get_quant_extension()
+    if module is None:
+        pytest.skip(f"compiled quantised kernels unavailable: {extension.quant_extension_status()}")
+    return module
+
+
+def _eager_logits(model, ids, steps):
+    """Logits of the eager model: the prefill's last position, then one per fed-back token."""
+    with torch.inference_mode():
+        out = model(ids, use_cache=True)
+        logits, cache = [out.logits[0, -1]], out.past_key_values
+        for _ in range(steps):
+            nxt = logits[-1].argmax().view(1, 1)
+            out = model(nxt, past_key_values=cache, use_cache=True)
+            logits.append(out.logits[0, -1])
+            cache = out.past_key_values
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_fast_decode_equals_eager_on_a_tiny_llama(backend, request):
+    if backend == "cpp":
+        request.getfixturevalue("ext")
+    model, ids = _tiny_llama(), _prompt()
+    dec = decode.FastDecoder(model, backend=backend)
+    assert dec.backend == backend
+    new = 20
+    fast = dec.generate(ids, new)
+    assert fast.tokens == greedy_decode(model, ids, new).tokens
+    # the logits themselves, step by step
+    want = _eager_logits(model, ids, 6)
+    got = [dec.prefill(ids)]
+    for _ in range(6):
+        got.append(dec.step(int(got[-1].argmax())))
+    torch.testing.assert_close(torch.stack(got), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("sparse_group,keep", [(0, 1.0), (16, 0.5), (8, 0.5)])
+def test_fast_decode_with_quantised_layers_equals_eager_quantised(ext, sparse_group, keep):
+    model = _quantise_(_tiny_llama(seed=2), sparse_group, keep)
+    ids = _prompt(seed=3)
+    dec = decode.FastDecoder(model)
+    assert dec.blocks[0]["q_proj"]["kind"] == decode.KIND[(4, sparse_group)]
+    assert dec.generate(ids, 12).tokens == greedy_decode(model, ids, 12).tokens
+
+
+def test_biases_and_tied_embeddings(ext):
+    model = _tiny_llama(seed=4, attention_bias=True, mlp_bias=True, tie_word_embeddings=True)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.normal_(0, 0.1)
+    ids = _prompt(seed=5)
+    assert decode.FastDecoder(model).generate(ids, 10).tokens == greedy_decode(model, ids, 10).tokens
+
+
+def test_phase_profile_adds_up(ext):
+    dec = decode.FastDecoder(_tiny_llama())
+    dec.prefill(_prompt())
+    dec.set_profiling(True)
+    dec.step(3)
+    prof = dec.profile()
+    assert set(prof) >= {"qkv_proj", "attention", "lm_head", "rmsnorm", "silu_mul"}
+    assert all(v >= 0 for v in prof.values()) and sum(prof.values()) > 0
+
+
+def test_other_models_fall_back_to_eager_with_the_reason(tiny_lm, caplog):
+    with caplog.at_level(logging.WARNING):
+        dec = decode.decoder(tiny_lm)
+    assert isinstance(dec, decode.EagerDecoder)
+    assert "fast decoder not used (no model.model.layers / lm_head" in caplog.text
+    with pytest.raises(ConfigError, match="needs a Llama-family model: activation 'gelu'"):
+        decode.FastDecoder(_tiny_llama(hidden_act="gelu"))
+
+
+def test_eager_decoder_matches_greedy_decode():
+    model, ids = _tiny_llama(), _prompt()
+    model.config.hidden_act = "gelu_new"  # structure check says no; the eager path still decodes
+    dec = decode.decoder(model)
+    assert not dec.fast
+    assert dec.generate(ids, 8).tokens == greedy_decode(model, ids, 8).tokens
+
+
+def test_without_the_compiled_library_the_torch_step_runs_and_logs(monkeypatch, caplog):
+    monkeypatch.setattr(extension, "_why_not", lambda: "no C++ compiler (test)")
+    extension._reset_for_tests()
+    try:
+        model, ids = _tiny_llama(), _prompt()
+        with caplog.at_level(logging.WARNING):
+            dec = decode.decoder(model)
+        assert dec.fast and dec.backend == "torch"
+        assert "compiled step unavailable (no C++ compiler (test)); running the pure-torch step" in caplog.text
+        assert dec.generate(ids, 8).tokens == greedy_decode(model, ids, 8).tokens
+        with pytest.raises(ConfigError, match="compiled decode step unavailable: no C\\+\\+ compiler"):
+            decode.FastDecoder(model, backend="cpp")
+    finally:
+        extension._reset_for_tests()
+
+
+def test_bad_input_is_refused():
+    model = _tiny_llama()
+    dec = decode.FastDecoder(model, max_len=16, backend="torch")
+    with pytest.raises(ConfigError, match="step\\(\\) before prefill\\(\\)"):
+        dec.step(1)
+    with pytest.raises(ConfigError, match="prompt of 16 tokens does not fit the static cache of 16 positions"):
+        dec.prefill(_prompt(16))
+    with pytest.raises(ConfigError, match="ids must be \\[1, T\\]"):
+        dec.prefill(torch.zeros(2, 3, dtype=torch.long))
+    dec.prefill(_prompt(14))
+    dec.step(1)
+    dec.step(1)
+    with pytest.raises(ConfigError, match="static cache of 16 positions is full"):
+        dec.step(1)
+    model.model.layers[0].mlp.up_proj = nn.Identity()
+    with pytest.raises(ConfigError, match="layer 0.mlp.up_proj: Identity is neither nn.Linear nor a quantised layer"):
+        decode.FastDecoder(model)
+
+
+@pytest.mark.slow
+def test_smollm2_fast_decode_equals_eager_fp32_and_w4():
+    from sparsecraft import models
+
+    model, tok = models.load("smollm2-135m")
+    ids = tok("The quick brown fox jumps over the lazy dog because", return_tensors="pt").input_ids
+    assert decode.FastDecoder(model).generate(ids, 6).tokens == greedy_decode(model, ids, 6).tokens
+    _quantise_(model)
+    w4 = decode.FastDecoder(model)
+    assert w4.blocks[0]["q_proj"]["kind"] == decode.KIND[(4, 0)]
+    assert w4.generate(ids, 6).tokens == greedy_decode(model, ids, 6).tokens
