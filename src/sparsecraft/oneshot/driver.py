@@ -464,7 +464,9 @@ def _scan(blocks, batches, per_block, stats, progress) -> dict[str, dict]:
 
 
 def calibrated_prune(model, targets, config, calibration, *, progress=True):
-    """Block-by-block driver; returns ``(masks, info)`` like ``prune.plan_masks``.
+    """Block-by-block driver; returns ``(masks, info, quants)``: ``masks`` and ``info`` like
+    ``prune.plan_masks``, ``quants`` the quantised weights of a quantising method by layer
+    (empty otherwise; the layers then hold their dequantised values).
 
     ``config`` is a :class:`~sparsecraft.prune.PruneConfig` (it supplies ``solver()``,
     ``refiners()``, ``allocation_obj()`` and ``driver_options()``).
@@ -543,7 +545,7 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
         stats=scanned, groups=[[t.name for t in ts] for ts in per_block],
     )
     del scanned
-    masks, info = {}, {}
+    masks, info, quants = {}, {}, {}
     spill = Path(tempfile.mkdtemp(prefix="sparsecraft-originals-"))
     touched: list[int] = []
     try:
@@ -561,7 +563,7 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
             targets_out = run_block(block, batches) if block_stages else None
             solve = functools.partial(_solve_layers, solver=solver, refiners=refiners, model_values=model_values,
                                       layer_pattern=layer_pattern, budgets=budgets, originals=originals,
-                                      opts=opts, method=config.method, masks=masks, info=info)
+                                      opts=opts, method=config.method, masks=masks, info=info, quants=quants)
             outs: list[torch.Tensor] | None = None
             if opts.sequential:  # one pass: statistics, pruning and the pruned outputs
                 outs = _Lockstep(targets_i, layer_stats, lambda t, stats_of: solve([t], stats_of)).run(block, batches)
@@ -575,7 +577,7 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
                 del collector
             if block_stages:
                 _run_block_stages(block, i, targets_i, batches, targets_out, block_stages, layer_pattern,
-                                  originals, masks, info, progress)
+                                  originals, masks, info, quants, progress)
                 del targets_out
                 outs = None  # the weights changed
             if store is not None:  # the outputs go to the other memory-mapped file
@@ -599,11 +601,11 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
         info[name] = {"pattern": "dense", "method": "skipped"}
     for name in skipped:
         info[name] = {"pattern": "dense", "method": "skipped"}
-    return masks, info
+    return masks, info, quants
 
 
 def _solve_layers(targets, stats_of, *, solver, refiners, model_values, layer_pattern, budgets, originals, opts,
-                  method, masks, info) -> None:
+                  method, masks, info, quants) -> None:
     """Solve each layer from its statistics (``stats_of(name)``) and write the result back."""
     results, hessians = {}, {}
     for t in targets:
@@ -622,6 +624,8 @@ def _solve_layers(targets, stats_of, *, solver, refiners, model_values, layer_pa
                 t.param.copy_(result.weight)
             t.param.masked_fill_(~result.keep, 0.0)  # +0.0, see masks.py
             masks[t.name] = result.keep
+            if result.quant is not None:
+                quants[t.name] = result.quant
             info[t.name] = {"pattern": str(layer_pattern[t.name]), "method": method, **result.info}
             if opts.measure_error:  # ||WX - W'X|| / ||WX|| on this block's calibration inputs
                 info[t.name]["reconstruction_error"] = float(relative_reconstruction_error(
@@ -629,10 +633,12 @@ def _solve_layers(targets, stats_of, *, solver, refiners, model_values, layer_pa
 
 
 def _run_block_stages(block, index, targets, batches, outputs, stages, layer_pattern, originals, masks, info,
-                      progress) -> None:
-    """Run the block stages on a pruned block; masks and info follow what they changed."""
+                      quants, progress) -> None:
+    """Run the block stages on a pruned block; masks, info and quantised weights follow what
+    they changed."""
     inner = {id(p): n for n, p in block.named_parameters()}
-    layers = {inner[id(t.param)]: BlockLayer(masks[t.name], layer_pattern[t.name], originals[t.name].to(t.param.device))
+    layers = {inner[id(t.param)]: BlockLayer(masks[t.name], layer_pattern[t.name], originals[t.name].to(t.param.device),
+                                             quants.get(t.name))
               for t in targets}
     for st in stages:
         summary = st.run(block, batches, outputs, layers, progress=progress)
@@ -642,6 +648,8 @@ def _run_block_stages(block, index, targets, batches, outputs, stages, layer_pat
             info[t.name][st.name] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
     with torch.no_grad():
         for t in targets:
-            keep = layers[inner[id(t.param)]].keep
-            t.param.masked_fill_(~keep, 0.0)
-            masks[t.name] = keep
+            layer = layers[inner[id(t.param)]]
+            t.param.masked_fill_(~layer.keep, 0.0)
+            masks[t.name] = layer.keep
+            if layer.quant is not None:
+                quants[t.name] = layer.quant

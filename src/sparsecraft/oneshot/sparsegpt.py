@@ -62,7 +62,8 @@ from ..criteria import LayerResult, Solver, register_solver
 from ..errors import ConfigError, SparsecraftError, TargetError
 from ..patterns import NM, Group, Pattern, Unstructured, num_to_prune, parse_pattern, reduction_view
 from ..quant.grid import QuantSpec, dequantize_codes, fit_grid, quantize_codes
-from ..quant.tensor import SPARSE_GROUPS, QuantizedWeight
+from ..quant.options import QuantOptions, check_quant_layer
+from ..quant.tensor import QuantizedWeight
 
 __all__ = ["sparsegpt_prune", "SolverError", "inverse_cholesky_upper", "SparseGPTSolver"]
 
@@ -301,13 +302,7 @@ def sparsegpt_prune(
     # columns a decision spans: block sizes are rounded down to a multiple of it
     unit = pattern.m if isinstance(pattern, NM) else pattern.size if isinstance(pattern, Group) else 1
     if quantize is not None:
-        quantize.check_width(cols, layer)
-        if quantize.group % unit:
-            raise ConfigError(f"layer '{layer}': pattern {pattern} does not tile quantisation groups of "
-                              f"{quantize.group} ({unit} does not divide {quantize.group})")
-        if isinstance(pattern, Group) and pattern.size not in SPARSE_GROUPS:
-            raise ConfigError(f"layer '{layer}': quantised group sparsity needs G in "
-                              f"{', '.join(map(str, SPARSE_GROUPS))}, got group:{pattern.size}")
+        check_quant_layer(quantize, cols, pattern, False, layer)
         unit = quantize.group  # a grid is fitted from its group's kept weights: never across blocks
 
     select: _Selection
@@ -358,9 +353,8 @@ def sparsegpt_prune(
         raise ConfigError(
             f"layer '{layer}': SparseGPT supports unstructured, N:M and group:G patterns, not {pattern}"
         )
-    if quantize is not None and not quantize.symmetric and element_pruned:
-        raise ConfigError(f"layer '{layer}': asymmetric grids cannot hold pruned weights at exactly 0; use "
-                          f"symmetric quantisation or a group:G pattern (not {pattern})")
+    if quantize is not None and element_pruned:
+        check_quant_layer(quantize, cols, pattern, True, layer)
 
     w = w0.to(dtype=dtype, copy=True)
     h = h0.to(device=w.device, dtype=dtype, copy=True)
@@ -419,41 +413,59 @@ def sparsegpt_prune(
 
 @register_solver
 class SparseGPTSolver(Solver):
-    """The ``sparsegpt`` method: :func:`sparsegpt_prune` on the layer's Hessian."""
+    """The ``sparsegpt`` method: :func:`sparsegpt_prune` on the layer's Hessian; with the option
+    ``quantize`` (``int4``/``int8``, plus ``group``, ``symmetric``, ``embeddings``) it prunes and
+    quantises jointly and the layers become :class:`~sparsecraft.quant.QuantLinear`."""
 
     name = "sparsegpt"
     updates_weights = True
     requires = ("hessian",)
-    patterns = (Unstructured, NM)
+    patterns = (Unstructured, NM, Group)
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(QuantOptions):
         blocksize: int = 128  # columns per lazy-update block
         percdamp: float = 0.01  # damping as a fraction of mean(diag H)
         max_damp_tries: int = 5
         damp_growth: float = 10.0
 
         def check(self):
+            self.check_sweep("sparsegpt")
+
+        def check_sweep(self, owner: str) -> None:
             if self.blocksize < 1:
-                raise ConfigError(f"sparsegpt: blocksize must be >= 1, got {self.blocksize}")
+                raise ConfigError(f"{owner}: blocksize must be >= 1, got {self.blocksize}")
             if self.percdamp < 0:
-                raise ConfigError(f"sparsegpt: percdamp must be >= 0, got {self.percdamp}")
+                raise ConfigError(f"{owner}: percdamp must be >= 0, got {self.percdamp}")
             if self.max_damp_tries < 1 or self.damp_growth <= 1:
-                raise ConfigError("sparsegpt: need max_damp_tries >= 1 and damp_growth > 1")
+                raise ConfigError(f"{owner}: need max_damp_tries >= 1 and damp_growth > 1")
+            self.check_quant(owner)
+
+    def quantization(self):
+        return self.options if self.options.spec() is not None else None
+
+    def check_targets(self, layers, sparsity):
+        spec = self.options.spec()
+        if spec is None:
+            return
+        for t, pattern in layers:
+            pruned = (sparsity or 0) > 0 or isinstance(pattern, NM)
+            check_quant_layer(spec, reduction_view(t.param).shape[1], pattern, pruned, t.name)
 
     def _run(self, ctx, pattern, sparsity, keep=None):
         o = self.options
         weight, keep, info = sparsegpt_prune(
             ctx.param.detach(), ctx.stats["hessian"], sparsity, pattern, keep_mask=keep, blocksize=o.blocksize,
             percdamp=o.percdamp, max_damp_tries=o.max_damp_tries, damp_growth=o.damp_growth, layer=ctx.name,
+            quantize=o.spec(),
         )
         if info.get("tries", 1) > 1:
             log.warning("layer '%s': SparseGPT needed damping %.3g", ctx.name, info["percdamp"])
-        return weight, keep
+        return weight, keep, info.get("qweight")
 
     def solve(self, ctx, pattern, sparsity):
-        weight, keep = self._run(ctx, pattern, sparsity)
-        return LayerResult(keep, weight)
+        weight, keep, qweight = self._run(ctx, pattern, sparsity)
+        return LayerResult(keep, weight, quant=qweight)
 
     def reconstruct(self, ctx, keep, pattern):
         return self._run(ctx, pattern, None, keep)[0]

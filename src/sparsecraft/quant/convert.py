@@ -22,8 +22,9 @@ from .modules import QuantEmbedding, QuantLinear, _QuantBase
 from .rtn import rtn_quantize
 from .tensor import SPARSE_GROUPS, QuantizedWeight
 
-__all__ = ["swap_linear_", "quantize_embeddings_", "quant_record", "check_quant_record", "apply_quant_record_",
-           "quantized_modules", "RECORD_KEY"]
+__all__ = ["swap_linear_", "quantize_embeddings_", "quant_record", "check_quant_record", "quant_expected",
+           "apply_quant_record_",
+           "record_meta", "quantized_modules", "embedding_problem", "RECORD_KEY"]
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,9 @@ def _field(ok: bool, file, name: str, what: str, value) -> None:
         raise FormatError(f"'{file}': field quant.{name}.{what} = {value!r} is not valid")
 
 
-def check_quant_record(model: nn.Module, record, file) -> None:
-    """FormatError naming the file and the field when ``record`` does not fit ``model``."""
+def check_quant_record(model: nn.Module, record, file, expected: dict | None = None) -> None:
+    """FormatError naming the file and the field when ``record`` does not fit ``model``
+    (whose weights have the shapes ``expected`` gives, when a shape record resizes them)."""
     if not isinstance(record, dict):
         raise FormatError(f"'{file}': field 'quant' must map module names to records")
     modules = dict(model.named_modules())
@@ -143,8 +145,8 @@ def check_quant_record(model: nn.Module, record, file) -> None:
         if not isinstance(module, want):
             raise FormatError(f"'{file}': field quant.{name} names no {want.__name__} of the model")
         shape = entry.get("shape")
-        real = tuple(module.weight.shape)
-        _field(isinstance(shape, list) and tuple(shape) == real, file, name, "shape", shape)
+        real = (expected or {}).get(f"{name}.weight", (tuple(module.weight.shape),))[0]
+        _field(isinstance(shape, list) and tuple(shape) == tuple(real), file, name, "shape", shape)
         try:
             spec = QuantSpec(entry.get("bits"), entry.get("group"), entry.get("symmetric"))
         except ConfigError as e:
@@ -172,6 +174,24 @@ def check_quant_record(model: nn.Module, record, file) -> None:
         _field(isinstance(entry.get("meta", {}), dict), file, name, "meta", entry.get("meta"))
 
 
+def quant_expected(model: nn.Module, record, expected: dict, file) -> dict:
+    """``expected`` (state-dict name -> (shape, dtype)) with each recorded module's weight
+    replaced by the tensors its quantised module holds; the record is checked first."""
+    check_quant_record(model, record, file, expected)
+    out = dict(expected)
+    for name, entry in record.items():
+        out.pop(f"{name}.weight", None)
+        qweight = _empty(entry, "meta")
+        tensors = {"packed": qweight.packed, "scale": qweight.scale, "offset": qweight.offset}
+        if entry.get("sparse_group") is not None:
+            out_f, cols = entry["shape"]
+            tensors["group_mask"] = torch.empty((out_f * (cols // entry["sparse_group"]) + 7) // 8, dtype=torch.uint8,
+                                                device="meta")
+        for tname, t in tensors.items():
+            out[f"{name}.{tname}"] = (tuple(t.shape), t.dtype)
+    return out
+
+
 def _empty(entry: dict, device) -> QuantizedWeight:
     spec = QuantSpec(entry["bits"], entry["group"], entry["symmetric"])
     out, cols = entry["shape"]
@@ -183,10 +203,22 @@ def _empty(entry: dict, device) -> QuantizedWeight:
     return QuantizedWeight(spec, (out, cols), packed, grid, grid.clone(), big, index)
 
 
+def record_meta(record: dict) -> dict[str, dict]:
+    """The sparsity records (``model.sparsecraft_meta`` entries) a quant record carries."""
+    return {f"{name}.weight": {**entry["meta"], "quant": _describe(entry)}
+            for name, entry in record.items() if entry.get("meta")}
+
+
+def _describe(entry: dict) -> str:
+    text = str(QuantSpec(entry["bits"], entry["group"], entry["symmetric"]))
+    if entry.get("sparse_group") is not None:
+        text += f" group:{entry['sparse_group']} ({entry['kept']} of {entry['shape'][1] // entry['sparse_group']} kept)"
+    return text
+
+
 def apply_quant_record_(model: nn.Module, record: dict) -> None:
     """Replace the modules ``record`` names with empty quantised ones of the same shapes (on
     the device of the module replaced, the meta device included), ready for a state dict."""
-    meta = dict(get_meta(model))
     built: dict[str, _QuantBase] = {}
     for name in sorted(record, key=lambda n: record[n].get("tied_to") is not None):  # sources first
         entry = record[name]
@@ -203,7 +235,4 @@ def apply_quant_record_(model: nn.Module, record: dict) -> None:
                 new = QuantLinear(_empty(entry, device), bias, dtype)
         built[name] = new
         _set_module(model, name, new)
-        if entry.get("meta"):
-            meta[f"{name}.weight"] = {**entry["meta"], "quant": str(new.spec)}
-    object.__setattr__(model, META_ATTR, meta)
 
