@@ -74,6 +74,8 @@ from torch import nn
 from .errors import FormatError
 from .formats.io import _UMASK
 from .masks import META_ATTR, get_meta
+from .quant.convert import RECORD_KEY as QUANT_KEY
+from .quant.convert import apply_quant_record_, quant_expected, quant_record, record_meta
 from .shapes import SHAPES_ATTR, check_record
 
 __all__ = ["save", "load", "load_tensors", "is_checkpoint", "claims_checkpoint", "tensor_file",
@@ -373,6 +375,9 @@ def save(
         extra["shapes"] = shapes
         if record["kind"] == "transformers":  # and whether its config.json can describe them
             extra["shrink"] = described.record()
+    quant = quant_record(model)
+    if quant:  # quantised modules: what load must build in place of Linear / Embedding
+        extra[QUANT_KEY] = quant
 
     if path.suffix == ".safetensors":
         if extra_files:
@@ -641,6 +646,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     if not isinstance(record, dict):
         raise FormatError(f"'{file}': field 'model' must be a mapping")
     shapes = extra.get("shapes") or None
+    quant = extra.get(QUANT_KEY) or None
 
     cls = config = None
     if model is None:
@@ -657,7 +663,10 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     stored = {n: e.get("shape") for n, e in entries.items() if isinstance(e, dict)}
     if shapes is not None:
         check_record(target, shapes, stored)
-    _check_fit(file, header, aliases, _expected(target, shapes))
+    expected = _expected(target, shapes)
+    if quant is not None:  # quantised modules hold other tensors than the Linear they replace
+        expected = quant_expected(target, quant, expected, file)
+    _check_fit(file, header, aliases, expected)
     # the decoded tensors, plus the model's own tensors (all of them, non-persistent buffers
     # too) while they are built and before the file's replace them
     check_memory(read_bytes + (_module_nbytes(target) if model is None else 0), f"loading '{file}'")
@@ -669,11 +678,14 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         from .structured.resize import apply_shapes_
 
         apply_shapes_(model, shapes, stored)  # resize shrunk modules before loading tensors
+    if quant is not None:
+        apply_quant_record_(model, quant)
     for alias, source in aliases.items():
         tensors[alias] = tensors[source]
     # assign=True keeps the saved dtypes (an fp16 checkpoint stays fp16)
     model.load_state_dict(tensors, strict=True, assign=True)
-    if hasattr(model, "tie_weights"):
+    # a quantised embedding is tied to its head through the shared buffers (aliases) already
+    if hasattr(model, "tie_weights") and not any(e.get("kind") == "embedding" for e in (quant or {}).values()):
         model.tie_weights()
     # only tensors that sparsecraft pruned carry a method (stored among the entry's attrs)
     meta = {
@@ -685,6 +697,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         for name, entry in info.items()
         if isinstance(entry.get("attrs"), dict) and "method" in entry["attrs"]
     }
+    if quant is not None:
+        meta.update(record_meta(quant))
     object.__setattr__(model, META_ATTR, meta)
     model.eval()
     return model

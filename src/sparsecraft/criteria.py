@@ -216,6 +216,10 @@ class LayerResult:
     keep: torch.Tensor
     weight: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
+    #: the quantised weight (a :class:`~sparsecraft.quant.QuantizedWeight`) when the method
+    #: quantises: ``weight`` then holds exactly its dequantised values, and ``prune_`` swaps the
+    #: layer for a :class:`~sparsecraft.quant.QuantLinear` once every layer is done
+    quant: Any = None
 
 
 class Solver:
@@ -254,6 +258,16 @@ class Solver:
     def reconstruct(self, ctx: LayerContext, keep: torch.Tensor, pattern: Pattern) -> torch.Tensor | None:
         """New weights for a given mask (after a refiner changed it); None keeps the values."""
         return None
+
+    def quantization(self) -> Any:
+        """The quantisation settings (a :class:`~sparsecraft.quant.options.QuantOptions`) when
+        this method quantises the layers it solves, else None."""
+        return None
+
+    def check_targets(self, layers: list, sparsity: float | None) -> None:
+        """Refuse, before the model changes, what this method cannot do (an error naming the
+        layer): ``layers`` pairs each target with its pattern; ``sparsity`` is the config's
+        target (None when the pattern fixes it)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
@@ -297,6 +311,9 @@ class BlockStage:
     order: ClassVar[int] = 0
     #: Pattern classes it supports; None means any (checked before the model changes).
     patterns: ClassVar[tuple[type, ...] | None] = None
+    #: Whether it keeps quantised layers on their grids (``BlockLayer.quant``); stages that
+    #: do not are refused with quantising methods.
+    quantized: ClassVar[bool] = False
 
     def __init__(self, options=None):
         self.options = options if options is not None else build_options(self.Options, {}, f"stage '{self.name}'")
@@ -323,6 +340,9 @@ class BlockLayer:
     keep: torch.Tensor
     pattern: Any
     dense: torch.Tensor
+    #: the layer's :class:`~sparsecraft.quant.QuantizedWeight` when it is quantised: a stage
+    #: that changes the weights must keep them on a grid and replace this (see ``quant.tuning``)
+    quant: Any = None
 
 
 class ModelStage:

@@ -200,8 +200,10 @@ class SparsityState:
         self.info.pop(name, None)
 
     def finalize_(self) -> nn.Module:
-        """Apply masks one last time and remove hooks and masks; returns the model."""
-        self._check_open()
+        """Apply masks one last time and remove hooks and masks; returns the model. A second
+        call does nothing (``prune_`` finalizes the state of a quantised model itself)."""
+        if self.finalized:
+            return self.model
         self._apply_exact_()
         for name in list(self.masks):
             self._drop(name)

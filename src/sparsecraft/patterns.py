@@ -10,7 +10,7 @@ memory order, the reduction dimension of the convolution seen as a matrix produc
 
 Rounding rule (the same everywhere): a sparsity ``s`` over ``u`` prunable units prunes
 ``floor(s * u + 0.5)`` units, the nearest whole number with halves rounded up. Units are
-elements (unstructured), blocks (block r x c) or rows (rows). The realised sparsity is
+elements (unstructured), blocks (block r x c), rows (rows) or, per row, groups (group:G). The realised sparsity is
 therefore exact up to one unit, and it is exactly ``k / u`` for the ``k`` reported.
 
 Tie rule: among equal scores the element (group, block, row) with the lower flat index is
@@ -19,6 +19,7 @@ pruned first. Sorting is stable, so the same scores always give the same mask.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ __all__ = [
     "NM",
     "Block",
     "Rows",
+    "Group",
     "PatternMismatch",
     "parse_pattern",
     "num_to_prune",
@@ -192,6 +194,11 @@ class NM(Pattern):
         keep.scatter_(1, order[:, : self.m - self.n], False)
         return keep.reshape(scores.shape)
 
+    def choices(self) -> torch.Tensor:
+        """Every keep pattern of one group, ``[C(M, N), M]`` booleans, in lexicographic order."""
+        rows = [[j in kept for j in range(self.m)] for kept in itertools.combinations(range(self.m), self.n)]
+        return torch.tensor(rows, dtype=torch.bool)
+
     def is_valid(self, mask):
         cols = reduction_view(mask).shape[1]
         if cols % self.m:
@@ -274,13 +281,91 @@ class Rows(Pattern):
         return "rows"
 
 
+@dataclass(frozen=True)
+class Group(Pattern):
+    """group:G: whole runs of G consecutive weights of a row (along the reduction dim) are
+    pruned, and every row keeps the same number of runs (row-balanced, N:M at the level of
+    groups), so kernels can skip groups with balanced work and the sparsity is exact.
+
+    A group's score is the sum of its scores. Rounding: each row prunes
+    ``floor(s * C/G + 0.5)`` of its ``C/G`` groups (ties: lower index first), so the realised
+    sparsity is that count over ``C/G`` for every row.
+    """
+
+    size: int
+
+    def __post_init__(self):
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 2:
+            raise ConfigError(f"group pattern needs a group size G >= 2, got {self.size!r}")
+
+    def check(self, shape, layer=""):
+        cols = _view_shape(tuple(shape))[1]
+        if cols % self.size:
+            raise PatternMismatch(
+                f"layer '{layer}': group:{self.size} needs the reduction size {cols} "
+                f"(shape {tuple(shape)}) to be divisible by G={self.size}"
+            )
+
+    def units(self, shape):
+        out, red = _view_shape(tuple(shape))
+        return out * (red // self.size)
+
+    def per_row(self, shape, sparsity=None, num_pruned=None) -> int:
+        """Groups each row prunes (``num_pruned`` counts groups over the whole layer)."""
+        out, red = _view_shape(tuple(shape))
+        groups = red // self.size
+        if num_pruned is not None:
+            if not 0 <= num_pruned <= out * groups or num_pruned % out:
+                raise ConfigError(
+                    f"group:{self.size} prunes the same number of groups in each of the {out} rows; "
+                    f"num_pruned={num_pruned} is not a multiple of {out} in [0, {out * groups}]"
+                )
+            return int(num_pruned) // out
+        if sparsity is None:
+            raise ConfigError(f"pattern {self} needs a sparsity")
+        return num_to_prune(float(sparsity), groups)
+
+    def group_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """``[rows, C/G]`` sums of the scores of each group (float64)."""
+        view = reduction_view(scores)
+        return view.reshape(view.shape[0], -1, self.size).sum(dim=2, dtype=torch.float64)
+
+    def keep_groups(self, group_scores: torch.Tensor, k: int) -> torch.Tensor:
+        """Boolean ``[rows, groups]``: each row drops its ``k`` lowest groups (ties: lower index)."""
+        keep = torch.ones_like(group_scores, dtype=torch.bool)
+        if k > 0:
+            order = torch.sort(group_scores, dim=1, stable=True).indices
+            keep.scatter_(1, order[:, :k], False)
+        return keep
+
+    def keep_mask(self, scores, sparsity=None, *, num_pruned=None, layer=""):
+        self.check(scores.shape, layer)
+        k = self.per_row(scores.shape, sparsity, num_pruned)
+        keep = self.keep_groups(self.group_scores(scores), k)
+        return keep.repeat_interleave(self.size, dim=1).reshape(scores.shape).contiguous()
+
+    def is_valid(self, mask):
+        view = reduction_view(mask)
+        if view.shape[1] % self.size:
+            return False
+        runs = view.reshape(view.shape[0], -1, self.size).sum(dim=2)
+        whole = bool(((runs == 0) | (runs == self.size)).all())
+        kept = (runs == self.size).sum(dim=1)
+        return whole and bool((kept == kept[0]).all())
+
+    def __str__(self):
+        return f"group:{self.size}"
+
+
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
 _BLOCK_RE = re.compile(r"^(?:block:)?(\d+)x(\d+)$")
+_GROUP_RE = re.compile(r"^group:(\d+)$")
 _ALIASES = {"unstructured": Unstructured, "rows": Rows, "channels": Rows, "filters": Rows}
 
 
 def parse_pattern(spec: str | Pattern) -> Pattern:
-    """Build a pattern from its spelling: ``unstructured``, ``2:4``, ``block:4x4``, ``rows``."""
+    """Build a pattern from its spelling: ``unstructured``, ``2:4``, ``block:4x4``, ``rows``,
+    ``group:16``."""
     if isinstance(spec, Pattern):
         return spec
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
@@ -298,7 +383,9 @@ def parse_pattern(spec: str | Pattern) -> Pattern:
         return NM(int(m.group(1)), int(m.group(2)))
     if m := _BLOCK_RE.match(text):
         return Block(int(m.group(1)), int(m.group(2)))
+    if m := _GROUP_RE.match(text):
+        return Group(int(m.group(1)))
     raise ConfigError(
         f"unknown pattern '{spec}'; use 'unstructured', 'N:M' (e.g. '2:4'), "
-        f"'block:RxC' (e.g. 'block:4x4') or 'rows'"
+        f"'block:RxC' (e.g. 'block:4x4'), 'group:G' (e.g. 'group:16') or 'rows'"
     )

@@ -12,8 +12,15 @@ its settings. ``PruneConfig.options`` is one flat mapping split four ways: the d
 settings (:class:`~sparsecraft.oneshot.driver.DriverOptions`), refiners switched on by name
 (``dsnot``), the allocation's options (``owl_m``, ``owl_lambda``), and the method's; a name
 none of them knows is a ConfigError naming the option and the method. The typed
-constructors (``SparseGPT(...)``, ``Wanda(...)``, ``Magnitude(...)``, or
-:func:`method_config` for any registered method) build the same ``PruneConfig``.
+constructors (``SparseGPT(...)``, ``Wanda(...)``, ``Magnitude(...)``, ``GPTQ(...)``, ``RTN(...)``,
+or :func:`method_config` for any registered method) build the same ``PruneConfig``.
+
+Quantisation: a method whose solver quantises (``gptq``, ``rtn``, ``sparsegpt`` with the
+option ``quantize``) returns quantised weights per layer; once every layer is done ``prune_``
+finalizes the sparsity state (the masks are in the quantised layers now) and swaps each
+layer for a :class:`~sparsecraft.quant.QuantLinear` (and, with the option ``embeddings``,
+quantises the token embedding). Refiners and whole-model stages would move weights off
+their grids and are refused with quantisation; block reconstruction tunes the grids.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from .criteria import (
 )
 from .distributed import Ranks, current
 from .errors import ConfigError, TargetError, config_fields
-from .masks import SparsityState
+from .masks import META_ATTR, SparsityState, get_meta
 from .oneshot.driver import (
     DriverOptions,
     calibrated_prune,
@@ -58,12 +65,13 @@ from .oneshot.driver import (
     collect_model_statistics,
     needs_block_driver,
 )
-from .patterns import NM, Pattern, parse_pattern
+from .patterns import NM, Pattern, PatternMismatch, Unstructured, parse_pattern
+from .quant.convert import embedding_problem, quantize_embeddings_, swap_linear_
 from .targets import FALLBACKS, Target, TargetSpec, resolve_patterns, select_targets
 
 __all__ = [
-    "PruneConfig", "prune_", "plan_masks", "METHODS", "register_method", "method_config", "default_sparsity",
-    "Magnitude", "RandomPrune", "Wanda", "SparseGPT", "resolve_patterns",
+    "PruneConfig", "prune_", "quantize_", "plan_masks", "METHODS", "register_method", "method_config",
+    "default_sparsity", "Magnitude", "RandomPrune", "Wanda", "SparseGPT", "GPTQ", "RTN", "resolve_patterns",
 ]
 
 log = logging.getLogger(__name__)
@@ -137,6 +145,12 @@ class PruneConfig:
                 raise ConfigError(f"method '{self.method}' updates weights but cannot re-fit them for "
                                   f"refiner '{r.name}' (it has no reconstruct)")
         check_requires(alloc.requires, f"allocation '{alloc.name}'")
+        if solver.quantization() is not None:
+            others = [r.name for r in refiners] + [st.name for st in self.model_stages()]
+            others += [st.name for st in self.block_stages() if not st.quantized]
+            if others:
+                raise ConfigError(f"method '{self.method}' quantises the layers; {', '.join(others)} would move "
+                                  f"weights off their grids (block reconstruction tunes the grids instead)")
         if alloc.needs_scores:
             if needs_block_driver(self):
                 raise ConfigError(
@@ -296,6 +310,33 @@ SparseGPT.__name__ = "SparseGPT"
 WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def _quant_typed(method: str, doc: str) -> Callable[..., PruneConfig]:
+    def make(bits: int = 4, group: int = 64, **kwargs) -> PruneConfig:
+        if isinstance(bits, bool) or bits not in (4, 8):
+            raise ConfigError(f"method '{method}': bits must be 4 or 8, got {bits!r}"
+                              + (f" (int{bits} is not supported)" if isinstance(bits, int) else ""))
+        if "sparsity" not in kwargs and str(parse_pattern(kwargs.get("pattern", "unstructured"))) == "unstructured":
+            kwargs["sparsity"] = 0.0  # unstructured without a sparsity: quantise only
+        return method_config(method, quantize=f"int{bits}", group=group, **kwargs)
+
+    make.__doc__ = doc
+    make.__name__ = method.upper()
+    return make
+
+
+GPTQ = _quant_typed(
+    "gptq",
+    "Config for GPTQ (needs calibration): the SparseGPT sweep with every weight put on its group's grid, "
+    "e.g. ``GPTQ(bits=4, group=64)``; with ``pattern=\"2:4\"`` or ``pattern=\"group:16\", sparsity=0.5`` "
+    "it prunes and quantises jointly (GQSA). Other keywords as for ``SparseGPT`` (``symmetric``, "
+    "``embeddings``, ``blocksize``, ``percdamp``, ``reconstruct``...). Without a pattern, sparsity is 0.",
+)
+RTN = _quant_typed(
+    "rtn",
+    "Config for round-to-nearest quantisation (no calibration), e.g. ``RTN(bits=8, group=128, symmetric=False)``.",
+)
+
+
 def _check_finite(targets: list[Target]) -> None:
     """TargetError for a weight of a dtype the methods cannot handle or holding NaN or inf."""
     for t in targets:
@@ -304,6 +345,19 @@ def _check_finite(targets: list[Target]) -> None:
                               "supported; pruning handles float32, float64, bfloat16 and float16 weights")
         if not torch.isfinite(t.param.detach()).all():
             raise TargetError(f"layer '{t.name}': weight contains NaN or inf; refusing to prune")
+
+
+def _quiet_patterns(targets: list[Target], pattern: Pattern, fallback: str) -> list[tuple[Target, Pattern]]:
+    """Each target with the pattern it will get (the fallback rule, without its log lines)."""
+    out = []
+    for t in targets:
+        try:
+            pattern.check(t.shape, t.name)
+            out.append((t, pattern))
+        except PatternMismatch:
+            if fallback == "unstructured":
+                out.append((t, Unstructured()))
+    return out
 
 
 def plan_masks(
@@ -316,7 +370,7 @@ def plan_masks(
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """Keep-masks for a method without per-layer calibration statistics, without touching
     the model. Model-level statistics (gradients) come from ``calibration``."""
-    masks, info, weights = _plan(model, config, targets, calibration, progress)
+    masks, info, weights, _ = _plan(model, config, targets, calibration, progress)
     if weights:
         raise ConfigError(f"method '{config.method}' updates weights; use prune_")
     return masks, info
@@ -350,18 +404,20 @@ def _plan(model, config, targets, calibration, progress):
         overrides=config.overrides,
         max_sparsity=config.max_sparsity,
     )
-    masks, info, weights = {}, {}, {}
+    masks, info, weights, quants = {}, {}, {}, {}
     for t in tqdm(active, desc=f"{config.method} {pattern}", disable=not progress, leave=False):
         p = patterns[t.name]
         result = solver.solve(ctx(t), p, None if p.fixed_sparsity is not None else budgets[t.name])
         masks[t.name] = result.keep
         if result.weight is not None:
             weights[t.name] = result.weight
+        if result.quant is not None:
+            quants[t.name] = result.quant
         info[t.name] = {"pattern": str(p), "method": config.method}
     for t in targets:
         if patterns[t.name] is None:
             info[t.name] = {"pattern": "dense", "method": "skipped"}
-    return masks, info, weights
+    return masks, info, weights, quants
 
 
 def _fingerprint(value) -> str:
@@ -409,6 +465,21 @@ def prune_(
         _check_ranks_agree(ranks, config, targets, calibration)
         progress = progress and ranks.main
     _check_finite(targets)
+    solver = config.solver()
+    quant = solver.quantization()
+    calibrated = needs_block_driver(config)
+    if calibrated and calibration is None:
+        hint = "; round to nearest (method 'rtn') quantises without data" if quant is not None else ""
+        raise ConfigError(f"method '{config.method}' needs calibration data (token ids [samples, seq_len]){hint}")
+    solver.check_targets(_quiet_patterns(targets, config.pattern_obj, config.fallback), config.target_sparsity)
+    embeddings = False
+    if quant is not None and quant.embeddings is not False:
+        problem = embedding_problem(model, quant.spec())
+        if problem and quant.embeddings:
+            raise ConfigError(f"method '{config.method}' option embeddings=true: {problem}")
+        embeddings = problem is None
+        if problem:
+            log.info("token embedding left as it is: %s", problem)
     model_stages = config.model_stages()
     teacher = None
     if model_stages:  # checked, and the dense teacher copied, before the model changes
@@ -417,10 +488,10 @@ def prune_(
             st.check(calibration)
         teacher = copy.deepcopy(model)
     weights: dict[str, torch.Tensor] = {}
-    if needs_block_driver(config):
-        masks, info = calibrated_prune(model, targets, config, calibration, progress=progress)
+    if calibrated:
+        masks, info, quants = calibrated_prune(model, targets, config, calibration, progress=progress)
     else:
-        masks, info, weights = _plan(model, config, targets, calibration, progress)
+        masks, info, weights, quants = _plan(model, config, targets, calibration, progress)
 
     # Everything is computed; only now does the model change.
     if weights:
@@ -434,8 +505,43 @@ def prune_(
     for name in info.keys() - masks.keys():
         state.note(name, **info[name])
     log.info("pruned %d targets with %s: sparsity %.4f", len(masks), config.method, state.sparsity())
+    if quant is not None:
+        _quantize_layers_(model, state, targets, quants, quant, embeddings)
     for st in model_stages:
         summary = st.run(model, teacher, calibration, state, progress=progress)
         for name in masks:
             state.info[name][st.name] = summary
     return state
+
+
+def _quantize_layers_(model, state: SparsityState, targets: list[Target], quants: dict, quant, embeddings: bool):
+    """Swap the quantised layers in (the masks live in them now, so the state is finalized)."""
+    state.finalize_()
+    modules = {t.name: t.module_name for t in targets}
+    meta = dict(get_meta(model))
+    for name, qweight in quants.items():
+        swap_linear_(model, modules[name], qweight)
+        meta[name] = {**meta.get(name, {}), "quant": qweight.describe()}
+    object.__setattr__(model, META_ATTR, meta)
+    if embeddings:
+        quantize_embeddings_(model, quant.spec())
+    log.info("quantised %d layers (%s)%s", len(quants), quant.spec(), " and the token embedding" if embeddings else "")
+
+
+def quantize_(
+    model: nn.Module,
+    config: PruneConfig | Mapping[str, Any],
+    calibration=None,
+    *,
+    progress: bool = True,
+) -> SparsityState:
+    """Quantise ``model`` in place with a quantising config (``GPTQ(...)``, ``RTN(...)``, or any
+    method with the option ``quantize``); :func:`prune_` does the work, so a pattern and a
+    sparsity prune jointly. Returns the (finalized) sparsity state; the layers are
+    :class:`~sparsecraft.quant.QuantLinear` modules afterwards."""
+    if not isinstance(config, PruneConfig):
+        config = PruneConfig.from_dict(config)
+    if config.solver().quantization() is None:
+        raise ConfigError(f"method '{config.method}' does not quantise; use GPTQ(...), RTN(...) or the option "
+                          f"quantize (int4 | int8)")
+    return prune_(model, config, calibration, progress=progress)

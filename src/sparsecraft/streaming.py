@@ -114,7 +114,9 @@ def check_streamable(config) -> None:
     names = set(config.solver().requires) | {n for r in config.refiners() for n in r.requires}
     _, model_stats = _split(names)
     why = None
-    if config.model_stages():
+    if config.solver().quantization() is not None:
+        why = f"method '{config.method}' quantises: its layers are written whole by sparsecraft.save"
+    elif config.model_stages():
         why = f"stage(s) {', '.join(st.name for st in config.model_stages())} tune the whole model"
     elif model_stats:
         why = f"method '{config.method}' needs {', '.join(s.name for s in model_stats)} of the whole model"

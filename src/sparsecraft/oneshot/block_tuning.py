@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..criteria import BlockStage, register_block_stage
 from ..errors import ConfigError
+from ..quant.tuning import grid_parameters
 
 __all__ = ["tune_block_", "TUNABLE", "Reconstruct"]
 
@@ -244,6 +245,8 @@ def tune_block_(
 @register_block_stage
 class Reconstruct(BlockStage):
     """The ``reconstruct`` stage: :func:`tune_block_` on every pruned block, masks fixed.
+    Quantised layers (a quantising method) keep their codes too: their grids are tuned
+    (:func:`sparsecraft.quant.tuning.grid_parameters`), so they stay quantised.
 
     Switched on with ``options={"reconstruct": True}`` (or a mapping of these options); the
     targets are the dense block's outputs on the inputs the already-pruned earlier blocks
@@ -252,6 +255,7 @@ class Reconstruct(BlockStage):
 
     name = "reconstruct"
     order = 10  # after stages that change masks
+    quantized = True  # quantised layers: their grids are tuned, codes and masks fixed
     # for total_time_budget: blocks still to tune and seconds spent so far (start() resets them)
     _blocks_left: int = 1
     _spent: float = 0.0
@@ -315,9 +319,12 @@ class Reconstruct(BlockStage):
         if not masks:
             raise ConfigError(f"reconstruct: layers {list(o.layers or [])} match none of the block's pruned "
                               f"layers ({', '.join(sorted(layers))})")
-        summary = tune_block_(block, batches, targets, masks, lr=o.lr, epochs=o.epochs, holdout=o.holdout,
-                              patience=o.patience, tune=o.tune, time_budget=self._budget(),
-                              micro_batch=o.micro_batch, progress=progress)
+        quantised = {name: layers[name] for name in masks if layers[name].quant is not None}
+        with grid_parameters(block, quantised) as grids:
+            masks = {name: keep for name, keep in masks.items() if name not in quantised} | grids
+            summary = tune_block_(block, batches, targets, masks, lr=o.lr, epochs=o.epochs, holdout=o.holdout,
+                                  patience=o.patience, tune=o.tune, time_budget=self._budget(),
+                                  micro_batch=o.micro_batch, progress=progress)
         self._spent += summary["seconds"]
         self._blocks_left = max(1, self._blocks_left - 1)
         return summary

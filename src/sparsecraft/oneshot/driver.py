@@ -533,7 +533,9 @@ def _scan(blocks, batches, per_block, stats, progress, ranks=None) -> dict[str, 
 
 
 def calibrated_prune(model, targets, config, calibration, *, progress=True, stream: BlockStream | None = None):
-    """Block-by-block driver; returns ``(masks, info)`` like ``prune.plan_masks``.
+    """Block-by-block driver; returns ``(masks, info, quants)``: ``masks`` and ``info`` like
+    ``prune.plan_masks``, ``quants`` the quantised weights of a quantising method by layer
+    (empty otherwise; the layers then hold their dequantised values).
 
     ``config`` is a :class:`~sparsecraft.prune.PruneConfig` (it supplies ``solver()``,
     ``refiners()``, ``allocation_obj()`` and ``driver_options()``). With ``stream`` the
@@ -630,7 +632,7 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True, stre
         stats=scanned, groups=[[t.name for t in ts] for ts in per_block],
     )
     del scanned
-    masks, info = {}, {}
+    masks, info, quants = {}, {}, {}
     spill = Path(tempfile.mkdtemp(prefix="sparsecraft-originals-"))
     touched: list[int] = []
     try:
@@ -651,7 +653,7 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True, stre
                 touched.append(i)
             solve = functools.partial(_solve_layers, solver=solver, refiners=refiners, model_values=model_values,
                                       layer_pattern=layer_pattern, budgets=budgets, originals=originals,
-                                      opts=opts, method=config.method, masks=masks, info=info)
+                                      opts=opts, method=config.method, masks=masks, info=info, quants=quants)
             outs: list[torch.Tensor] | None = None
             # targets_out: the dense block's outputs on this block's inputs, what block stages
             # reconstruct; the two-pass variant's statistics pass computes them anyway
@@ -671,7 +673,7 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True, stre
                 del collector
             if block_stages:
                 _run_block_stages(block, i, targets_i, batches, targets_out, block_stages, layer_pattern,
-                                  originals, masks, info, progress)
+                                  originals, masks, info, quants, progress)
                 del targets_out
                 outs = None  # the weights changed
             if store is not None:  # the outputs go to the other memory-mapped file
@@ -699,11 +701,11 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True, stre
         info[name] = {"pattern": "dense", "method": "skipped"}
     for name in skipped:
         info[name] = {"pattern": "dense", "method": "skipped"}
-    return masks, info
+    return masks, info, quants
 
 
 def _solve_layers(targets, stats_of, *, solver, refiners, model_values, layer_pattern, budgets, originals, opts,
-                  method, masks, info) -> None:
+                  method, masks, info, quants) -> None:
     """Solve each layer from its statistics (``stats_of(name)``) and write the result back."""
     results, hessians = {}, {}
     for t in targets:
@@ -722,6 +724,8 @@ def _solve_layers(targets, stats_of, *, solver, refiners, model_values, layer_pa
                 t.param.copy_(result.weight)
             t.param.masked_fill_(~result.keep, 0.0)  # +0.0, see masks.py
             masks[t.name] = result.keep
+            if result.quant is not None:
+                quants[t.name] = result.quant
             info[t.name] = {"pattern": str(layer_pattern[t.name]), "method": method, **result.info}
             if opts.measure_error:  # ||WX - W'X|| / ||WX|| on this block's calibration inputs
                 info[t.name]["reconstruction_error"] = float(relative_reconstruction_error(
@@ -729,10 +733,12 @@ def _solve_layers(targets, stats_of, *, solver, refiners, model_values, layer_pa
 
 
 def _run_block_stages(block, index, targets, batches, outputs, stages, layer_pattern, originals, masks, info,
-                      progress) -> None:
-    """Run the block stages on a pruned block; masks and info follow what they changed."""
+                      quants, progress) -> None:
+    """Run the block stages on a pruned block; masks, info and quantised weights follow what
+    they changed."""
     inner = {id(p): n for n, p in block.named_parameters()}
-    layers = {inner[id(t.param)]: BlockLayer(masks[t.name], layer_pattern[t.name], originals[t.name].to(t.param.device))
+    layers = {inner[id(t.param)]: BlockLayer(masks[t.name], layer_pattern[t.name], originals[t.name].to(t.param.device),
+                                             quants.get(t.name))
               for t in targets}
     for st in stages:
         summary = st.run(block, batches, outputs, layers, progress=progress)
@@ -742,6 +748,8 @@ def _run_block_stages(block, index, targets, batches, outputs, stages, layer_pat
             info[t.name][st.name] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
     with torch.no_grad():
         for t in targets:
-            keep = layers[inner[id(t.param)]].keep
-            t.param.masked_fill_(~keep, 0.0)
-            masks[t.name] = keep
+            layer = layers[inner[id(t.param)]]
+            t.param.masked_fill_(~layer.keep, 0.0)
+            masks[t.name] = layer.keep
+            if layer.quant is not None:
+                quants[t.name] = layer.quant

@@ -40,8 +40,7 @@ log = logging.getLogger(__name__)
 
 def nm_choices(n: int, m: int) -> torch.Tensor:
     """All keep-patterns of one group, ``[C(m, n), m]`` booleans, in lexicographic order."""
-    rows = [[j in kept for j in range(m)] for kept in itertools.combinations(range(m), n)]
-    return torch.tensor(rows, dtype=torch.bool)
+    return NM(n, m).choices()
 
 
 def _group_view(t: torch.Tensor, m: int) -> torch.Tensor:

@@ -40,6 +40,16 @@ Mask selection (adaptive, per block, on the weights as updated so far):
   little gain to be the default.
 * ``keep_mask=``: reconstruct with a given mask (no selection).
 
+Quantisation (``quantize=``, GPTQ; Frantar et al. 2023): the same sweep, where each kept
+weight, when its column is reached, is replaced by its value on its group's grid
+(:mod:`sparsecraft.quant.grid`) and the rounding error ``(w - q) / U_jj`` is spread over the
+columns to the right exactly like a pruning error (a pruned weight is the case ``q = 0``), so
+pruning and quantisation are solved jointly. A group's grid is fitted from its kept weights,
+as updated so far, when the sweep reaches the group's first column; blocks are then a
+multiple of the group size g, and with N:M the masks of a whole grid group are chosen when
+its grid is fitted (so the grid fits only the weights that stay). The result is exactly the
+grid values (``info["qweight"]`` holds the codes and grids).
+
 Damping: ``lambda = percdamp * mean(diag H)``. If a Cholesky factorisation fails (or the
 result is not finite) the solver logs a warning with the damping it used and retries
 with ``percdamp`` multiplied by ``damp_growth``, up to ``max_damp_tries`` attempts, then
@@ -48,7 +58,6 @@ raises :class:`SolverError`.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -57,7 +66,10 @@ import torch
 
 from ..criteria import LayerResult, Solver, register_solver
 from ..errors import ConfigError, SparsecraftError, TargetError
-from ..patterns import NM, Pattern, Unstructured, num_to_prune, parse_pattern, reduction_view
+from ..patterns import NM, Group, Pattern, Unstructured, num_to_prune, parse_pattern, reduction_view
+from ..quant.grid import QuantSpec, dequantize_codes, fit_grid, quantize_codes
+from ..quant.options import QuantOptions, check_quant_layer
+from ..quant.tensor import QuantizedWeight
 
 __all__ = ["sparsegpt_prune", "SolverError", "inverse_cholesky_upper", "SparseGPTSolver"]
 
@@ -103,23 +115,12 @@ NM_CHOICES = ("exact", "greedy")
 MAX_EXACT_CHOICES = 256  # 2:4 has 6 choices per group, 4:8 has 70, 8:16 would have 12,870
 
 
-def nm_choices(nm: NM) -> torch.Tensor | None:
-    """Every keep pattern of one N:M group, ``[choices, M]`` bool, or None when too many."""
-    if math.comb(nm.m, nm.n) > MAX_EXACT_CHOICES:
-        return None
-    combos = list(itertools.combinations(range(nm.m), nm.n))
-    keep = torch.zeros(len(combos), nm.m, dtype=torch.bool)
-    for c, kept in enumerate(combos):
-        keep[c, list(kept)] = True
-    return keep
-
-
 def exact_group_keep(w: torch.Tensor, u: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
     """The keep pattern of least OBS loss for one group of columns, per row.
 
     ``w`` is ``[rows, M]`` (the group's weights as updated so far), ``u`` the ``[M, M]``
     block of the upper Cholesky factor of ``H^-1`` on the group, ``choices`` ``[C, M]`` from
-    :func:`nm_choices`. The sweep over the group is simulated for every choice at once; its
+    :meth:`~sparsecraft.patterns.NM.choices`. The sweep over the group is simulated for every choice at once; its
     loss is exactly what the solver's own sweep will add for that choice.
     """
     prune = (~choices).to(w.dtype)  # [C, M]
@@ -138,19 +139,107 @@ def _damp_schedule(percdamp: float, growth: float, tries: int) -> list[float]:
     return [percdamp] + [base * growth**t for t in range(1, tries)]
 
 
+class _Selection:
+    """Which weights of a column block stay: decided at the block's start (``start``) and, for
+    patterns chosen window by window, when the sweep reaches a window's first column (``window``
+    columns at a time, on the weights as updated so far)."""
+
+    window = 0
+
+    def start(self, b: int, i1: int, i2: int, w1: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(w1, dtype=torch.bool)
+
+    def choose(self, i: int, w1: torch.Tensor, u1: torch.Tensor, k1: torch.Tensor) -> None:
+        pass
+
+
+class _Fixed(_Selection):
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def start(self, b, i1, i2, w1, d):
+        return self.mask[:, i1:i2].clone()
+
+
+class _Budgets(_Selection):
+    """Unstructured: the lowest ``w^2 / U_jj^2`` of the block, across all its rows."""
+
+    def __init__(self, budgets: list[int]):
+        self.budgets = budgets
+
+    def start(self, b, i1, i2, w1, d):
+        scores = w1.pow(2) / d.pow(2)[None, :]
+        return Unstructured().keep_mask(scores, num_pruned=self.budgets[b])
+
+
+class _NMChoice(_Selection):
+    """N:M: every group of M chosen when the sweep reaches it (``window`` columns at once), by
+    the diagonal score or, with ``exact``, by the least sweep loss of each group."""
+
+    def __init__(self, nm: NM, window: int, exact: bool = False):
+        self.nm, self.window = nm, window
+        self.choices = nm.choices() if exact and math.comb(nm.m, nm.n) <= MAX_EXACT_CHOICES else None
+
+    def choose(self, i, w1, u1, k1):
+        if self.choices is None:
+            g = slice(i, i + self.window)
+            d = u1.diagonal()
+            k1[:, g] = self.nm.keep_mask(w1[:, g].pow(2) / d[g].pow(2)[None, :])
+            return
+        for j in range(i, min(i + self.window, w1.shape[1]), self.nm.m):
+            g = slice(j, j + self.nm.m)
+            k1[:, g] = exact_group_keep(w1[:, g], u1[g, g], self.choices)
+
+
+class _GroupChoice(_Selection):
+    """group:G: each row drops its share of the block's groups, lowest summed saliency first."""
+
+    def __init__(self, pattern: Group, counts: list[int]):
+        self.pattern, self.counts = pattern, counts
+
+    def start(self, b, i1, i2, w1, d):
+        scores = w1.pow(2) / d.pow(2)[None, :]
+        keep = self.pattern.keep_groups(self.pattern.group_scores(scores), self.counts[b])
+        return keep.repeat_interleave(self.pattern.size, dim=1)
+
+
+class _ColumnQuantizer:
+    """Puts each column of the sweep on its group's grid. The grid of a group is fitted when
+    the sweep reaches the group's first column, from the kept weights as updated so far."""
+
+    def __init__(self, spec: QuantSpec, rows: int, cols: int, device, layer: str):
+        self.spec, self.layer = spec, layer
+        self.codes = torch.full((rows, cols), spec.zero, dtype=torch.uint8, device=device)
+        self.scale = torch.zeros(rows, cols // spec.group, device=device)
+        self.offset = torch.zeros(rows, cols // spec.group, device=device)
+
+    def fit(self, j: int, w: torch.Tensor, keep: torch.Tensor) -> None:
+        g = j // self.spec.group
+        self.scale[:, g], self.offset[:, g] = fit_grid(w, self.spec, keep, self.layer)
+
+    def column(self, j: int, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The grid values of column ``j`` (exactly 0 where pruned), in ``w``'s dtype."""
+        g = j // self.spec.group
+        scale, offset = self.scale[:, g], self.offset[:, g]
+        codes = torch.where(keep, quantize_codes(w, scale, offset, self.spec), self.spec.zero)
+        self.codes[:, j] = codes
+        return torch.where(keep, dequantize_codes(codes, scale, offset), 0.0).to(w.dtype)
+
+    def result(self, keep: torch.Tensor, sparse_group: int | None) -> QuantizedWeight:
+        rows, cols = keep.shape
+        group_keep = None if sparse_group is None else keep.reshape(rows, cols // sparse_group, sparse_group)[..., 0]
+        return QuantizedWeight.from_codes(self.codes, self.scale, self.offset, self.spec, group_keep, sparse_group)
+
+
 def _solve(
     w: torch.Tensor,
     upper: torch.Tensor,
     blocksize: int,
-    *,
-    budgets: list[int] | None,
-    nm: NM | None,
-    fixed: torch.Tensor | None,
-    nm_choice: str = "greedy",
+    select: _Selection,
+    quant: _ColumnQuantizer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the column sweep on ``w`` (modified in place); returns (w, keep, row losses)."""
     rows, cols = w.shape
-    choices = nm_choices(nm) if nm is not None and nm_choice == "exact" else None
     keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
     losses = torch.zeros(rows, dtype=w.dtype, device=w.device)
     for b, i1 in enumerate(range(0, cols, blocksize)):
@@ -159,21 +248,16 @@ def _solve(
         u1 = upper[i1:i2, i1:i2]
         d = u1.diagonal()
         err1 = torch.zeros_like(w1)
-        if fixed is not None:
-            k1 = fixed[:, i1:i2].clone()
-        elif nm is None:
-            scores = w1.pow(2) / d.pow(2)[None, :]
-            k1 = Unstructured().keep_mask(scores, num_pruned=budgets[b])
-        else:
-            k1 = torch.ones_like(w1, dtype=torch.bool)
+        k1 = select.start(b, i1, i2, w1, d)
         for i in range(i2 - i1):
-            if nm is not None and fixed is None and i % nm.m == 0:
-                g = slice(i, i + nm.m)
-                if choices is not None:
-                    k1[:, g] = exact_group_keep(w1[:, g], u1[g, g], choices)
-                else:
-                    k1[:, g] = nm.keep_mask(w1[:, g].pow(2) / d[g].pow(2)[None, :])
-            err = w1[:, i] * (~k1[:, i]) / d[i]
+            if select.window and i % select.window == 0:
+                select.choose(i, w1, u1, k1)
+            if quant is None:
+                err = w1[:, i] * (~k1[:, i]) / d[i]
+            else:
+                if (i1 + i) % quant.spec.group == 0:
+                    quant.fit(i1 + i, w1[:, i:i + quant.spec.group], k1[:, i:i + quant.spec.group])
+                err = (w1[:, i] - quant.column(i1 + i, w1[:, i], k1[:, i])) / d[i]
             losses += err * err / 2
             # Exact OBS step for the rest of the block; column i itself becomes q.
             w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
@@ -201,15 +285,18 @@ def sparsegpt_prune(
     nm_choice: str = "greedy",
     dtype: torch.dtype = torch.float32,
     layer: str = "",
+    quantize: QuantSpec | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Prune one layer with SparseGPT.
+    """Prune one layer with SparseGPT; with ``quantize``, prune and quantise it jointly (GPTQ).
 
     Args:
         weight: ``[out, in]`` (or any shape whose reduction view is ``[out, in]``).
         hessian: ``[in, in]``, e.g. :class:`~sparsecraft.oneshot.stats.HessianAccumulator`'s
             ``2/n X^T X``; any positive scale gives the same result.
-        sparsity / num_pruned: unstructured budget (exactly one needed); N:M fixes it.
-        pattern: ``"unstructured"`` or ``"N:M"`` (or a Pattern object).
+        sparsity / num_pruned: the budget of unstructured (weights) and group:G (groups, the
+            same number in every row) patterns; N:M fixes it. ``sparsity=0`` with
+            ``quantize`` is plain GPTQ.
+        pattern: ``"unstructured"``, ``"N:M"`` or ``"group:G"`` (or a Pattern object).
         keep_mask: if given, reconstruct with this mask instead of choosing one.
         blocksize: columns per lazy-update block.
         percdamp, damp_growth, max_damp_tries: damping and its escalation.
@@ -217,13 +304,17 @@ def sparsegpt_prune(
             ``"exact"`` (least sweep loss per group); N:M only.
         dtype: compute dtype, float32 or float64.
         layer: name used in messages.
+        quantize: put every kept weight on its group's grid as the sweep reaches it (the
+            quantisation error is compensated like a pruning error; see the module docstring).
 
     Returns:
         ``(new_weight, keep_mask, info)``: a new tensor of ``weight``'s shape, dtype and
         device with pruned entries exactly zero; the boolean keep-mask; and ``info`` with
         ``percdamp`` and ``damp`` (the values that worked), ``tries``, ``dead_inputs``,
         ``num_pruned``, ``blocksize``, ``loss`` (sum over rows of ``1/2 dHd^T``) and
-        ``row_losses`` (tensor ``[out]``).
+        ``row_losses`` (tensor ``[out]``); with ``quantize`` also ``qweight`` (the
+        :class:`~sparsecraft.quant.QuantizedWeight`; ``new_weight`` is exactly its
+        dequantised values).
     """
     pattern = parse_pattern(pattern)
     if dtype not in (torch.float32, torch.float64):
@@ -250,7 +341,13 @@ def sparsegpt_prune(
     if not torch.isfinite(w0).all():
         raise TargetError(f"layer '{layer}': weight contains NaN or inf")
 
-    budgets = nm = fixed = None
+    # columns a decision spans: block sizes are rounded down to a multiple of it
+    unit = pattern.m if isinstance(pattern, NM) else pattern.size if isinstance(pattern, Group) else 1
+    if quantize is not None:
+        check_quant_layer(quantize, cols, pattern, False, layer)
+        unit = quantize.group  # a grid is fitted from its group's kept weights: never across blocks
+
+    select: _Selection
     if keep_mask is not None:
         if tuple(keep_mask.shape) != tuple(weight.shape):
             raise ConfigError(
@@ -258,6 +355,10 @@ def sparsegpt_prune(
                 f"shape {tuple(weight.shape)}"
             )
         fixed = reduction_view(keep_mask).to(device=w0.device, dtype=torch.bool)
+        if isinstance(pattern, Group) and not pattern.is_valid(fixed):
+            raise ConfigError(f"layer '{layer}': keep_mask is not a valid {pattern} mask")
+        select = _Fixed(fixed)
+        element_pruned = not bool(fixed.all()) and not isinstance(pattern, Group)
     elif isinstance(pattern, NM):
         pattern.check(tuple(weight.shape), layer)
         if sparsity is not None and abs(sparsity - pattern.fixed_sparsity) > 1e-9:
@@ -267,8 +368,10 @@ def sparsegpt_prune(
             )
         if num_pruned is not None:
             raise ConfigError(f"layer '{layer}': pattern {pattern} fixes the count; drop num_pruned")
-        nm = pattern
-        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
+        blocksize = max(unit, blocksize - blocksize % unit)
+        # quantised: the choice for a whole grid group is made when its grid is fitted
+        select = _NMChoice(pattern, pattern.m if quantize is None else quantize.group, nm_choice == "exact")
+        element_pruned = True
     elif isinstance(pattern, Unstructured):
         total = rows * cols
         if num_pruned is None:
@@ -277,12 +380,23 @@ def sparsegpt_prune(
             num_pruned = num_to_prune(float(sparsity), total)
         if not 0 <= num_pruned <= total:
             raise ConfigError(f"layer '{layer}': num_pruned={num_pruned} outside [0, {total}]")
+        blocksize = max(unit, blocksize - blocksize % unit)
         sizes = [min(blocksize, cols - i) for i in range(0, cols, blocksize)]
-        budgets = _split_budget(int(num_pruned), sizes, rows)
+        select = _Budgets(_split_budget(int(num_pruned), sizes, rows))
+        element_pruned = num_pruned > 0
+    elif isinstance(pattern, Group):
+        pattern.check(tuple(weight.shape), layer)
+        per_row = pattern.per_row((rows, cols), sparsity, num_pruned)
+        blocksize = max(unit, blocksize - blocksize % unit)
+        sizes = [min(blocksize, cols - i) // pattern.size for i in range(0, cols, blocksize)]
+        select = _GroupChoice(pattern, _split_budget(per_row, sizes, 1))
+        element_pruned = False
     else:
         raise ConfigError(
-            f"layer '{layer}': SparseGPT supports unstructured and N:M patterns, not {pattern}"
+            f"layer '{layer}': SparseGPT supports unstructured, N:M and group:G patterns, not {pattern}"
         )
+    if quantize is not None and element_pruned:
+        check_quant_layer(quantize, cols, pattern, True, layer)
 
     w = w0.to(dtype=dtype, copy=True)
     h = h0.to(device=w.device, dtype=dtype, copy=True)
@@ -299,9 +413,8 @@ def sparsegpt_prune(
         upper = inverse_cholesky_upper(hd)
         problem = "Cholesky factorisation failed"
         if upper is not None:
-            new, keep, losses = _solve(
-                w.clone(), upper, blocksize, budgets=budgets, nm=nm, fixed=fixed, nm_choice=nm_choice
-            )
+            quant = None if quantize is None else _ColumnQuantizer(quantize, rows, cols, w.device, layer)
+            new, keep, losses = _solve(w.clone(), upper, blocksize, select, quant)
             if torch.isfinite(new).all():
                 break
             problem = "solver produced non-finite weights"
@@ -333,21 +446,26 @@ def sparsegpt_prune(
         "loss": float(losses.sum()),
         "row_losses": losses,
     }
+    if quant is not None:
+        info["qweight"] = quant.result(keep, pattern.size if isinstance(pattern, Group) else None)
+        new = info["qweight"].dequantize().to(new.dtype)
     new_weight = new.to(dtype=weight.dtype).reshape(weight.shape)
     return new_weight, keep.reshape(weight.shape), info
 
 
 @register_solver
 class SparseGPTSolver(Solver):
-    """The ``sparsegpt`` method: :func:`sparsegpt_prune` on the layer's Hessian."""
+    """The ``sparsegpt`` method: :func:`sparsegpt_prune` on the layer's Hessian; with the option
+    ``quantize`` (``int4``/``int8``, plus ``group``, ``symmetric``, ``embeddings``) it prunes and
+    quantises jointly and the layers become :class:`~sparsecraft.quant.QuantLinear`."""
 
     name = "sparsegpt"
     updates_weights = True
     requires = ("hessian",)
-    patterns = (Unstructured, NM)
+    patterns = (Unstructured, NM, Group)
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(QuantOptions):
         blocksize: int = 128  # columns per lazy-update block
         percdamp: float = 0.01  # damping as a fraction of mean(diag H)
         max_damp_tries: int = 5
@@ -355,29 +473,44 @@ class SparseGPTSolver(Solver):
         nm_choice: str = "greedy"  # N:M groups: least OBS loss ("exact") or the diagonal score ("greedy")
 
         def check(self):
+            self.check_sweep("sparsegpt")
+
+        def check_sweep(self, owner: str) -> None:
             if self.blocksize < 1:
-                raise ConfigError(f"sparsegpt: blocksize must be >= 1, got {self.blocksize}")
+                raise ConfigError(f"{owner}: blocksize must be >= 1, got {self.blocksize}")
             if self.percdamp < 0:
-                raise ConfigError(f"sparsegpt: percdamp must be >= 0, got {self.percdamp}")
+                raise ConfigError(f"{owner}: percdamp must be >= 0, got {self.percdamp}")
             if self.max_damp_tries < 1 or self.damp_growth <= 1:
-                raise ConfigError("sparsegpt: need max_damp_tries >= 1 and damp_growth > 1")
+                raise ConfigError(f"{owner}: need max_damp_tries >= 1 and damp_growth > 1")
             if self.nm_choice not in NM_CHOICES:
-                raise ConfigError(f"sparsegpt: nm_choice must be one of {NM_CHOICES}, got {self.nm_choice!r}")
+                raise ConfigError(f"{owner}: nm_choice must be one of {NM_CHOICES}, got {self.nm_choice!r}")
+            self.check_quant(owner)
+
+    def quantization(self):
+        return self.options if self.options.spec() is not None else None
+
+    def check_targets(self, layers, sparsity):
+        spec = self.options.spec()
+        if spec is None:
+            return
+        for t, pattern in layers:
+            pruned = (sparsity or 0) > 0 or isinstance(pattern, NM)
+            check_quant_layer(spec, reduction_view(t.param).shape[1], pattern, pruned, t.name)
 
     def _run(self, ctx, pattern, sparsity, keep=None):
         o = self.options
         weight, keep, info = sparsegpt_prune(
             ctx.param.detach(), ctx.stats["hessian"], sparsity, pattern, keep_mask=keep, blocksize=o.blocksize,
-            percdamp=o.percdamp, max_damp_tries=o.max_damp_tries, damp_growth=o.damp_growth,
-            nm_choice=o.nm_choice, layer=ctx.name,
+            percdamp=o.percdamp, max_damp_tries=o.max_damp_tries, damp_growth=o.damp_growth, layer=ctx.name,
+            quantize=o.spec(), nm_choice=o.nm_choice,
         )
         if info.get("tries", 1) > 1:
             log.warning("layer '%s': SparseGPT needed damping %.3g", ctx.name, info["percdamp"])
-        return weight, keep
+        return weight, keep, info.get("qweight")
 
     def solve(self, ctx, pattern, sparsity):
-        weight, keep = self._run(ctx, pattern, sparsity)
-        return LayerResult(keep, weight)
+        weight, keep, qweight = self._run(ctx, pattern, sparsity)
+        return LayerResult(keep, weight, quant=qweight)
 
     def reconstruct(self, ctx, keep, pattern):
         return self._run(ctx, pattern, None, keep)[0]
