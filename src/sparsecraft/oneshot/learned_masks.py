@@ -17,7 +17,6 @@ weights afterwards). Every returned group is a valid N:M choice by construction.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
