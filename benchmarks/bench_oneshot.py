@@ -207,8 +207,9 @@ def write_table(results: dict) -> str:
         f"held-out tokens (windows of 512).",
         "",
         "Rows with a mean layer error also collected a Hessian per layer to measure it, which adds to their "
-        "prune time; rows marked @128x512 used 128 x 512 calibration tokens (the issue's setting) and "
-        "measure time only. Peak RSS is the whole process, model loading (GGUF de-quantisation) included.",
+        "prune time; rows marked @128x512 used 128 x 512 calibration tokens (the issue's setting); "
+        "their wiki column is the first 65,536 tokens of the Wikipedia held-out text (the others: all of it), "
+        "and wanda rows there skip it. Peak RSS is the whole process, model loading (GGUF de-quantisation) included.",
         "",
         "| configuration | sparsity | perplexity | wiki perplexity | prune time (s) | peak RSS (MB) | mean layer error |",
         "|---|---|---|---|---|---|---|",
