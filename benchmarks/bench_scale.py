@@ -43,8 +43,17 @@ import sys
 import time
 from pathlib import Path
 
-from _common import RESULTS, bench_lock, command_line, emit_result, load_average, machine, run_config, \
-    save_figure, write_json
+from _common import (
+    RESULTS,
+    bench_lock,
+    command_line,
+    emit_result,
+    load_average,
+    machine,
+    run_config,
+    save_figure,
+    write_json,
+)
 
 log = logging.getLogger("bench_scale")
 SHARD_BYTES = 10**9  # at most 1 GB per input shard
