@@ -241,18 +241,24 @@ def test_a_method_needing_what_no_driver_collects_is_refused_before_loading(plac
     assert not (place / "o").exists()
 
 
-def test_os_errors_exit_2_in_one_line(place, tiny_llama_dir, monkeypatch, capsys):
+@pytest.mark.parametrize("how", ["whole", "streamed"])
+def test_os_errors_exit_2_in_one_line(how, place, tiny_llama_dir, monkeypatch, capsys):
     import errno
 
-    from sparsecraft import checkpoint
+    from sparsecraft import checkpoint, streaming
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(place / "out"))
 
-    monkeypatch.setattr(checkpoint, "save", full)
-    code, err = _run(["-q", "prune", str(tiny_llama_dir), "--out", "out"], capsys)
+    if how == "whole":
+        monkeypatch.setattr(checkpoint, "save", full)
+    else:
+        monkeypatch.setattr(streaming, "write_tensors", full)
+    code, err = _run(["-q", "prune", str(tiny_llama_dir), "--out", "out", *(["--no-stream"] if how == "whole" else [])],
+                     capsys)
     assert code == 2
     assert "No space left on device" in _assert_one_line(err)
+    assert not [p for p in place.iterdir() if p.name.startswith((".out", "out"))]
 
 
 def test_unexpected_error_is_one_line_exit_1_with_traceback_only_with_v(place, monkeypatch, capsys):

@@ -475,12 +475,12 @@ def test_failed_write_leaves_no_temp_file(tmp_path, monkeypatch, overwrite):
         write_tensors(path, {"x": torch.zeros(4, 4)})
     before = _snapshot(tmp_path)
 
-    def half_write(tensors, filename, metadata=None):
+    def half_write(filename, tensors, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(fio, "save_file", half_write)
+    monkeypatch.setattr(fio, "_save_safetensors", half_write)
     with pytest.raises(FormatError, match="No space left"):
         write_tensors(path, {"w": torch.ones(8, 8)}, overwrite=overwrite)
     assert _snapshot(tmp_path) == before

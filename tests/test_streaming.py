@@ -37,6 +37,7 @@ def save_sharded(model, folder: Path, shards: int = 3) -> Path:
     """The model as Hugging Face writes it: config.json, ``shards`` safetensors files (tied
     tensors once) and model.safetensors.index.json."""
     folder.mkdir(parents=True)
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it
     model.config.save_pretrained(folder)
     state, seen = {}, set()
     for name, t in model.state_dict().items():
@@ -434,3 +435,47 @@ def test_cli_streams_a_bf16_folder_and_eval_report_read_it(bf16_tok_dir, tmp_pat
     assert main([*base, "--eval", "--stream", "--out", str(tmp_path / "no")]) == 2
     assert "evaluation (--eval) needs the whole model" in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_cli_run_resumes_to_the_same_bytes(bf16_tok_dir, tmp_path, capsys):
+    """SIGTERM while block 1 is being written: exit 143, the finished blocks stay in
+    .out.partial, and the same command finishes with the bytes of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    argv = ["-q", "prune", str(bf16_tok_dir), "--method", "wanda", "--samples", "8", "--seq-len", "16"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import sys, time
+        import sparsecraft.formats as formats
+        from sparsecraft.cli import main
+        original, calls = formats.write_tensors, []
+        def slow(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:  # the embeddings' shard and block 0 are written; block 1 is not
+                print("block 1", flush=True)
+                time.sleep(120)
+            return original(*a, **k)
+        formats.write_tensors = slow
+        sys.exit(main({[*argv, "--out", str(out)]!r}))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(sc.__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "block 1"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists()
+    assert json.loads((staging_folder(out) / MANIFEST).read_text())["done"] == 1
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "resumed at block 1" in capsys.readouterr().out
+    assert _files(out) == _files(tmp_path / "whole")

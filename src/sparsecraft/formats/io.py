@@ -62,7 +62,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
 from sparsecraft.errors import FormatError, SparsecraftError
 from sparsecraft.formats import encodings as enc
@@ -181,19 +180,31 @@ def _encode_one(name: str, t: torch.Tensor, meta: dict, encoding: str) -> tuple[
     return comps, entry
 
 
-def _unshare(flat: dict[str, torch.Tensor]) -> None:
-    """Clone tensors whose memory overlaps an earlier one (tied weights): safetensors refuses them."""
-    spans: list[tuple[int, int]] = []
-    for key, t in flat.items():
-        if t.numel() == 0:
-            continue
-        start = t.data_ptr()
-        end = start + t.numel() * t.element_size()
-        if any(start < e and s < end for s, e in spans):
-            flat[key] = t.clone()
-            start = flat[key].data_ptr()
-            end = start + t.numel() * t.element_size()
-        spans.append((start, end))
+_ST_CODES = {dtype: code for code, dtype in _ST_DTYPES.items()}
+
+
+def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` in the safetensors layout (what ``safetensors.torch.save_file``
+    writes: tensors ordered by alignment then name, contiguous, the header padded to 8
+    bytes) with a header whose bytes depend only on the input: safetensors' own writer
+    orders the metadata map differently from run to run, and a resumed run must write the
+    same bytes as an uninterrupted one."""
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    entries, offset = {}, 0
+    for key in order:
+        t = tensors[key]
+        n = t.numel() * t.element_size()
+        entries[key] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for key in order:
+            t = tensors[key]
+            if t.numel():
+                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def _header_sha256(header: dict) -> str:
@@ -297,10 +308,9 @@ def write_tensors(path, tensors: dict[str, torch.Tensor], info: dict[str, dict] 
         header_json = json.dumps(header, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise FormatError(f"info/extra must be JSON-serialisable (no NaN/inf): {e}") from None
-    _unshare(flat)
 
     try:
-        atomic_write(path, lambda tmp: save_file(flat, tmp, metadata={"format": "pt", "sparsecraft": header_json}),
+        atomic_write(path, lambda tmp: _save_safetensors(tmp, flat, {"format": "pt", "sparsecraft": header_json}),
                      overwrite=overwrite)
     except FileExistsError:  # created by someone else since the check above
         raise FormatError(f"{path} exists; pass overwrite=True to replace it") from None
