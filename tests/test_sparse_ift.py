@@ -164,11 +164,12 @@ def test_state_dict_round_trip(transform):
         opt.step()
         rigl.step()
     # the same transformation of a fresh model takes the trained state back exactly
+    # (sparsity object first: building it applies its own initial masks; then the states)
     again = mlp()
     result2 = to_sparse_ift_(again, transform, 0.75)
-    again.load_state_dict(model.state_dict())
     opt2 = torch.optim.SGD(again.parameters(), lr=0.05, momentum=0.9)
     rigl2 = result2.dst("rigl", update_every=3, end=12, optimizer=opt2)
+    again.load_state_dict(model.state_dict())
     rigl2.load_state_dict(rigl.state_dict())
     opt2.load_state_dict(opt.state_dict())
     assert rigl2.step_count == 7
@@ -269,7 +270,7 @@ def test_recipe_errors_name_the_field(fields, message):
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("data: digits\nmodel: mlp\nmethod: sparse-ift-doped\nsparsity: 0.75\nsteps: 20\n")
+    recipe.write_text("data: digits\nmodel: mlp\nmethod: sparse-ift-doped\nsparsity: 0.75\nsteps: 200\n")
     for override, message in (("sparsity=1.5", "sparsity must be a number in (0, 1)"),
                               ("options={targets: {include: [nothing.*]}}", "include rule 'nothing.*' matches no")):
         out = tmp_path / "run"
@@ -284,7 +285,7 @@ def test_every_transformation_is_a_recipe_method():
 
     for name in TRANSFORMS:
         assert f"sparse-ift-{name}" in METHODS
-    recipe = TrainRecipe(data="digits", method="sparse-ift-parallel", sparsity=0.5, steps=10)
+    recipe = TrainRecipe(data="digits", method="sparse-ift-parallel", sparsity=0.5, steps=200)
     model = copy.deepcopy(mlp())
     model2, result = recipe.plan().prepare(model)
     assert model2 is model and result.transform == "parallel"
