@@ -90,6 +90,19 @@ TUNE = {
 }
 TUNED = "first"  # the variant whose settings the other parts use (must match the constants above)
 
+#: the compression methods' options (part `compress`), chosen by part `tune-compress`
+COMPRESS_OPTIONS = {"vd": {"kl_warmup": 0.3}, "ard": {"kl_warmup": 0.3}, "turbo-vbi": {"kl_warmup": 0.3}}
+#: part `tune-compress`: name -> (method, options), each trained from the dense model of the split
+TUNE_COMPRESS = {
+    "vd": ("vd", {"kl_warmup": 0.3}),
+    "ard": ("ard", {"kl_warmup": 0.3}),
+    "turbo-vbi": ("turbo-vbi", {"kl_warmup": 0.3}),
+    "vd~kl0.1": ("vd", {"kl_warmup": 0.3, "kl_weight": 0.1}),
+    "ard~kl0.1": ("ard", {"kl_warmup": 0.3, "kl_weight": 0.1}),
+    "turbo-vbi~kl0.1": ("turbo-vbi", {"kl_warmup": 0.3, "kl_weight": 0.1}),
+    "turbo-vbi~neuron0.5": ("turbo-vbi", {"kl_warmup": 0.3, "neuron_prior": 0.5}),
+}
+
 log = logging.getLogger("bench_bayes")
 
 
@@ -168,6 +181,24 @@ def part_tune(results, steps, variants=None, seed=0, setting=COMPRESS_SETTING):
             _train(results, f"tune/{setting}/{steps}/{seed}/ssvi-0.9~{name}",
                    _recipe(setting, steps, seed, "ssvi", 0.9, recipe_change, **ssvi_options), data, bayesian=True,
                    extra={"vi": vi_name})
+
+
+def part_tune_compress(results, steps, variants=None, seed=0, setting=COMPRESS_SETTING):
+    from sparsecraft.train.zoo import build_model
+
+    wanted = [n for n in TUNE_COMPRESS if not variants or n in variants]
+    tag = f"tune/{setting}/{steps}/{seed}"
+    if all(f"{tag}/{n}" in results for n in wanted):
+        return
+    with _validation_split(setting.split("/")[0]) as data:
+        torch.manual_seed(seed)
+        _, dense = _train(results, f"{tag}/dense", _recipe(setting, steps, seed, "dense"), data, bayesian=False,
+                          start=build_model(setting.split("/")[1], data[0][:1]))
+        for name in wanted:
+            if f"{tag}/{name}" not in results:
+                method, options = TUNE_COMPRESS[name]
+                _train(results, f"{tag}/{name}", _recipe(setting, steps, seed, method, **options), data,
+                       bayesian=True, start=dense, extra={"options": options})
 
 
 # -- part ssvi: SSVI against dense VI and RigL ----------------------------------------------------------------
@@ -250,8 +281,8 @@ def part_compress(results, seeds, steps, pictures, loaded: bool):
         models = {}
         for method in ("vd", "ard", "turbo-vbi"):
             r, models[method] = _train(results, f"{tag}/{method}", _recipe(setting, steps, seed, method,
-                                                                           kl_warmup=0.3), data,
-                                       bayesian=True, start=dense)
+                                                                           **COMPRESS_OPTIONS[method]), data,
+                                       bayesian=True, start=dense, extra={"options": COMPRESS_OPTIONS[method]})
         turbo = models["turbo-vbi"]
         keep = results[f"{tag}/turbo-vbi"]["nonzeros"]
         extra = {}
@@ -463,6 +494,21 @@ def _tune_table(results) -> list[str]:
                        f"{r['nll']:.4f} ({vi['nll']:.4f}) | {r['ece']:.4f} ({vi['ece']:.4f}) |" if vi else
                        f"| {name}: {change} | {100 * r['accuracy']:.2f} | - | {r['nll']:.4f} | {r['ece']:.4f} |")
         out.append("")
+        rows = [n for n in TUNE_COMPRESS if n in g]
+        if rows:
+            dense = g.get("dense")
+            out += ["Compression methods on the same split, each from the dense model trained on it"
+                    + (f" (dense: {100 * dense['accuracy']:.2f}%)" if dense else "") + ":", "",
+                    "| variant | options | accuracy % (MC) | accuracy % (mean weights) | nonzero weights | compression | "
+                    "NLL | ECE |", "|---|---|---|---|---|---|---|---|"]
+            for n in rows:
+                r = g[n]
+                chosen = " (chosen)" if COMPRESS_OPTIONS.get(TUNE_COMPRESS[n][0]) == TUNE_COMPRESS[n][1] else ""
+                opts = ", ".join(f"{k}={v}" for k, v in TUNE_COMPRESS[n][1].items())
+                mean = f"{100 * r['mean_accuracy']:.2f}" if "mean_accuracy" in r else "-"
+                out.append(f"| {n}{chosen} | {opts} | {100 * r['accuracy']:.2f} | {mean} | {r['nonzeros']} | "
+                           f"{r['weights'] / max(1, r['nonzeros']):.1f}x | {r['nll']:.4f} | {r['ece']:.4f} |")
+            out.append("")
     return out
 
 
@@ -518,9 +564,10 @@ def _compress_aims(g) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=("tune", "ssvi", "compress"), action="append", default=[])
+    p.add_argument("--part", choices=("tune", "tune-compress", "ssvi", "compress"), action="append", default=[])
     p.add_argument("--setting", choices=SETTINGS, action="append", help="part ssvi: only these (default: all)")
-    p.add_argument("--variant", choices=tuple(TUNE), action="append", help="part tune: only these (default: all)")
+    p.add_argument("--variant", choices=(*TUNE, *TUNE_COMPRESS), action="append",
+                   help="parts tune, tune-compress: only these (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--no-lock", action="store_true",
@@ -532,9 +579,11 @@ def main(argv=None) -> int:
     if not args.table:
         lock = contextlib.nullcontext() if args.no_lock else bench_lock()
         with lock:
-            for part in args.part or ["tune", "ssvi", "compress"]:
+            for part in args.part or ["tune", "tune-compress", "ssvi", "compress"]:
                 if part == "tune":
                     part_tune(results, args.steps, args.variant)
+                elif part == "tune-compress":
+                    part_tune_compress(results, args.steps, args.variant)
                 elif part == "ssvi":
                     part_ssvi(results, args.setting or SETTINGS, args.seeds, args.steps)
                 else:
