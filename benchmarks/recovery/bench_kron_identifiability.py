@@ -295,9 +295,13 @@ def main():
                     help="run both rules on the first --check-trials problems at these M1")
     ap.add_argument("--check-trials", type=int, default=20)
     ap.add_argument("--ls-all", action="store_true", help="the LS-deviance BIC on every stored M1 = 6 trial")
+    ap.add_argument("--table", action="store_true", help="only rewrite the table from the JSON files")
     B.add_lock_option(ap)
     args = ap.parse_args()
     B.setup_threads()
+    if args.table:
+        report(B._common.read_json(B.RESULTS / "recovery_kron_identifiability.json"))
+        return
     if args.ls_all:
         ls_rule_all(args)
         return
