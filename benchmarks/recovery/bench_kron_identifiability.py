@@ -171,6 +171,38 @@ def rerun_with_ls_rule(args):
     report(stored)
 
 
+def _ls_trial(job):
+    seed, m, oracle = job
+    import sparsecraft.recovery.kronecker_sbl as K
+
+    B.setup_threads()
+    K._rank = ls_rank
+    fs, op, x, y, nv = problem(6, 4, 25, seed)
+    return seed, m, B.nmse_db(R.krosbl(fs, y, noise_var=nv, method=m).x, x) - oracle
+
+
+def ls_rule_all(args):
+    """The least-squares BIC on every stored M1 = 6 trial (the cost rule's gaps are stored)."""
+    stored = B._common.read_json(B.RESULTS / "recovery_kron_identifiability.json")
+    jobs = [(r["seed"], m, r["oracle_db"]) for r in stored["trials_rows"] for m in args.methods]
+    pool = multiprocessing.get_context("fork").Pool(args.workers) if args.workers > 1 else None
+    got = list(pool.imap(_ls_trial, jobs)) if pool is not None else [_ls_trial(j) for j in jobs]
+    by = {(r["seed"], m): r[m]["gap_db"] for r in stored["trials_rows"] for m in args.methods}
+    out = {"command": B._common.command_line(), "results": {}}
+    for m in args.methods:
+        pairs = [(by[(s_, mm)], g) for s_, mm, g in got if mm == m]
+        cost, ls = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+        out["results"][m] = {"trials": len(pairs), "cost_rule": {"mean_gap_db": float(cost.mean()),
+                                                                  "over_10x": int((cost > 10).sum()),
+                                                                  "over_1db": int((cost > 1).sum())},
+                             "ls_rule": {"mean_gap_db": float(ls.mean()), "over_10x": int((ls > 10).sum()),
+                                         "over_1db": int((ls > 1).sum())},
+                             "fixed": int(((cost > 10) & (ls <= 10)).sum()), "broken": int(((cost <= 10) & (ls > 10)).sum())}
+        print(m, out["results"][m], flush=True)
+    B._common.write_json(B.RESULTS / "recovery_kron_identifiability_lsrule_all.json", out)
+    report(stored)
+
+
 def check_other_m1(args):
     """Both rules on the first ``--check-trials`` problems of ``bench_kron_fresh.py`` per M1: does
     the least-squares BIC hurt where the cost rule works?"""
@@ -229,6 +261,15 @@ def report(out):
                          f"{r['truth_em_rank'][1]:.1f} ({r['truth_em_gap_db']:+.1f}) | "
                          f"{r['found_ls_residual']:.4g} / {r['true_ls_residual']:.4g} | "
                          f"{r['mode0_sets_with_less_residual']} | {'-' if ls is None else f'{ls:+.1f}'} |")
+    allr = B._common.read_json(B.RESULTS / "recovery_kron_identifiability_lsrule_all.json")
+    if allr:
+        lines += ["", f"Every M1 = 6 trial under both rules (`{allr['command']}`): mean gap dB / trials > 1 dB / "
+                  "trials > 10x; fixed = > 10x under the cost rule only, broken = under the LS rule only.", "",
+                  "| method | trials | cost rule | LS rule | fixed | broken |", "|---|---|---|---|---|---|"]
+        for m, r in allr["results"].items():
+            c, q = r["cost_rule"], r["ls_rule"]
+            lines.append(f"| {m} | {r['trials']} | {c['mean_gap_db']:+.2f} / {c['over_1db']} / {c['over_10x']} | "
+                         f"{q['mean_gap_db']:+.2f} / {q['over_1db']} / {q['over_10x']} | {r['fixed']} | {r['broken']} |")
     chk = B._common.read_json(B.RESULTS / "recovery_kron_identifiability_lsrule_check.json")
     if chk:
         lines += ["", f"Both rules on the first {chk['trials']} problems of each M1 (same entropy), mean gap to the "
@@ -253,9 +294,17 @@ def main():
     ap.add_argument("--check-m1", type=int, nargs="+", default=None,
                     help="run both rules on the first --check-trials problems at these M1")
     ap.add_argument("--check-trials", type=int, default=20)
+    ap.add_argument("--ls-all", action="store_true", help="the LS-deviance BIC on every stored M1 = 6 trial")
+    ap.add_argument("--table", action="store_true", help="only rewrite the table from the JSON files")
     B.add_lock_option(ap)
     args = ap.parse_args()
     B.setup_threads()
+    if args.table:
+        report(B._common.read_json(B.RESULTS / "recovery_kron_identifiability.json"))
+        return
+    if args.ls_all:
+        ls_rule_all(args)
+        return
     if args.check_m1:
         check_other_m1(args)
         return

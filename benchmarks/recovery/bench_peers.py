@@ -37,7 +37,7 @@ with, per point, the best of ours against the best peer and where a peer wins.
     OMP_NUM_THREADS=1 python benchmarks/recovery/bench_peers.py --problem gaussian --snr inf --trials 50
     OMP_NUM_THREADS=1 python benchmarks/recovery/bench_peers.py --problem dft --trials 50
     OMP_NUM_THREADS=1 python benchmarks/recovery/bench_peers.py --problem lorenz --trials 50
-    python benchmarks/recovery/bench_peers.py --table      # rewrite recovery_peers.md from the JSON files
+    python benchmarks/recovery/bench_peers.py --table      # figures and recovery_peers.md from the JSON files
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ import _bench as B
 
 PEERS = {"sklearn": ("sklearn", "scikit-learn"), "skglm": ("skglm", None), "celer": ("celer", None),
          "abess": ("abess", None), "l0learn": ("l0learn", "l0learn"), "pysindy": ("pysindy", None)}
+TAGS = ("gaussian_snr20", "gaussian_snrinf", "dft_snr20", "lorenz")
 # A peer is "of equal accuracy" when its median NMSE is within this many dB of ours.
 EQUAL_DB = 1.0
 
@@ -302,6 +303,10 @@ def main():
     B.add_lock_option(ap)
     args = ap.parse_args()
     if args.table:
+        for tag in TAGS:
+            path = B.RESULTS / f"recovery_peers_{tag}.json"
+            if path.exists():
+                plot(json.loads(path.read_text()), tag)
         report()
         return
     if args.ks is None:
@@ -406,7 +411,7 @@ def report():
              f"under {EQUAL_DB:g} dB is a tie); *speed*: our best method's median time against the fastest peer "
              f"whose median NMSE is within {EQUAL_DB:g} dB of it (or better).", ""]
     found = False
-    for tag in ("gaussian_snr20", "gaussian_snrinf", "dft_snr20", "lorenz"):
+    for tag in TAGS:
         path = B.RESULTS / f"recovery_peers_{tag}.json"
         if not path.exists():
             continue

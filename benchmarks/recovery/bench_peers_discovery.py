@@ -87,8 +87,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--levels", type=float, nargs="+", default=[0.001, 0.005, 0.01, 0.02, 0.05])
+    ap.add_argument("--table", action="store_true", help="only rewrite the table from the JSON")
     B.add_lock_option(ap)
     args = ap.parse_args()
+    if args.table:
+        _report(B._common.read_json(B.RESULTS / "recovery_peers_discovery.json"))
+        return
     B.setup_threads()
     warnings.filterwarnings("ignore")
     from scipy.integrate import solve_ivp

@@ -435,8 +435,7 @@ def krosbl(factors, y, *, method: str = "am", coupling=None, noise_var: float | 
             best set one larger are restart candidates. A restart is kept when its cost
             (negative log marginal likelihood, exact) is lower, except that with a known
             ``noise_var`` outcomes whose residual is noise come first and among them the
-            lowest BIC (least-squares deviance on the support plus ``log M`` per coefficient;
-            the cost alone can prefer a wrong support). ``False``: flat
+            smaller support (the cost alone can prefer a wrong support). ``False``: flat
             re-openings and the cost alone.
         init_supports: optional warm start, one sequence of column indices per factor (e.g. the
             ``mode_supports`` of a previous frame when tracking a channel): EM starts with only
@@ -638,12 +637,9 @@ def _better(trial, best, factors, y, noise_known: bool) -> bool:
     """Does a restart's outcome replace the current one?
 
     Without a known noise level: when its cost is lower. With one, outcomes whose residual is
-    noise (:func:`residual_is_noise`) come first, ranked among them by BIC: the least-squares
-    deviance on the outcome's Kronecker support, ``||y - P_S y||^2 / sigma2``, plus ``log M``
-    per kept coefficient. The cost alone can prefer a wrong, larger support; the support size
-    alone preferred, on fresh draws, wrong smaller supports that fit far worse; the SBL cost in
-    place of the deviance preferred, at M1 = 6, wrong supports of the true size that least
-    squares fits worse than the true one (``benchmarks/recovery/NOTES.md``).
+    noise (:func:`residual_is_noise`) come first, ranked among them by the cost plus ``log M``
+    per kept coefficient (BIC). The cost alone can prefer a wrong, larger support; the support
+    size alone preferred, on fresh draws, wrong smaller supports whose cost was hundreds worse.
     """
     if not noise_known:
         return trial.final["cost"] < best.final["cost"] - 1e-9 * abs(best.final["cost"])
@@ -655,24 +651,9 @@ def _rank(outcome, factors, y):
         facs = [f[:, kp] for f, kp in zip(factors, outcome.keep)]
         r = y - kron_apply(facs, outcome.final["mu"])
         outcome.fits = residual_is_noise(factors, r, outcome.noise_var, outcome.final["dof"])
-    if not outcome.fits:
-        return (1, outcome.final["cost"])
     size = math.prod(int(kp.numel()) for kp in outcome.keep)
-    return (0, support_deviance(factors, outcome.keep, y, outcome.noise_var) + math.log(y.shape[0]) * size)
-
-
-def support_deviance(factors: Sequence[torch.Tensor], keep: Sequence[torch.Tensor], y: torch.Tensor,
-                     noise_var: float) -> float:
-    """``||y - P_S y||^2 / noise_var`` for least squares on the Kronecker support of the kept
-    columns (pure): ``P_S`` is the Kronecker product of the projectors on each factor's kept
-    columns, applied through orthonormal bases of their spans."""
-    bases = []
-    for A, kp in zip(factors, keep):
-        U, S, _ = torch.linalg.svd(A[:, kp], full_matrices=False)
-        rank = int((S > S[0] * 1e-10).sum()) if S.numel() and float(S[0]) > 0 else 0
-        bases.append(U[:, :rank])
-    r = y - kron_apply(bases, kron_apply([U.mH for U in bases], y.to(bases[0].dtype)))
-    return float(torch.linalg.vector_norm(r) ** 2) / noise_var
+    cost = outcome.final["cost"]
+    return (0, cost + math.log(y.shape[0]) * size) if outcome.fits else (1, cost)
 
 
 def _flat_start(g: torch.Tensor, cfg: KroSBLSettings, i: int) -> torch.Tensor:

@@ -88,7 +88,7 @@ def sbl_batch(A, Y, *, noise_var: float | None = None, max_iter: int = 1000, tol
     floors = torch.tensor([noise_floor(float(p), floor_dtype) for p in ypow], dtype=torch.float64,
                           device=At.device)
     learn = noise_var is None
-    s2 = 0.1 * ypow if learn else torch.maximum(torch.full_like(ypow, float(noise_var)), floors)
+    s2 = 0.1 * ypow if noise_var is None else torch.maximum(torch.full_like(ypow, float(noise_var)), floors)
     s2 = torch.where(zero, torch.ones_like(s2), s2)  # a placeholder for problems with y = 0
     st = _FastBatch(Aw, Yw, 1.0 / s2)
     n_iter = torch.zeros(Bn, dtype=torch.long)
@@ -175,6 +175,11 @@ class _FastBatch:
         self.pos = torch.full((Bn, self.N), -1, dtype=torch.long, device=self.dev)
         self.frozen = torch.zeros(Bn, dtype=torch.bool, device=self.dev)
         self.since_refresh = torch.zeros(Bn, dtype=torch.long, device=self.dev)
+        self.idx: torch.Tensor
+        self.alpha: torch.Tensor
+        self.mu: torch.Tensor
+        self.Sig: torch.Tensor
+        self.Bm: torch.Tensor
         self.cap = 0
         self._grow(min(self.N, 16))
         self.done_rows: list[tuple] = []                            # (rows, x, gamma, beta, cost)
