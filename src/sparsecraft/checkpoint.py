@@ -197,7 +197,7 @@ def save(
     if shapes:  # structurally shrunk modules: their shapes, so load can rebuild them
         extra["shapes"] = shapes
         if record["kind"] == "transformers":  # and whether its config.json can describe them
-            extra["shrink"] = described.record()
+            extra["shrink"] = described.record(pruned=any("method" in m for m in meta.values()))
 
     if path.suffix == ".safetensors":
         if extra_files:
