@@ -215,3 +215,9 @@ def test_torchrun_environment_is_checked(tmp_path, tiny_llama_tok_dir, monkeypat
     assert main(["-q", "prune", str(tiny_llama_tok_dir), "--out", str(out)]) == 2
     assert "RANK=5 is outside 0..1" in capsys.readouterr().err
     assert not out.exists() and not dist.is_initialized()
+    # commands that do not split their work refuse to run in several processes
+    assert main(["shrink", str(tiny_llama_tok_dir), "--mlp", "0.5", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "sparsecraft shrink: error: shrink does not split its work over processes (WORLD_SIZE=2); run it in one "
+        "process (prune and run take torchrun)"]
+    assert not out.exists()

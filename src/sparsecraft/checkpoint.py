@@ -374,7 +374,7 @@ def save(
     if shapes:  # structurally shrunk modules: their shapes, so load can rebuild them
         extra["shapes"] = shapes
         if record["kind"] == "transformers":  # and whether its config.json can describe them
-            extra["shrink"] = described.record()
+            extra["shrink"] = described.record(pruned=any("method" in m for m in meta.values()))
     quant = quant_record(model)
     if quant:  # quantised modules: what load must build in place of Linear / Embedding
         extra[QUANT_KEY] = quant

@@ -1,7 +1,9 @@
 """The ``sparsecraft`` command line: the top parser, dispatch and error handling.
 
 The commands live in the ``commands.py`` of their subpackage (:data:`COMMAND_MODULES`);
-each has ``register(subparsers) -> {command: handler}``. Results go to standard output;
+each has ``register(subparsers) -> {command: handler}``. Under a parallel launcher
+(``WORLD_SIZE`` > 1, e.g. ``torchrun``) only handlers marked ``handler.distributed = True``
+run; any other command refuses, since every process would write the same output. Results go to standard output;
 diagnostics go through ``logging`` to standard error.
 
 Exit codes: 0 done; 2 bad arguments or bad input (a :class:`SparsecraftError`, or an
@@ -121,8 +123,19 @@ def main(argv=None) -> int:
     return code
 
 
+def _launched_in_parallel() -> bool:
+    """Whether a launcher such as torchrun started several processes of this command."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+
+
 def _dispatch(handler, args) -> int:
     name = f"sparsecraft {args.command}"
+    if _launched_in_parallel() and not getattr(handler, "distributed", False):
+        # every process would do the whole work and write the same output
+        sys.stderr.write(f"{name}: error: {args.command} does not split its work over processes "
+                         f"(WORLD_SIZE={os.environ['WORLD_SIZE']}); run it in one process (prune and run "
+                         f"take torchrun)\n")
+        return 2
     try:
         return handler(args)
     except SparsecraftError as exc:

@@ -104,10 +104,14 @@ class HFConfig:
     changed: dict
     reason: str = ""
 
-    def record(self) -> dict:
-        """What a checkpoint's header says about it (``extra["shrink"]``)."""
+    def record(self, pruned: bool = False) -> dict:
+        """What a checkpoint's header says about it (``extra["shrink"]``); ``pruned``: the
+        checkpoint also stores pruned (compressed) tensors, which transformers cannot read."""
+        note = self.reason or ("config.json holds the new sizes; " + (
+            "the pruned tensors are stored compressed: save with format dense-hf for transformers" if pruned
+            else "transformers loads the folder"))
         return {"uniform": self.uniform, "hf_config": self.config is not None, "sizes": dict(self.changed),
-                "note": self.reason or "config.json holds the new sizes; transformers loads the folder"}
+                "note": note}
 
 
 def _is_transformers(model: nn.Module) -> bool:

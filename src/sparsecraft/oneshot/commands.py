@@ -212,6 +212,9 @@ def cmd_prune(args) -> int:
     return 0
 
 
+cmd_prune.distributed = True  # type: ignore[attr-defined]  # see cli._dispatch
+
+
 def cmd_run(args) -> int:
     import dataclasses
 
@@ -225,3 +228,6 @@ def cmd_run(args) -> int:
         if main:
             _finish(results, recipe)
     return 0
+
+
+cmd_run.distributed = True  # type: ignore[attr-defined]
