@@ -42,8 +42,8 @@ def _random_qweight(out, n_in, g, bits, sparse_group, keep=0.5, seed=0):
     return qk.QuantizedWeight(codes, scale, offset, g, bits, group_index, sparse_group)
 
 
-def _reference(qw, x, bias):
-    w = qw.dequantize().double()
+def _reference(qw, x, bias, w=None):
+    w = (qw.dequantize() if w is None else w).double()
     return (x.double() @ w.t() + (0 if bias is None else bias.double())).float()
 
 
@@ -104,14 +104,14 @@ SHAPES = [(37, 96, 32), (129, 576, 64), (64, 1536, 128), (5, 160, 32)]
 def test_kernels_equal_dequantize_then_matmul(ext, kind, out, n_in, g):
     bits, sparse_group = KINDS[kind]
     qw = _random_qweight(out, n_in, g, bits, sparse_group, keep=0.4, seed=out)
-    bias = torch.randn(out)
+    bias, w = torch.randn(out), qw.dequantize()
     gen = torch.Generator().manual_seed(1)
     for isa in _isas(ext):
         assert qk.set_kernel_isa(isa) == isa
         for batch in (1, 2, 3, 5, 8, 13, 40):  # 13: two passes of <= 8 rows; 40: dequantise + GEMM
             x = torch.randn(batch, n_in, generator=gen)
             for b in (bias, None):
-                _assert_close(qw.linear(x, b), _reference(qw, x, b))
+                _assert_close(qw.linear(x, b), _reference(qw, x, b, w))
 
 
 def test_ops_take_leading_dims_and_strided_input(ext):
