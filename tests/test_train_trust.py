@@ -347,11 +347,13 @@ def test_rigl_with_the_optimizer_as_third_argument_says_how_to_pass_it():
 def test_methods_come_from_the_registry():
     import inspect
 
+    import sparsecraft.train.iso_flop  # noqa: F401 - registers the sparse-ift-* methods (whatever ran before)
     from sparsecraft.train import loop, registry, runner
     from sparsecraft.train import recipe as recipe_module
 
     assert set(METHODS) == {"dense", "static", "snip", "gmp", "imp", "set", "rigl", "srste", "decaying-nm",
-                            "vi", "vd", "ard", "ssvi", "turbo-vbi"}  # the last five: sparsecraft.bayes
+                            "vi", "vd", "ard", "ssvi", "turbo-vbi",  # these five: sparsecraft.bayes
+                            "sparse-ift-wide", "sparse-ift-parallel", "sparse-ift-factorized", "sparse-ift-doped"}
     assert METHODS == registry.method_names()
     for module in (runner, loop, recipe_module):
         source = inspect.getsource(module)
