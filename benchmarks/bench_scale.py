@@ -24,13 +24,15 @@ The synthetic models are made once in ``--work`` (default ``/tmp/sparsecraft-ben
 about 6.5 GB for all four depths) and kept for later runs.
 
     make bench-scale                       # everything, under the benchmark lock
-    python benchmarks/bench_scale.py --parts scale --layers 2 --hidden 256 --intermediate 512 \\
-        --heads 4 --kv-heads 2 --samples 4 --seq-len 64 --tag smoke     # a quick smoke test
+    python benchmarks/bench_scale.py --layers 2 4 --hidden 256 --intermediate 512 --heads 4 --kv-heads 2 \\
+        --samples 4 --seq-len 64 --resume-layers 4 --eval-tokens 1024 --no-lock \\
+        --work /tmp/scale-smoke --results /tmp/scale-smoke/results   # a smoke test (timings mean nothing)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -135,7 +137,8 @@ def ensure_model(args, layers: int) -> Path:
 
 def _shape_args(args) -> list[str]:
     return ["--hidden", str(args.hidden), "--intermediate", str(args.intermediate), "--heads", str(args.heads),
-            "--kv-heads", str(args.kv_heads), "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+            "--kv-heads", str(args.kv_heads), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
+            "--eval-tokens", str(args.eval_tokens), "--work", args.work]
 
 
 def folder_bytes(folder: Path) -> int:
@@ -244,6 +247,8 @@ def child_parity(args, spec: dict) -> dict:
         (work / "READY").write_text("ok\n")
     calib = data.calibration(tok, args.samples, args.seq_len, 0, docs=data.builtin_texts("lee")["calibration"])
     tokens = data.tokenize(tok, data.builtin_texts("lee")["evaluation"])
+    if args.eval_tokens:
+        tokens = tokens[:args.eval_tokens]
     config = sc.method_config(spec["method"], sparsity=0.5)
     out = Path(args.work) / f"parity-{spec['method']}-{spec['dtype']}"
     shutil.rmtree(out, ignore_errors=True)
@@ -347,7 +352,12 @@ def main() -> None:
     parser.add_argument("--resume-layers", type=int, default=8)
     parser.add_argument("--resume-method", default="wanda")
     parser.add_argument("--work", default="/tmp/sparsecraft-bench-scale", help="synthetic models and outputs")
+    parser.add_argument("--eval-tokens", type=int, default=0, help="parity: perplexity on the first N held-out "
+                        "tokens (0: all of the Lee evaluation text)")
     parser.add_argument("--tag", default="", help="suffix of the result files (scale{tag}.json ...)")
+    parser.add_argument("--results", default=str(RESULTS), help="folder for the result files")
+    parser.add_argument("--no-lock", action="store_true", help="do not take the benchmark lock (smoke tests only: "
+                        "timings taken beside another benchmark mean nothing)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-parity", help=argparse.SUPPRESS)
     parser.add_argument("--make", help=argparse.SUPPRESS)
@@ -369,19 +379,20 @@ def main() -> None:
         return
 
     Path(args.work).mkdir(parents=True, exist_ok=True)
+    results = Path(args.results)
     stamp = {"command": command_line(), "machine": machine(), "threads": os.environ.get("OMP_NUM_THREADS"),
              "settings": {k: v for k, v in vars(args).items() if not k.startswith(("child", "make"))}}
-    with bench_lock():
+    with contextlib.nullcontext() if args.no_lock else bench_lock():
         stamp["load_average_start"] = load_average()
         if "scale" in args.parts:
             result = run_scale(args)
-            write_json(RESULTS / f"scale{args.tag}.json", {**stamp, **result, "load_average_end": load_average()})
-            plot_scale(result, RESULTS / f"scale{args.tag}.png")
+            write_json(results / f"scale{args.tag}.json", {**stamp, **result, "load_average_end": load_average()})
+            plot_scale(result, results / f"scale{args.tag}.png")
         if "parity" in args.parts:
-            write_json(RESULTS / f"scale_parity{args.tag}.json", {**stamp, **run_parity(args),
+            write_json(results / f"scale_parity{args.tag}.json", {**stamp, **run_parity(args),
                                                                    "load_average_end": load_average()})
         if "resume" in args.parts:
-            write_json(RESULTS / f"scale_resume{args.tag}.json", {**stamp, **run_resume(args),
+            write_json(results / f"scale_resume{args.tag}.json", {**stamp, **run_resume(args),
                                                                    "load_average_end": load_average()})
     log.info("done: %s", shlex.join(sys.argv))
 

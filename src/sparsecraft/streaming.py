@@ -119,7 +119,8 @@ def check_streamable(config) -> None:
     elif config.model_stages():
         why = f"stage(s) {', '.join(st.name for st in config.model_stages())} tune the whole model"
     elif model_stats:
-        why = f"method '{config.method}' needs {', '.join(s.name for s in model_stats)} of the whole model"
+        why = (f"method '{config.method}' needs statistics of the whole model "
+               f"({', '.join(s.name for s in model_stats)}: gradients of its loss)")
     elif alloc.requires:
         why = f"allocation '{alloc.name}' scans every block before pruning"
     elif alloc.needs_scores:

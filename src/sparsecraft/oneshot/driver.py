@@ -647,7 +647,9 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True, stre
                 continue
             if stream is not None:
                 stream.load(i, block, targets_i)
-            originals = {t.name: t.param.detach().cpu().clone() for t in targets_i}
+            # a copy of the dense weights: to restore them, to measure the error, for block stages
+            keep_originals = stream is None or opts.measure_error or bool(block_stages)
+            originals = {t.name: t.param.detach().cpu().clone() for t in targets_i} if keep_originals else {}
             if stream is None:  # the original weights go to disk before the block changes (restored on failure)
                 torch.save(originals, spill / f"{i}.pt")
                 touched.append(i)
