@@ -87,6 +87,8 @@ TUNE = {
     "lr3e-3": ({"lr": 3e-3}, {}, {}),
     "sigma-8": ({}, {"init_log_sigma2": -8.0}, {}),
     "sgd": ({"optimizer": "sgd", "lr": 0.05}, {}, {}),  # the library's default recipe (momentum 0.9)
+    # second round: the levers that helped, together
+    "lr3e-3+grow_sigma": ({"lr": 3e-3}, {}, {"grow_sigma": "mean"}),
 }
 TUNED = "first"  # the variant whose settings the other parts use (must match the constants above)
 
