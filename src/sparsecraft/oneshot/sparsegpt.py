@@ -38,11 +38,12 @@ Quantisation (``quantize=``, GPTQ; Frantar et al. 2023): the same sweep, where e
 weight, when its column is reached, is replaced by its value on its group's grid
 (:mod:`sparsecraft.quant.grid`) and the rounding error ``(w - q) / U_jj`` is spread over the
 columns to the right exactly like a pruning error (a pruned weight is the case ``q = 0``), so
-pruning and quantisation are solved jointly. A group's grid is fitted from its kept weights,
-as updated so far, when the sweep reaches the group's first column; blocks are then a
-multiple of the group size g, and with N:M the masks of a whole grid group are chosen when
-its grid is fitted (so the grid fits only the weights that stay). The result is exactly the
-grid values (``info["qweight"]`` holds the codes and grids).
+pruning and quantisation are solved jointly. A group's grid is fitted when the sweep reaches
+the group's first column, from its weights as updated so far that are not pruned (with N:M
+only the first M columns' choice is made by then: the later columns all count; choosing all
+of a grid group's N:M masks that early, from weights the sweep has not updated yet, gave
+larger layer errors than pruning and then rounding). Blocks are a multiple of the group
+size g. The result is exactly the grid values (``info["qweight"]`` holds the codes and grids).
 
 Damping: ``lambda = percdamp * mean(diag H)``. If a Cholesky factorisation fails (or the
 result is not finite) the solver logs a warning with the damping it used and retries
@@ -327,8 +328,7 @@ def sparsegpt_prune(
         if num_pruned is not None:
             raise ConfigError(f"layer '{layer}': pattern {pattern} fixes the count; drop num_pruned")
         blocksize = max(unit, blocksize - blocksize % unit)
-        # quantised: the choice for a whole grid group is made when its grid is fitted
-        select = _NMChoice(pattern, pattern.m if quantize is None else quantize.group)
+        select = _NMChoice(pattern, pattern.m)
         element_pruned = True
     elif isinstance(pattern, Unstructured):
         total = rows * cols
