@@ -551,10 +551,45 @@ def test_sparsegpt_nm_equals_a_straightforward_reference(n, m):
         h = 2 / 400 * x.T @ x
         w = torch.randn(24, 48, generator=gen, dtype=torch.float64)
         ref_w, ref_keep = _reference_sparsegpt_nm(w, h, n, m, blocksize=16)
-        new, keep, _ = sparsegpt_prune(w, h, pattern=f"{n}:{m}", blocksize=16, dtype=torch.float64)
+        new, keep, _ = sparsegpt_prune(w, h, pattern=f"{n}:{m}", blocksize=16, dtype=torch.float64,
+                                       nm_choice="greedy")
         assert torch.equal(keep, ref_keep)
         assert torch.allclose(new, ref_w, atol=1e-9, rtol=1e-9)
         stale_w, _ = _reference_sparsegpt_nm(w, h, n, m, blocksize=16, at_block_start=True)
         worse += _layer_error(w, stale_w, h) > _layer_error(w, new, h) * (1 + 1e-9)
     # choosing from the block-start weights loses on most seeded problems
     assert worse >= 6
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_sparsegpt_exact_nm_choice_is_the_best_subset_of_each_group(n, m):
+    # One group per row and no damping: the exact rule must find, per row, the kept subset whose
+    # sweep loses least (brute force: the same sweep with each subset's mask fixed), and report
+    # that loss; the reference's diagonal score misses it on some rows.
+    import itertools
+
+    greedy_worse = 0
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(300, m, generator=g, dtype=F64) @ torch.randn(m, m, generator=g, dtype=F64)
+        h = 2 / 300 * x.T @ x
+        w0 = torch.randn(40, m, generator=g, dtype=F64)
+        best = torch.full((40,), float("inf"), dtype=F64)
+        for kept in itertools.combinations(range(m), n):
+            keep = torch.zeros(40, m, dtype=torch.bool)
+            keep[:, list(kept)] = True
+            wk, _, _ = sparsegpt_prune(w0, h, keep_mask=keep, percdamp=0.0, dtype=F64)
+            best = torch.minimum(best, quad_loss(w0, wk, h))
+        w, keep, info = sparsegpt_prune(w0, h, pattern=f"{n}:{m}", percdamp=0.0, dtype=F64, nm_choice="exact")
+        assert NM(n, m).is_valid(keep)
+        torch.testing.assert_close(quad_loss(w0, w, h), best, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(info["row_losses"], best, rtol=1e-9, atol=1e-12)
+        wg, _, _ = sparsegpt_prune(w0, h, pattern=f"{n}:{m}", percdamp=0.0, dtype=F64)
+        greedy_worse += int((quad_loss(w0, wg, h) > best * (1 + 1e-9)).sum())
+    assert greedy_worse > 0
+
+
+def test_sparsegpt_nm_choice_is_validated():
+    w, h = torch.randn(4, 8), torch.eye(8)
+    with pytest.raises(ConfigError, match="nm_choice"):
+        sparsegpt_prune(w, h, pattern="2:4", nm_choice="best")

@@ -267,3 +267,20 @@ def test_no_import_cycle_between_prune_and_the_driver():
     run = subprocess.run([sys.executable, "-c", "import sparsecraft.blocks, sparsecraft.oneshot.driver"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("sequential,passes", [(False, 2), (True, 3)])
+def test_block_stages_reuse_the_statistics_pass_for_the_dense_outputs(calib, sequential, passes):
+    # two passes: the one that collects statistics gives the dense outputs that reconstruction
+    # targets, then the tuned block's outputs; the lock-step variant needs the dense outputs
+    # apart (its own pass prunes as it goes) and its outputs are stale once the block is tuned
+    model = _llama()
+    counts = [0] * len(model.model.layers)
+    for i, block in enumerate(model.model.layers):
+        block.register_forward_pre_hook(
+            lambda *_a, i=i: counts.__setitem__(i, counts[i] + torch.is_inference_mode_enabled()))
+    config = sc.SparseGPT(pattern="2:4", batch_size=2, sequential=sequential,
+                          reconstruct={"epochs": 1, "holdout": 1})
+    sc.prune_(model, config, calib, progress=False)
+    batches = calib.shape[0] // 2
+    assert counts == [(passes + 1) * batches, passes * batches]

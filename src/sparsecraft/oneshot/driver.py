@@ -559,20 +559,23 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True):
             originals = {t.name: t.param.detach().cpu().clone() for t in targets_i}
             torch.save(originals, spill / f"{i}.pt")
             touched.append(i)
-            # the dense block's outputs on this block's inputs: what block stages reconstruct
-            targets_out = run_block(block, batches) if block_stages else None
             solve = functools.partial(_solve_layers, solver=solver, refiners=refiners, model_values=model_values,
                                       layer_pattern=layer_pattern, budgets=budgets, originals=originals,
                                       opts=opts, method=config.method, masks=masks, info=info, quants=quants)
             outs: list[torch.Tensor] | None = None
+            # targets_out: the dense block's outputs on this block's inputs, what block stages
+            # reconstruct; the two-pass variant's statistics pass computes them anyway
             if opts.sequential:  # one pass: statistics, pruning and the pruned outputs
+                targets_out = run_block(block, batches) if block_stages else None
                 outs = _Lockstep(targets_i, layer_stats, lambda t, stats_of: solve([t], stats_of)).run(block, batches)
             else:
                 collector = _Collector(targets_i, layer_stats)
                 try:
-                    run_block(block, batches)
+                    dense_out = run_block(block, batches)
                 finally:
                     collector.remove()
+                targets_out = dense_out if block_stages else None
+                del dense_out
                 solve(targets_i, collector.layer_stats)
                 del collector
             if block_stages:

@@ -25,9 +25,19 @@ Mask selection (adaptive, per block, on the weights as updated so far):
   ``k = floor(s * rows * cols + 0.5)`` weights: ``k`` is split over the blocks in
   proportion to their widths by largest remainder (ties to the earlier block), and each
   block prunes exactly its share (ties: lower flat index first). Per-row counts vary.
-* N:M: each group of M columns is chosen when the solver reaches its first column, with
-  :class:`~sparsecraft.patterns.NM` on ``w^2 / U_jj^2``; the block size is rounded down
-  to a multiple of M so groups never straddle blocks.
+* N:M: each group of M columns is chosen when the solver reaches its first column; the
+  block size is rounded down to a multiple of M so groups never straddle blocks. Two rules:
+  ``nm_choice="greedy"`` (the default) is the reference implementation's: keep the N largest
+  ``w^2 / U_jj^2`` (each column scored as if it were pruned alone). ``nm_choice="exact"``
+  runs the sweep over the group's M columns for every choice of N kept ones
+  (per row, all choices at once) and keeps the choice whose OBS loss is least: pruning one
+  column moves the group's later columns, which the diagonal score does not see. Both
+  are greedy across groups; ``exact`` is optimal within each group. Patterns with more than
+  ``MAX_EXACT_CHOICES`` choices per group fall back to ``greedy``. On 16 SmolLM2 layers (q, o,
+  gate and down of blocks 0, 10, 20 and 29; 8 x 512 dense calibration tokens) the exact
+  rule's layer error was 0.979-1.002x the greedy rule's at 2:4 (median 0.9985) and
+  0.951-0.998x at 4:8 (median 0.9955), for 1.04-1.70x (2:4) and 2.1-4.7x (4:8) the time: too
+  little gain to be the default.
 * group:G (GQSA): at each block's start every row drops its share of the block's groups
   of G columns, lowest summed ``w^2 / U_jj^2`` first. A row's budget
   (``floor(s * cols/G + 0.5)`` groups) is split over the blocks by width (largest remainder,
@@ -53,6 +63,7 @@ raises :class:`SolverError`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -106,6 +117,40 @@ def _split_budget(total: int, sizes: list[int], rows: int) -> list[int]:
     return counts
 
 
+NM_CHOICES = ("exact", "greedy")
+MAX_EXACT_CHOICES = 256  # 2:4 has 6 choices per group, 4:8 has 70, 8:16 would have 12,870
+
+
+def nm_choices(nm: NM) -> torch.Tensor | None:
+    """Every keep pattern of one N:M group, ``[choices, M]`` bool, or None when too many."""
+    if math.comb(nm.m, nm.n) > MAX_EXACT_CHOICES:
+        return None
+    combos = list(itertools.combinations(range(nm.m), nm.n))
+    keep = torch.zeros(len(combos), nm.m, dtype=torch.bool)
+    for c, kept in enumerate(combos):
+        keep[c, list(kept)] = True
+    return keep
+
+
+def exact_group_keep(w: torch.Tensor, u: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
+    """The keep pattern of least OBS loss for one group of columns, per row.
+
+    ``w`` is ``[rows, M]`` (the group's weights as updated so far), ``u`` the ``[M, M]``
+    block of the upper Cholesky factor of ``H^-1`` on the group, ``choices`` ``[C, M]`` from
+    :func:`nm_choices`. The sweep over the group is simulated for every choice at once; its
+    loss is exactly what the solver's own sweep will add for that choice.
+    """
+    prune = (~choices).to(w.dtype)  # [C, M]
+    cur = w[:, None, :].repeat(1, choices.shape[0], 1)  # [rows, C, M]
+    loss = torch.zeros(cur.shape[:2], dtype=w.dtype, device=w.device)
+    d = u.diagonal()
+    for j in range(w.shape[1]):
+        err = cur[:, :, j] * prune[:, j] / d[j]
+        loss += err * err
+        cur[:, :, j:] -= err[..., None] * u[j, j:]
+    return choices.to(w.device)[loss.argmin(dim=1)]
+
+
 def _damp_schedule(percdamp: float, growth: float, tries: int) -> list[float]:
     base = percdamp if percdamp > 0 else 1e-3
     return [percdamp] + [base * growth**t for t in range(1, tries)]
@@ -121,7 +166,7 @@ class _Selection:
     def start(self, b: int, i1: int, i2: int, w1: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(w1, dtype=torch.bool)
 
-    def choose(self, i: int, w1: torch.Tensor, d: torch.Tensor, k1: torch.Tensor) -> None:
+    def choose(self, i: int, w1: torch.Tensor, u1: torch.Tensor, k1: torch.Tensor) -> None:
         pass
 
 
@@ -145,14 +190,19 @@ class _Budgets(_Selection):
 
 
 class _NMChoice(_Selection):
-    """N:M: every group of M chosen when the sweep reaches it (``window`` columns at once)."""
+    """N:M: every group of M chosen when the sweep reaches it, by the diagonal score or (with
+    ``choices``, see :func:`exact_group_keep`) by the least OBS loss."""
 
-    def __init__(self, nm: NM, window: int):
-        self.nm, self.window = nm, window
+    def __init__(self, nm: NM, choices: torch.Tensor | None = None):
+        self.nm, self.window, self.choices = nm, nm.m, choices
 
-    def choose(self, i, w1, d, k1):
-        g = slice(i, i + self.window)
-        k1[:, g] = self.nm.keep_mask(w1[:, g].pow(2) / d[g].pow(2)[None, :])
+    def choose(self, i, w1, u1, k1):
+        g = slice(i, i + self.nm.m)
+        if self.choices is not None:
+            k1[:, g] = exact_group_keep(w1[:, g], u1[g, g], self.choices)
+        else:
+            d = u1.diagonal()
+            k1[:, g] = self.nm.keep_mask(w1[:, g].pow(2) / d[g].pow(2)[None, :])
 
 
 class _GroupChoice(_Selection):
@@ -215,7 +265,7 @@ def _solve(
         k1 = select.start(b, i1, i2, w1, d)
         for i in range(i2 - i1):
             if select.window and i % select.window == 0:
-                select.choose(i, w1, d, k1)
+                select.choose(i, w1, u1, k1)
             if quant is None:
                 err = w1[:, i] * (~k1[:, i]) / d[i]
             else:
@@ -246,6 +296,7 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     damp_growth: float = 10.0,
     max_damp_tries: int = 5,
+    nm_choice: str = "greedy",
     dtype: torch.dtype = torch.float32,
     layer: str = "",
     quantize: QuantSpec | None = None,
@@ -263,6 +314,8 @@ def sparsegpt_prune(
         keep_mask: if given, reconstruct with this mask instead of choosing one.
         blocksize: columns per lazy-update block.
         percdamp, damp_growth, max_damp_tries: damping and its escalation.
+        nm_choice: ``"greedy"`` (the reference implementation's diagonal score) or
+            ``"exact"`` (least sweep loss per group); N:M only.
         dtype: compute dtype, float32 or float64.
         layer: name used in messages.
         quantize: put every kept weight on its group's grid as the sweep reaches it (the
@@ -286,6 +339,8 @@ def sparsegpt_prune(
         raise ConfigError(f"sparsegpt: percdamp must be >= 0, got {percdamp}")
     if max_damp_tries < 1 or damp_growth <= 1:
         raise ConfigError("sparsegpt: need max_damp_tries >= 1 and damp_growth > 1")
+    if nm_choice not in NM_CHOICES:
+        raise ConfigError(f"sparsegpt: nm_choice must be one of {NM_CHOICES}, got {nm_choice!r}")
 
     w0 = reduction_view(weight.detach())
     rows, cols = w0.shape
@@ -328,7 +383,7 @@ def sparsegpt_prune(
         if num_pruned is not None:
             raise ConfigError(f"layer '{layer}': pattern {pattern} fixes the count; drop num_pruned")
         blocksize = max(unit, blocksize - blocksize % unit)
-        select = _NMChoice(pattern, pattern.m)
+        select = _NMChoice(pattern, nm_choices(pattern) if nm_choice == "exact" else None)
         element_pruned = True
     elif isinstance(pattern, Unstructured):
         total = rows * cols
@@ -428,6 +483,7 @@ class SparseGPTSolver(Solver):
         percdamp: float = 0.01  # damping as a fraction of mean(diag H)
         max_damp_tries: int = 5
         damp_growth: float = 10.0
+        nm_choice: str = "greedy"  # N:M groups: least OBS loss ("exact") or the diagonal score ("greedy")
 
         def check(self):
             self.check_sweep("sparsegpt")
@@ -439,6 +495,8 @@ class SparseGPTSolver(Solver):
                 raise ConfigError(f"{owner}: percdamp must be >= 0, got {self.percdamp}")
             if self.max_damp_tries < 1 or self.damp_growth <= 1:
                 raise ConfigError(f"{owner}: need max_damp_tries >= 1 and damp_growth > 1")
+            if self.nm_choice not in NM_CHOICES:
+                raise ConfigError(f"{owner}: nm_choice must be one of {NM_CHOICES}, got {self.nm_choice!r}")
             self.check_quant(owner)
 
     def quantization(self):
@@ -456,8 +514,8 @@ class SparseGPTSolver(Solver):
         o = self.options
         weight, keep, info = sparsegpt_prune(
             ctx.param.detach(), ctx.stats["hessian"], sparsity, pattern, keep_mask=keep, blocksize=o.blocksize,
-            percdamp=o.percdamp, max_damp_tries=o.max_damp_tries, damp_growth=o.damp_growth, layer=ctx.name,
-            quantize=o.spec(),
+            percdamp=o.percdamp, max_damp_tries=o.max_damp_tries, damp_growth=o.damp_growth,
+            nm_choice=o.nm_choice, layer=ctx.name, quantize=o.spec(),
         )
         if info.get("tries", 1) > 1:
             log.warning("layer '%s': SparseGPT needed damping %.3g", ctx.name, info["percdamp"])
