@@ -31,6 +31,7 @@ SECTIONS = [
     ("formats.md", "Storage formats: file size and save/load time (issue: Foundation)"),
     ("oneshot.md", "Calibrated one-shot pruning of real models (issue: One-shot)"),
     ("reconstruct.md", "Block reconstruction settings (issue 18)"),
+    ("quant.md", "Sparse + quantised weights: GPTQ, GQSA, file sizes (issue 17)"),
     ("lrp.md", "Relevance (LRP) pruning without fine-tuning (issue 15)"),
     ("bayes.md", "Bayesian sparsification: SSVI (issue 14)"),
     ("recovery_kron_fresh.md", "KroSBL on fresh random draws (issue 16)"),
@@ -60,6 +61,7 @@ Each JSON result records the commit that produced it (`git_commit`).
 | `make bench-formats` | `bench_formats.py` | `formats.json`, `formats.md` |
 | `make bench-oneshot` | `bench_oneshot.py` (resumable; `--only NAME`, `--fresh`) | `oneshot.json`, `oneshot.md`, `.png` |
 | `make bench-reconstruct` | `bench_reconstruct.py` | `reconstruct.json`, `reconstruct.md` |
+| `make bench-quant` | `bench_quant.py` (resumable; `--only NAME`, `--fresh`) | `quant.json`, `quant.md` |
 | `make bench-train` | `bench_train.py` (resumable; `--part`) | `train.json`, `train.md`, `.png` |
 | `make bench-sparse-ift` | `bench_sparse_ift.py` (resumable; accuracy only, takes no lock) | `sparse_ift.json`, `sparse_ift.md`, `.png` |
 | `make bench-shrink` | `bench_shrink.py` | `shrink.json`, `shrink.md`, `.png` |

@@ -12,8 +12,20 @@ from .allocation import allocate
 from .criteria import Criterion, LayerContext, Refiner, Solver, register_criterion, register_refiner, register_solver
 from .errors import ConfigError, FormatError, SparsecraftError, TargetError
 from .masks import SparsityState, get_meta
-from .patterns import NM, Block, Pattern, Rows, Unstructured, parse_pattern
-from .prune import Magnitude, PruneConfig, RandomPrune, SparseGPT, Wanda, method_config, prune_, register_method
+from .patterns import NM, Block, Group, Pattern, Rows, Unstructured, parse_pattern
+from .prune import (
+    GPTQ,
+    RTN,
+    Magnitude,
+    PruneConfig,
+    RandomPrune,
+    SparseGPT,
+    Wanda,
+    method_config,
+    prune_,
+    quantize_,
+    register_method,
+)
 from .report import Report, report  # eager: the name `report` must stay the function
 from .targets import Target, TargetSpec, select_targets
 
@@ -34,6 +46,7 @@ _LAZY = {
     "structured": ("sparsecraft.structured", None),
     "runtime": ("sparsecraft.runtime", None),
     "bayes": ("sparsecraft.bayes", None),
+    "quant": ("sparsecraft.quant", None),
 }
 
 
@@ -49,10 +62,12 @@ def __getattr__(name: str):
 
 __all__ = [
     "prune_", "PruneConfig", "Magnitude", "RandomPrune", "Wanda", "SparseGPT", "method_config", "register_method",
+    "quantize_", "GPTQ", "RTN",
     "Solver", "Refiner", "register_solver", "register_refiner",
     "SparsityState", "get_meta", "select_targets", "Target", "TargetSpec",
-    "Pattern", "Unstructured", "NM", "Block", "Rows", "parse_pattern",
+    "Pattern", "Unstructured", "NM", "Block", "Rows", "Group", "parse_pattern",
     "Criterion", "LayerContext", "register_criterion", "allocate",
     "SparsecraftError", "ConfigError", "TargetError", "FormatError",
     "save", "load", "prune_pretrained", "report", "Report", "models", "data", "formats", "recovery", "train", "structured", "runtime", "bayes",
+    "quant",
 ]

@@ -71,7 +71,7 @@ from .targets import FALLBACKS, Target, TargetSpec, resolve_patterns, select_tar
 
 __all__ = [
     "PruneConfig", "prune_", "quantize_", "plan_masks", "METHODS", "register_method", "method_config",
-    "default_sparsity", "Magnitude", "RandomPrune", "Wanda", "SparseGPT", "GPTQ", "RTN", "resolve_patterns",
+    "default_sparsity", "method_default_sparsity", "Magnitude", "RandomPrune", "Wanda", "SparseGPT", "GPTQ", "RTN", "resolve_patterns",
 ]
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,8 @@ class PruneConfig:
         """From a mapping (YAML); without ``sparsity`` an N:M pattern fixes it."""
         fields = config_fields(cls, data, "prune config", "unknown prune config keys")
         if "sparsity" not in fields:
-            fields["sparsity"] = default_sparsity(fields.get("pattern", "unstructured"))
+            fields["sparsity"] = default_sparsity(fields.get("pattern", "unstructured"),
+                                                  default=method_default_sparsity(fields.get("method", "magnitude")))
         return cls(**fields)
 
     def to_dict(self) -> dict:
@@ -269,6 +270,13 @@ def default_sparsity(pattern: str | Pattern, requested: float | None = None, def
     return None if fixed is not None else default
 
 
+def method_default_sparsity(method: str) -> float:
+    """The sparsity a config of ``method`` gets when none is given (and the pattern does not
+    fix it): 0 for methods that quantise by default (``gptq``, ``rtn``: quantise only), else 0.5."""
+    options = getattr(SOLVERS.get(method), "Options", None)
+    return 0.0 if getattr(options, "quantize", None) is not None else 0.5
+
+
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(PruneConfig)} - {"method", "options"}
 
 
@@ -279,7 +287,8 @@ def method_config(method: str, **kwargs) -> PruneConfig:
     fields = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
     options.update(kwargs)
     if "sparsity" not in fields:
-        fields["sparsity"] = default_sparsity(fields.get("pattern", "unstructured"))
+        fields["sparsity"] = default_sparsity(fields.get("pattern", "unstructured"),
+                                              default=method_default_sparsity(method))
     return PruneConfig(method=method, options=options, **fields)
 
 
@@ -315,8 +324,6 @@ def _quant_typed(method: str, doc: str) -> Callable[..., PruneConfig]:
         if isinstance(bits, bool) or bits not in (4, 8):
             raise ConfigError(f"method '{method}': bits must be 4 or 8, got {bits!r}"
                               + (f" (int{bits} is not supported)" if isinstance(bits, int) else ""))
-        if "sparsity" not in kwargs and str(parse_pattern(kwargs.get("pattern", "unstructured"))) == "unstructured":
-            kwargs["sparsity"] = 0.0  # unstructured without a sparsity: quantise only
         return method_config(method, quantize=f"int{bits}", group=group, **kwargs)
 
     make.__doc__ = doc
@@ -329,7 +336,7 @@ GPTQ = _quant_typed(
     "Config for GPTQ (needs calibration): the SparseGPT sweep with every weight put on its group's grid, "
     "e.g. ``GPTQ(bits=4, group=64)``; with ``pattern=\"2:4\"`` or ``pattern=\"group:16\", sparsity=0.5`` "
     "it prunes and quantises jointly (GQSA). Other keywords as for ``SparseGPT`` (``symmetric``, "
-    "``embeddings``, ``blocksize``, ``percdamp``, ``reconstruct``...). Without a pattern, sparsity is 0.",
+    "``embeddings``, ``blocksize``, ``percdamp``, ``reconstruct``...). Sparsity defaults to 0.",
 )
 RTN = _quant_typed(
     "rtn",
@@ -348,15 +355,16 @@ def _check_finite(targets: list[Target]) -> None:
 
 
 def _quiet_patterns(targets: list[Target], pattern: Pattern, fallback: str) -> list[tuple[Target, Pattern]]:
-    """Each target with the pattern it will get (the fallback rule, without its log lines)."""
+    """Each target with the pattern it will get (the fallback rule, without its log lines; with
+    ``fallback="error"`` a layer the pattern cannot tile keeps it: the pattern's error follows)."""
     out = []
     for t in targets:
         try:
             pattern.check(t.shape, t.name)
             out.append((t, pattern))
         except PatternMismatch:
-            if fallback == "unstructured":
-                out.append((t, Unstructured()))
+            if fallback != "skip":
+                out.append((t, Unstructured() if fallback == "unstructured" else pattern))
     return out
 
 

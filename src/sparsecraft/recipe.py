@@ -28,6 +28,10 @@ model (``evaluate``, a single ``.safetensors`` output, or a config that is not s
 then it loads whole, as for any other model, and says why in the log. ``stream: true``
 makes that an error instead; ``stream: false`` always loads the model whole.
 
+A quantising method (``gptq``, ``rtn``, or ``sparsegpt`` with ``options: {quantize: int4}``)
+works the same way: ``examples/quantize.yaml`` prunes and quantises SmolLM2 jointly (GQSA);
+without ``sparsity``, ``gptq`` and ``rtn`` only quantise.
+
 Everything is validated before the model is loaded (field types, values, whether the
 method can run without gradients, the output path); an error names the field. Patterns
 such as ``2:4`` may be written unquoted: recipes are read with :mod:`sparsecraft.yaml_io`.
@@ -236,6 +240,7 @@ def execute(recipe: Recipe, *, progress: bool = True) -> dict:
     rep = report(model)
     results["sparsity"] = rep.totals["sparsity"]
     results["compressed_bytes"] = rep.totals["compressed_bytes"]
+    results["model_bytes"], results["fp32_bytes"] = rep.totals["model_bytes"], rep.totals["fp32_bytes"]
     # one .safetensors file holds tensors only; a folder also gets the results and the marker
     if ranks is not None:
         results["processes"] = ranks.world

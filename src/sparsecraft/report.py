@@ -9,6 +9,12 @@ count only nonzero weights (what an ideal sparse kernel would do). ``targets=`` 
 :func:`sparsecraft.targets.select_targets`) counts exactly those parameters instead, e.g.
 ``targets={"include_head": True}`` for every Linear/Conv weight of two models compared
 whole (a dense model and its Sparse-IFT version).
+
+Quantised layers (:class:`~sparsecraft.quant.QuantLinear`, ``QuantEmbedding``) are rows too:
+their stored bytes are the codes, grids and group mask ``save`` writes, their dense bytes the
+weight they replaced; an output head sharing a quantised embedding's buffers is counted once
+(with the embedding). The totals compare the whole model's stored bytes (rows plus the other
+parameters) with the same parameters in float32 and in float16.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import torch
 from torch import nn
 
 from .masks import get_meta
+from .quant.convert import quantized_modules
+from .quant.modules import QuantEmbedding, QuantLinear
 from .targets import select_targets
 
 __all__ = ["report", "Report", "LayerReport"]
@@ -50,6 +58,7 @@ class Report:
     layers: list[LayerReport]
     input_shape: tuple[int, ...] | None = None
     other_params_bytes: int = 0
+    other_params_numel: int = 0
     totals: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -66,6 +75,9 @@ class Report:
             "dense_bytes": sum(l.dense_bytes for l in self.layers),
             "compressed_bytes": sum(l.compressed_bytes for l in self.layers),
             "other_params_bytes": self.other_params_bytes,
+            "model_bytes": sum(l.compressed_bytes for l in self.layers) + self.other_params_bytes,
+            "fp32_bytes": 4 * (numel + self.other_params_numel),
+            "fp16_bytes": 2 * (numel + self.other_params_numel),
         }
         if self.layers and all(l.dense_flops is not None for l in self.layers):
             out["dense_flops"] = sum(l.dense_flops for l in self.layers)
@@ -115,6 +127,9 @@ class Report:
         if self.input_shape:
             out.append(f"FLOPs for one forward pass on input shape {tuple(self.input_shape)}")
         out.append(f"other parameters (not targets): {_size(self.other_params_bytes)}")
+        out.append(f"model: {_size(t['model_bytes'])} stored; {t['model_bytes'] / t['fp32_bytes']:.3f} of float32 "
+                   f"({_size(t['fp32_bytes'])}), {t['model_bytes'] / t['fp16_bytes']:.3f} of float16 "
+                   f"({_size(t['fp16_bytes'])})")
         return "\n".join(out)
 
     def plot(self, path: str | Path) -> Path:
@@ -165,13 +180,13 @@ def _positions(model: nn.Module, modules: dict[str, nn.Module], example) -> dict
     def make_hook(name, module):
         def hook(_mod, _inp, out):
             out = out[0] if isinstance(out, tuple) else out
-            channels = module.weight.shape[0]
+            channels = module.out_features if isinstance(module, QuantLinear) else module.weight.shape[0]
             counts[name] = counts.get(name, 0) + out.numel() // channels
 
         return hook
 
     for name, module in modules.items():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, QuantLinear)):
             handles.append(module.register_forward_hook(make_hook(name, module)))
     try:
         with torch.inference_mode():
@@ -191,7 +206,7 @@ def _example_input(model: nn.Module, input_shape) -> torch.Tensor:
     first = getter() if callable(getter) else next(
         (m for m in model.modules() if not list(m.children()) and list(m.parameters(recurse=False))), None
     )
-    if isinstance(first, nn.Embedding):  # the model reads token ids
+    if isinstance(first, (nn.Embedding, QuantEmbedding)):  # the model reads token ids
         return torch.zeros(tuple(input_shape), dtype=torch.long, device=device)
     dtype = next(model.parameters()).dtype
     return torch.zeros(tuple(input_shape), dtype=dtype, device=device)
@@ -222,6 +237,7 @@ def report(model: nn.Module, input_shape=None, example_input=None, targets=None)
         if input_shape is None and isinstance(example, torch.Tensor):
             input_shape = tuple(example.shape)
         by_module = {n: owner[n] for n in names if owner[n] is not None}
+        by_module.update({f"{n}.weight": m for n, m in quantized_modules(model).items()})
         positions = _positions(model, by_module, example)
 
     layers = []
@@ -247,11 +263,42 @@ def report(model: nn.Module, input_shape=None, example_input=None, targets=None)
             layer.dense_flops = 2 * p * w.numel()
             layer.effective_flops = 2 * p * nonzeros
         layers.append(layer)
+    layers += _quantized_rows(model, meta, positions)
     counted = set(names)
     seen: set[int] = set()
-    other = 0
+    other = other_numel = 0
     for n, p in params.items():
         if n not in counted and id(p) not in seen:
             other += p.numel() * p.element_size()
+            other_numel += p.numel()
         seen.add(id(p))
-    return Report(layers, tuple(input_shape) if input_shape else None, other)
+    return Report(layers, tuple(input_shape) if input_shape else None, other, other_numel)
+
+
+def _quantized_rows(model: nn.Module, meta: dict, positions: dict[str, int]) -> list[LayerReport]:
+    """One row per quantised weight: modules sharing buffers (an embedding and its tied head)
+    are one row, named after the first, with the matrix products of all of them."""
+    shared: dict[int, list[str]] = {}
+    modules = quantized_modules(model)
+    for module_name, m in modules.items():
+        shared.setdefault(m.packed.data_ptr(), []).append(module_name)
+    rows = []
+    for group in shared.values():
+        m = modules[group[0]]
+        q = m.quantized()
+        name = f"{group[0]}.weight"
+        numel = q.shape[0] * q.shape[1]
+        # pruned weights (the solver's mask), not the kept ones that happen to round to 0
+        sparsity = float(meta.get(name, {}).get("sparsity") or q.sparsity())
+        nonzeros = numel - round(sparsity * numel)
+        pattern = meta.get(name, {}).get("pattern", "dense") if sparsity else "dense"
+        row = LayerReport(
+            name=name, shape=tuple(q.shape), pattern=pattern, numel=numel,
+            nonzeros=nonzeros, sparsity=1.0 - nonzeros / numel, dtype=q.spec.name, encoding=q.describe(),
+            dense_bytes=numel * torch.empty((), dtype=m.dtype).element_size(), compressed_bytes=q.nbytes,
+        )
+        if positions:
+            p = sum(positions.get(f"{n}.weight", 0) for n in group)
+            row.dense_flops, row.effective_flops = 2 * p * numel, 2 * p * nonzeros
+        rows.append(row)
+    return rows

@@ -1,10 +1,11 @@
-"""``sparsecraft prune`` and ``sparsecraft run`` (registered through ``cli.COMMAND_MODULES``).
+"""``sparsecraft prune``, ``quantize`` and ``run`` (registered through ``cli.COMMAND_MODULES``).
 
-Both build a :class:`~sparsecraft.recipe.Recipe` (validated: config, method, calibration,
-output path) and hand it to :func:`sparsecraft.recipe.execute`, which checks the output
-path before it loads the model.
+Each builds a :class:`~sparsecraft.recipe.Recipe` (validated: config, method, calibration,
+output path) and hands it to :func:`sparsecraft.recipe.execute`, which checks the output
+path before it loads the model. ``quantize`` is ``prune`` with a quantising method (``gptq``
+or ``rtn``) and no sparsity unless a pattern asks for one.
 
-Launched by ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment), both join the process
+Launched by ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment), they join the process
 group (:func:`sparsecraft.distributed.init_from_env`, gloo on CPU), split the calibration over
 the processes, and only rank 0 logs below errors, shows progress, prints and writes.
 """
@@ -42,6 +43,7 @@ EPILOG_PRUNE = """examples:
   torchrun --nproc-per-node 2 -m sparsecraft prune smollm2-135m --method sparsegpt --out pruned/
   sparsecraft prune ./llama-7b --method sparsegpt --samples 32 --out llama-7b-50/   # block by block
   sparsecraft prune ./llama-7b --method sparsegpt --samples 32 --out llama-7b-50/   # again: resumes
+  sparsecraft prune smollm2-135m --method sparsegpt --pattern 2:4 --quantize int4 --group 64 --out w4-24/
 
 A Hugging Face folder with safetensors weights (model.safetensors, or an index and shards) is
 pruned block by block: only one block is in memory at a time, weights keep their dtype
@@ -49,6 +51,13 @@ pruned block by block: only one block is in memory at a time, weights keep their
 written. An interrupted run leaves .OUT.partial beside OUT; the same command resumes it.
 --eval, --distill, a .safetensors output and the allocations global and owl need the whole
 model: then the folder is loaded whole (--stream makes that an error, --no-stream forces it).
+"""
+
+EPILOG_QUANTIZE = """examples:
+  sparsecraft quantize smollm2-135m --bits 4 --group 64 --out w4/                  # GPTQ
+  sparsecraft quantize smollm2-135m --bits 8 --group 64 --method rtn --out w8/     # no calibration
+  sparsecraft quantize smollm2-135m --bits 4 --group 64 --pattern group:16 --sparsity 0.5 \
+      --reconstruct --eval --out gqsa/                                              # GQSA
 """
 
 
@@ -80,7 +89,8 @@ def register(sub) -> dict:
     p.add_argument("--sparsity", type=number_arg("sparsity"), default=None,
                    help="fraction of weights to remove, in [0, 1) (default 0.5; N:M fixes it)")
     p.add_argument("--pattern", default="unstructured",
-                   help="unstructured | N:M (e.g. 2:4) | block:RxC | rows (default: unstructured)")
+                   help="unstructured | N:M (e.g. 2:4) | block:RxC | group:G (e.g. group:16) | rows "
+                        "(default: unstructured)")
     p.add_argument("--allocation", default="uniform",
                    help=f"{' | '.join(known_allocations())} (default: uniform)")
     p.add_argument("--include", action="append", default=[], metavar="RULE",
@@ -105,6 +115,59 @@ def register(sub) -> dict:
     p.add_argument("--distill", action="store_true",
                    help="after pruning, fine-tune the whole model towards the dense one on the calibration text "
                         "(KL of next-token distributions, masks kept, held-out samples keep the best weights)")
+    p.add_argument("--quantize", default=None, metavar="int4|int8",
+                   help="also quantise the kept weights (methods sparsegpt, gptq, rtn): int4 | int8")
+    _add_quant_args(p)
+    _add_run_args(p)
+
+    q = sub.add_parser(
+        "quantize",
+        help="quantise a model (int4 / int8 groups; GPTQ or round to nearest) and save it",
+        description="Quantise the Linear layers of MODEL (and its token embedding, with a head tied to it) "
+        "to int4 or int8 with one float16 grid per group of --group input weights, and save it compressed "
+        "to --out. gptq compensates the rounding error with calibration data; rtn rounds to nearest. "
+        "With --pattern (N:M or group:G) and --sparsity it prunes and quantises jointly.",
+        epilog=EPILOG_QUANTIZE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    q.add_argument("model", help="named model (smollm2-135m) or a folder")
+    q.add_argument("--out", required=True, help="output folder, or one file ending in .safetensors")
+    q.add_argument("--bits", type=int_arg("bits"), default=4, help="4 or 8 (default 4)")
+    q.add_argument("--method", default="gptq", help="gptq | rtn (default: gptq, needs calibration)")
+    q.add_argument("--pattern", default="unstructured",
+                   help="prune jointly: N:M (e.g. 2:4) or group:G (e.g. group:16) (default: no pruning)")
+    q.add_argument("--sparsity", type=number_arg("sparsity"), default=None,
+                   help="fraction to prune with --pattern group:G or unstructured (default 0; N:M fixes it)")
+    q.add_argument("--include", action="append", default=[], metavar="RULE",
+                   help="only these parameters (glob or re:regex); repeatable")
+    q.add_argument("--exclude", action="append", default=[], metavar="RULE",
+                   help="skip these parameters (glob or re:regex); repeatable")
+    q.add_argument("--seed", type=int_arg("seed", minimum=0), default=0, help="seed for calibration sampling")
+    q.add_argument("--sequential", action="store_true",
+                   help="quantise the layers of a block in order, each from the outputs of the quantised ones before it")
+    q.add_argument("--reconstruct", action="store_true",
+                   help="after each block, tune its grids (scales) to the dense block's output; codes and masks fixed")
+    _add_quant_args(q)
+    _add_run_args(q)
+
+    r = sub.add_parser("run", help="run a YAML recipe (the same fields as prune's flags)",
+                       description="Run a one-shot pruning recipe; see sparsecraft.recipe for the fields. "
+                       "The recipe's 'overwrite' or --overwrite allows replacing its 'out'.")
+    r.add_argument("recipe", help="YAML file")
+    add_overwrite(r)
+    return {"prune": cmd_prune, "quantize": cmd_quantize, "run": cmd_run}
+
+
+def _add_quant_args(p) -> None:
+    p.add_argument("--group", type=int_arg("group"), default=None,
+                   help="weights per quantisation grid along the input: 32 | 64 | 128 (default 64)")
+    p.add_argument("--asymmetric", action="store_true", help="asymmetric grids (min/max) instead of symmetric")
+    p.add_argument("--no-embeddings", action="store_true",
+                   help="leave the token embedding (and a head tied to it) unquantised")
+
+
+def _add_run_args(p) -> None:
+    """Options, calibration, evaluation and overwriting: shared by prune and quantize."""
     p.add_argument("--option", action="append", default=[], type=assignment_arg, metavar="KEY=VALUE",
                    help="a setting of the method, allocation, driver or a stage (YAML value), e.g. "
                         "rho=0.2, blocksize=64, 'reconstruct={lr: 1e-3, epochs: 2}'; repeatable")
@@ -123,13 +186,6 @@ def register(sub) -> dict:
     p.add_argument("--no-resume", action="store_true",
                    help="a streamed run starts over instead of continuing an interrupted one (.OUT.partial)")
     add_overwrite(p)
-
-    r = sub.add_parser("run", help="run a YAML recipe (the same fields as prune's flags)",
-                       description="Run a one-shot pruning recipe; see sparsecraft.recipe for the fields. "
-                       "The recipe's 'overwrite' or --overwrite allows replacing its 'out'.")
-    r.add_argument("recipe", help="YAML file")
-    add_overwrite(r)
-    return {"prune": cmd_prune, "run": cmd_run}
 
 
 @contextlib.contextmanager
@@ -158,8 +214,15 @@ def _finish(results: dict, recipe) -> None:
     if results.get("streamed"):
         how = f" block by block ({results['blocks']} blocks" + (
             f", resumed at block {results['resumed_from']})" if results.get("resumed_from") else ")")
-    write_line(f"pruned {recipe.model} with {recipe.prune.method} ({recipe.prune.pattern_obj}){how}: "
-               f"sparsity {results['sparsity']:.4f} in {results['prune_seconds']:.1f} s; saved to {recipe.out}")
+    quant = recipe.prune.solver().quantization()
+    if quant is None:
+        write_line(f"pruned {recipe.model} with {recipe.prune.method} ({recipe.prune.pattern_obj}){how}: "
+                   f"sparsity {results['sparsity']:.4f} in {results['prune_seconds']:.1f} s; saved to {recipe.out}")
+    else:
+        write_line(f"quantised {recipe.model} with {recipe.prune.method} ({quant.spec()}, {recipe.prune.pattern_obj}): "
+                   f"sparsity {results['sparsity']:.4f} in {results['prune_seconds']:.1f} s; model "
+                   f"{results['model_bytes']:,} bytes, {results['model_bytes'] / results['fp32_bytes']:.3f} of "
+                   f"float32; saved to {recipe.out}")
     if "processes" in results:
         write_line(f"  calibration split over {results['processes']} processes")
     for key in ("dense", "pruned"):
@@ -169,15 +232,18 @@ def _finish(results: dict, recipe) -> None:
 
 
 def _options(args) -> dict:
-    """``--option KEY=VALUE`` settings plus the switches that stand for options."""
+    """``--option KEY=VALUE`` settings plus the switches and values that stand for options."""
     from ..yaml_io import load_yaml
 
     options = {key: load_yaml(value, f"--option {key}") for key, value in args.option}
-    for flag, key in ((args.dsnot, "dsnot"), (args.sequential, "sequential"),
-                      (args.reconstruct, "reconstruct"), (args.learn_mask, "learn_mask"),
-                      (args.distill, "distill")):
-        if flag:
-            options.setdefault(key, True)
+    for name in ("dsnot", "sequential", "reconstruct", "learn_mask", "distill"):
+        if getattr(args, name, False):
+            options.setdefault(name, True)
+    for key, value in (("quantize", getattr(args, "quantize", None)), ("group", args.group),
+                       ("symmetric", False if args.asymmetric else None),
+                       ("embeddings", False if args.no_embeddings else None)):
+        if value is not None:
+            options.setdefault(key, value)
     return options
 
 
@@ -213,6 +279,33 @@ def cmd_prune(args) -> int:
 
 
 cmd_prune.distributed = True  # type: ignore[attr-defined]  # see cli._dispatch
+
+
+def cmd_quantize(args) -> int:
+    from ..errors import ConfigError
+    from ..prune import PruneConfig, default_sparsity, method_default_sparsity
+    from ..recipe import CalibrationSpec, Recipe, execute
+
+    if args.method not in ("gptq", "rtn"):
+        raise ConfigError(f"quantize --method must be gptq or rtn, got '{args.method}' (other methods quantise "
+                          f"with: sparsecraft prune --method M --quantize int4)")
+    if args.bits not in (4, 8):
+        raise ConfigError(f"quantize --bits must be 4 or 8, got {args.bits} (int{args.bits} is not supported)")
+    options = _options(args)
+    options.setdefault("quantize", f"int{args.bits}")
+    sparsity = default_sparsity(args.pattern, args.sparsity, default=method_default_sparsity(args.method))
+    config = PruneConfig(method=args.method, sparsity=sparsity, pattern=args.pattern,
+                         targets={"include": args.include, "exclude": args.exclude}, seed=args.seed, options=options)
+    recipe = Recipe(
+        model=args.model, out=args.out, prune=config, evaluate=args.eval, overwrite=args.overwrite,
+        stream=args.stream, resume=not args.no_resume,
+        calibration=CalibrationSpec(file=args.calib, corpus=args.corpus, samples=args.samples,
+                                    seq_len=args.seq_len, seed=args.seed),
+        format=args.format,
+    )
+    check_output(args.out, overwrite=args.overwrite, kind="model")
+    _finish(execute(recipe, progress=not args.quiet), recipe)
+    return 0
 
 
 def cmd_run(args) -> int:

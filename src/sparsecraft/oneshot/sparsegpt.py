@@ -38,17 +38,22 @@ Mask selection (adaptive, per block, on the weights as updated so far):
   rule's layer error was 0.979-1.002x the greedy rule's at 2:4 (median 0.9985) and
   0.951-0.998x at 4:8 (median 0.9955), for 1.04-1.70x (2:4) and 2.1-4.7x (4:8) the time: too
   little gain to be the default.
+* group:G (GQSA): at each block's start every row drops its share of the block's groups
+  of G columns, lowest summed ``w^2 / U_jj^2`` first. A row's budget
+  (``floor(s * cols/G + 0.5)`` groups) is split over the blocks by width (largest remainder,
+  the same split for every row), so every row keeps the same number of groups.
 * ``keep_mask=``: reconstruct with a given mask (no selection).
 
 Quantisation (``quantize=``, GPTQ; Frantar et al. 2023): the same sweep, where each kept
 weight, when its column is reached, is replaced by its value on its group's grid
 (:mod:`sparsecraft.quant.grid`) and the rounding error ``(w - q) / U_jj`` is spread over the
 columns to the right exactly like a pruning error (a pruned weight is the case ``q = 0``), so
-pruning and quantisation are solved jointly. A group's grid is fitted from its kept weights,
-as updated so far, when the sweep reaches the group's first column; blocks are then a
-multiple of the group size g, and with N:M the masks of a whole grid group are chosen when
-its grid is fitted (so the grid fits only the weights that stay). The result is exactly the
-grid values (``info["qweight"]`` holds the codes and grids).
+pruning and quantisation are solved jointly. A group's grid is fitted when the sweep reaches
+the group's first column, from its weights as updated so far that are not pruned (with N:M
+only the first M columns' choice is made by then: the later columns all count; choosing all
+of a grid group's N:M masks that early, from weights the sweep has not updated yet, gave
+larger layer errors than pruning and then rounding). Blocks are a multiple of the group
+size g. The result is exactly the grid values (``info["qweight"]`` holds the codes and grids).
 
 Damping: ``lambda = percdamp * mean(diag H)``. If a Cholesky factorisation fails (or the
 result is not finite) the solver logs a warning with the damping it used and retries
@@ -173,22 +178,21 @@ class _Budgets(_Selection):
 
 
 class _NMChoice(_Selection):
-    """N:M: every group of M chosen when the sweep reaches it (``window`` columns at once), by
-    the diagonal score or, with ``exact``, by the least sweep loss of each group."""
+    """N:M: every group of M chosen when the sweep reaches it (also when quantising: the
+    choice sees the weights updated up to the group), by the diagonal score or, with ``exact``,
+    by the least sweep loss of each group (see :func:`exact_group_keep`)."""
 
-    def __init__(self, nm: NM, window: int, exact: bool = False):
-        self.nm, self.window = nm, window
+    def __init__(self, nm: NM, exact: bool = False):
+        self.nm, self.window = nm, nm.m
         self.choices = nm.choices() if exact and math.comb(nm.m, nm.n) <= MAX_EXACT_CHOICES else None
 
     def choose(self, i, w1, u1, k1):
-        if self.choices is None:
-            g = slice(i, i + self.window)
+        g = slice(i, i + self.nm.m)
+        if self.choices is not None:
+            k1[:, g] = exact_group_keep(w1[:, g], u1[g, g], self.choices)
+        else:
             d = u1.diagonal()
             k1[:, g] = self.nm.keep_mask(w1[:, g].pow(2) / d[g].pow(2)[None, :])
-            return
-        for j in range(i, min(i + self.window, w1.shape[1]), self.nm.m):
-            g = slice(j, j + self.nm.m)
-            k1[:, g] = exact_group_keep(w1[:, g], u1[g, g], self.choices)
 
 
 class _GroupChoice(_Selection):
@@ -369,8 +373,7 @@ def sparsegpt_prune(
         if num_pruned is not None:
             raise ConfigError(f"layer '{layer}': pattern {pattern} fixes the count; drop num_pruned")
         blocksize = max(unit, blocksize - blocksize % unit)
-        # quantised: the choice for a whole grid group is made when its grid is fitted
-        select = _NMChoice(pattern, pattern.m if quantize is None else quantize.group, nm_choice == "exact")
+        select = _NMChoice(pattern, nm_choice == "exact")
         element_pruned = True
     elif isinstance(pattern, Unstructured):
         total = rows * cols

@@ -1,0 +1,222 @@
+"""Sparse + quantised SmolLM2-135M (issue 17): quality and file size against fp32 and the GGUF file.
+
+Every configuration runs in its own process and holds the benchmark lock (``_common.py``);
+results accumulate in benchmarks/results/quant.json (a configuration already there is skipped;
+--fresh starts over) and the table goes to benchmarks/results/quant.md.
+
+    python benchmarks/bench_quant.py                        # every row
+    python benchmarks/bench_quant.py --only gptq-w4-g64     # one row
+    python benchmarks/bench_quant.py --table                # rewrite the table only
+    # a smoke test that touches no result file:
+    python benchmarks/bench_quant.py --only rtn-w4-g64 --samples 2 --seq-len 64 --eval-tokens 2048 \\
+        --wiki-tokens 1024 --out /tmp/quant-smoke.json
+
+Calibration: built-in Lee corpus (calibration part), SAMPLES x SEQ_LEN tokens, seed 0 (as in
+bench_oneshot.py). Evaluation: perplexity (windows of 512, stride 512) on the Lee corpus's
+evaluation part and on the first 65,536 tokens of the Wikipedia corpus's evaluation part.
+File bytes: ``model.safetensors`` as ``sparsecraft.save`` writes it (the fp32 row: the dense
+model saved the same way). Quantised rows quantise the token embedding too (round to nearest,
+same grid; the output head is tied to it), as GGUF files do.
+
+Group 128 does not divide SmolLM2's hidden width (576 = 4.5 x 128), so the 8-bit row uses
+groups of 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import (
+    RESULTS,
+    ChildFailed,
+    bench_lock,
+    emit_result,
+    git_commit,
+    read_json,
+    run_config,
+    write_json,
+    write_text,
+)
+
+OUT = RESULTS / "quant.json"
+SPARSEGPT_24_LEE = 140.8  # SparseGPT 2:4 fp32 on the Lee held-out text at 32 x 512 (benchmarks/results/oneshot.md)
+
+
+def _grid() -> dict[str, dict]:
+    w4 = {"method": "gptq", "options": {"quantize": "int4", "group": 64}}
+    gqsa = {"method": "gptq", "pattern": "group:16", "sparsity": 0.5, "options": {"quantize": "int4", "group": 64}}
+    return {
+        "fp32": {"method": None},
+        "rtn-w4-g64": {"method": "rtn", "options": {"quantize": "int4", "group": 64}},
+        "gptq-w4-g64": w4,
+        "gptq-w4-g64-asym": {"method": "gptq", "options": {"quantize": "int4", "group": 64, "symmetric": False}},
+        # Q4_1's own grids (asymmetric, groups of 32): the GGUF's weights come back almost exactly
+        "rtn-w4-g32-asym": {"method": "rtn", "options": {"quantize": "int4", "group": 32, "symmetric": False}},
+        "gptq-w8-g64": {"method": "gptq", "options": {"quantize": "int8", "group": 64}},
+        "gqsa-w4-g64-group16-0.5": gqsa,
+        "gqsa-w4-g64-group16-0.5+rec": {**gqsa, "options": {**gqsa["options"], "reconstruct": True}},
+        # the reference the GQSA aim names, measured in the same run, and 2:4 with int4 on top
+        "sparsegpt-2:4": {"method": "sparsegpt", "pattern": "2:4"},
+        "sparsegpt-2:4-w4-g64": {"method": "sparsegpt", "pattern": "2:4", "options": {"quantize": "int4", "group": 64}},
+    }
+
+
+def gguf_file() -> Path:
+    from sparsecraft.models import NAMED_MODELS, _package_dir
+
+    module, name, dist = NAMED_MODELS["smollm2-135m"]
+    return _package_dir(module, dist) / name
+
+
+def run_one(spec: dict, samples: int, seq_len: int, eval_tokens: int | None, wiki_tokens: int) -> dict:
+    """Runs in the child process."""
+    import torch
+
+    import sparsecraft as sc
+    from sparsecraft import data, evaluate, models
+
+    torch.manual_seed(0)
+    model, tok = models.load("smollm2-135m")
+    result: dict = {"spec": spec}
+    if spec["method"] is not None:
+        config = sc.PruneConfig.from_dict(spec)
+        calib = data.calibration(tok, samples, seq_len, seed=0) if config.needs_calibration else None
+        result["calibration"] = [samples, seq_len] if calib is not None else None
+        start = time.perf_counter()
+        sc.prune_(model, config, calib, progress=False)
+        result["seconds"] = time.perf_counter() - start
+    rep = sc.report(model)
+    result.update({k: rep.totals[k] for k in ("sparsity", "model_bytes", "fp32_bytes", "fp16_bytes")})
+    with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
+        path = sc.save(model, Path(tmp) / "m")
+        result["file_bytes"] = (path / "model.safetensors").stat().st_size
+        if spec["method"] is not None:  # the round trip is exact
+            again = sc.load(path)
+            a, b = model.state_dict(), again.state_dict()
+            result["round_trip_exact"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            del again
+    lee = data.tokenize(tok, data.builtin_texts()["evaluation"])
+    if eval_tokens:
+        lee = lee[:eval_tokens]
+    result["perplexity"] = evaluate.perplexity(model, lee, 512, progress=False)
+    result["eval_tokens"] = int(lee.numel())
+    wiki = data.tokenize(tok, data.builtin_texts("wiki")["evaluation"])[:wiki_tokens]
+    result["perplexity_wiki"] = evaluate.perplexity(model, wiki, 512, progress=False)
+    result["eval_tokens_wiki"] = int(wiki.numel())
+    result["gguf_bytes"] = gguf_file().stat().st_size
+    return result
+
+
+def write_table(results: dict, out: Path) -> str:
+    runs = results["runs"]
+    meta = results.get("settings", {})
+    dense = runs.get("fp32")
+    lines = [
+        f"SmolLM2-135M, calibration {meta.get('samples')} x {meta.get('seq_len')} tokens (Lee corpus, seed 0); "
+        f"perplexity on {next((r['eval_tokens'] for r in runs.values()), '?')} Lee held-out tokens and "
+        f"{next((r['eval_tokens_wiki'] for r in runs.values()), '?')} Wikipedia held-out tokens (windows of 512). "
+        "File: model.safetensors as sparsecraft.save writes it; the quantised rows quantise the tied token "
+        "embedding too (round to nearest, same grid). GGUF: the Q4_1 file the fp32 model is de-quantised from.",
+        "",
+        "| configuration | sparsity | Lee ppl | / fp32 | wiki ppl | file (MB) | / fp32 file | / GGUF | "
+        "quantise time (s) | round trip |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in runs.items():
+        ratio = f"{r['perplexity'] / dense['perplexity']:.3f}" if dense else "-"
+        file_ratio = f"{r['file_bytes'] / dense['file_bytes']:.3f}" if dense else "-"
+        exact = {True: "exact", False: "DIFFERS", None: "-"}[r.get("round_trip_exact")]
+        lines.append(
+            f"| {name} | {r['sparsity']:.4f} | {r['perplexity']:.2f} | {ratio} | {r['perplexity_wiki']:.2f} | "
+            f"{r['file_bytes'] / 1e6:.1f} | {file_ratio} | {r['file_bytes'] / r['gguf_bytes']:.3f} | "
+            f"{r.get('seconds', 0):.0f} | {exact} |")
+    lines += ["", "Aims (issue 17):", ""]
+    gq = [runs.get(n) for n in ("gqsa-w4-g64-group16-0.5", "gqsa-w4-g64-group16-0.5+rec")]
+    for name in ("gptq-w4-g64", "gptq-w4-g64-asym"):
+        w4 = runs.get(name)
+        if not (dense and w4):
+            continue
+        ok = w4["perplexity"] <= 1.05 * dense["perplexity"]
+        lines.append(f"- {name} within 5% of fp32 perplexity: {w4['perplexity']:.2f} vs "
+                     f"{dense['perplexity']:.2f} ({w4['perplexity'] / dense['perplexity'] - 1:+.1%}): "
+                     f"{'met' if ok else 'MISSED'}")
+        ok = w4["file_bytes"] <= 0.16 * dense["file_bytes"]
+        lines.append(f"- {name} file <= 0.16 of fp32: {w4['file_bytes'] / dense['file_bytes']:.3f}: "
+                     f"{'met' if ok else 'MISSED'}")
+    for name, r in zip(("gqsa", "gqsa+rec"), gq):
+        if r and dense:
+            ok = r["perplexity"] < SPARSEGPT_24_LEE
+            lines.append(f"- {name} perplexity below SparseGPT 2:4 fp32 ({SPARSEGPT_24_LEE} at 32 x 512"
+                         + (f"; this run's sparsegpt-2:4: {runs['sparsegpt-2:4']['perplexity']:.2f}"
+                            if "sparsegpt-2:4" in runs else "")
+                         + f"): {r['perplexity']:.2f}: {'met' if ok else 'MISSED'}")
+            ok = r["file_bytes"] <= 0.10 * dense["file_bytes"]
+            lines.append(f"- {name} file <= 0.10 of fp32: {r['file_bytes'] / dense['file_bytes']:.3f}: "
+                         f"{'met' if ok else 'MISSED'}")
+    table = "\n".join(lines) + "\n"
+    if out == OUT:
+        write_text(RESULTS / "quant.md", table)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", nargs="*", help="configuration names to run")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=None, help="Lee held-out tokens (default: all)")
+    parser.add_argument("--wiki-tokens", type=int, default=65536)
+    parser.add_argument("--out", type=Path, default=OUT, help="results file (another file: no table, no lock)")
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--table", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        emit_result(run_one(json.loads(args.child), args.samples, args.seq_len, args.eval_tokens, args.wiki_tokens))
+        return
+    logging.basicConfig(level=logging.WARNING)
+    load = lambda: read_json(args.out, {"runs": {}})  # noqa: E731
+    if args.table:
+        sys.stdout.write(write_table(load(), args.out))
+        return
+    settings = {"samples": args.samples, "seq_len": args.seq_len, "eval_tokens": args.eval_tokens,
+                "wiki_tokens": args.wiki_tokens, "torch_threads": 2}
+    grid = _grid()
+    unknown = sorted(set(args.only or []) - set(grid))
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; known: {', '.join(grid)}")
+    with bench_lock() if args.out == OUT else contextlib.nullcontext():
+        results = {"runs": {}} if args.fresh else load()
+        if results.get("settings") not in (None, settings):
+            raise SystemExit(f"existing results used {results['settings']}; pass --fresh to start over")
+        results["settings"] = settings
+        for name in args.only or grid:
+            if name in results["runs"] and not args.only:
+                continue
+            start = time.perf_counter()
+            try:
+                run = run_config(__file__, ["--child", json.dumps(grid[name]), "--samples", str(args.samples),
+                                            "--seq-len", str(args.seq_len), "--wiki-tokens", str(args.wiki_tokens)]
+                                 + (["--eval-tokens", str(args.eval_tokens)] if args.eval_tokens else []),
+                                 env={"OMP_NUM_THREADS": "2"})
+            except ChildFailed as e:
+                sys.stderr.write(f"{name} failed: {e}\n")
+                continue
+            run["wall_seconds"] = time.perf_counter() - start
+            run["git_commit"] = git_commit()
+            results["runs"][name] = run
+            write_json(args.out, results)
+            sys.stdout.write(f"{name}: {json.dumps({k: v for k, v in run.items() if k != 'spec'})}\n")
+            sys.stdout.flush()
+    sys.stdout.write(write_table(results, args.out))
+
+
+if __name__ == "__main__":
+    main()
