@@ -50,8 +50,20 @@ from _common import RESULTS, bench_lock, command_line, cpu_info, git_commit, loa
 
 OUT = RESULTS / "decode.json"
 LLAMA_CPP_VERSION = "0.3.36"
-CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF "
-              "-DGGML_AMX_BF16=OFF")
+
+
+def _cmake_args() -> str:
+    """The issue's build flags (a native build crashes in llama_decode on AMX machines), with
+    AVX-512 only where this CPU has it: an AVX-512 build dies of an illegal instruction on
+    CPUs without it (this machine's AMD EPYC has AVX2, FMA and F16C only)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    avx512 = "ON" if "avx512f" in flags else "OFF"
+    return (f"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512={avx512} "
+            "-DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF")
 
 log = logging.getLogger("bench_decode")
 
@@ -65,9 +77,10 @@ def install_llama_cpp() -> None:
         return
     except ImportError:
         pass
-    env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS}
+    cmake_args = _cmake_args()
+    env = {**os.environ, "CMAKE_ARGS": cmake_args}
     for spec in (f"llama-cpp-python=={LLAMA_CPP_VERSION}", "llama-cpp-python>=0.3,<0.4"):
-        log.warning("building %s from source (CMAKE_ARGS=%s)", spec, CMAKE_ARGS)
+        log.warning("building %s from source (CMAKE_ARGS=%s)", spec, cmake_args)
         done = subprocess.run([sys.executable, "-m", "pip", "install", spec, "--no-binary", "llama-cpp-python"],
                               env=env)
         if done.returncode == 0:
