@@ -169,3 +169,28 @@ def test_smollm2_fast_decode_equals_eager_fp32_and_w4():
     w4 = decode.FastDecoder(model)
     assert w4.blocks[0]["q_proj"]["kind"] == decode.KIND[(4, 0)]
     assert w4.generate(ids, 6).tokens == greedy_decode(model, ids, 6).tokens
+
+
+def test_models_quantised_by_sparsecraft_quant_run_on_the_kernels_and_the_fast_decoder(ext):
+    """sc.quantize_ builds QuantLinear / QuantEmbedding layers (sparsecraft.quant); their products
+    go through the compiled kernels, and the fast decoder takes them as they are."""
+    import sparsecraft as sc
+    from sparsecraft.quant import QuantEmbedding, QuantLinear, quant_linear
+
+    model, ids = _tiny_llama(), _prompt()
+    sc.quantize_(model, sc.RTN(bits=4, group=32))
+    assert isinstance(model.model.embed_tokens, QuantEmbedding)  # the decoder reads its rows dequantised
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, QuantLinear)
+    x = torch.randn(5, layer.in_features)
+    fast = qk.quant_kernel(x, layer.quantized(), None)
+    assert fast is not None  # taken, not declined
+    ref = x @ layer.dequantize().T
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    torch.testing.assert_close(quant_linear(x, layer.quantized()), fast, rtol=0, atol=0)
+    with torch.enable_grad():  # autograd: declined, the reference runs
+        assert qk.quant_kernel(x.requires_grad_(), layer.quantized(), None) is None
+
+    dec = decode.FastDecoder(model)
+    assert dec.backend == "cpp" and dec.blocks[0]["q_proj"]["kind"] == decode.KIND[(4, 0)]
+    assert dec.generate(ids, 12).tokens == greedy_decode(model, ids, 12).tokens

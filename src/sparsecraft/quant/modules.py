@@ -7,8 +7,10 @@ index the kernels use is rebuilt from the bits (a buffer that is not saved).
 
 **The kernel dispatch point is :func:`quant_linear`**: every quantised matrix product
 (``QuantLinear.forward``, also the output head tied to a quantised embedding) goes through it.
-Fast kernels plug in with :func:`register_quant_kernel`; without one (or when every
-registered kernel declines) it runs the pure-torch reference: dequantise, then ``F.linear``.
+Fast kernels plug in with :func:`register_quant_kernel`; the runtime's compiled kernels
+(:func:`sparsecraft.runtime.qkernels.quant_kernel`: float32 on CPU, outside autograd) are
+registered here. When every registered kernel declines it runs the pure-torch reference:
+dequantise, then ``F.linear``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,15 @@ def register_quant_kernel(kernel: Callable) -> Callable:
     """Add a fast path to :func:`quant_linear` (tried before the ones registered earlier)."""
     QUANT_KERNELS.insert(0, kernel)
     return kernel
+
+
+@register_quant_kernel
+def _compiled_kernels(x2: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The runtime's compiled int8 / int4 / group-sparse kernels (imported on first use; they
+    fall back to the reference themselves, logged once, when the extension cannot be built)."""
+    from ..runtime.qkernels import quant_kernel
+
+    return quant_kernel(x2, qweight, bias)
 
 
 def quant_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

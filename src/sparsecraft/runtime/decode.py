@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .qkernels import QuantizedWeight, qlinear
+from .qkernels import QuantizedWeight, from_quantized, qlinear
 from .timing import DecodeResult
 
 __all__ = ["decoder", "FastDecoder", "EagerDecoder", "llama_structure_problem", "linear_parts"]
@@ -45,11 +45,14 @@ def linear_parts(module: nn.Module, what: str) -> dict:
     ``nn.Linear`` (float32) -> its weight; a quantised layer -> its layout tensors. A quantised
     layer is any module with a ``qweight`` (:class:`~.qkernels.QuantizedWeight`) or with the
     layout's attributes ``bits``, ``group_size``, ``codes`` (or ``packed``), ``scale``,
-    ``offset`` and optionally ``sparse_group`` / ``group_index``. Anything else is refused.
+    ``offset`` and optionally ``sparse_group`` / ``group_index``, or a ``quantized()`` method
+    (:class:`sparsecraft.quant.QuantLinear`). Anything else is refused.
     """
     bias = getattr(module, "bias", None)
     bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
     q = getattr(module, "qweight", None)
+    if q is None and callable(getattr(module, "quantized", None)):  # sparsecraft.quant's QuantLinear
+        q = from_quantized(module.quantized())
     if q is None and all(hasattr(module, a) for a in ("bits", "group_size", "scale", "offset")):
         codes = getattr(module, "codes", None)
         codes = getattr(module, "packed", None) if codes is None else codes
@@ -79,8 +82,9 @@ def llama_structure_problem(model: nn.Module) -> str | None:
         return f"activation {getattr(cfg, 'hidden_act', None)!r} (the fused step does SwiGLU with silu)"
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
         return "sliding-window attention"
-    if not isinstance(getattr(core.embed_tokens, "weight", None), torch.Tensor):
-        return "the token embedding has no weight tensor"
+    if not (isinstance(getattr(core.embed_tokens, "weight", None), torch.Tensor)
+            or callable(getattr(core.embed_tokens, "dequantize", None))):
+        return "the token embedding has neither a weight tensor nor a quantised table"
     for i, layer in enumerate(core.layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attn is None or mlp is None:
@@ -163,7 +167,10 @@ class FastDecoder:
         self.max_len = int(max_len or min(limit, 4096))
         if self.max_len < 2:
             raise ConfigError(f"max_len must be >= 2, got {self.max_len}")
-        self.embed = core.embed_tokens.weight.detach().to(torch.float32).contiguous()
+        table = getattr(core.embed_tokens, "weight", None)
+        if not isinstance(table, torch.Tensor):  # a QuantEmbedding: the step reads one float32 row
+            table = core.embed_tokens.dequantize()
+        self.embed = table.detach().to(torch.float32).contiguous()
         self.final_norm = core.norm.weight.detach().to(torch.float32).contiguous()
         with torch.no_grad():  # the model's own rotary tables, attention scaling included
             pos = torch.arange(self.max_len)[None]

@@ -42,6 +42,7 @@ from torch import nn
 from ..errors import ConfigError
 
 __all__ = ["QuantizedWeight", "QLinear", "dequantize", "qlinear", "quantize_rtn", "pack_int4", "unpack_int4",
+           "from_quantized", "quant_kernel",
            "check_layout", "kernel_isa", "set_kernel_isa", "ISAS"]
 
 log = logging.getLogger(__name__)
@@ -256,6 +257,24 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         tensors = (self.codes, self.scale, self.offset) + ((self.group_index,) if self.group_index is not None else ())
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def from_quantized(qweight) -> QuantizedWeight:
+    """The runtime's view of a :class:`sparsecraft.quant.QuantizedWeight` (what ``sc.quantize_``
+    and the ``QuantLinear`` layers hold): the same tensors, no copy; the layout is shared."""
+    return QuantizedWeight(qweight.packed, qweight.scale, qweight.offset, qweight.spec.group, qweight.spec.bits,
+                           qweight.group_index, qweight.sparse_group or 0)
+
+
+def quant_kernel(x2: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The compiled kernels as :mod:`sparsecraft.quant`'s fast path (see
+    ``sparsecraft.quant.register_quant_kernel``): float32 inputs on CPU outside autograd, grids
+    of a multiple of 32 columns; anything else is declined (None) and runs the reference."""
+    if (x2.dtype != torch.float32 or x2.device.type != "cpu" or qweight.spec.group % 32
+            or (torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad)))):
+        return None
+    q = from_quantized(qweight)
+    return q.linear(x2, None if bias is None else bias.detach().to(torch.float32))
 
 
 class QLinear(nn.Module):
