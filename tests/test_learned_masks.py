@@ -62,3 +62,15 @@ def test_bad_input(block_data):
     bad[names[0]] = torch.ones_like(prior[names[0]])
     with pytest.raises(ConfigError, match="not a valid 2:4"):
         learn_nm_masks(block, batches, targets, bad, pattern)
+
+
+def test_the_temperature_anneals_over_the_time_budget_when_it_runs_out_first():
+    from sparsecraft.oneshot.learned_masks import temperature
+
+    assert temperature(2.0, 0.05, 0.0) == 2.0
+    assert temperature(2.0, 0.05, 1.0) == pytest.approx(0.05)
+    # a tenth of the steps done but the whole budget spent: already at the end temperature
+    assert temperature(2.0, 0.05, 0.1, 1.0) == pytest.approx(0.05)
+    assert temperature(2.0, 0.05, 0.1, 0.5) == pytest.approx(2.0 * (0.05 / 2.0) ** 0.5)
+    assert temperature(2.0, 0.05, 0.9, 0.5) == pytest.approx(2.0 * (0.05 / 2.0) ** 0.9)
+    assert temperature(2.0, 0.05, 0.1, 3.0) == pytest.approx(0.05)  # never below tau_end

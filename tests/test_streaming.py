@@ -231,7 +231,7 @@ def test_a_resume_must_match_the_config_calibration_and_input(fp32_dir, tmp_path
         prune_pretrained(folder, config, CALIB, out, progress=False)
     monkeypatch.setattr(streaming._Run, "done", real_done)
     staged = _digest(staging_folder(out))
-    with pytest.raises(SparsecraftError, match="another prune config"):
+    with pytest.raises(SparsecraftError, match="another config"):
         prune_pretrained(folder, sc.Wanda(sparsity=0.6, batch_size=4), CALIB, out, progress=False)
     with pytest.raises(SparsecraftError, match="another calibration data"):
         prune_pretrained(folder, config, CALIB.flip(0), out, progress=False)

@@ -354,7 +354,7 @@ class _Run:
         return manifest
 
     def _check_identity(self, manifest: dict) -> None:
-        what = {"version": "manifest version", "sparsecraft": "sparsecraft version", "config": "prune config",
+        what = {"version": "manifest version", "sparsecraft": "sparsecraft version", "config": "config",
                 "calibration": "calibration data", "model": "input model (fingerprint of its config, index and "
                 "shard headers)", "blocks": "number of blocks"}
         mine = {"version": MANIFEST_VERSION, **self.identity, "blocks": len(self.block_names)}
@@ -481,12 +481,16 @@ class _Run:
         return sum(int(e["nbytes"]) for name in self.shards
                    for e in read_header(self.staging / name)["tensors"].values())
 
-    def finish(self, out: Path, overwrite: bool, extra_files: dict[str, str] | None) -> None:
-        """Write the index and the files beside it, then make the folder ``out`` (atomically)."""
+    def finish(self, out: Path, overwrite: bool, extra_files: dict[str, str] | None, *,
+               index_extra: dict | None = None, config=None) -> None:
+        """Write the index (with ``index_extra`` beside the model record) and the files beside
+        it (``config``: the config.json to write, default the model's), then make the folder
+        ``out`` (atomically)."""
         for name in DiskActivations.NAMES:
             (self.staging / name).unlink(missing_ok=True)
-        write_index(self.staging, self.shards, {"model": _model_record(self.model), "aliases": self.aliases})
-        self.model.config.to_json_file(str(self.staging / CONFIG_FILE))
+        write_index(self.staging, self.shards,
+                    {"model": _model_record(self.model), "aliases": self.aliases, **(index_extra or {})})
+        (config if config is not None else self.model.config).to_json_file(str(self.staging / CONFIG_FILE))
         for name in TOKENIZER_FILES:
             source = self.weights.folder / name
             if source.is_file():

@@ -5,8 +5,9 @@ For every group of M consecutive weights along the reduction dimension there are
 that a prior mask (SparseGPT's, say) is the most likely choice. A Gumbel-softmax sample of
 each group's choice gives a soft mask; the block runs with ``W_dense * soft_mask`` and the
 logits are trained by Adam so that the block's output matches the targets (the dense block's
-output). The temperature falls geometrically from ``tau`` to ``tau_end`` over the run, so the
-samples harden as training goes on.
+output). The temperature falls geometrically from ``tau`` to ``tau_end`` over the run (over the
+planned steps, or over the time budget when that runs out first), so the samples harden as
+training goes on.
 
 After every epoch the masks are hardened (each group takes its most likely choice) and judged
 on held-out batches with the dense weights under the mask; the best hardened masks are
@@ -51,6 +52,14 @@ def _prior_logits(prior: torch.Tensor, choices: torch.Tensor, strength: float) -
     groups = _group_view(prior, choices.shape[1]).float()
     overlap = groups @ choices.float().T  # kept positions shared with each choice
     return strength * overlap / choices[0].sum()
+
+
+def temperature(tau: float, tau_end: float, step_fraction: float, time_fraction: float | None = None) -> float:
+    """The Gumbel-softmax temperature after ``step_fraction`` of the planned steps, or of the
+    time budget when that is further along: a run cut short by its budget still anneals to
+    ``tau_end`` (and hardens what it learned) by the end of its time."""
+    done = step_fraction if time_fraction is None else max(step_fraction, time_fraction)
+    return tau * (tau_end / tau) ** min(1.0, max(0.0, done))
 
 
 def _harden(logits: torch.Tensor, choices: torch.Tensor, shape) -> torch.Tensor:
@@ -150,7 +159,8 @@ def learn_nm_masks(
     try:
         for epoch in range(1, epochs + 1):
             for b, t in zip(train_b, train_t):
-                temp = tau * (tau_end / tau) ** (summary["steps"] / max(1, total - 1))
+                temp = temperature(tau, tau_end, summary["steps"] / max(1, total - 1),
+                                   None if time_budget is None else (time.perf_counter() - start) / time_budget)
                 masked = {}
                 for n, lg in logits.items():
                     u = torch.rand(lg.shape, generator=gen).clamp_(1e-10, 1 - 1e-10)

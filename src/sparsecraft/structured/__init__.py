@@ -17,15 +17,18 @@ all its query heads; ``query_heads`` removes the same number inside every group)
 filters (with BatchNorm and the next layer's input channels, found through ``torch.fx``).
 Criteria: ``magnitude`` (L2), ``wanda`` (|W| * ||X||, calibration), ``taylor`` (|w * grad|,
 calibration and a loss). See :mod:`.config` for the fields and the rounding rule.
+:func:`shrink_pretrained` shrinks a Hugging Face folder larger than memory block by block
+(magnitude and wanda; :mod:`.stream`).
 """
 
 from .config import CRITERIA, ShrinkConfig
 from .groups import FAMILIES, Family, Slice, UnitGroup, register_family
 from .resize import SHAPES_ATTR, apply_shapes_, get_shapes
 from .shrink import LayerShrink, ShrinkError, ShrinkPlan, ShrinkReport, plan_shrink, shrink_, zero_units_
+from .stream import shrink_pretrained
 
 __all__ = [
-    "ShrinkConfig", "CRITERIA", "shrink_", "plan_shrink", "ShrinkPlan", "ShrinkReport", "LayerShrink",
+    "ShrinkConfig", "CRITERIA", "shrink_", "shrink_pretrained", "plan_shrink", "ShrinkPlan", "ShrinkReport", "LayerShrink",
     "ShrinkError", "zero_units_", "Slice", "UnitGroup", "Family", "FAMILIES", "register_family",
     "SHAPES_ATTR", "apply_shapes_", "get_shapes",
 ]

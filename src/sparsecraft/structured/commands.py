@@ -17,6 +17,13 @@ EPILOG = """examples:
       --samples 32 --seq-len 512 --eval --out shrunk-wanda/
   sparsecraft shrink minilm-l6 --heads 0.25 --mlp 0.25 --eval --out minilm-small/
   sparsecraft shrink ./my-hf-model --mlp 0.5 --override 'model.layers.0.*=0' --out shrunk/
+  sparsecraft shrink ./llama-7b --mlp 0.3 --out llama-7b-shrunk/   # block by block; again: resumes
+
+A Hugging Face folder with safetensors weights is shrunk block by block (magnitude and wanda):
+one block in memory at a time, the output (a sharded checkpoint) appears when the last block
+is written, an interrupted run resumes from .OUT.partial. --eval, a .safetensors output,
+--format dense-hf and the criteria taylor/lrp-* need the whole model: then it loads whole
+(--stream makes that an error, --no-stream forces it).
 
 --heads removes whole key/value groups under GQA (with all their query heads);
 --query-heads removes the same number of query heads inside every group.
@@ -60,8 +67,48 @@ def register(subparsers) -> dict:
     p.add_argument("--eval", action="store_true",
                    help="quality before and after on held-out text (perplexity or embedding cosine)")
     add_format(p)
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="shrink a Hugging Face safetensors folder block by block (default: when the run allows it)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="a streamed run starts over instead of continuing an interrupted one (.OUT.partial)")
     add_overwrite(p)
     return {"shrink": run}
+
+
+def _stream_obstacle(args) -> str | None:
+    """Why this shrink cannot run block by block, or None when it can."""
+    from ..checkpoint import claims_checkpoint
+    from ..shards import has_safetensors
+    from .stream import STREAMABLE_CRITERIA
+
+    if not has_safetensors(args.model) or claims_checkpoint(args.model):
+        return f"'{args.model}' is not a Hugging Face folder with safetensors weights"
+    if args.out.endswith(".safetensors"):
+        return "the output is one .safetensors file (a streamed run writes a folder of shards)"
+    if args.eval:
+        return "evaluation (--eval) needs the whole model"
+    if args.format != "sparsecraft":
+        return f"format {args.format} is written from the whole model"
+    if args.criterion not in STREAMABLE_CRITERIA:
+        return f"criterion {args.criterion} needs the whole model"
+    return None
+
+
+def _streams(args) -> bool:
+    import logging
+
+    from ..errors import ConfigError
+
+    if args.stream is False:
+        return False
+    why = _stream_obstacle(args)
+    if why is None:
+        return True
+    if args.stream:
+        raise ConfigError(f"--stream: cannot shrink '{args.model}' block by block: {why}")
+    if "safetensors weights" not in why:
+        logging.getLogger("sparsecraft.cli").info("loading the whole model: %s", why)
+    return False
 
 
 def _quality(model, tok, reference, docs) -> dict:
@@ -96,6 +143,8 @@ def run(args) -> int:
     check_format(args.format, args.out)
     out = check_output(args.out, overwrite=args.overwrite, kind="model")
 
+    if _streams(args):
+        return _run_streamed(args, config, spec, out)
     start = time.perf_counter()
     model, tok = models.load(args.model)
     log.info("loaded %s in %.1f s", args.model, time.perf_counter() - start)
@@ -134,3 +183,44 @@ def run(args) -> int:
             write_line(f"  {key}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in results[key].items()))
     return 0
+
+
+def _run_streamed(args, config, spec, out) -> int:
+    """``run`` for a Hugging Face folder, block by block (:func:`.stream.shrink_pretrained`);
+    the results file holds nothing that changes from run to run, so a resumed run writes the
+    same bytes."""
+    import json
+    import time
+    from pathlib import Path
+
+    from .. import data
+    from ..errors import SparsecraftError
+    from ..models import _local_tokenizer, _offline
+    from ..outputs import MARKER, marker_text
+    from .stream import shrink_pretrained
+
+    results: dict = {"model": args.model, "shrink": config.to_dict(), "streamed": True}
+    calibration = None
+    if config.needs_calibration:
+        _offline()
+        tok = _local_tokenizer(Path(args.model))
+        if tok is None:
+            raise SparsecraftError(f"'{args.model}' has no tokenizer to build calibration samples")
+        docs = data.load_texts(spec.file) if spec.file else data.builtin_texts(spec.corpus)["calibration"]
+        calibration = data.calibration(tok, spec.samples, spec.seq_len, spec.seed, docs=docs)
+        results["calibration"] = {"source": spec.file or f"built-in {spec.corpus} corpus, calibration part",
+                                  "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed}
+    start = time.perf_counter()
+
+    def files(rep) -> dict[str, str]:  # nothing that changes from run to run (no timings)
+        return {"shrink_results.json": json.dumps({**results, "report": rep.to_dict()}, indent=2) + "\n",
+                MARKER: marker_text("shrink")}
+
+    rep = shrink_pretrained(args.model, config, calibration, out, overwrite=args.overwrite,
+                            resume=not args.no_resume, extra_files=files, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    write_line(str(rep))
+    write_line(f"shrunk {args.model} with {config.criterion} block by block in {seconds:.1f} s: "
+               f"{rep.params_before:,} -> {rep.params_after:,} parameters; saved to {out}")
+    return 0
+

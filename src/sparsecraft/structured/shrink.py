@@ -257,14 +257,10 @@ def _score_maps(model, plan: ShrinkPlan, config: ShrinkConfig, calibration, loss
     groups = [st.group for st in plan.steps]
     maps: dict[Slice, list[torch.Tensor]] = {}
     if config.criterion == "magnitude":
-        for s in (s for g in groups for s in S.weight_slices(model, g)):
-            maps[s] = [S.magnitude_map(model.get_submodule(s.module).weight)]
+        maps.update(magnitude_maps(model, groups))
     elif config.criterion == "wanda":
-        slices = [s for g in groups for s in S.wanda_slices(model, g)]
-        modules = {s.module: model.get_submodule(s.module) for s in slices}
-        norms = S.input_norms(model, modules, calibration, config.batch_size, progress)
-        for s in slices:
-            maps[s] = [S.wanda_map(modules[s.module].weight, norms[s.module])]
+        norms = S.input_norms(model, wanda_modules(model, groups), calibration, config.batch_size, progress)
+        maps.update(wanda_maps(model, groups, norms))
     elif config.criterion.startswith("lrp-"):
         maps.update(_lrp_maps(model, groups, config, calibration))
     else:
@@ -276,6 +272,22 @@ def _score_maps(model, plan: ShrinkPlan, config: ShrinkConfig, calibration, loss
             maps[s] = [S.taylor_map(params[f"{s.module}.{t}"], grads[f"{s.module}.{t}"])
                        for t in s.tensors if f"{s.module}.{t}" in params]
     return maps
+
+
+def magnitude_maps(model: nn.Module, groups: list[UnitGroup]) -> dict[Slice, list[torch.Tensor]]:
+    return {s: [S.magnitude_map(model.get_submodule(s.module).weight)]
+            for g in groups for s in S.weight_slices(model, g)}
+
+
+def wanda_modules(model: nn.Module, groups: list[UnitGroup]) -> dict[str, nn.Module]:
+    """The layers whose input norms Wanda's scores of ``groups`` need, by name."""
+    return {s.module: model.get_submodule(s.module) for g in groups for s in S.wanda_slices(model, g)}
+
+
+def wanda_maps(model: nn.Module, groups: list[UnitGroup], norms: dict[str, torch.Tensor]
+               ) -> dict[Slice, list[torch.Tensor]]:
+    return {s: [S.wanda_map(model.get_submodule(s.module).weight, norms[s.module])]
+            for g in groups for s in S.wanda_slices(model, g)}
 
 
 def _lrp_maps(model, groups, config: ShrinkConfig, calibration) -> dict[Slice, list[torch.Tensor]]:
@@ -315,6 +327,38 @@ def _new_tensors(model, selections) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+def choose_units(steps: list[_Step], maps: dict[Slice, list[torch.Tensor]], config: ShrinkConfig):
+    """The kept units of each step's group from the score ``maps``: ``(selections, layers)``,
+    selections ``(group, kept, kept_buckets)`` for :func:`apply_selections_`."""
+    selections, layers = [], []
+    for st in steps:
+        g = st.group
+        fine, bucket = S.group_scores(g, maps, sqrt=config.criterion == "magnitude")
+        drop_buckets = st.drop_buckets if g.kind == "heads" else g.units - st.kept_units
+        kept, kept_buckets = S.select_units(fine, bucket, g.per_bucket, drop_buckets, st.drop_per_bucket)
+        selections.append((g, kept, kept_buckets))
+        layers.append(LayerShrink(
+            g.name, g.kind, g.unit, g.units, kept.numel(),
+            sorted(set(range(g.units)) - set(kept.tolist())), g.buckets, kept_buckets.numel(),
+            sorted(set(range(g.buckets)) - set(kept_buckets.tolist())), st.fraction,
+        ))
+    return selections, layers
+
+
+def apply_selections_(model: nn.Module, selections) -> dict[str, dict[str, torch.Tensor]]:
+    """Cut the tensors of the selected groups, resize their modules and record the new shapes
+    on ``model``; returns the new tensors per module."""
+    new = _new_tensors(model, selections)
+    attrs: dict[str, dict[str, Any]] = {}
+    for g, kept, kept_buckets in selections:
+        for name, values in g.attrs(kept.numel(), kept_buckets.numel()).items():
+            attrs.setdefault(name, {}).update(values)
+    for name in new.keys() | attrs.keys():
+        resize_module_(model.get_submodule(name), new.get(name, {}), attrs.get(name, {}))
+        record_module(model, name, attrs.get(name, {}))
+    return new
+
+
 def shrink_(
     model: nn.Module,
     config: ShrinkConfig | Mapping[str, Any],
@@ -346,28 +390,9 @@ def shrink_(
     params_before = sum(p.numel() for p in model.parameters())
     maps = _score_maps(model, plan, config, calibration, loss_fn, progress)
 
-    selections, layers = [], []
-    for st in plan.steps:
-        g = st.group
-        fine, bucket = S.group_scores(g, maps, sqrt=config.criterion == "magnitude")
-        drop_buckets = st.drop_buckets if g.kind == "heads" else g.units - st.kept_units
-        kept, kept_buckets = S.select_units(fine, bucket, g.per_bucket, drop_buckets, st.drop_per_bucket)
-        selections.append((g, kept, kept_buckets))
-        layers.append(LayerShrink(
-            g.name, g.kind, g.unit, g.units, kept.numel(),
-            sorted(set(range(g.units)) - set(kept.tolist())), g.buckets, kept_buckets.numel(),
-            sorted(set(range(g.buckets)) - set(kept_buckets.tolist())), st.fraction,
-        ))
-
+    selections, layers = choose_units(plan.steps, maps, config)
     # everything is decided; only now does the model change
-    new = _new_tensors(model, selections)
-    attrs: dict[str, dict[str, Any]] = {}
-    for g, kept, kept_buckets in selections:
-        for name, values in g.attrs(kept.numel(), kept_buckets.numel()).items():
-            attrs.setdefault(name, {}).update(values)
-    for name in new.keys() | attrs.keys():
-        resize_module_(model.get_submodule(name), new.get(name, {}), attrs.get(name, {}))
-        record_module(model, name, attrs.get(name, {}))
+    new = apply_selections_(model, selections)
     _forget_meta(model, new)
     params_after = sum(p.numel() for p in model.parameters())
     log.info("shrunk %d layers with %s: %d -> %d parameters", len(layers), config.criterion,
