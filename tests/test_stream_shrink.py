@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
+from test_streaming import CALIB, _files, _llama, save_sharded
 
 import sparsecraft as sc
 from sparsecraft.cli import main
 from sparsecraft.errors import ConfigError
 from sparsecraft.streaming import MANIFEST, _Run, staging_folder
 from sparsecraft.structured import ShrinkConfig, shrink_, shrink_pretrained
-from test_streaming import CALIB, _files, _llama, save_sharded
 
 
 @pytest.fixture(scope="module")
