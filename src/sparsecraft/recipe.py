@@ -188,7 +188,6 @@ def execute(recipe: Recipe, *, progress: bool = True) -> dict:
     from . import data, models
     from .checkpoint import save
     from .distributed import current
-    from .errors import SparsecraftError
     from .outputs import MARKER, check_output, marker_text
     from .prune import prune_
     from .report import report
@@ -212,15 +211,7 @@ def execute(recipe: Recipe, *, progress: bool = True) -> dict:
     results: dict[str, Any] = {"model": recipe.model, "prune": config.to_dict()}
     calibration = None
     if config.needs_calibration:
-        if tok is None:
-            raise SparsecraftError(f"'{recipe.model}' has no tokenizer to build calibration samples")
-        spec = recipe.calibration
-        docs = data.load_texts(spec.file) if spec.file else data.builtin_texts(spec.corpus)["calibration"]
-        calibration = data.calibration(tok, spec.samples, spec.seq_len, spec.seed, docs=docs)
-        results["calibration"] = {
-            "source": spec.file or f"built-in {spec.corpus} corpus, calibration part",
-            "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed,
-        }
+        calibration, results["calibration"] = build_calibration(recipe.calibration, tok, recipe.model)
     corpus = recipe.calibration.corpus
     eval_docs = data.builtin_texts(corpus)["evaluation"] if recipe.evaluate and tok is not None and main else None
     reference = None
@@ -251,6 +242,21 @@ def execute(recipe: Recipe, *, progress: bool = True) -> dict:
     if ranks is not None:
         ranks.barrier()
     return results
+
+
+def build_calibration(spec: CalibrationSpec, tok, model_name: str) -> tuple[Any, dict]:
+    """Calibration token ids from ``spec`` (a text file or a built-in corpus's calibration
+    part), and the record of where they came from."""
+    from . import data
+    from .errors import SparsecraftError
+
+    if tok is None:
+        raise SparsecraftError(f"'{model_name}' has no tokenizer to build calibration samples")
+    docs = data.load_texts(spec.file) if spec.file else data.builtin_texts(spec.corpus)["calibration"]
+    calibration = data.calibration(tok, spec.samples, spec.seq_len, spec.seed, docs=docs)
+    record = {"source": spec.file or f"built-in {spec.corpus} corpus, calibration part",
+              "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed}
+    return calibration, record
 
 
 def _stream_obstacle(recipe: Recipe) -> str | None:
@@ -304,8 +310,6 @@ def _execute_streamed(recipe: Recipe, out: Path, progress: bool) -> dict:
     import json
     import time
 
-    from . import data
-    from .errors import SparsecraftError
     from .models import _local_tokenizer, _offline
     from .outputs import MARKER, marker_text
     from .streaming import prune_pretrained
@@ -316,15 +320,7 @@ def _execute_streamed(recipe: Recipe, out: Path, progress: bool) -> dict:
     if config.needs_calibration:
         _offline()
         tok = _local_tokenizer(Path(recipe.model))
-        if tok is None:
-            raise SparsecraftError(f"'{recipe.model}' has no tokenizer to build calibration samples")
-        spec = recipe.calibration
-        docs = data.load_texts(spec.file) if spec.file else data.builtin_texts(spec.corpus)["calibration"]
-        calibration = data.calibration(tok, spec.samples, spec.seq_len, spec.seed, docs=docs)
-        results["calibration"] = {
-            "source": spec.file or f"built-in {spec.corpus} corpus, calibration part",
-            "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed,
-        }
+        calibration, results["calibration"] = build_calibration(recipe.calibration, tok, recipe.model)
     start = time.perf_counter()
 
     def files(result) -> dict[str, str]:  # what the run decides: not its timing, nor whether it resumed

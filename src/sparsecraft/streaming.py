@@ -475,6 +475,17 @@ class _Run:
         self._write_manifest()
         block.to("meta")
 
+    def abandon(self, fresh: bool) -> None:
+        """After a failure: release the folder, and remove it when nothing in it is worth
+        resuming (a fresh run that finished no block)."""
+        self.close()
+        done = self.manifest.get("done", 0)
+        if fresh and done == 0:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        else:
+            log.error("stopped after %d of %d blocks; the finished ones are kept in '%s': run again to resume",
+                      done, len(self.block_names), self.staging)
+
     # -- the end ---------------------------------------------------------------------------
     def stored_bytes(self) -> int:
         """Stored bytes of every tensor in the shards (what the index calls total_size)."""
@@ -526,6 +537,30 @@ def _plain_block(config, targets: list[Target], patterns, budgets) -> tuple[dict
     return masks, info
 
 
+def check_stream_output(out, overwrite: bool, extra_files, who: str) -> Path:
+    """The output folder of a streamed run, checked (see :func:`~sparsecraft.outputs.check_output`);
+    ``extra_files`` checked unless it is a function (called at the end)."""
+    if out is None:
+        raise ConfigError(f"{who} needs an output folder (out=)")
+    if Path(out).suffix == ".safetensors":
+        raise ConfigError(f"out '{out}': a streamed run writes a folder (shard by shard), not one .safetensors file")
+    out = check_output(os.fspath(out), overwrite=overwrite, flag="out", kind="folder",
+                       how="pass overwrite=True (CLI: --overwrite)")
+    if not callable(extra_files):
+        _check_extra_files(extra_files)
+    return out
+
+
+def split_state_names(model: nn.Module, blocks_name: str, blocks: int) -> tuple[list[list[str]], list[str]]:
+    """The model's state-dict names per block, and the rest (embeddings, final norm, head)."""
+    block_names: list[list[str]] = [[] for _ in range(blocks)]
+    rest_names = []
+    for name in model.state_dict(keep_vars=True):
+        where = _where(name, blocks_name)
+        (rest_names if where == "rest" else block_names[int(where)]).append(name)
+    return block_names, rest_names
+
+
 def _check_disk(out: Path, need: int, what: str) -> None:
     free = shutil.disk_usage(out.parent).free
     if need > free:
@@ -559,14 +594,7 @@ def prune_pretrained(
         config = PruneConfig.from_dict(config)
     config.validate()
     check_streamable(config)
-    if out is None:
-        raise ConfigError("prune_pretrained needs an output folder (out=)")
-    if Path(out).suffix == ".safetensors":
-        raise ConfigError(f"out '{out}': a streamed run writes a folder (shard by shard), not one .safetensors file")
-    out = check_output(os.fspath(out), overwrite=overwrite, flag="out", kind="folder",
-                       how="pass overwrite=True (CLI: --overwrite)")
-    if not callable(extra_files):
-        _check_extra_files(extra_files)
+    out = check_stream_output(out, overwrite, extra_files, "prune_pretrained")
     calibrated = needs_block_driver(config)
 
     weights = ShardedWeights.open(model_dir)
@@ -577,11 +605,7 @@ def prune_pretrained(
     blocks_name, blocks = find_blocks(model, targets)
     per_block = block_targets(blocks, targets)
     names = list(model.state_dict(keep_vars=True))
-    block_names: list[list[str]] = [[] for _ in blocks]
-    rest_names = []
-    for name in names:
-        where = _where(name, blocks_name)
-        (rest_names if where == "rest" else block_names[int(where)]).append(name)
+    block_names, rest_names = split_state_names(model, blocks_name, len(blocks))
     for name in names:  # a tied group must live in one shard
         owners = {_where(n, blocks_name) for n in groups.get(name, [name])}
         if len(owners) > 1:
@@ -653,12 +677,7 @@ def prune_pretrained(
         _check_extra_files(files)
         run.finish(out, overwrite, files)
     except BaseException:
-        run.close()
-        if fresh and run.manifest.get("done", 0) == 0:  # nothing worth resuming
-            shutil.rmtree(run.staging, ignore_errors=True)
-        else:
-            log.error("stopped after %d of %d blocks; the finished ones are kept in '%s': run again to resume",
-                      run.manifest.get("done", 0), len(blocks), run.staging)
+        run.abandon(fresh)
         raise
     log.info("streamed %s over %d blocks into %s", config.method, len(blocks), out)
     return result

@@ -127,9 +127,8 @@ def run(args) -> int:
 
     from .. import data, evaluate, models
     from ..checkpoint import save
-    from ..errors import SparsecraftError
     from ..outputs import MARKER, marker_text
-    from ..recipe import CalibrationSpec, check_format
+    from ..recipe import CalibrationSpec, build_calibration, check_format
     from .config import ShrinkConfig
     from .shrink import shrink_
 
@@ -151,12 +150,7 @@ def run(args) -> int:
     results: dict = {"model": args.model, "shrink": config.to_dict()}
     calibration = None
     if config.needs_calibration:
-        if tok is None:
-            raise SparsecraftError(f"'{args.model}' has no tokenizer to build calibration samples")
-        docs = data.load_texts(spec.file) if spec.file else data.builtin_texts(spec.corpus)["calibration"]
-        calibration = data.calibration(tok, spec.samples, spec.seq_len, spec.seed, docs=docs)
-        results["calibration"] = {"source": spec.file or f"built-in {spec.corpus} corpus, calibration part",
-                                  "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed}
+        calibration, results["calibration"] = build_calibration(spec, tok, args.model)
     eval_docs = data.builtin_texts(args.corpus)["evaluation"] if args.eval and tok is not None else None
     if args.eval and tok is None:
         log.warning("'%s' has no tokenizer; --eval skipped", args.model)
@@ -193,23 +187,16 @@ def _run_streamed(args, config, spec, out) -> int:
     import time
     from pathlib import Path
 
-    from .. import data
-    from ..errors import SparsecraftError
     from ..models import _local_tokenizer, _offline
     from ..outputs import MARKER, marker_text
+    from ..recipe import build_calibration
     from .stream import shrink_pretrained
 
     results: dict = {"model": args.model, "shrink": config.to_dict(), "streamed": True}
     calibration = None
     if config.needs_calibration:
         _offline()
-        tok = _local_tokenizer(Path(args.model))
-        if tok is None:
-            raise SparsecraftError(f"'{args.model}' has no tokenizer to build calibration samples")
-        docs = data.load_texts(spec.file) if spec.file else data.builtin_texts(spec.corpus)["calibration"]
-        calibration = data.calibration(tok, spec.samples, spec.seq_len, spec.seed, docs=docs)
-        results["calibration"] = {"source": spec.file or f"built-in {spec.corpus} corpus, calibration part",
-                                  "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed}
+        calibration, results["calibration"] = build_calibration(spec, _local_tokenizer(Path(args.model)), args.model)
     start = time.perf_counter()
 
     def files(rep) -> dict[str, str]:  # nothing that changes from run to run (no timings)

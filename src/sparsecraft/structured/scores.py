@@ -137,6 +137,19 @@ def _batches(calibration: torch.Tensor, batch_size: int, device, progress: bool,
 def input_norms(model: nn.Module, modules: dict[str, nn.Module], calibration: torch.Tensor,
                 batch_size: int, progress: bool = True) -> dict[str, torch.Tensor]:
     """``||X_j||^2`` per input channel of each named Linear/Conv module, over the calibration set."""
+    device = next(model.parameters()).device
+
+    def forward_all():
+        with _eval_mode(model), torch.inference_mode():
+            for batch in _batches(calibration, batch_size, device, progress, "wanda statistics"):
+                _forward(model, batch)
+
+    return norms_while(modules, forward_all)
+
+
+def norms_while(modules: dict[str, nn.Module], run: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """``||X_j||^2`` per input channel of ``modules``' inputs over everything ``run()`` feeds
+    them (forward hooks, removed afterwards)."""
     from ..oneshot import InputNormAccumulator
 
     acc = {name: InputNormAccumulator() for name in modules}
@@ -151,11 +164,8 @@ def input_norms(model: nn.Module, modules: dict[str, nn.Module], calibration: to
         return hook
 
     handles = [m.register_forward_hook(hook_for(n, m)) for n, m in modules.items()]
-    device = next(model.parameters()).device
     try:
-        with _eval_mode(model), torch.inference_mode():
-            for batch in _batches(calibration, batch_size, device, progress, "wanda statistics"):
-                _forward(model, batch)
+        run()
     finally:
         for h in handles:
             h.remove()

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -39,7 +37,6 @@ from ..blocks import capture_block_inputs, check_calibration, find_blocks
 from ..checkpoint import _check_extra_files
 from ..errors import ConfigError, SparsecraftError
 from ..memory import check_memory
-from ..outputs import check_output
 from ..shapes import SHAPES_ATTR
 from ..shards import ShardedWeights
 from ..streaming import (
@@ -51,10 +48,13 @@ from ..streaming import (
     _skeleton,
     _tie_groups,
     _where,
+    check_stream_output,
+    split_state_names,
     staging_folder,
 )
 from .config import ShrinkConfig
 from .resize import apply_shapes_, get_shapes
+from .scores import norms_while
 from .shrink import (
     LayerShrink,
     ShrinkReport,
@@ -112,14 +112,7 @@ def shrink_pretrained(
     config = config if isinstance(config, ShrinkConfig) else ShrinkConfig.from_dict(config)
     config.validate()
     check_streamable_shrink(config)
-    if out is None:
-        raise ConfigError("shrink_pretrained needs an output folder (out=)")
-    if Path(out).suffix == ".safetensors":
-        raise ConfigError(f"out '{out}': a streamed run writes a folder (shard by shard), not one .safetensors file")
-    out = check_output(os.fspath(out), overwrite=overwrite, flag="out", kind="folder",
-                       how="pass overwrite=True (CLI: --overwrite)")
-    if not callable(extra_files):
-        _check_extra_files(extra_files)
+    out = check_stream_output(out, overwrite, extra_files, "shrink_pretrained")
 
     weights = ShardedWeights.open(model_dir)
     model = _skeleton(weights.folder, _common_dtype(weights.slots))
@@ -133,12 +126,7 @@ def shrink_pretrained(
     calib = check_calibration(model, calibration) if config.needs_calibration else None
     params_before = sum(p.numel() for p in model.parameters())
 
-    names = list(model.state_dict(keep_vars=True))
-    block_names: list[list[str]] = [[] for _ in blocks]
-    rest_names = []
-    for name in names:
-        where = _where(name, blocks_name)
-        (rest_names if where == "rest" else block_names[int(where)]).append(name)
+    block_names, rest_names = split_state_names(model, blocks_name, len(blocks))
     rest_bytes = weights.nbytes(n for n in rest_names if n in weights.slots)
     block_bytes = max(weights.nbytes(n for n in ns if n in weights.slots) for ns in block_names)
     check_memory(rest_bytes + 2 * block_bytes, "streaming (the embeddings and head, then one block at a time)",
@@ -181,7 +169,7 @@ def shrink_pretrained(
             if batches is None:
                 maps = magnitude_maps(model, groups)
             else:  # the dense block: its layers' input norms, and the next block's inputs
-                norms = _block_input_norms(block, model, wanda_modules(model, groups), batches, activations)
+                norms = norms_while(wanda_modules(model, groups), lambda: activations.run(block, batches))
                 maps = wanda_maps(model, groups, norms)
             selections, block_layers = choose_units(steps_of[i], maps, config)
             apply_selections_(model, selections)
@@ -196,30 +184,9 @@ def shrink_pretrained(
         _check_extra_files(files)
         run.finish(out, overwrite, files, **_index_and_config(model))
     except BaseException:
-        run.close()
-        if fresh and run.manifest.get("done", 0) == 0:  # nothing worth resuming
-            shutil.rmtree(run.staging, ignore_errors=True)
+        run.abandon(fresh)
         raise
     return report
-
-
-def _block_input_norms(block, model, modules: dict, batches, activations) -> dict[str, torch.Tensor]:
-    """``||X_j||^2`` of ``modules``' inputs over every batch of the dense ``block``, whose
-    outputs become the batches' hidden states (the next block's inputs)."""
-    from ..oneshot import InputNormAccumulator
-
-    acc = {name: InputNormAccumulator() for name in modules}
-    handles = [m.register_forward_hook(lambda _m, inputs, _o, name=name: acc[name].add(inputs[0]))
-               for name, m in modules.items()]
-    try:
-        activations.run(block, batches)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n, a in acc.items() if a.count == 0]
-    if missing:
-        raise ConfigError(f"calibration never reached layer '{missing[0]}'; is it used in forward?")
-    return {n: a.sq_norm for n, a in acc.items()}
 
 
 def _index_and_config(model) -> dict:
