@@ -32,6 +32,7 @@ SECTIONS = [
     ("oneshot.md", "Calibrated one-shot pruning of real models (issue: One-shot)"),
     ("reconstruct.md", "Block reconstruction settings (issue 18)"),
     ("quant.md", "Sparse + quantised weights: GPTQ, GQSA, file sizes (issue 17)"),
+    ("decode.md", "Decoding SmolLM2 on the CPU: the fused step, W4, W4 + group sparsity, llama.cpp (issue 17)"),
     ("lrp.md", "Relevance (LRP) pruning without fine-tuning (issue 15)"),
     ("bayes.md", "Bayesian sparsification: SSVI (issue 14)"),
     ("recovery_kron_fresh.md", "KroSBL on fresh random draws (issue 16)"),
@@ -43,6 +44,7 @@ SECTIONS = [
     ("sparse_ift.md", "Sparse-IFT wide against the dense model of equal FLOPs (issue 15)"),
     ("shrink.md", "Structured shrinking: smaller and faster tensors (issue 5)"),
     ("runtime.md", "Runtime: sparse kernels, the measuring planner, activation sparsity (issue 5)"),
+    ("scale.md", "Models bigger than memory: streamed pruning against depth (issue 13)"),
     ("distributed.md", "Distributed calibration: one process against two (issue 13)"),
     ("recovery.md", "Sparse recovery (issue: Sparse recovery)"),
 ]
@@ -66,6 +68,8 @@ Each JSON result records the commit that produced it (`git_commit`).
 | `make bench-sparse-ift` | `bench_sparse_ift.py` (resumable; accuracy only, takes no lock) | `sparse_ift.json`, `sparse_ift.md`, `.png` |
 | `make bench-shrink` | `bench_shrink.py` | `shrink.json`, `shrink.md`, `.png` |
 | `make bench-runtime` | `bench_runtime.py layers`, `model`, `model --threads 1` | `runtime_*.json`, `runtime.md`, `.png` |
+| `make bench-decode` | `bench_decode.py --install-llama-cpp` (builds llama-cpp-python once), `profile_decode.py` | `decode.json`, `decode.md` |
+| `make bench-scale` | `bench_scale.py` (synthetic Llama models of 4-32 layers, streamed) | `scale.json`, `scale.md`, `.png` |
 | `make bench-distributed` | `bench_distributed.py` (1 vs 2 processes, `torchrun`) | `distributed.json`, `distributed.md` |
 | `make bench-recovery` | `recovery/bench_*.py` with the trial counts below | `recovery_*.json`, `.png` |
 | `make bench-readme` | `make_readme.py`, `recovery/make_report.py` | this page, `recovery.md` |
