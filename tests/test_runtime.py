@@ -364,6 +364,8 @@ def test_cli_compile_and_bench(tmp_path, tiny_llama_dir, capsys):
     assert "dense" in out and "activation sparsity 0.5 (teal" in out and "decode tok/s" in out
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert rows["dense"]["decode_tok_s"] > 0
+    fused = [r for name, r in rows.items() if name.startswith("fused decode step")]  # a Llama: the fused row
+    assert len(fused) == 1 and fused[0]["decode_tok_s"] > 0 and len(fused[0]["tokens"]) == 4
 
 
 def test_cli_compile_refuses_existing_out(tmp_path, tiny_llama_dir, capsys):

@@ -33,6 +33,11 @@ EPILOG_COMPILE = """examples:
 EPILOG_BENCH = """examples:
   sparsecraft bench smollm2-135m --act-sparsity 0.5
   sparsecraft bench mlp90/ --prompt-len 512 --new-tokens 64 --eval
+  sparsecraft quantize smollm2-135m --bits 4 --pattern group:16 --sparsity 0.5 --out gqsa/ && sparsecraft bench gqsa/
+
+Llama-family models also get a row for the fused decode step (sparsecraft.runtime.decoder:
+static KV cache, one compiled call per token, the quantised kernels for int4/int8 layers); its
+perplexity is the dense row's (the same weights; its logits equal the eager model's within 1e-4).
 """
 
 
@@ -141,6 +146,16 @@ def _measure(model, ids, new_tokens: int, repeats: int) -> dict:
     return {"prefill_ms": prefill * 1e3, "decode_tok_s": rates[len(rates) // 2], "tokens": runs[0].tokens}
 
 
+def _measure_decoder(dec, ids, new_tokens: int, repeats: int) -> dict:
+    """:func:`_measure` for a :func:`~sparsecraft.runtime.decode.decoder`: its prefill (the
+    model's own pass plus filling the static cache) and its decode steps, medians."""
+    runs = [dec.generate(ids[:1], new_tokens) for _ in range(repeats)]
+    rates = sorted(r.tokens_per_second for r in runs)
+    prefills = sorted(r.prefill_seconds for r in runs)
+    return {"prefill_ms": prefills[len(prefills) // 2] * 1e3, "decode_tok_s": rates[len(rates) // 2],
+            "tokens": runs[0].tokens}
+
+
 def _perplexity(model, tok) -> float:
     from .. import data, evaluate
 
@@ -154,6 +169,7 @@ def _cmd_bench(args) -> int:
     from ..errors import SparsecraftError
     from ..formats.io import atomic_write
     from . import compile_, sparsify_activations_
+    from .decode import decoder
 
     json_out = None if args.json is None else check_output(args.json, overwrite=args.overwrite,
                                                            flag="--json", kind="file")
@@ -165,9 +181,11 @@ def _cmd_bench(args) -> int:
     ids = _example_ids(model, tok, args.prompt_len)
     rows: dict[str, dict] = {}
 
-    def run(name: str, before_eval=None, after_eval=None) -> None:
-        r = _measure(model, ids, args.new_tokens, args.repeats)
-        if args.eval:
+    def run(name: str, before_eval=None, after_eval=None, measure=None, same_model_as=None) -> None:
+        r = (measure or _measure)(model, ids, args.new_tokens, args.repeats)
+        if args.eval and same_model_as is not None:  # the same weights, computed another way
+            r["perplexity"] = rows[same_model_as]["perplexity"]
+        elif args.eval:
             if before_eval:
                 before_eval()
             r["perplexity"] = _perplexity(model, tok)
@@ -180,6 +198,10 @@ def _cmd_bench(args) -> int:
         log.info("%s: %s", name, {k: v for k, v in r.items() if k != "tokens"})
 
     run("dense")
+    fused = decoder(model)  # Llama-family models: the fused decode step (the log says why not)
+    if fused.fast:
+        run(f"fused decode step ({fused.backend})", measure=lambda m, i, n, k: _measure_decoder(fused, i, n, k),
+            same_model_as="dense")
     if not args.no_compile:
         report = compile_(model, ids, ids[:, :1])
         if report.plan():
