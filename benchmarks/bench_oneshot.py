@@ -100,8 +100,9 @@ def _grid() -> dict[str, dict]:
         # the whole run must take <= 20 min: the statistics and ADMM take about 13 of them on 2
         # cores (measured: 1316 s in all with a 540 s reconstruction budget at 2:4), so the
         # reconstruction gets 400 s over the 30 blocks
+        # at 50% the statistics and ADMM took less (1071 s in all with 400 s): 500 s still fits
         grid[f"admm+rec-{p}@128x512"] = {**spec, "method": "admm",
-                                         "options": {"reconstruct": {"total_time_budget": 400}}}
+                                         "options": {"reconstruct": {"total_time_budget": 500 if p == "0.5" else 400}}}
     # <= 30 min: 20 s per block to learn masks, then the same reconstruction
     grid["sparsegpt+learn+rec-2:4@128x512"] = {**grid["sparsegpt-2:4@128x512"], "options": {
         "learn_mask": {"time_budget": 20}, "reconstruct": {"total_time_budget": 540}}}
