@@ -25,10 +25,19 @@ from .config import CRITERIA, ShrinkConfig
 from .groups import FAMILIES, Family, Slice, UnitGroup, register_family
 from .resize import SHAPES_ATTR, apply_shapes_, get_shapes
 from .shrink import LayerShrink, ShrinkError, ShrinkPlan, ShrinkReport, plan_shrink, shrink_, zero_units_
-from .stream import shrink_pretrained
 
 __all__ = [
     "ShrinkConfig", "CRITERIA", "shrink_", "shrink_pretrained", "plan_shrink", "ShrinkPlan", "ShrinkReport", "LayerShrink",
     "ShrinkError", "zero_units_", "Slice", "UnitGroup", "Family", "FAMILIES", "register_family",
     "SHAPES_ATTR", "apply_shapes_", "get_shapes",
 ]
+
+
+def __getattr__(name: str):
+    # the streaming shrink pulls in the checkpoint writer: imported on first use, so that
+    # importing the structured package (resize, shapes) does not import the checkpoint
+    if name == "shrink_pretrained":
+        from .stream import shrink_pretrained
+
+        return shrink_pretrained
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
