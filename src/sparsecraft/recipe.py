@@ -261,19 +261,12 @@ def build_calibration(spec: CalibrationSpec, tok, model_name: str) -> tuple[Any,
 
 def _stream_obstacle(recipe: Recipe) -> str | None:
     """Why ``recipe`` cannot be pruned block by block, or None when it can."""
-    from .checkpoint import claims_checkpoint
     from .errors import ConfigError
-    from .shards import has_safetensors
-    from .streaming import check_streamable
+    from .streaming import check_streamable, whole_model_reason
 
-    if not has_safetensors(recipe.model) or claims_checkpoint(recipe.model):
-        return f"'{recipe.model}' is not a Hugging Face folder with safetensors weights"
-    if recipe.out.endswith(".safetensors"):
-        return "the output is one .safetensors file (a streamed run writes a folder of shards)"
-    if recipe.evaluate:
-        return "evaluation (--eval) needs the whole model"
-    if recipe.format != "sparsecraft":
-        return f"format {recipe.format} is written from the whole model (a streamed run writes sparsecraft shards)"
+    why = whole_model_reason(recipe.model, recipe.out, recipe.evaluate, recipe.format)
+    if why is not None:
+        return why
     from .distributed import current
 
     if current() is not None:

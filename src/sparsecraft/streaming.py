@@ -537,6 +537,23 @@ def _plain_block(config, targets: list[Target], patterns, budgets) -> tuple[dict
     return masks, info
 
 
+def whole_model_reason(model: str, out: str, evaluate: bool, format: str) -> str | None:
+    """Why a run on ``model`` writing ``out`` cannot stream (the reasons prune and shrink
+    share), or None: not a safetensors folder, one-file output, evaluation, another format."""
+    from .checkpoint import claims_checkpoint
+    from .shards import has_safetensors
+
+    if not has_safetensors(model) or claims_checkpoint(model):
+        return f"'{model}' is not a Hugging Face folder with safetensors weights"
+    if out.endswith(".safetensors"):
+        return "the output is one .safetensors file (a streamed run writes a folder of shards)"
+    if evaluate:
+        return "evaluation (--eval) needs the whole model"
+    if format != "sparsecraft":
+        return f"format {format} is written from the whole model (a streamed run writes sparsecraft shards)"
+    return None
+
+
 def check_stream_output(out, overwrite: bool, extra_files, who: str) -> Path:
     """The output folder of a streamed run, checked (see :func:`~sparsecraft.outputs.check_output`);
     ``extra_files`` checked unless it is a function (called at the end)."""

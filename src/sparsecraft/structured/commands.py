@@ -77,18 +77,12 @@ def register(subparsers) -> dict:
 
 def _stream_obstacle(args) -> str | None:
     """Why this shrink cannot run block by block, or None when it can."""
-    from ..checkpoint import claims_checkpoint
-    from ..shards import has_safetensors
+    from ..streaming import whole_model_reason
     from .stream import STREAMABLE_CRITERIA
 
-    if not has_safetensors(args.model) or claims_checkpoint(args.model):
-        return f"'{args.model}' is not a Hugging Face folder with safetensors weights"
-    if args.out.endswith(".safetensors"):
-        return "the output is one .safetensors file (a streamed run writes a folder of shards)"
-    if args.eval:
-        return "evaluation (--eval) needs the whole model"
-    if args.format != "sparsecraft":
-        return f"format {args.format} is written from the whole model"
+    why = whole_model_reason(args.model, args.out, args.eval, args.format)
+    if why is not None:
+        return why
     if args.criterion not in STREAMABLE_CRITERIA:
         return f"criterion {args.criterion} needs the whole model"
     return None
