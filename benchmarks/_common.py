@@ -9,7 +9,8 @@ the lock that keeps heavy runs apart, and running one configuration in a child p
   timing runs never share the 2 cores. A run started under ``flock <that file> ...`` (or as a
   child of a script that holds it) does not wait for itself.
 * ``run_config(script, args)``: runs ``python script args`` in a fresh process (its memory and
-  threads are its own) and returns the dict the child printed with ``emit_result``.
+  threads are its own) and returns the dict the child printed with ``emit_result``;
+  ``run_grid`` runs a grid of named configurations that way, writing results after each.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,6 +223,33 @@ def run_config(script: str | Path, args: list[str], env: dict[str, str] | None =
         raise ChildFailed(f"{Path(script).name} {shlex.join(args)} exited {proc.returncode} without a "
                           f"result:\n{proc.stderr[-3000:]}")
     return json.loads(line[len(RESULT_PREFIX):])
+
+
+def run_grid(script: str | Path, grid: dict[str, dict], names: list[str] | None, results: dict, out: Path,
+             child_args: list[str], shown: Iterable[str] = ("spec",)) -> dict:
+    """Run configurations of ``grid`` one child process each (``--child <spec json>`` plus
+    ``child_args``, 2 OpenMP threads), writing ``results`` to ``out`` after every row.
+
+    ``names`` None runs every row ``results["runs"]`` does not hold yet; named rows are run
+    again. A row whose child fails is reported on stderr and skipped. ``shown``: the keys left
+    out of the one-line summary printed per row.
+    """
+    for name in names or grid:
+        if name in results["runs"] and not names:
+            continue
+        start = time.perf_counter()
+        try:
+            run = run_config(script, ["--child", json.dumps(grid[name]), *child_args], env={"OMP_NUM_THREADS": "2"})
+        except ChildFailed as e:
+            sys.stderr.write(f"{name} failed: {e}\n")
+            continue
+        run["wall_seconds"] = time.perf_counter() - start
+        run["git_commit"] = git_commit()
+        results["runs"][name] = run
+        write_json(out, results)
+        sys.stdout.write(f"{name}: {json.dumps({k: v for k, v in run.items() if k not in set(shown)})}\n")
+        sys.stdout.flush()
+    return results
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:

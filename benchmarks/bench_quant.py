@@ -35,13 +35,10 @@ from pathlib import Path
 
 from _common import (
     RESULTS,
-    ChildFailed,
     bench_lock,
     emit_result,
-    git_commit,
     read_json,
-    run_config,
-    write_json,
+    run_grid,
     write_text,
 )
 
@@ -197,24 +194,9 @@ def main() -> None:
         if results.get("settings") not in (None, settings):
             raise SystemExit(f"existing results used {results['settings']}; pass --fresh to start over")
         results["settings"] = settings
-        for name in args.only or grid:
-            if name in results["runs"] and not args.only:
-                continue
-            start = time.perf_counter()
-            try:
-                run = run_config(__file__, ["--child", json.dumps(grid[name]), "--samples", str(args.samples),
-                                            "--seq-len", str(args.seq_len), "--wiki-tokens", str(args.wiki_tokens)]
-                                 + (["--eval-tokens", str(args.eval_tokens)] if args.eval_tokens else []),
-                                 env={"OMP_NUM_THREADS": "2"})
-            except ChildFailed as e:
-                sys.stderr.write(f"{name} failed: {e}\n")
-                continue
-            run["wall_seconds"] = time.perf_counter() - start
-            run["git_commit"] = git_commit()
-            results["runs"][name] = run
-            write_json(args.out, results)
-            sys.stdout.write(f"{name}: {json.dumps({k: v for k, v in run.items() if k != 'spec'})}\n")
-            sys.stdout.flush()
+        run_grid(__file__, grid, args.only, results, args.out,
+                 ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--wiki-tokens", str(args.wiki_tokens)]
+                 + (["--eval-tokens", str(args.eval_tokens)] if args.eval_tokens else []))
     sys.stdout.write(write_table(results, args.out))
 
 

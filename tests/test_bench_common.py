@@ -60,6 +60,23 @@ def test_run_config_returns_the_child_result_or_says_why_not(tmp_path):
         _common.run_config(child, ["fail", "7"])
 
 
+def test_run_grid_skips_held_rows_unless_named_and_writes_after_each(tmp_path, capsys):
+    child = tmp_path / "grid_child.py"
+    child.write_text(f"import sys, json; sys.path.insert(0, {str(BENCH)!r}); import _common\n"
+                     "spec = json.loads(sys.argv[2])\n"
+                     "if spec['x'] < 0: sys.exit('negative')\n"
+                     "_common.emit_result({'y': spec['x'] * int(sys.argv[3])})\n")
+    grid = {"a": {"x": 1}, "b": {"x": 2}, "bad": {"x": -1}}
+    out = tmp_path / "r.json"
+    results = {"runs": {"a": {"y": 99}}}
+    _common.run_grid(child, grid, None, results, out, ["10"])
+    assert results["runs"]["a"] == {"y": 99} and results["runs"]["b"]["y"] == 20 and "bad" not in results["runs"]
+    assert json.loads(out.read_text())["runs"]["b"]["y"] == 20
+    assert "bad failed" in capsys.readouterr().err
+    _common.run_grid(child, grid, ["a"], results, out, ["10"])  # a named row runs again
+    assert results["runs"]["a"]["y"] == 10
+
+
 def test_json_results_are_stamped_and_written_whole(tmp_path):
     out = tmp_path / "sub" / "r.json"
     _common.write_json(out, {"a": 1})
