@@ -181,8 +181,7 @@ def run(threads_list: list[int], prompt_len: int, new_tokens: int, repeats: int,
     from sparsecraft.runtime.qkernels import kernel_isa
 
     model, tok = models.load("smollm2-135m")
-    module, sub, _ = models.NAMED_MODELS["smollm2-135m"]
-    gguf = Path(__import__(module).__file__).parent / sub
+    gguf = models.gguf_file("smollm2-135m")
     stream = data.evaluation_tokens(tok)
     ids = stream[:prompt_len].unsqueeze(0)
     eval_tokens = stream[:eval_tokens_n]

@@ -65,12 +65,6 @@ def _grid() -> dict[str, dict]:
     }
 
 
-def gguf_file() -> Path:
-    from sparsecraft.models import NAMED_MODELS, _package_dir
-
-    module, name, dist = NAMED_MODELS["smollm2-135m"]
-    return _package_dir(module, dist) / name
-
 
 def run_one(spec: dict, samples: int, seq_len: int, eval_tokens: int | None, wiki_tokens: int) -> dict:
     """Runs in the child process."""
@@ -107,7 +101,7 @@ def run_one(spec: dict, samples: int, seq_len: int, eval_tokens: int | None, wik
     wiki = data.tokenize(tok, data.builtin_texts("wiki")["evaluation"])[:wiki_tokens]
     result["perplexity_wiki"] = evaluate.perplexity(model, wiki, 512, progress=False)
     result["eval_tokens_wiki"] = int(wiki.numel())
-    result["gguf_bytes"] = gguf_file().stat().st_size
+    result["gguf_bytes"] = models.gguf_file().stat().st_size
     return result
 
 

