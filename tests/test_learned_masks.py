@@ -28,12 +28,15 @@ def test_learning_repairs_a_bad_prior_and_every_group_is_valid(block_data):
     # the worst prior: keep the two SMALLEST weights of every group
     prior = {n: pattern.keep_mask(-params[n].detach().abs()) for n in names}
     before = {n: p.detach().clone() for n, p in params.items()}
-    masks, summary = learn_nm_masks(block, batches, targets, prior, pattern, epochs=3, holdout=1)
-    for n in names:
-        assert pattern.is_valid(masks[n]) and masks[n].shape == params[n].shape
-    assert summary["val_best"] < summary["val_prior"] and summary["changed"] > 0.1
-    for n, p in block.named_parameters():
-        assert torch.equal(p, before[n])  # the block itself is untouched
+    for tune_weights in (True, False):
+        masks, weights, summary = learn_nm_masks(block, batches, targets, prior, pattern, epochs=3, holdout=1,
+                                                 tune_weights=tune_weights)
+        for n in names:
+            assert pattern.is_valid(masks[n]) and masks[n].shape == params[n].shape
+            assert torch.all(weights[n][~masks[n]] == 0)
+        assert summary["val_best"] < summary["val_prior"] and summary["changed"] > 0.1, tune_weights
+        for n, p in block.named_parameters():
+            assert torch.equal(p, before[n])  # the block itself is untouched
 
 
 def test_result_never_worse_than_the_prior_on_held_out(block_data):
@@ -41,10 +44,34 @@ def test_result_never_worse_than_the_prior_on_held_out(block_data):
     params = dict(block.named_parameters())
     pattern = NM(2, 4)
     prior = {n: pattern.keep_mask(params[n].detach().abs()) for n in names}
-    masks, summary = learn_nm_masks(block, batches, targets, prior, pattern, epochs=1, lr=5.0, seed=3)
+    masks, weights, summary = learn_nm_masks(block, batches, targets, prior, pattern, epochs=1, lr=5.0, seed=3)
     assert summary["val_best"] <= summary["val_prior"]
     if summary["best_epoch"] == 0:
         assert all(torch.equal(masks[n], prior[n]) for n in names)
+        assert all(torch.equal(weights[n], params[n].detach() * prior[n]) for n in names)
+
+
+def test_candidates_are_judged_with_the_weights_they_hand_on(block_data):
+    """The prior is judged with the solver's weights (what reconstruction would start from),
+    not with the dense weights under its mask: a block holding solved weights that match the
+    targets exactly cannot be beaten, so the prior and its weights come back unchanged."""
+    from sparsecraft.oneshot.block_tuning import _forward
+
+    block, batches, targets, names = block_data
+    params = dict(block.named_parameters())
+    pattern = NM(2, 4)
+    prior = {n: pattern.keep_mask(params[n].detach().abs()) for n in names}
+    dense = {n: params[n].detach().clone() for n in names}
+    with torch.no_grad():
+        for n in names:
+            params[n].mul_(prior[n])  # the block now holds the "solved" weights
+        exact = [_forward(block, b).detach() for b in batches]  # targets the solved block meets exactly
+    for tune_weights in (True, False):
+        masks, weights, summary = learn_nm_masks(block, batches, exact, prior, pattern, dense=dense, epochs=1,
+                                                 tune_weights=tune_weights)
+        assert summary["val_prior"] == pytest.approx(0.0, abs=1e-12) and summary["best_epoch"] == 0
+        for n in names:
+            assert torch.equal(masks[n], prior[n]) and torch.equal(weights[n], params[n].detach())
 
 
 def test_bad_input(block_data):
@@ -56,6 +83,8 @@ def test_bad_input(block_data):
         learn_nm_masks(block, batches, targets, prior, "unstructured")
     with pytest.raises(ConfigError, match="time budget"):
         learn_nm_masks(block, batches, targets, prior, pattern, time_budget=0)
+    with pytest.raises(ConfigError, match="weight_lr"):
+        learn_nm_masks(block, batches, targets, prior, pattern, weight_lr=0)
     with pytest.raises(ConfigError, match="at least one more"):
         learn_nm_masks(block, batches[:1], targets[:1], prior, pattern)
     bad = dict(prior)

@@ -2,18 +2,22 @@
 
 For every group of M consecutive weights along the reduction dimension there are
 ``C(M, N)`` valid keep-patterns (6 for 2:4). Each group holds logits over them, started so
-that a prior mask (SparseGPT's, say) is the most likely choice. A Gumbel-softmax sample of
-each group's choice gives a soft mask; the block runs with ``W_dense * soft_mask`` and the
-logits are trained by Adam so that the block's output matches the targets (the dense block's
-output). The temperature falls geometrically from ``tau`` to ``tau_end`` over the run (over the
-planned steps, or over the time budget when that runs out first), so the samples harden as
-training goes on.
+that a prior mask (the solver's) is the most likely choice. A Gumbel-softmax sample of each
+group's choice gives a soft mask; the block runs with ``W * soft_mask`` and Adam trains the
+logits so that the block's output matches the targets (the dense block's output). The
+temperature falls geometrically from ``tau`` to ``tau_end`` over the run (over the planned
+steps, or over the time budget when that runs out first), so the samples harden.
+
+Which ``W``: with ``tune_weights`` (the default) the weights train together with the logits,
+starting from the solver's weights where the prior keeps and the dense ones where it prunes,
+so a choice is judged with weights fitted to it. Without it ``W`` is frozen: the solver's
+weights in groups whose choice stays, the dense ones in groups that change (a mask alone,
+MaskLLM's setting).
 
 After every epoch the masks are hardened (each group takes its most likely choice) and judged
-on held-out batches with the dense weights under the mask; the best hardened masks are
-returned, and the prior itself is the first candidate, so the held-out loss of the result is
-never above the prior's (on that basis: dense kept weights; re-solve or reconstruct the kept
-weights afterwards). Every returned group is a valid N:M choice by construction.
+on held-out batches with the weights they would hand on: the prior is the first candidate,
+with the solver's weights, so the held-out loss of the result is never above the solver's
+own. Every returned group is a valid N:M choice by construction.
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ def learn_nm_masks(
     pattern: NM,
     *,
     dense: dict[str, torch.Tensor] | None = None,
+    tune_weights: bool = True,
+    weight_lr: float = 1e-3,
     lr: float = 0.5,
     epochs: int = 2,
     holdout: int = 1,
@@ -84,15 +90,18 @@ def learn_nm_masks(
     seed: int = 0,
     micro_batch: int | None = 4,
     progress: bool = False,
-) -> tuple[dict[str, torch.Tensor], dict]:
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """Learn N:M keep-masks for the parameters named in ``prior`` (module docstring).
 
     Args:
-        block: the block; its parameters are not changed.
+        block: the block, holding the solver's weights (zero where the prior prunes); its
+            parameters are not changed.
         batches, targets: calibration inputs at the block and the outputs to match.
         prior: parameter name -> a valid N:M keep-mask to start from.
         pattern: the N:M pattern.
-        dense: parameter name -> the dense weights to mask (default: the block's current ones).
+        dense: parameter name -> the dense weights (default: the block's current ones).
+        tune_weights: train the weights with the logits (module docstring).
+        weight_lr: Adam's learning rate for the weights.
         lr, epochs, holdout: Adam on the logits, passes over the training batches, batches
             kept for judging.
         tau, tau_end: Gumbel-softmax temperature at the start and the end.
@@ -102,13 +111,15 @@ def learn_nm_masks(
         micro_batch: samples per optimizer step (None: a whole calibration batch).
 
     Returns:
-        ``(masks, summary)``: hardened keep-masks and ``{"val_prior", "val_best",
-        "best_epoch", "changed", "steps", "seconds", "stopped"}`` (``changed``: the share of
-        groups whose choice differs from the prior).
+        ``(masks, weights, summary)``: hardened keep-masks, the weights to go with them (zero
+        where pruned) and ``{"val_prior", "val_best", "best_epoch", "changed", "steps",
+        "seconds", "stopped"}`` (``changed``: the share of groups whose choice differs from
+        the prior; ``val_prior``: the held-out loss of the solver's masks and weights).
     """
     if not isinstance(pattern, NM):
         raise ConfigError(f"learned masks need an N:M pattern, got {pattern}")
-    for name, value in (("lr", lr), ("tau", tau), ("tau_end", tau_end), ("strength", strength)):
+    for name, value in (("lr", lr), ("weight_lr", weight_lr), ("tau", tau), ("tau_end", tau_end),
+                        ("strength", strength)):
         if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
             raise ConfigError(f"learned masks: {name} must be a positive number, got {value!r}")
     for name, value in (("epochs", epochs), ("holdout", holdout), ("micro_batch", 1 if micro_batch is None else micro_batch)):
@@ -130,8 +141,13 @@ def learn_nm_masks(
 
     start = time.perf_counter()
     choices = nm_choices(pattern.n, pattern.m)
-    weights = {n: (dense or {}).get(n, params[n]).detach().clone() for n in prior}
+    solved = {n: params[n].detach().clone() for n in prior}
+    dense = {n: (dense or {}).get(n, params[n]).detach().to(solved[n].dtype).clone() for n in prior}
     logits = {n: _prior_logits(prior[n], choices, strength).requires_grad_(True) for n in prior}
+    if tune_weights:
+        weights = {n: torch.where(prior[n], solved[n], dense[n]).requires_grad_(True) for n in prior}
+    else:
+        weights = dense
     soft_choices = choices.float()
     train_b = [type(b)(_plain(b.hidden), _plain(b.args), _plain(b.kwargs)) for b in batches[:-holdout]]
     train_t, val_b, val_t = targets[:-holdout], batches[-holdout:], targets[-holdout:]
@@ -144,15 +160,29 @@ def learn_nm_masks(
         out = functional_call(block, masked, (batch.hidden, *batch.args), batch.kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def val_loss(masks: dict[str, torch.Tensor]) -> float:
-        masked = {n: weights[n] * masks[n] for n in masks}
+    def handed_on(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weights a candidate hands on: trained ones, or the solver's in unchanged groups."""
+        if tune_weights:
+            return {n: weights[n].detach() * masks[n] for n in masks}
+        out = {}
+        for n, keep in masks.items():
+            changed = (_group_view(keep, pattern.m) != _group_view(prior[n], pattern.m)).any(dim=1, keepdim=True)
+            mixed = torch.where(changed, _group_view(dense[n], pattern.m), _group_view(solved[n], pattern.m))
+            out[n] = mixed.reshape(keep.shape) * keep
+        return out
+
+    def val_loss(candidate: dict[str, torch.Tensor]) -> float:
         with torch.no_grad():
-            return sum(float(_loss(run(b, masked), t)) for b, t in zip(val_b, val_t)) / len(val_b)
+            return sum(float(_loss(run(b, candidate), t)) for b, t in zip(val_b, val_t)) / len(val_b)
 
     best_masks = {n: prior[n].clone() for n in prior}
-    best = val_loss(best_masks)
+    best_weights = {n: solved[n] * prior[n] for n in prior}
+    best = val_loss(best_weights)
     summary = {"val_prior": best, "best_epoch": 0, "steps": 0, "stopped": "epochs"}
-    opt = torch.optim.Adam(list(logits.values()), lr=lr)
+    groups = [{"params": list(logits.values()), "lr": lr}]
+    if tune_weights:
+        groups.append({"params": list(weights.values()), "lr": weight_lr})
+    opt = torch.optim.Adam(groups)
     was_training = block.training
     block.train(False)
     bar = tqdm(total=total, desc="learn N:M masks", disable=not progress, leave=False)
@@ -177,28 +207,28 @@ def learn_nm_masks(
                     summary["stopped"] = "time budget"
                     break
             hard = {n: _harden(lg.detach(), choices, prior[n].shape) for n, lg in logits.items()}
-            current = val_loss(hard)
+            candidate = handed_on(hard)
+            current = val_loss(candidate)
             if current < best:
-                best, best_masks, summary["best_epoch"] = current, hard, epoch
+                best, best_masks, best_weights, summary["best_epoch"] = current, hard, candidate, epoch
             if summary["stopped"] == "time budget":
                 break
     finally:
         bar.close()
         block.train(was_training)
-    groups = sum(k.numel() // pattern.m for k in prior.values())
+    count = sum(k.numel() // pattern.m for k in prior.values())
     changed = sum(int((_group_view(best_masks[n], pattern.m) != _group_view(prior[n], pattern.m)).any(dim=1).sum())
                   for n in prior)
-    summary.update(val_best=best, changed=changed / max(1, groups), seconds=time.perf_counter() - start)
+    summary.update(val_best=best, changed=changed / max(1, count), seconds=time.perf_counter() - start)
     log.debug("learned %s masks: held-out loss %.4g -> %.4g, %.1f%% of groups changed", pattern,
               summary["val_prior"], best, 100 * summary["changed"])
-    return best_masks, summary
+    return best_masks, {n: w.clone() for n, w in best_weights.items()}, summary
 
 
 @register_block_stage
 class LearnMask(BlockStage):
-    """The ``learn_mask`` stage: learned N:M masks from the solver's masks, then the kept weights
-    start from the solver's values in groups whose choice stayed and from the dense weights in
-    groups that changed; ``reconstruct`` (required with it) then tunes them."""
+    """The ``learn_mask`` stage: learned N:M masks from the solver's masks and weights (see
+    :func:`learn_nm_masks`); ``reconstruct`` (required with it) then tunes the kept weights."""
 
     name = "learn_mask"
     order = 0
@@ -206,6 +236,8 @@ class LearnMask(BlockStage):
 
     @dataclass(frozen=True)
     class Options:
+        tune_weights: bool = True  # train the weights with the logits (False: the mask alone)
+        weight_lr: float = 1e-3  # the reconstruction stage's default
         lr: float = 0.5
         epochs: int = 2
         holdout: int = 1
@@ -217,7 +249,7 @@ class LearnMask(BlockStage):
         micro_batch: int | None = 4  # samples per optimizer step (None: a whole calibration batch)
 
         def check(self):
-            for name in ("lr", "tau", "tau_end", "strength"):
+            for name in ("lr", "weight_lr", "tau", "tau_end", "strength"):
                 value = getattr(self, name)
                 if not (value > 0 and math.isfinite(value)):
                     raise ConfigError(f"learn_mask: {name} must be a positive number, got {value}")
@@ -241,16 +273,14 @@ class LearnMask(BlockStage):
         pattern = next(iter(layers.values())).pattern
         prior = {name: layer.keep for name, layer in layers.items()}
         dense = {name: layer.dense for name, layer in layers.items()}
-        masks, summary = learn_nm_masks(
-            block, batches, targets, prior, pattern, dense=dense, lr=o.lr, epochs=o.epochs, holdout=o.holdout,
-            tau=o.tau, tau_end=o.tau_end, strength=o.strength, time_budget=o.time_budget, seed=o.seed,
-            micro_batch=o.micro_batch, progress=progress)
+        masks, weights, summary = learn_nm_masks(
+            block, batches, targets, prior, pattern, dense=dense, tune_weights=o.tune_weights,
+            weight_lr=o.weight_lr, lr=o.lr, epochs=o.epochs, holdout=o.holdout, tau=o.tau, tau_end=o.tau_end,
+            strength=o.strength, time_budget=o.time_budget, seed=o.seed, micro_batch=o.micro_batch,
+            progress=progress)
         params = dict(block.named_parameters())
         with torch.no_grad():
             for name, layer in layers.items():
-                groups_changed = (_group_view(masks[name], pattern.m) != _group_view(layer.keep, pattern.m)).any(dim=1)
-                start = _group_view(params[name].detach().clone(), pattern.m)
-                start[groups_changed] = _group_view(layer.dense, pattern.m)[groups_changed].to(start.dtype)
-                params[name].copy_(start.reshape(params[name].shape) * masks[name])
+                params[name].copy_(weights[name].to(params[name].dtype))
                 layer.keep = masks[name]
         return summary
