@@ -107,19 +107,26 @@ class LlamaCppRow:
         self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                                    n_batch=512, logits_all=False, verbose=False)
         self.version = llama_cpp.__version__
+        self._lib, self._vocab = llama_cpp, self.llm.n_vocab()
+
+    def _next_token(self) -> int:
+        # without logits_all, Llama.eval fills no `scores` row (since 0.3): the last token's
+        # logits are read from the context, as llama.cpp's own sampler reads them
+        ptr = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(self.np.argmax(self.np.ctypeslib.as_array(ptr, shape=(self._vocab,))))
 
     def generate(self, ids: list[int], new_tokens: int):
         llm = self.llm
         llm.reset()
         start = time.perf_counter()
         llm.eval(ids)
-        nxt = int(self.np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = self._next_token()
         prefill = time.perf_counter() - start
         produced = [nxt]
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
             llm.eval([nxt])
-            nxt = int(self.np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = self._next_token()
             produced.append(nxt)
         return produced, prefill, time.perf_counter() - start
 
