@@ -11,7 +11,7 @@ RUNENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
 # Benchmarks: every script holds benchmarks/results/.train.lock while it measures (see
 # benchmarks/_common.py), so `make -j bench` still runs them one at a time.
 BENCH  := $(RUNENV) $(PY) benchmarks
-BENCHES := prune formats oneshot reconstruct quant train sparse-ift shrink runtime decode distributed recovery scale
+BENCHES := prune formats oneshot reconstruct learned-masks quant train sparse-ift shrink runtime decode distributed recovery scale
 
 .PHONY: setup demo lint test test-fast bench $(addprefix bench-,$(BENCHES)) bench-runtime-layers bench-readme clean
 
@@ -62,6 +62,10 @@ bench-oneshot: setup
 
 bench-reconstruct: setup
 	$(BENCH)/bench_reconstruct.py
+
+# learned 2:4 masks against reconstruction alone at equal time per block (issue 18)
+bench-learned-masks: setup
+	$(BENCH)/bench_learned_masks.py
 
 # sparse + quantised SmolLM2 (issue 17): perplexity and file size against fp32 and the GGUF file
 bench-quant: setup

@@ -31,6 +31,7 @@ SECTIONS = [
     ("formats.md", "Storage formats: file size and save/load time (issue: Foundation)"),
     ("oneshot.md", "Calibrated one-shot pruning of real models (issue: One-shot)"),
     ("reconstruct.md", "Block reconstruction settings (issue 18)"),
+    ("learned_masks.md", "Learned 2:4 masks against reconstruction alone at equal time (issue 18)"),
     ("quant.md", "Sparse + quantised weights: GPTQ, GQSA, file sizes (issue 17)"),
     ("decode.md", "Decoding SmolLM2 on the CPU: the fused step, W4, W4 + group sparsity, llama.cpp (issue 17)"),
     ("lrp.md", "Relevance (LRP) pruning without fine-tuning (issue 15)"),
@@ -63,6 +64,7 @@ Each JSON result records the commit that produced it (`git_commit`).
 | `make bench-formats` | `bench_formats.py` | `formats.json`, `formats.md` |
 | `make bench-oneshot` | `bench_oneshot.py` (resumable; `--only NAME`, `--fresh`) | `oneshot.json`, `oneshot.md`, `.png` |
 | `make bench-reconstruct` | `bench_reconstruct.py` | `reconstruct.json`, `reconstruct.md` |
+| `make bench-learned-masks` | `bench_learned_masks.py` | `learned_masks.json`, `learned_masks.md` |
 | `make bench-quant` | `bench_quant.py` (resumable; `--only NAME`, `--fresh`) | `quant.json`, `quant.md` |
 | `make bench-train` | `bench_train.py` (resumable; `--part`) | `train.json`, `train.md`, `.png` |
 | `make bench-sparse-ift` | `bench_sparse_ift.py` (resumable; accuracy only, takes no lock) | `sparse_ift.json`, `sparse_ift.md`, `.png` |
