@@ -267,17 +267,24 @@ def _beyond_sparsegpt(runs: dict) -> list[str]:
             continue
         pairs = r.get("layer_error_vs_sparsegpt") or {}
         lower = sum(a < b for a, b in pairs.values())
+        # one learn_mask summary per block, repeated on each of its layers
+        learned = {json.dumps(st["learn_mask"], sort_keys=True): st["learn_mask"]
+                   for st in (r.get("block_stages") or {}).values() if "learn_mask" in st}
+        changed = (f"{sum(v['changed'] for v in learned.values()) / len(learned):.2%}" if learned
+                   and all("changed" in v for v in learned.values()) else "")
         rows.append(f"| {name} | {r['perplexity'] / base['perplexity']:.3f} | "
                     f"{r['perplexity_wiki'] / base['perplexity_wiki']:.3f} | "
                     f"{r['prune_seconds'] / base['prune_seconds']:.2f} | "
-                    f"{f'{lower} of {len(pairs)}' if pairs else ''} |")
+                    f"{f'{lower} of {len(pairs)}' if pairs else ''} | {changed} |")
     if not rows:
         return []
     return ["", "Against SparseGPT on the same calibration (ratios of perplexity on the Lee held-out text and on "
             "the Wikipedia held-out text, which neither calibration nor early stopping saw; prune-time ratio; "
-            "layers where the ADMM solver's layer error is below SparseGPT's on the same inputs):", "",
-            "| configuration | Lee ppl / SparseGPT | wiki ppl / SparseGPT | time / SparseGPT | layers below SparseGPT |",
-            "|---|---|---|---|---|", *rows]
+            "layers where the ADMM solver's layer error is below SparseGPT's on the same inputs; for learned "
+            "masks, the mean share of N:M groups whose choice the learning changed):", "",
+            "| configuration | Lee ppl / SparseGPT | wiki ppl / SparseGPT | time / SparseGPT | layers below SparseGPT "
+            "| groups changed by learning |",
+            "|---|---|---|---|---|---|", *rows]
 
 
 def _one_pass(runs: dict) -> list[str]:
