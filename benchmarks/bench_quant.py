@@ -54,6 +54,9 @@ def _grid() -> dict[str, dict]:
         "rtn-w4-g64": {"method": "rtn", "options": {"quantize": "int4", "group": 64}},
         "gptq-w4-g64": w4,
         "gptq-w4-g64-asym": {"method": "gptq", "options": {"quantize": "int4", "group": 64, "symmetric": False}},
+        # the GGUF keeps the tied embedding at Q8_0: how much of W4's loss is the embedding's?
+        "gptq-w4-g64-fp32-embedding": {"method": "gptq", "options": {"quantize": "int4", "group": 64,
+                                                                     "embeddings": False}},
         # Q4_1's own grids (asymmetric, groups of 32): the GGUF's weights come back almost exactly
         "rtn-w4-g32-asym": {"method": "rtn", "options": {"quantize": "int4", "group": 32, "symmetric": False}},
         "gptq-w8-g64": {"method": "gptq", "options": {"quantize": "int8", "group": 64}},
