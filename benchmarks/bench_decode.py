@@ -110,7 +110,7 @@ class LlamaCppRow:
         self._lib, self._vocab = llama_cpp, self.llm.n_vocab()
 
     def _next_token(self) -> int:
-        # without logits_all, Llama.eval fills no `scores` row (since 0.3): the last token's
+        # without logits_all, Llama.eval fills no `scores` row (llama-cpp-python 0.3.36): the last token's
         # logits are read from the context, as llama.cpp's own sampler reads them
         ptr = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
         return int(self.np.argmax(self.np.ctypeslib.as_array(ptr, shape=(self._vocab,))))

@@ -98,7 +98,7 @@ def _grid() -> dict[str, dict]:
         # cores (measured: 1316 s in all with a 540 s reconstruction budget at 2:4), so the
         # reconstruction gets 400 s over the 30 blocks
         # at 50% the statistics and ADMM took less: 1071 s in all with 400 s (ratio 0.7513),
-        # 1203 s with 500 s (0.742), so 450 s
+        # 1203 s with 500 s (0.742), so 450 s (measured: 1029 s, 0.748)
         grid[f"admm+rec-{p}@128x512"] = {**spec, "method": "admm",
                                          "options": {"reconstruct": {"total_time_budget": 450 if p == "0.5" else 400}}}
     # <= 30 min: 20 s per block to learn masks, then the same reconstruction
