@@ -30,6 +30,21 @@ def test_gguf_file_is_found_without_importing_the_model_package():
 
 
 @pytest.mark.slow
+def test_smollm2_saves_as_a_plain_hugging_face_model(tmp_path, smollm):
+    """The GGUF is de-quantised on load: save_pretrained writes ordinary float shards that
+    transformers loads back to the same weights (it refused a model still marked as GGUF)."""
+    import transformers
+
+    model, _ = smollm
+    model.save_pretrained(tmp_path / "hf", max_shard_size="200MB")
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) >= 2
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert getattr(again.config, "quantization_config", None) is None
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_smollm2_prune_save_reload_identical(tmp_path, smollm):
     model, tok = smollm
     assert type(model).__name__ == "LlamaForCausalLM"

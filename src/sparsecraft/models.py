@@ -99,6 +99,11 @@ def load(name_or_path: str, dtype=None):
         tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model = _from_pretrained(transformers.AutoModelForCausalLM, folder, name_or_path,
                                  gguf_file=gguf_file, dtype=named_dtype)
+        # transformers keeps a GGUF marker that makes save_pretrained refuse the model, but the
+        # weights are plain float tensors by now: the model is an ordinary one and saves as such
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
     elif name_or_path == "minilm-l6":
         module, sub, dist = NAMED_MODELS[name_or_path]
         folder = _package_dir(module, dist) / sub
