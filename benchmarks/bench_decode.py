@@ -16,8 +16,8 @@ Rows: *eager-fp32* (the model's own forward and cache: today's path), *fast-fp32
 (:class:`sparsecraft.runtime.FastDecoder`, float32 GEMV), *fast-w4g64* (every block linear and the
 head int4, group 64), *fast-w4g64-gs16* (block linears int4 + group:16 sparsity keeping 50% of the
 groups per row, head int4), *llama.cpp* (llama-cpp-python, the GGUF's Q4_1 weights). The W4 weights
-come from round-to-nearest (``qkernels.quantize_rtn``), with the 16-column groups of largest norm
-kept: a speed baseline, not the error-compensated quantiser of ``sparsecraft.quant``; the
+come from round-to-nearest (``sparsecraft.quant.rtn_quantize``, asymmetric), with the 16-column
+groups of largest norm kept: a speed baseline, not the error-compensated quantiser of ``sparsecraft.quant``; the
 perplexity column says what that costs.
 
 Per-token breakdown: one extra run of each fast row with the compiled step's phase timers on.
@@ -151,20 +151,24 @@ def llama_cpp_perplexity(gguf: Path, tokens: torch.Tensor, seq_len: int, threads
 
 # -- our rows --------------------------------------------------------------------------------------
 def quantised_copy(model, sparse_group: int = 0, keep: float = 1.0, group_size: int = 64):
-    """A copy with every block linear and the head as QLinear (RTN int4); block linears also
-    group-sparse when ``sparse_group`` (the head stays dense int4)."""
+    """A copy with every block linear and the head as QuantLinear (RTN int4, asymmetric); block
+    linears also group-sparse when ``sparse_group``, keeping the fraction ``keep`` of each row's
+    runs of G inputs of largest norm (the head stays dense int4)."""
     from torch import nn
 
-    from sparsecraft.runtime.qkernels import QLinear, quantize_rtn
+    from sparsecraft.patterns import Group
+    from sparsecraft.quant import QuantSpec, rtn_quantize, swap_linear_
 
     model = copy.deepcopy(model)
+    spec = QuantSpec(4, group_size, symmetric=False)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
-            head = name == "lm_head"
-            q = quantize_rtn(module.weight, bits=4, group_size=group_size,
-                             sparse_group=0 if head else sparse_group, keep=1.0 if head else keep)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, QLinear(q, module.bias))
+            w = module.weight.detach()
+            if sparse_group and name != "lm_head":
+                mask = Group(sparse_group).keep_mask(w.square(), 1.0 - keep)
+                swap_linear_(model, name, rtn_quantize(w, spec, keep=mask, sparse_group=sparse_group))
+            else:
+                swap_linear_(model, name, rtn_quantize(w, spec))
     return model
 
 
@@ -202,7 +206,7 @@ def run(threads_list: list[int], prompt_len: int, new_tokens: int, repeats: int,
     res: dict = {"settings": {"prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
                               "eval_tokens": int(eval_tokens.numel()), "gguf": gguf.name,
                               "gguf_bytes": gguf.stat().st_size if gguf.is_file() else None,
-                              "quantiser": "round-to-nearest (qkernels.quantize_rtn), asymmetric, group 64",
+                              "quantiser": "round-to-nearest (sparsecraft.quant.rtn_quantize), asymmetric, group 64",
                               "llama_cpp": None if not have_llama else _llama_cpp().__version__},
                  "env": {"commit": git_commit(), "command": command_line(), "cpu": cpu_info(),
                          "torch": torch.__version__, "quant_extension": quant_extension_status(),

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from sparsecraft.errors import ConfigError
+from sparsecraft.patterns import Group
+from sparsecraft.quant import QuantSpec, rtn_quantize, swap_linear_
 from sparsecraft.runtime import decode, extension
 from sparsecraft.runtime import qkernels as qk
 from sparsecraft.runtime.timing import greedy_decode
@@ -28,13 +30,19 @@ def _prompt(n=11, vocab=96, seed=1):
 
 
 def _quantise_(model, sparse_group=0, keep=1.0):
-    """Every block linear and the head -> QLinear with RTN int4 (g 32)."""
+    """Every block linear and the head -> QuantLinear with RTN int4 (g 32, asymmetric); with
+    ``sparse_group`` G the block linears keep the fraction ``keep`` of their runs of G inputs
+    (those of largest norm, the same number per row)."""
+    spec = QuantSpec(4, 32, symmetric=False)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
-            q = qk.quantize_rtn(module.weight, bits=4, group_size=32,
-                                sparse_group=0 if name == "lm_head" else sparse_group, keep=keep)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, qk.QLinear(q, module.bias))
+            w = module.weight.detach()
+            if sparse_group and name != "lm_head":
+                mask = Group(sparse_group).keep_mask(w.square(), 1.0 - keep)
+                q = rtn_quantize(w, spec, keep=mask, sparse_group=sparse_group)
+            else:
+                q = rtn_quantize(w, spec)
+            swap_linear_(model, name, q)
     return model
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecraft.errors import ConfigError
+from sparsecraft.quant import QuantizedWeight, QuantLinear, QuantSpec, pack_int4, rtn_quantize, unpack_int4
 from sparsecraft.runtime import extension
 from sparsecraft.runtime import qkernels as qk
 
@@ -38,8 +39,8 @@ def _random_qweight(out, n_in, g, bits, sparse_group, keep=0.5, seed=0):
     else:
         codes = torch.randint(0, 2 ** bits, (out, n_in), generator=gen, dtype=torch.uint8)
     if bits == 4:
-        codes = qk.pack_int4(codes)
-    return qk.QuantizedWeight(codes, scale, offset, g, bits, group_index, sparse_group)
+        codes = pack_int4(codes)
+    return QuantizedWeight(QuantSpec(bits, g), (out, n_in), codes, scale, offset, sparse_group or None, group_index)
 
 
 def _reference(qw, x, bias, w=None):
@@ -69,10 +70,10 @@ def _isas(ext):
 # -- the layout ------------------------------------------------------------------------------------
 def test_int4_nibble_order_and_dequantize_exact():
     codes = torch.tensor([[1, 2, 3, 4] * 8, [15, 0, 7, 8] * 8], dtype=torch.uint8)  # [2, 32]
-    packed = qk.pack_int4(codes)
+    packed = pack_int4(codes)
     assert packed[0, :2].tolist() == [0x21, 0x43]  # column 2j low nibble, 2j + 1 high
     assert packed[1, :2].tolist() == [0x0F, 0x87]
-    assert torch.equal(qk.unpack_int4(packed), codes)
+    assert torch.equal(unpack_int4(packed), codes)
     scale = torch.tensor([[0.5], [0.25]], dtype=torch.float16)
     offset = torch.tensor([[-1.0], [2.0]], dtype=torch.float16)
     w = qk.dequantize(packed, scale, offset, 32, bits=4)
@@ -83,7 +84,7 @@ def test_int4_nibble_order_and_dequantize_exact():
 def test_group_sparse_dequantize_is_the_scattered_dense_reference():
     out, n_in, g, G = 3, 64, 32, 8
     qw = _random_qweight(out, n_in, g, 4, G, keep=0.25, seed=3)
-    codes = qk.unpack_int4(qw.codes)  # [out, kept * G]
+    codes = qw.codes()  # [out, kept * G]
     dense = torch.zeros(out, n_in, dtype=torch.uint8)
     mask = torch.zeros(out, n_in, dtype=torch.bool)
     for r in range(out):
@@ -111,13 +112,13 @@ def test_kernels_equal_dequantize_then_matmul(ext, kind, out, n_in, g):
         for batch in (1, 2, 3, 5, 8, 13, 40):  # 13: two passes of <= 8 rows; 40: dequantise + GEMM
             x = torch.randn(batch, n_in, generator=gen)
             for b in (bias, None):
-                _assert_close(qw.linear(x, b), _reference(qw, x, b, w))
+                _assert_close(qk.quantized_linear(x, qw, b), _reference(qw, x, b, w))
 
 
 def test_ops_take_leading_dims_and_strided_input(ext):
     qw = _random_qweight(24, 128, 64, 4, 0)
     x = torch.randn(2, 3, 256)[..., ::2]  # [2, 3, 128], not contiguous
-    y = torch.ops.sparsecraft.qlinear_int4(x, qw.codes, qw.scale, qw.offset, None, 64)
+    y = torch.ops.sparsecraft.qlinear_int4(x, qw.packed, qw.scale, qw.offset, None, 64)
     assert y.shape == (2, 3, 24)
     _assert_close(y.reshape(6, 24), _reference(qw, x.reshape(6, 128), None))
 
@@ -132,7 +133,7 @@ def test_float_gemv_of_the_decode_step(ext):
 def test_compiled_dequantize_equals_reference(ext):
     for kind, (bits, sparse_group) in KINDS.items():
         qw = _random_qweight(9, 256, 64, bits, sparse_group)
-        got = ext.dequantize(qw.codes, qw.scale, qw.offset, qw.group_index, bits, 64, sparse_group)
+        got = ext.dequantize(qw.packed, qw.scale, qw.offset, qw.group_index, bits, 64, sparse_group)
         assert torch.equal(got, qw.dequantize()), kind
 
 
@@ -154,7 +155,7 @@ def test_without_the_compiled_library_the_ops_fall_back_and_log(monkeypatch, cap
             for bits, sparse_group in KINDS.values():
                 qw = _random_qweight(33, 192, 64, bits, sparse_group)
                 x = torch.randn(3, 192)
-                _assert_close(qw.linear(x, None), _reference(qw, x, None))
+                _assert_close(qk.quantized_linear(x, qw, None), _reference(qw, x, None))
         assert qk.kernel_isa() is None
         assert "quantised kernels unavailable (no C++ compiler (test))" in caplog.text
         assert extension.quant_extension_status() == "no C++ compiler (test)"
@@ -168,46 +169,46 @@ def test_ops_pass_opcheck_and_compile_fullgraph():
         qw = _random_qweight(16, 64, 32, bits, sparse_group)
         x, b = torch.randn(2, 64), torch.randn(16)
         if sparse_group:
-            op, args = torch.ops.sparsecraft.qlinear_int4_gs, (x, qw.codes, qw.group_index, qw.scale, qw.offset, b,
+            op, args = torch.ops.sparsecraft.qlinear_int4_gs, (x, qw.packed, qw.group_index, qw.scale, qw.offset, b,
                                                                32, sparse_group)
         else:
             op = torch.ops.sparsecraft.qlinear_int4 if bits == 4 else torch.ops.sparsecraft.qlinear_int8
-            args = (x, qw.codes, qw.scale, qw.offset, b, 32)
+            args = (x, qw.packed, qw.scale, qw.offset, b, 32)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
-        layer = qk.QLinear(qw, b)
+        layer = QuantLinear(qw, b, torch.float32)
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
         _assert_close(compiled(x), _reference(qw, x, b))
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
 def test_group_size_not_dividing_the_width_is_refused():
-    with pytest.raises(ConfigError, match="group size 64 must be a multiple of 32 that divides the input width 96"):
-        qk.quantize_rtn(torch.randn(4, 96), group_size=64)
-    with pytest.raises(ConfigError, match="group size 48 must be a positive multiple of 32"):
+    with pytest.raises(ConfigError, match="quantisation group 64 does not divide its 96 input columns"):
+        rtn_quantize(torch.randn(4, 96), QuantSpec(4, 64))
+    with pytest.raises(ConfigError, match="group size 48 must be one of 32, 64, 128"):
         qk.check_layout(torch.zeros(4, 48, dtype=torch.uint8), torch.ones(4, 2, dtype=torch.float16),
                         torch.zeros(4, 2, dtype=torch.float16), 48, bits=4)
     qw = _random_qweight(4, 128, 64, 4, 0)
     with pytest.raises(ConfigError, match="group size 64 does not divide the input width 100"):
-        qw.linear(torch.randn(1, 100))
+        qk.quantized_linear(torch.randn(1, 100), qw)
     with pytest.raises(ConfigError, match="input width 192 but the scales cover 128 columns"):
-        qw.linear(torch.randn(1, 192))
+        qk.quantized_linear(torch.randn(1, 192), qw)
 
 
 def test_bad_layouts_are_refused_with_the_rule():
     qw = _random_qweight(4, 128, 64, 4, 16)
     with pytest.raises(ConfigError, match="bits must be 4 or 8, got 3"):
-        qk.check_layout(qw.codes, qw.scale, qw.offset, 64, bits=3)
+        qk.check_layout(qw.packed, qw.scale, qw.offset, 64, bits=3)
     with pytest.raises(ConfigError, match="sparse group 12 must be 8 or 16"):
-        qk.check_layout(qw.codes, qw.scale, qw.offset, 64, bits=4, group_index=qw.group_index, sparse_group=12)
+        qk.check_layout(qw.packed, qw.scale, qw.offset, 64, bits=4, group_index=qw.group_index, sparse_group=12)
     with pytest.raises(ConfigError, match="group sparsity needs int4 codes"):
-        qk.check_layout(qw.codes, qw.scale, qw.offset, 64, bits=8, group_index=qw.group_index, sparse_group=16)
+        qk.check_layout(qw.packed, qw.scale, qw.offset, 64, bits=8, group_index=qw.group_index, sparse_group=16)
     with pytest.raises(ConfigError, match="int4 codes for 128 inputs must be"):
-        qk.check_layout(qw.codes, qw.scale, qw.offset, 64, bits=4)
+        qk.check_layout(qw.packed, qw.scale, qw.offset, 64, bits=4)
     with pytest.raises(ConfigError, match="scale and offset must be float16"):
-        qk.check_layout(qw.codes, qw.scale.float(), qw.offset, 64, bits=4, group_index=qw.group_index,
+        qk.check_layout(qw.packed, qw.scale.float(), qw.offset, 64, bits=4, group_index=qw.group_index,
                         sparse_group=16)
     with pytest.raises(ConfigError, match="x must be float32"):
-        qw.linear(torch.randn(1, 128, dtype=torch.float64))
+        qk.quantized_linear(torch.randn(1, 128, dtype=torch.float64), qw)
 
 
 def test_out_of_range_group_index_is_refused_by_the_kernel(ext):
@@ -215,29 +216,4 @@ def test_out_of_range_group_index_is_refused_by_the_kernel(ext):
     bad = qw.group_index.clone()
     bad[0, -1] = 8  # 128 / 16 = 8 groups: indices 0..7
     with pytest.raises(RuntimeError, match=r"group_index values must lie in \[0, 8\)"):
-        ext.qlinear(torch.randn(1, 128), qw.codes, qw.scale, qw.offset, bad, None, 4, 64, 16)
-
-
-# -- the reference quantiser -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, False), (8, True)])
-def test_rtn_round_trip_within_half_a_step(bits, symmetric):
-    w = torch.randn(6, 128)
-    qw = qk.quantize_rtn(w, bits=bits, group_size=32, symmetric=symmetric)
-    step = qw.scale.float().repeat_interleave(32, 1)
-    err = (qw.dequantize() - w).abs()
-    # half a step, plus the fp16 rounding of the offset (a few ulps of the group's range)
-    assert bool((err <= 0.5 * step + 2e-3 * w.abs().amax()).all())
-    if symmetric:
-        zero = 2 ** (bits - 1)
-        assert torch.equal(qw.offset, (-zero * qw.scale.float()).to(torch.float16))
-
-
-def test_rtn_group_sparse_is_row_balanced_and_exact():
-    w = torch.randn(5, 128)
-    qw = qk.quantize_rtn(w, bits=4, group_size=64, sparse_group=16, keep=0.5)
-    assert qw.group_index.shape == (5, 4)
-    d = qw.dequantize().view(5, 8, 16)
-    kept = torch.zeros(5, 8, dtype=torch.bool).scatter_(1, qw.group_index.long(), True)
-    assert bool((d[~kept] == 0).all())
-    norms = w.view(5, 8, 16).norm(dim=2)
-    assert bool((norms[kept].view(5, 4).min(1).values >= norms.masked_fill(kept, -1).max(1).values).all())
+        ext.qlinear(torch.randn(1, 128), qw.packed, qw.scale, qw.offset, bad, None, 4, 64, 16)

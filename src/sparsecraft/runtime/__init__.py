@@ -8,8 +8,8 @@
   (TEAL / WINA thresholds calibrated on text); ``remove()`` on its handle undoes it.
 * :mod:`.timing` measures prefill latency and decode tokens per second.
 * :mod:`.qkernels`: int8 / int4 / int4 group-sparse kernels for the quantised-weight layout,
-  as ``torch.library`` ops (``torch.ops.sparsecraft.qlinear_*``), :class:`QLinear`, the
-  reference :func:`dequantize` and a round-to-nearest :func:`quantize_rtn`.
+  as ``torch.library`` ops (``torch.ops.sparsecraft.qlinear_*``) and the reference
+  :func:`dequantize`; they run ``sparsecraft.quant``'s ``QuantLinear`` layers.
 * :func:`decoder` (:mod:`.decode`): batch-1 greedy decoding with a static KV cache and one
   compiled call per token for Llama-family models (:class:`FastDecoder`), the model's own
   forward for others (:class:`EagerDecoder`).
@@ -22,7 +22,7 @@ from .decode import EagerDecoder, FastDecoder, decoder
 from .kernels import KERNELS, Kernel, KernelUnavailable, register_kernel
 from .modules import SparseLinear
 from .planner import CompileReport, LayerPlan, apply_plan_, compile_, decompile_
-from .qkernels import QLinear, QuantizedWeight, dequantize, qlinear, quantize_rtn
+from .qkernels import dequantize, qlinear, quantized_linear
 from .timing import greedy_decode, interleaved_medians, interleaved_samples, prefill_seconds
 
 __all__ = [
@@ -30,7 +30,7 @@ __all__ = [
     "KERNELS", "Kernel", "KernelUnavailable", "register_kernel",
     "sparsify_activations_", "ActivationSparsity", "ActivationSparseLinear",
     "interleaved_medians", "interleaved_samples", "prefill_seconds", "greedy_decode", "load_compiled", "PLAN_FILE",
-    "QLinear", "QuantizedWeight", "dequantize", "qlinear", "quantize_rtn", "decoder", "FastDecoder", "EagerDecoder",
+    "dequantize", "qlinear", "quantized_linear", "decoder", "FastDecoder", "EagerDecoder",
 ]
 
 PLAN_FILE = "runtime_plan.json"

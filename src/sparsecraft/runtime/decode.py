@@ -10,8 +10,8 @@ and ``generate(ids, new_tokens) -> DecodeResult`` (batch 1, greedy):
   TinyLlama, Qwen2-style biases). The prompt runs through the model itself (its prefill is
   already fast); its keys and values are copied into a static cache; then each token is one
   call into the compiled step (``csrc/decode_step.cpp``): every block, the final norm and the
-  head, with the quantised kernels for :class:`~.qkernels.QLinear` layers (or any module that
-  exposes the layout, see :func:`linear_parts`) and a float32 GEMV for ``nn.Linear`` ones.
+  head, with the quantised kernels for ``sparsecraft.quant``'s ``QuantLinear`` layers (see
+  :func:`linear_parts`) and a float32 GEMV for ``nn.Linear`` ones.
   Without the compiled library the same step runs in pure torch (slow, but the same numbers
   up to rounding), and says so in the log.
 * :class:`EagerDecoder` for everything else: the model's own forward with its own cache.
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .qkernels import QuantizedWeight, from_quantized, qlinear
+from .qkernels import quantized_linear
 from .timing import DecodeResult
 
 __all__ = ["decoder", "FastDecoder", "EagerDecoder", "llama_structure_problem", "linear_parts"]
@@ -42,25 +42,16 @@ FLOAT = 4
 def linear_parts(module: nn.Module, what: str) -> dict:
     """What the decode step needs of one Linear-like layer.
 
-    ``nn.Linear`` (float32) -> its weight; a quantised layer -> its layout tensors. A quantised
-    layer is any module with a ``qweight`` (:class:`~.qkernels.QuantizedWeight`) or with the
-    layout's attributes ``bits``, ``group_size``, ``codes`` (or ``packed``), ``scale``,
-    ``offset`` and optionally ``sparse_group`` / ``group_index``, or a ``quantized()`` method
-    (:class:`sparsecraft.quant.QuantLinear`). Anything else is refused.
+    ``nn.Linear`` (float32) -> its weight; a quantised layer (anything with a ``quantized()``
+    method returning a :class:`sparsecraft.quant.QuantizedWeight`: ``QuantLinear``, also the
+    head tied to a ``QuantEmbedding``) -> that weight. Anything else is refused.
     """
     bias = getattr(module, "bias", None)
     bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    q = getattr(module, "qweight", None)
-    if q is None and callable(getattr(module, "quantized", None)):  # sparsecraft.quant's QuantLinear
-        q = from_quantized(module.quantized())
-    if q is None and all(hasattr(module, a) for a in ("bits", "group_size", "scale", "offset")):
-        codes = getattr(module, "codes", None)
-        codes = getattr(module, "packed", None) if codes is None else codes
-        q = QuantizedWeight(codes, module.scale, module.offset, int(module.group_size), int(module.bits),
-                            getattr(module, "group_index", None), int(getattr(module, "sparse_group", 0) or 0))
-    if isinstance(q, QuantizedWeight):
-        return {"kind": KIND[(q.bits, q.sparse_group)], "q": q, "bias": bias, "out": q.out_features,
-                "in": q.in_features}
+    if callable(getattr(module, "quantized", None)):
+        q = module.quantized()
+        out, cols = q.shape
+        return {"kind": KIND[(q.spec.bits, q.sparse_group or 0)], "q": q, "bias": bias, "out": out, "in": cols}
     if type(module) is nn.Linear:
         w = module.weight.detach()
         if w.dtype != torch.float32 or w.device.type != "cpu":
@@ -211,9 +202,9 @@ class FastDecoder:
         if p["kind"] == FLOAT:
             return ext.make_linear(what, FLOAT, None, None, None, None, p["weight"], p["bias"], 0, 0)
         q = p["q"]
-        return ext.make_linear(what, p["kind"], q.codes.contiguous(), q.scale.contiguous(), q.offset.contiguous(),
+        return ext.make_linear(what, p["kind"], q.packed.contiguous(), q.scale.contiguous(), q.offset.contiguous(),
                                None if q.group_index is None else q.group_index.contiguous(), None, p["bias"],
-                               q.group_size, q.sparse_group)
+                               q.spec.group, q.sparse_group or 0)
 
     def _build_cpp(self, ext):
         lin = self._cpp_linear
@@ -279,9 +270,7 @@ class FastDecoder:
     def _linear(p: dict, x: torch.Tensor) -> torch.Tensor:
         if p["kind"] == FLOAT:
             return F.linear(x, p["weight"], p["bias"])
-        q = p["q"]
-        return qlinear(x, q.codes, q.scale, q.offset, p["bias"], group_size=q.group_size, bits=q.bits,
-                       group_index=q.group_index, sparse_group=q.sparse_group)
+        return quantized_linear(x, p["q"], p["bias"])
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
@@ -316,8 +305,10 @@ class FastDecoder:
         def nbytes(p):
             if p["kind"] == FLOAT:
                 w = p["weight"].numel() * 4
-            else:
-                w = p["q"].nbytes()
+            else:  # what the kernels read: codes, grids and the int32 index of the kept groups
+                q = p["q"]
+                w = sum(t.numel() * t.element_size() for t in (q.packed, q.scale, q.offset, q.group_index)
+                        if t is not None)
             return w + (0 if p["bias"] is None else p["bias"].numel() * 4)
 
         total = nbytes(self.head) + self.final_norm.numel() * 4 + self.embed.shape[1] * 4

@@ -1,7 +1,8 @@
 """Quantised linear kernels: ``torch.library`` custom ops, and their pure-torch references.
 
-The weight layout is the one ``sparsecraft.quant`` writes (``notes/quant_layout.md``): for a
-Linear weight ``W [out, in]``, group size ``g`` (a multiple of 32 dividing ``in``)::
+The weight layout is the one ``sparsecraft.quant`` writes and holds in its
+:class:`~sparsecraft.quant.QuantizedWeight` (``notes/quant_layout.md``): for a Linear weight
+``W [out, in]``, group size ``g`` (32, 64 or 128, dividing ``in``)::
 
     W[r, c] = code[r, c] * scale[r, c // g] + offset[r, c // g]      scale, offset: fp16 [out, in // g]
 
@@ -22,28 +23,29 @@ Each has a fake (meta) implementation, so it composes with ``torch.compile``. Th
 the compiled kernels (:func:`.extension.get_quant_extension`: AVX2 / AVX-512 / generic loops
 chosen at load time, 1..8 rows decoded per pass over the codes, more rows dequantised once then
 one GEMM) and falls back to the pure-torch path (dequantise, then ``F.linear``), logged once,
-when the library is unavailable. ``dequantize`` here is the reference both are tested against.
+when the library is unavailable. ``dequantize`` here (``QuantizedWeight.dequantize`` over the
+raw tensors) is the reference both are tested against.
 
 :func:`qlinear` calls the same implementation directly in eager mode (the dispatcher adds a few
 microseconds per call, which a decode step of 211 layers feels) and through the op when
-``torch.compile`` traces it.
+``torch.compile`` traces it; :func:`quantized_linear` is the same for a ``QuantizedWeight``.
+The layers that hold quantised weights, and the quantisers, are ``sparsecraft.quant``'s.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import ConfigError
+from ..quant.grid import GROUPS, QuantSpec
+from ..quant.tensor import QuantizedWeight
 
-__all__ = ["QuantizedWeight", "QLinear", "dequantize", "qlinear", "quantize_rtn", "pack_int4", "unpack_int4",
-           "from_quantized", "quant_kernel",
-           "check_layout", "kernel_isa", "set_kernel_isa", "ISAS"]
+__all__ = ["dequantize", "qlinear", "quantized_linear", "quant_kernel", "check_layout", "kernel_isa",
+           "set_kernel_isa", "ISAS"]
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +53,6 @@ ISAS = ("generic", "avx2", "avx512")
 
 
 # -- layout ------------------------------------------------------------------------------------
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes 0..15 ``[rows, n]`` (n even) -> ``[rows, n // 2]``, column 2j low nibble."""
-    codes = codes.to(torch.uint8)
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`pack_int4`: uint8 ``[rows, 2 n]``."""
-    low, high = packed & 15, packed >> 4
-    return torch.stack((low, high), dim=-1).flatten(-2)
-
-
 def check_layout(codes, scale, offset, group_size: int, *, bits: int, group_index=None, sparse_group: int = 0,
                  in_features: int | None = None, what: str = "quantised weight") -> int:
     """Check shapes and dtypes against the layout; returns ``in_features``. Errors name ``what``."""
@@ -71,8 +61,8 @@ def check_layout(codes, scale, offset, group_size: int, *, bits: int, group_inde
     if scale.dim() != 2 or scale.dtype != torch.float16 or offset.shape != scale.shape or offset.dtype != torch.float16:
         raise ConfigError(f"{what}: scale and offset must be float16 [out, in / group_size] of one shape, got "
                           f"{tuple(scale.shape)} {scale.dtype} and {tuple(offset.shape)} {offset.dtype}")
-    if group_size <= 0 or group_size % 32:
-        raise ConfigError(f"{what}: group size {group_size} must be a positive multiple of 32 (32, 64 or 128)")
+    if group_size not in GROUPS:
+        raise ConfigError(f"{what}: group size {group_size} must be one of {', '.join(map(str, GROUPS))}")
     n_in = scale.shape[1] * group_size
     if in_features is not None and in_features != n_in:
         raise ConfigError(f"{what}: group size {group_size} does not divide the input width {in_features} "
@@ -100,26 +90,20 @@ def check_layout(codes, scale, offset, group_size: int, *, bits: int, group_inde
     return n_in
 
 
+def _weight(codes, scale, offset, group_size: int, bits: int, group_index, sparse_group: int,
+            n_in: int) -> QuantizedWeight:
+    """The raw tensors as a :class:`~sparsecraft.quant.QuantizedWeight` (no copy; checked already)."""
+    return QuantizedWeight(QuantSpec(bits, group_size), (int(codes.shape[0]), n_in), codes, scale, offset,
+                           sparse_group or None, group_index)
+
+
 def dequantize(codes, scale, offset, group_size: int, *, bits: int = 4, group_index=None,
                sparse_group: int = 0) -> torch.Tensor:
-    """float32 ``[out, in]`` from the layout (the reference every kernel is tested against).
-    Group-sparse: the kept groups are scattered into zeros, then scaled like dense ones."""
+    """float32 ``[out, in]`` from the layout (the reference every kernel is tested against):
+    ``QuantizedWeight.dequantize``; pruned groups of a group-sparse weight are exactly 0."""
     n_in = check_layout(codes, scale, offset, group_size, bits=bits, group_index=group_index,
                         sparse_group=sparse_group)
-    out = codes.shape[0]
-    q = (unpack_int4(codes) if bits == 4 else codes).to(torch.float32)
-    if sparse_group:
-        dense = torch.zeros(out, n_in // sparse_group, sparse_group, dtype=torch.float32, device=codes.device)
-        index = group_index.to(torch.int64)[..., None].expand(-1, -1, sparse_group)
-        dense.scatter_(1, index, q.view(out, -1, sparse_group))
-        q = dense.view(out, n_in)
-        kept = torch.zeros(out, n_in // sparse_group, dtype=torch.bool, device=codes.device)
-        kept.scatter_(1, group_index.to(torch.int64), True)
-        mask = kept.repeat_interleave(sparse_group, dim=1)
-    s = scale.to(torch.float32).repeat_interleave(group_size, dim=1)
-    z = offset.to(torch.float32).repeat_interleave(group_size, dim=1)
-    w = q * s + z
-    return w * mask if sparse_group else w
+    return _weight(codes, scale, offset, group_size, bits, group_index, sparse_group, n_in).dequantize()
 
 
 # -- running ---------------------------------------------------------------------------------
@@ -156,6 +140,12 @@ def qlinear(x, codes, scale, offset, bias=None, *, group_size: int, bits: int = 
         op = torch.ops.sparsecraft.qlinear_int4 if bits == 4 else torch.ops.sparsecraft.qlinear_int8
         return op(x, codes, scale, offset, bias, group_size)
     return _run(x, codes, scale, offset, group_index, bias, bits, group_size, sparse_group)
+
+
+def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`qlinear` with the tensors of a :class:`~sparsecraft.quant.QuantizedWeight`."""
+    return qlinear(x, qweight.packed, qweight.scale, qweight.offset, bias, group_size=qweight.spec.group,
+                   bits=qweight.spec.bits, group_index=qweight.group_index, sparse_group=qweight.sparse_group or 0)
 
 
 # -- torch.library registration ---------------------------------------------------------------
@@ -228,152 +218,12 @@ from . import extension as _extension  # noqa: E402  (the hook needs this module
 _extension._hooks.append(_on_load)
 
 
-# -- a weight in the layout, a module, and the reference quantiser --------------------------------------
-@dataclass
-class QuantizedWeight:
-    """One Linear weight in the layout above (tensors on CPU)."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    offset: torch.Tensor
-    group_size: int
-    bits: int = 4
-    group_index: torch.Tensor | None = None
-    sparse_group: int = 0
-
-    def __post_init__(self):
-        self.in_features = check_layout(self.codes, self.scale, self.offset, self.group_size, bits=self.bits,
-                                        group_index=self.group_index, sparse_group=self.sparse_group)
-        self.out_features = int(self.codes.shape[0])
-
-    def dequantize(self) -> torch.Tensor:
-        return dequantize(self.codes, self.scale, self.offset, self.group_size, bits=self.bits,
-                          group_index=self.group_index, sparse_group=self.sparse_group)
-
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return qlinear(x, self.codes, self.scale, self.offset, bias, group_size=self.group_size, bits=self.bits,
-                       group_index=self.group_index, sparse_group=self.sparse_group)
-
-    def nbytes(self) -> int:
-        tensors = (self.codes, self.scale, self.offset) + ((self.group_index,) if self.group_index is not None else ())
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def from_quantized(qweight) -> QuantizedWeight:
-    """The runtime's view of a :class:`sparsecraft.quant.QuantizedWeight` (what ``sc.quantize_``
-    and the ``QuantLinear`` layers hold): the same tensors, no copy; the layout is shared."""
-    return QuantizedWeight(qweight.packed, qweight.scale, qweight.offset, qweight.spec.group, qweight.spec.bits,
-                           qweight.group_index, qweight.sparse_group or 0)
-
-
-def quant_kernel(x2: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.Tensor | None:
+# -- sparsecraft.quant's fast path --------------------------------------------------------------
+def quant_kernel(x2: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
     """The compiled kernels as :mod:`sparsecraft.quant`'s fast path (see
-    ``sparsecraft.quant.register_quant_kernel``): float32 inputs on CPU outside autograd, grids
-    of a multiple of 32 columns; anything else is declined (None) and runs the reference."""
-    if (x2.dtype != torch.float32 or x2.device.type != "cpu" or qweight.spec.group % 32
+    ``sparsecraft.quant.register_quant_kernel``): float32 inputs on CPU outside autograd; anything
+    else is declined (None) and runs the reference."""
+    if (x2.dtype != torch.float32 or x2.device.type != "cpu"
             or (torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad)))):
         return None
-    q = from_quantized(qweight)
-    return q.linear(x2, None if bias is None else bias.detach().to(torch.float32))
-
-
-class QLinear(nn.Module):
-    """A Linear computed by the quantised kernels (inference only).
-
-    The runtime's thin module over the layout: buffers ``codes``, ``scale``, ``offset`` (and
-    ``group_index``), attributes ``bits``, ``group_size``, ``sparse_group``; ``sparsecraft.quant``
-    builds the quantised weights. ``weight`` returns the dequantised float32 weight (a new tensor
-    each time); ``qweight`` the layout as a :class:`QuantizedWeight` over the same tensors.
-    """
-
-    group_index: torch.Tensor | None
-
-    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.bits, self.group_size, self.sparse_group = qweight.bits, qweight.group_size, qweight.sparse_group
-        self.in_features, self.out_features = qweight.in_features, qweight.out_features
-        self.register_buffer("codes", qweight.codes)
-        self.register_buffer("scale", qweight.scale)
-        self.register_buffer("offset", qweight.offset)
-        self.register_buffer("group_index", qweight.group_index)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32), requires_grad=False)
-
-    @property
-    def qweight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.codes, self.scale, self.offset, self.group_size, self.bits, self.group_index,
-                               self.sparse_group)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.qweight.dequantize()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return qlinear(x, self.codes, self.scale, self.offset, self.bias, group_size=self.group_size, bits=self.bits,
-                       group_index=self.group_index, sparse_group=self.sparse_group)
-
-    def extra_repr(self) -> str:
-        kind = f"int{self.bits}, group {self.group_size}" + (
-            f", group:{self.sparse_group} sparse" if self.sparse_group else "")
-        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, bias={self.bias is not None}"
-
-
-def quantize_rtn(weight: torch.Tensor, *, bits: int = 4, group_size: int = 64, symmetric: bool = False,
-                 sparse_group: int = 0, keep: float = 1.0) -> QuantizedWeight:
-    """Round-to-nearest quantisation into the layout: the baseline the kernels are benchmarked with.
-
-    Asymmetric: per group, codes ``round((w - min) / scale)`` with ``scale = (max - min) / (2^bits - 1)``
-    (1 when max == min), ``offset = min``. Symmetric: ``scale = absmax / (2^(bits-1) - 1)``, codes
-    ``round(w / scale) + zero`` (zero 8 / 128), ``offset = -zero * scale``. With ``sparse_group``,
-    every row keeps its ``round(keep * in / G)`` runs of G columns of largest L2 norm (row-balanced;
-    ties to the lower index) and min/max are taken over the kept columns of each group only.
-    The error-compensating quantisers live in ``sparsecraft.quant``.
-    """
-    if weight.dim() != 2:
-        raise ConfigError(f"quantize_rtn: weight must be 2-D, got shape {tuple(weight.shape)}")
-    out, n_in = weight.shape
-    if bits not in (4, 8):
-        raise ConfigError(f"quantize_rtn: bits must be 4 or 8, got {bits}")
-    if group_size <= 0 or group_size % 32 or n_in % group_size:
-        raise ConfigError(f"quantize_rtn: group size {group_size} must be a multiple of 32 that divides the input "
-                          f"width {n_in}")
-    w = weight.detach().to(torch.float32)
-    kept_mask = torch.ones_like(w, dtype=torch.bool)
-    group_index = None
-    if sparse_group:
-        if bits != 4 or sparse_group not in (8, 16) or group_size % sparse_group:
-            raise ConfigError(f"quantize_rtn: group sparsity needs int4 and a sparse group of 8 or 16 dividing "
-                              f"{group_size}, got int{bits}, {sparse_group}")
-        if not 0.0 < keep <= 1.0:
-            raise ConfigError(f"quantize_rtn: keep must lie in (0, 1], got {keep}")
-        n_groups = n_in // sparse_group
-        kept = max(1, round(keep * n_groups))
-        norms = w.view(out, n_groups, sparse_group).norm(dim=2)
-        # stable descending sort: equal norms keep the lower index first
-        order = torch.sort(norms, dim=1, descending=True, stable=True).indices[:, :kept]
-        group_index = order.sort(dim=1).values.to(torch.int32)
-        gmask = torch.zeros(out, n_groups, dtype=torch.bool).scatter_(1, group_index.long(), True)
-        kept_mask = gmask.repeat_interleave(sparse_group, dim=1)
-    levels = 2 ** bits - 1
-    wg = w.view(out, -1, group_size)
-    mg = kept_mask.view(out, -1, group_size)
-    if symmetric:
-        zero = 2 ** (bits - 1)
-        amax = wg.abs().masked_fill(~mg, 0).amax(dim=2)
-        scale = torch.where(amax > 0, amax / (zero - 1), torch.ones_like(amax)).to(torch.float16)
-        offset = (-zero * scale.float()).to(torch.float16)
-    else:
-        lo = wg.masked_fill(~mg, float("inf")).amin(dim=2)
-        hi = wg.masked_fill(~mg, float("-inf")).amax(dim=2)
-        empty = ~mg.any(dim=2)
-        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
-        scale = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(lo)).to(torch.float16)
-        offset = lo.to(torch.float16)
-    # round against the fp16 scale and offset the kernels will read
-    s, z = scale.float()[..., None], offset.float()[..., None]
-    codes = torch.round((wg - z) / s).clamp_(0, levels).to(torch.uint8).view(out, n_in)
-    if sparse_group:
-        codes = codes[kept_mask].view(out, -1)
-    if bits == 4:
-        codes = pack_int4(codes)
-    return QuantizedWeight(codes.contiguous(), scale.contiguous(), offset.contiguous(), group_size, bits,
-                           group_index, sparse_group)
+    return quantized_linear(x2, qweight, None if bias is None else bias.detach().to(torch.float32))
