@@ -173,8 +173,10 @@ def child_prune(args, spec: dict) -> dict:
     return row
 
 
-def run_scale(args) -> dict:
-    rows = []
+def run_scale(args, on_row=None) -> dict:
+    """Every depth and method; ``on_row(result so far)`` after each row (a run cut short keeps
+    its finished rows)."""
+    rows: list[dict] = []
     for layers in args.layers:
         folder = ensure_model(args, layers)
         for method in args.methods:
@@ -186,8 +188,15 @@ def run_scale(args) -> dict:
             print(f"{method:10s} {layers:3d} layers  {row['seconds']:8.1f} s  peak RSS "
                   f"{row['peak_rss_bytes'] / 1e9:6.3f} GB  input {row['input_bytes'] / 1e9:6.3f} GB", flush=True)
             rows.append(row)
+            if on_row is not None:
+                on_row(summarize_scale(rows, args.methods))
+    return summarize_scale(rows, args.methods)
+
+
+def summarize_scale(rows: list[dict], methods: list[str]) -> dict:
+    """The rows and, per method with two depths or more, the RSS spread and a linear time fit."""
     summary = {}
-    for method in args.methods:
+    for method in methods:
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["layers"])
         if len(mine) >= 2:
             import numpy as np
@@ -385,8 +394,12 @@ def main() -> None:
     with contextlib.nullcontext() if args.no_lock else bench_lock():
         stamp["load_average_start"] = load_average()
         if "scale" in args.parts:
-            result = run_scale(args)
-            write_json(results / f"scale{args.tag}.json", {**stamp, **result, "load_average_end": load_average()})
+            def partial(so_far: dict) -> None:
+                write_json(results / f"scale{args.tag}.json", {**stamp, **so_far, "complete": False})
+
+            result = run_scale(args, partial)
+            write_json(results / f"scale{args.tag}.json", {**stamp, **result, "complete": True,
+                                                            "load_average_end": load_average()})
             plot_scale(result, results / f"scale{args.tag}.png")
         if "parity" in args.parts:
             write_json(results / f"scale_parity{args.tag}.json", {**stamp, **run_parity(args),
