@@ -234,6 +234,36 @@ def test_activations_on_disk_give_the_same_result(calib, sequential, monkeypatch
     assert not list(tmp_path.iterdir())  # and the files are gone
 
 
+def test_two_passes_in_memory_hold_the_inputs_and_one_batch(calib):
+    """Without block stages the statistics pass drops its outputs and the second pass replaces
+    each batch's input by its output as it goes: at most every batch's hidden state plus the
+    one being computed are alive, not inputs and outputs of every batch."""
+    import weakref
+
+    model = _llama()
+    seen: list = []
+    peak = [0]
+
+    def note(t):
+        t = t[0] if isinstance(t, (tuple, list)) else t
+        seen.append(weakref.ref(t.untyped_storage()))  # alive while any view of the data is
+        peak[0] = max(peak[0], len({id(r()) for r in seen if r() is not None}))  # each storage once
+
+    handles = []
+    for layer in model.model.layers:
+        handles.append(layer.register_forward_pre_hook(lambda m, args, kwargs: note(args[0] if args
+                                                                                    else kwargs["hidden_states"]),
+                                                       with_kwargs=True))
+        handles.append(layer.register_forward_hook(lambda m, args, out: note(out)))
+    sc.prune_(model, sc.Wanda(sparsity=0.5, batch_size=2), calib, progress=False)
+    for h in handles:
+        h.remove()
+    batches = calib.shape[0] // 2
+    # 3 blocks, 2 passes, an input and an output per batch; and the capture of block 0's inputs
+    assert len(seen) == 3 * 2 * 2 * batches + batches
+    assert peak[0] <= batches + 1
+
+
 def test_auto_puts_activations_on_disk_when_memory_is_short(monkeypatch, calib):
     from sparsecraft.blocks import DiskActivations
 

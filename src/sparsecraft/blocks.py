@@ -128,10 +128,12 @@ def capture_block_inputs(
     return captured
 
 
-def run_block(block: nn.Module, batches: list[BlockBatch], into: list[torch.Tensor] | None = None
-              ) -> list[torch.Tensor]:
+def run_block(block: nn.Module, batches: list[BlockBatch], into: list[torch.Tensor] | None = None,
+              keep: bool = True) -> list[torch.Tensor]:
     """The block's output for every batch; with ``into``, each output is copied into the
-    given tensor as soon as it is computed (so only one batch's output is in memory)."""
+    given tensor as soon as it is computed (so only one batch's output is in memory); with
+    ``keep=False`` each output is dropped once computed (a pass run for its hooks) and the
+    list is empty."""
     outs = []
     with torch.inference_mode():
         for i, b in enumerate(batches):
@@ -140,8 +142,20 @@ def run_block(block: nn.Module, batches: list[BlockBatch], into: list[torch.Tens
             if into is not None:
                 into[i].copy_(out)
                 out = into[i]
-            outs.append(out)
+            if keep:
+                outs.append(out)
+            del out  # not alive while the next batch runs
     return outs
+
+
+def advance_(block: nn.Module, batches: list[BlockBatch]) -> None:
+    """Run ``block`` over ``batches`` in place: each batch's hidden state becomes the block's
+    output as soon as that is computed, so one batch's input and output are alive at a time
+    rather than every batch's."""
+    with torch.inference_mode():
+        for b in batches:
+            out = block(b.hidden, *b.args, **b.kwargs)
+            b.hidden = (out[0] if isinstance(out, (tuple, list)) else out).detach()
 
 
 class DiskActivations:

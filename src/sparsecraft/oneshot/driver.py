@@ -72,6 +72,7 @@ from ..allocation import allocate
 from ..blocks import (
     BlockBatch,
     DiskActivations,
+    advance_,
     block_targets,
     capture_block_inputs,
     check_calibration,
@@ -490,8 +491,10 @@ def _estimate_bytes(model, calibration, per_block, need_hessian, *, sequential=F
         hidden = max(t.module.in_features for ts in per_block for t in ts)
     elem = next(model.parameters()).element_size()
     boundary = calibration.numel() * hidden * elem  # the hidden states of every sample
-    # inputs and outputs of one block (on disk: the pages of about one batch each)
-    acts = 2 * (boundary * min(batch_size, calibration.shape[0]) // calibration.shape[0] if on_disk else boundary)
+    # inputs and outputs of one block (on disk: the pages of about one batch each); two passes
+    # in memory replace each batch's input by its output as it goes: the inputs and one batch
+    one_batch = boundary * min(batch_size, calibration.shape[0]) // calibration.shape[0]
+    acts = 2 * one_batch if on_disk else 2 * boundary if sequential or block_stages else boundary + one_batch
     if block_stages:  # the dense block's outputs and the tuning's own copy of its inputs
         acts += 2 * boundary
     stats = max(
@@ -665,12 +668,10 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True, stre
                                  ranks).run(block, batches)
             else:
                 collector = _Collector(targets_i, layer_stats, ranks)
-                try:
-                    dense_out = run_block(block, batches)
+                try:  # the dense outputs are kept only for block stages
+                    targets_out = run_block(block, batches, keep=bool(block_stages)) or None
                 finally:
                     collector.remove()
-                targets_out = dense_out if block_stages else None
-                del dense_out
                 solve(targets_i, collector.layer_stats)
                 del collector
             if block_stages:
@@ -680,8 +681,10 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True, stre
                 outs = None  # the weights changed
             if store is not None:  # the outputs go to the other memory-mapped file
                 store.run(block, batches) if outs is None else store.adopt(batches, outs)
+            elif outs is None:  # each batch's input gives way to its output as soon as it is computed
+                advance_(block, batches)
             else:
-                for b, out in zip(batches, run_block(block, batches) if outs is None else outs):
+                for b, out in zip(batches, outs):
                     b.hidden = out
             del outs
             if stream is not None:  # the block's masks leave with its weights
