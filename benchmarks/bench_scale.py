@@ -283,8 +283,9 @@ def child_parity(args, spec: dict) -> dict:
     return row
 
 
-def run_parity(args) -> dict:
-    rows = []
+def run_parity(args, on_row=None) -> dict:
+    """fp32 then bf16, each method; ``on_row(result so far)`` after each row."""
+    rows: list[dict] = []
     for dtype in ("float32", "bfloat16"):
         for method in args.methods:
             row = run_config(__file__, [*_shape_args(args), "--child-parity", json.dumps({"method": method,
@@ -293,6 +294,8 @@ def run_parity(args) -> dict:
                   f"{row['weights_differ']}  masks differ {row['masks_differ']}  perplexity "
                   f"{row['perplexity_streamed']:.4f} vs {row['perplexity_in_memory']:.4f}", flush=True)
             rows.append(row)
+            if on_row is not None:
+                on_row({"rows": rows})
     return {"rows": rows}
 
 
@@ -402,7 +405,11 @@ def main() -> None:
                                                             "load_average_end": load_average()})
             plot_scale(result, results / f"scale{args.tag}.png")
         if "parity" in args.parts:
-            write_json(results / f"scale_parity{args.tag}.json", {**stamp, **run_parity(args),
+            def partial_parity(so_far: dict) -> None:
+                write_json(results / f"scale_parity{args.tag}.json", {**stamp, **so_far, "complete": False})
+
+            write_json(results / f"scale_parity{args.tag}.json", {**stamp, **run_parity(args, partial_parity),
+                                                                   "complete": True,
                                                                    "load_average_end": load_average()})
         if "resume" in args.parts:
             write_json(results / f"scale_resume{args.tag}.json", {**stamp, **run_resume(args),
