@@ -128,6 +128,11 @@ def capture_block_inputs(
     return captured
 
 
+def block_hidden(out) -> torch.Tensor:
+    """The hidden state a block returns: the output itself, or its first item (a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def run_block(block: nn.Module, batches: list[BlockBatch], into: list[torch.Tensor] | None = None,
               keep: bool = True) -> list[torch.Tensor]:
     """The block's output for every batch; with ``into``, each output is copied into the
@@ -138,7 +143,7 @@ def run_block(block: nn.Module, batches: list[BlockBatch], into: list[torch.Tens
     with torch.inference_mode():
         for i, b in enumerate(batches):
             out = block(b.hidden, *b.args, **b.kwargs)
-            out = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+            out = block_hidden(out).detach()
             if into is not None:
                 into[i].copy_(out)
                 out = into[i]
@@ -155,7 +160,7 @@ def advance_(block: nn.Module, batches: list[BlockBatch]) -> None:
     with torch.inference_mode():
         for b in batches:
             out = block(b.hidden, *b.args, **b.kwargs)
-            b.hidden = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+            b.hidden = block_hidden(out).detach()
 
 
 class DiskActivations:

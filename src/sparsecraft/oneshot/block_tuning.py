@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..blocks import block_hidden
 from ..criteria import BlockStage, register_block_stage
 from ..errors import ConfigError
 from ..quant.tuning import grid_parameters
@@ -79,7 +80,7 @@ def _micro_batches(batches: list, targets: list[torch.Tensor], size: int) -> tup
 
 def _forward(block: nn.Module, batch) -> torch.Tensor:
     out = block(batch.hidden, *batch.args, **batch.kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return block_hidden(out)
 
 
 def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,7 @@ from ..blocks import (
     BlockBatch,
     DiskActivations,
     advance_,
+    block_hidden,
     block_targets,
     capture_block_inputs,
     check_calibration,
@@ -435,7 +436,7 @@ class _Lockstep(_LayerStats):
             torch.set_num_threads(threads)  # a per-thread setting in OpenMP
             with self.cv, torch.inference_mode():
                 out = block(batch.hidden, *batch.args, **batch.kwargs)
-                self.outs[j] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+                self.outs[j] = block_hidden(out).detach()
                 missed = [t.name for t in self.targets if t.name not in self.local.visited]
                 if missed:
                     raise SparsecraftError(

@@ -32,6 +32,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from ..blocks import block_hidden
 from ..criteria import BlockStage, register_block_stage
 from ..errors import ConfigError
 from ..patterns import NM, reduction_view
@@ -158,7 +159,7 @@ def learn_nm_masks(
 
     def run(batch, masked: dict[str, torch.Tensor]) -> torch.Tensor:
         out = functional_call(block, masked, (batch.hidden, *batch.args), batch.kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return block_hidden(out)
 
     def handed_on(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The weights a candidate hands on: trained ones, or the solver's in unchanged groups."""
