@@ -5,6 +5,7 @@ safetensors shards with an index; streaming must equal the in-memory path bit fo
 bf16/fp16, resume to the same bytes, show the output only when it is complete, and refuse
 every bad input before anything is read or written."""
 
+import copy
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 
 import sparsecraft as sc
 from sparsecraft import streaming
+from sparsecraft.blocks import cast_batches_
 from sparsecraft.checkpoint import INDEX_FILE, is_checkpoint, read_checkpoint_header
 from sparsecraft.cli import main
 from sparsecraft.errors import ConfigError, FormatError, SparsecraftError, TargetError
@@ -126,8 +128,9 @@ def test_methods_without_calibration_stream_too(fp32_dir, tmp_path):
     _assert_same_model(sc.load(tmp_path / "out"), _in_memory(fp32_dir, config))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_stays_half_and_statistics_accumulate_in_fp32(dtype, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype,compute", [(torch.bfloat16, "auto"), (torch.float16, "auto"),
+                                           (torch.bfloat16, "model")])
+def test_half_precision_stays_half_and_statistics_accumulate_in_fp32(dtype, compute, tmp_path, monkeypatch):
     from sparsecraft.oneshot import sparsegpt
 
     folder = save_sharded(_llama(dtype), tmp_path / "model")
@@ -141,9 +144,11 @@ def test_half_precision_stays_half_and_statistics_accumulate_in_fp32(dtype, tmp_
         return new, keep, info
 
     monkeypatch.setattr(sparsegpt, "sparsegpt_prune", spy)
-    config = sc.SparseGPT(sparsity=0.5, batch_size=4)
+    config = sc.SparseGPT(sparsity=0.5, batch_size=4, compute_dtype=compute)
     prune_pretrained(folder, config, CALIB, tmp_path / "out", progress=False)
-    assert seen and all(w == dtype and h in (torch.float32, None) for w, h in seen)  # Hessians fp32
+    # on CPU the blocks compute in fp32 unless told to keep the model's dtype; Hessians always fp32
+    wide = torch.float32 if compute == "auto" else dtype
+    assert seen and all(w == wide and h in (torch.float32, None) for w, h in seen)
     header = read_checkpoint_header(tmp_path / "out")
     assert {e["dtype"] for e in header["tensors"].values()} == {str(dtype).removeprefix("torch.")}
     streamed = sc.load(tmp_path / "out")
@@ -151,10 +156,12 @@ def test_half_precision_stays_half_and_statistics_accumulate_in_fp32(dtype, tmp_
     _assert_same_model(streamed, _in_memory(folder, config))  # the in-memory path keeps the dtype too
 
 
-def test_in_memory_prune_keeps_bf16_and_wanda_norms_are_wide(monkeypatch):
+@pytest.mark.parametrize("compute", ["auto", "model"])
+def test_in_memory_prune_keeps_bf16_and_wanda_norms_are_wide(compute, monkeypatch):
     from sparsecraft.oneshot import wanda
 
     model = _llama(torch.bfloat16, layers=2)
+    params = dict(model.named_parameters())
     norms = []
     real = wanda.wanda_mask
 
@@ -163,10 +170,72 @@ def test_in_memory_prune_keeps_bf16_and_wanda_norms_are_wide(monkeypatch):
         return real(weight, input_sq_norm, *args, **kwargs)
 
     monkeypatch.setattr(wanda, "wanda_mask", spy)
-    state = sc.prune_(model, sc.Wanda(sparsity=0.5), CALIB, progress=False)
+    state = sc.prune_(model, sc.Wanda(sparsity=0.5, compute_dtype=compute), CALIB, progress=False)
     assert state.sparsity() == pytest.approx(0.5)
-    assert norms and all(w == torch.bfloat16 and n == torch.float64 for w, n in norms)
+    wide = torch.float32 if compute == "auto" else torch.bfloat16
+    assert norms and all(w == wide and n == torch.float64 for w, n in norms)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(p is params[n] for n, p in model.named_parameters())  # the same Parameter objects
+
+
+def _bf16_reference_of_widened_prune(model, config):
+    """What a widened run must give: the same model in fp32 pruned with its weights rounded
+    to bf16 after each block's solve, the activations left in fp32."""
+    from sparsecraft.oneshot import driver
+
+    wide = copy.deepcopy(model).float()
+    real_solve, real_capture = driver._solve_layers, driver.capture_block_inputs
+
+    def rounding(targets, stats_of, **kw):
+        real_solve(targets, stats_of, **kw)
+        with torch.no_grad():
+            for t in targets:
+                t.param.copy_(t.param.to(torch.bfloat16))
+
+    def captured_as_bf16(*args):  # the bf16 model's embeddings, masks and rotary tables
+        batches = real_capture(*args)
+        cast_batches_(batches, torch.bfloat16)
+        cast_batches_(batches, torch.float32)
+        return batches
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(driver, "_solve_layers", rounding)
+        mp.setattr(driver, "capture_block_inputs", captured_as_bf16)
+        sc.prune_(wide, config, CALIB, progress=False)
+    return wide.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_widened_bf16_prune_is_the_fp32_prune_with_weights_rounded_to_bf16(sequential):
+    model = _llama(torch.bfloat16, layers=2)
+    config = sc.SparseGPT(sparsity=0.5, batch_size=4, sequential=sequential)
+    reference = _bf16_reference_of_widened_prune(model, config)
+    sc.prune_(model, config, CALIB, progress=False)
+    reference_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p, reference_params[name]), name
+
+
+def test_a_failure_in_a_widened_block_restores_the_bf16_model_exactly(monkeypatch):
+    from sparsecraft.oneshot import sparsegpt
+
+    model = _llama(torch.bfloat16, layers=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = []
+    real = sparsegpt.sparsegpt_prune
+
+    def fail_in_block_1(weight, hessian, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 8:  # block 0 has 7 layers: block 1's second layer fails
+            raise RuntimeError("boom")
+        return real(weight, hessian, *args, **kwargs)
+
+    monkeypatch.setattr(sparsegpt, "sparsegpt_prune", fail_in_block_1)
+    with pytest.raises(RuntimeError, match="boom"):
+        sc.prune_(model, sc.SparseGPT(sparsity=0.5, batch_size=4), CALIB, progress=False)
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, before[name]), name
 
 
 # ---------------------------------------------------------------- resume and atomicity
@@ -482,3 +551,26 @@ def test_a_killed_cli_run_resumes_to_the_same_bytes(bf16_tok_dir, tmp_path, caps
     assert main([*argv, "--out", str(out)]) == 0
     assert "resumed at block 1" in capsys.readouterr().out
     assert _files(out) == _files(tmp_path / "whole")
+
+
+def test_compute_in_widens_one_block_rounds_and_always_restores():
+    from torch import nn
+
+    from sparsecraft.blocks import ComputeIn
+
+    block = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).to(torch.bfloat16)
+    block[1].register_buffer("scale", torch.full((8,), 1 / 3).to(torch.bfloat16))
+    weight = block[0].weight
+    with pytest.raises(RuntimeError, match="inside"):
+        with ComputeIn(block, torch.float32) as wide:
+            assert weight.dtype == torch.float32 and block[1].scale.dtype == torch.float32
+            assert wide.stored("0.weight") == torch.bfloat16
+            with torch.no_grad():
+                weight.add_(1e-3)  # values bf16 cannot hold
+            expected = weight.detach().to(torch.bfloat16)
+            wide.round_()
+            assert weight.dtype == torch.float32 and torch.equal(weight.detach(), expected.float())
+            raise RuntimeError("inside")
+    assert block[0].weight is weight and weight.dtype == torch.bfloat16 and torch.equal(weight.detach(), expected)
+    assert block[1].scale.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in block.parameters())

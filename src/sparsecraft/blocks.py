@@ -9,7 +9,9 @@ one-shot driver, structured shrinking): no method lives here.
 * :func:`run_block`: one block over recorded batches; :func:`block_targets`: targets per block;
 * :func:`check_calibration`: validate calibration token ids against the model;
 * :class:`DiskActivations`: the hidden states at a block boundary in memory-mapped files,
-  for calibration sets larger than memory.
+  for calibration sets larger than memory;
+* :class:`ComputeIn`: run one block in a wider dtype than it is stored in (bf16 and fp16
+  models on CPUs without half-precision arithmetic).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .targets import Target
 
 __all__ = [
     "BlockBatch", "find_blocks", "check_calibration", "capture_block_inputs", "run_block",
-    "block_targets", "DiskActivations",
+    "block_targets", "DiskActivations", "ComputeIn", "cast_batches_",
 ]
 
 
@@ -43,6 +45,74 @@ class BlockBatch:
     hidden: torch.Tensor
     args: tuple
     kwargs: dict[str, Any]
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with its floating tensors (also inside tuples and lists) cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
+
+
+def cast_batches_(batches: list[BlockBatch], dtype: torch.dtype) -> None:
+    """Cast the floating tensors of every batch (hidden states, attention masks, position
+    embeddings) to ``dtype`` in place; integer inputs such as positions are left alone."""
+    for b in batches:
+        b.hidden = _cast(b.hidden, dtype)
+        b.args = _cast(b.args, dtype)
+        b.kwargs = {k: _cast(v, dtype) for k, v in b.kwargs.items()}
+
+
+class ComputeIn:
+    """Hold one block's half-precision parameters and buffers in ``dtype`` while it runs.
+
+    ``with ComputeIn(block, torch.float32) as wide:`` casts the block's bf16/fp16 tensors up
+    on entry and back to their own dtype on exit (on failure too); the Parameter objects stay
+    the same, so references to them (targets) stay valid. ``wide.round_()`` rounds the wide
+    values to what the stored dtype can hold, so outputs computed afterwards are the outputs
+    of the weights that will be saved. ``wide.stored(name)`` is the dtype parameter ``name``
+    (the block's own naming) is stored in. A block with nothing to widen is left alone.
+    """
+
+    HALF = (torch.bfloat16, torch.float16)
+
+    def __init__(self, block: nn.Module, dtype: torch.dtype):
+        self.block, self.dtype = block, dtype
+        self.params: dict[str, tuple[nn.Parameter, torch.dtype]] = {}
+        self.buffers: list[tuple[nn.Module, str, torch.dtype]] = []
+
+    def __enter__(self) -> ComputeIn:
+        with torch.no_grad():
+            for name, p in self.block.named_parameters():
+                if p.dtype in self.HALF and p.dtype != self.dtype:
+                    self.params[name] = (p, p.dtype)
+                    p.data = p.data.to(self.dtype)
+            for module in self.block.modules():
+                for name, buf in module._buffers.items():
+                    if buf is not None and buf.dtype in self.HALF and buf.dtype != self.dtype:
+                        self.buffers.append((module, name, buf.dtype))
+                        module._buffers[name] = buf.to(self.dtype)
+        return self
+
+    def stored(self, name: str) -> torch.dtype | None:
+        entry = self.params.get(name)
+        return None if entry is None else entry[1]
+
+    def round_(self) -> None:
+        with torch.no_grad():
+            for p, dtype in self.params.values():
+                p.data.copy_(p.data.to(dtype))
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            for p, dtype in self.params.values():
+                p.data = p.data.to(dtype)
+            for module, name, dtype in self.buffers:
+                module._buffers[name] = module._buffers[name].to(dtype)
+        self.params.clear()
+        self.buffers.clear()
 
 
 def find_blocks(model: nn.Module, targets: list[Target] | None = None) -> tuple[str, nn.ModuleList]:

@@ -664,7 +664,8 @@ def prune_pretrained(
     act = 0
     if calibrated and not resuming:
         hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None) or 0
-        elem = torch.empty((), dtype=_common_dtype(weights.slots)).element_size()
+        stored = _common_dtype(weights.slots)  # the activations are in the dtype the blocks compute in
+        elem = torch.empty((), dtype=config.driver_options().wide_dtype(stored, "cpu") or stored).element_size()
         act = 2 * calib.numel() * hidden * elem
     _check_disk(out, need + act, "the activations and the output" if act else "the output")
 

@@ -71,11 +71,13 @@ from tqdm.auto import tqdm
 from ..allocation import allocate
 from ..blocks import (
     BlockBatch,
+    ComputeIn,
     DiskActivations,
     advance_,
     block_hidden,
     block_targets,
     capture_block_inputs,
+    cast_batches_,
     check_calibration,
     find_blocks,
     run_block,
@@ -104,12 +106,25 @@ class DriverOptions:
     measure_error: bool = False  # record ||WX - W'X|| / ||WX|| per layer in the info
     sequential: bool = False  # "true sequential" blocks (see the module docstring)
     activations: str = "auto"  # block-boundary activations: memory | disk | auto (disk when RAM is short)
+    # what a bf16/fp16 model's blocks compute in: float32 | model | auto (float32 on CPU,
+    # where half-precision matrix products are several times slower than float32)
+    compute_dtype: str = "auto"
 
     def check(self):
         if self.batch_size < 1:
             raise ConfigError(f"option batch_size must be >= 1, got {self.batch_size}")
         if self.activations not in ("memory", "disk", "auto"):
             raise ConfigError(f"option activations must be memory, disk or auto, got {self.activations!r}")
+        if self.compute_dtype not in ("float32", "model", "auto"):
+            raise ConfigError(f"option compute_dtype must be float32, model or auto, got {self.compute_dtype!r}")
+
+    def wide_dtype(self, dtype: torch.dtype, device: torch.device | str) -> torch.dtype | None:
+        """The dtype blocks stored in ``dtype`` compute in, when it is not their own."""
+        if dtype not in ComputeIn.HALF or self.compute_dtype == "model":
+            return None
+        if self.compute_dtype == "float32" or torch.device(device).type == "cpu":
+            return torch.float32
+        return None
 
 
 class BlockStream(Protocol):
@@ -483,14 +498,17 @@ class _Lockstep(_LayerStats):
 
 
 def _estimate_bytes(model, calibration, per_block, need_hessian, *, sequential=False, on_disk=False,
-                    block_stages=False, batch_size=8) -> int:
+                    block_stages=False, batch_size=8, wide=None) -> int:
     """Memory the driver needs besides the model: block-boundary activations (unless they
-    live on disk), one block's statistics, and what a block's forward keeps alive."""
+    live on disk), one block's statistics, what a block's forward keeps alive, and with
+    ``wide`` (the dtype blocks compute in) the widened copy of one block."""
     config = getattr(model, "config", None)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     if hidden is None:
         hidden = max(t.module.in_features for ts in per_block for t in ts)
-    elem = next(model.parameters()).element_size()
+    stored_elem = next(model.parameters()).element_size()
+    elem = torch.empty((), dtype=wide).element_size() if wide is not None else stored_elem
+    widened = 0 if wide is None else max(sum(t.param.numel() for t in ts) for ts in per_block) * elem
     boundary = calibration.numel() * hidden * elem  # the hidden states of every sample
     # inputs and outputs of one block (on disk: the pages of about one batch each); two passes
     # in memory replace each batch's input by its output as it goes: the inputs and one batch
@@ -507,8 +525,8 @@ def _estimate_bytes(model, calibration, per_block, need_hessian, *, sequential=F
     if sequential:  # every batch's forward is paused inside the block at once; measured on
         # SmolLM2 (128 x 512) the process grew by about 6x these live activations (each
         # batch's thread keeps its own allocator pool)
-        return acts + stats + 6 * calibration.numel() * (2 * hidden + widest) * elem
-    return acts + stats + 4 * widest * calibration.shape[1] * elem
+        return acts + stats + widened + 6 * calibration.numel() * (2 * hidden + widest) * elem
+    return acts + stats + widened + 4 * widest * calibration.shape[1] * elem
 
 
 def prune_layer(solver: Solver, refiners: list[Refiner], ctx: LayerContext, pattern, sparsity) -> LayerResult:
@@ -521,19 +539,26 @@ def prune_layer(solver: Solver, refiners: list[Refiner], ctx: LayerContext, patt
     return result
 
 
-def _scan(blocks, batches, per_block, stats, progress, ranks=None) -> dict[str, dict]:
-    """One dense pass over all blocks collecting ``stats`` per layer (for an allocation)."""
+def _scan(blocks, batches, per_block, stats, progress, ranks=None, wide=None) -> dict[str, dict]:
+    """One dense pass over all blocks collecting ``stats`` per layer (for an allocation);
+    with ``wide`` each block computes in that dtype."""
     out: dict[str, dict] = {}
     hidden = [b.hidden for b in batches]
     for block, targets in tqdm(list(zip(blocks, per_block)), desc="statistics scan", disable=not progress,
                                leave=False):
         collector = _Collector(targets, stats, ranks)
         try:
-            hidden = run_block(block, [BlockBatch(h, b.args, b.kwargs) for h, b in zip(hidden, batches)])
+            with _widened(block, wide):
+                hidden = run_block(block, [BlockBatch(h, b.args, b.kwargs) for h, b in zip(hidden, batches)])
         finally:
             collector.remove()
         out.update({t.name: collector.layer_stats(t.name) for t in targets})
     return out
+
+
+def _widened(block: nn.Module, wide: torch.dtype | None):
+    """``ComputeIn(block, wide)``, or nothing to do when ``wide`` is None."""
+    return ComputeIn(block, wide) if wide is not None else contextlib.nullcontext()
 
 
 def calibrated_prune(model, targets, config, calibration, *, progress=True, stream: BlockStream | None = None):
@@ -545,6 +570,11 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True, stre
     ``refiners()``, ``allocation_obj()`` and ``driver_options()``). With ``stream`` the
     blocks come and go through it (see the module docstring) and the masks returned are
     those of layers outside the streamed blocks only.
+
+    A bf16/fp16 model on CPU computes in float32 one block at a time (driver option
+    ``compute_dtype``): the activations are float32, each block is widened while it runs and
+    its weights are rounded back to their own dtype before its outputs are computed, so the
+    outputs are those of the weights that are kept.
     """
     solver, refiners, alloc, opts = config.solver(), config.refiners(), config.allocation_obj(), config.driver_options()
     calibration = check_calibration(model, calibration)
@@ -604,7 +634,10 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True, stre
                               f"(their accumulator has no all_reduce_); run in one process")
         calibration = ranks.shard(calibration, opts.batch_size)
     need_hessian = any(s.key == "hessian" for s in layer_stats)
-    sizes = dict(sequential=opts.sequential, block_stages=bool(block_stages), batch_size=opts.batch_size)
+    stored = active[0].param.dtype if active else torch.float32
+    # streamed blocks are loaded on the CPU (on the meta device until then)
+    wide = opts.wide_dtype(stored, "cpu" if stream is not None or not active else active[0].param.device)
+    sizes = dict(sequential=opts.sequential, block_stages=bool(block_stages), batch_size=opts.batch_size, wide=wide)
     estimate = _estimate_bytes(model, calibration, per_block, need_hessian, **sizes)
     available = available_memory()
     if available is not None and ranks is not None:  # the processes on this machine share it
@@ -630,7 +663,11 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True, stre
     model_values = collect_model_statistics(model, active, [s.name for s in model_stats], whole,
                                             opts.batch_size, ranks) if model_stats else {}
     batches = capture_block_inputs(model, blocks, calibration, opts.batch_size)
-    scanned = _scan(blocks, batches, per_block, alloc_stats, progress, ranks) if alloc_stats else None
+    if wide is not None:
+        log.info("blocks stored in %s compute in %s, one at a time", str(stored).removeprefix("torch."),
+                 str(wide).removeprefix("torch."))
+        cast_batches_(batches, wide)
+    scanned = _scan(blocks, batches, per_block, alloc_stats, progress, ranks, wide) if alloc_stats else None
     budgets = allocate(
         active, config.target_sparsity, alloc, overrides=config.overrides, max_sparsity=config.max_sparsity,
         stats=scanned, groups=[[t.name for t in ts] for ts in per_block],
@@ -659,35 +696,11 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True, stre
                 touched.append(i)
             solve = functools.partial(_solve_layers, solver=solver, refiners=refiners, model_values=model_values,
                                       layer_pattern=layer_pattern, budgets=budgets, originals=originals,
-                                      opts=opts, method=config.method, masks=masks, info=info, quants=quants)
-            outs: list[torch.Tensor] | None = None
-            # targets_out: the dense block's outputs on this block's inputs, what block stages
-            # reconstruct; the two-pass variant's statistics pass computes them anyway
-            if opts.sequential:  # one pass: statistics, pruning and the pruned outputs
-                targets_out = run_block(block, batches) if block_stages else None
-                outs = _Lockstep(targets_i, layer_stats, lambda t, stats_of: solve([t], stats_of),
-                                 ranks).run(block, batches)
-            else:
-                collector = _Collector(targets_i, layer_stats, ranks)
-                try:  # the dense outputs are kept only for block stages
-                    targets_out = run_block(block, batches, keep=bool(block_stages)) or None
-                finally:
-                    collector.remove()
-                solve(targets_i, collector.layer_stats)
-                del collector
-            if block_stages:
-                _run_block_stages(block, i, targets_i, batches, targets_out, block_stages, layer_pattern,
-                                  originals, masks, info, quants, progress)
-                del targets_out
-                outs = None  # the weights changed
-            if store is not None:  # the outputs go to the other memory-mapped file
-                store.run(block, batches) if outs is None else store.adopt(batches, outs)
-            elif outs is None:  # each batch's input gives way to its output as soon as it is computed
-                advance_(block, batches)
-            else:
-                for b, out in zip(batches, outs):
-                    b.hidden = out
-            del outs
+                                      stored={t.name: t.param.dtype for t in targets_i}, opts=opts,
+                                      method=config.method, masks=masks, info=info, quants=quants)
+            with _widened(block, wide) as widened:
+                _prune_block(block, i, targets_i, batches, store, solve, layer_stats, block_stages, layer_pattern,
+                             originals, masks, info, quants, opts, ranks, progress, widened)
             if stream is not None:  # the block's masks leave with its weights
                 stream.done(i, block, {t.name: masks.pop(t.name) for t in targets_i if t.name in masks},
                             {t.name: info[t.name] for t in targets_i if t.name in info})
@@ -710,9 +723,45 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True, stre
     return masks, info, quants
 
 
-def _solve_layers(targets, stats_of, *, solver, refiners, model_values, layer_pattern, budgets, originals, opts,
-                  method, masks, info, quants) -> None:
-    """Solve each layer from its statistics (``stats_of(name)``) and write the result back."""
+def _prune_block(block, index, targets, batches, store, solve, layer_stats, block_stages, layer_pattern, originals,
+                 masks, info, quants, opts, ranks, progress, widened) -> None:
+    """Statistics, solve and block stages for one block, then its outputs become the batches'
+    hidden states (or go to ``store``); ``widened`` is the block's :class:`ComputeIn` or None."""
+    outs: list[torch.Tensor] | None = None
+    # targets_out: the dense block's outputs on this block's inputs, what block stages
+    # reconstruct; the two-pass variant's statistics pass computes them anyway
+    if opts.sequential:  # one pass: statistics, pruning and the pruned outputs
+        targets_out = run_block(block, batches) if block_stages else None
+        outs = _Lockstep(targets, layer_stats, lambda t, stats_of: solve([t], stats_of), ranks).run(block, batches)
+    else:
+        collector = _Collector(targets, layer_stats, ranks)
+        try:  # the dense outputs are kept only for block stages
+            targets_out = run_block(block, batches, keep=bool(block_stages)) or None
+        finally:
+            collector.remove()
+        solve(targets, collector.layer_stats)
+        del collector
+    if block_stages:
+        _run_block_stages(block, index, targets, batches, targets_out, block_stages, layer_pattern,
+                          originals, masks, info, quants, progress)
+        del targets_out
+        outs = None  # the weights changed
+        if widened is not None:  # the tuned weights as they will be kept
+            widened.round_()
+    if store is not None:  # the outputs go to the other memory-mapped file
+        store.run(block, batches) if outs is None else store.adopt(batches, outs)
+    elif outs is None:  # each batch's input gives way to its output as soon as it is computed
+        advance_(block, batches)
+    else:
+        for b, out in zip(batches, outs):
+            b.hidden = out
+
+
+def _solve_layers(targets, stats_of, *, solver, refiners, model_values, layer_pattern, budgets, originals, stored,
+                  opts, method, masks, info, quants) -> None:
+    """Solve each layer from its statistics (``stats_of(name)``) and write the result back,
+    rounded to the dtype the layer is stored in (``stored`` by name: a widened block keeps
+    computing with the values that will be kept)."""
     results, hessians = {}, {}
     for t in targets:
         stats = stats_of(t.name)
@@ -727,7 +776,7 @@ def _solve_layers(targets, stats_of, *, solver, refiners, model_values, layer_pa
         for t in targets:
             result = results[t.name]
             if result.weight is not None:
-                t.param.copy_(result.weight)
+                t.param.copy_(result.weight.to(stored[t.name]))
             t.param.masked_fill_(~result.keep, 0.0)  # +0.0, see masks.py
             masks[t.name] = result.keep
             if result.quant is not None:
@@ -735,7 +784,7 @@ def _solve_layers(targets, stats_of, *, solver, refiners, model_values, layer_pa
             info[t.name] = {"pattern": str(layer_pattern[t.name]), "method": method, **result.info}
             if opts.measure_error:  # ||WX - W'X|| / ||WX|| on this block's calibration inputs
                 info[t.name]["reconstruction_error"] = float(relative_reconstruction_error(
-                    originals[t.name].to(t.param.device), t.param.detach(), hessian=hessians[t.name]))
+                    originals[t.name].to(t.param), t.param.detach(), hessian=hessians[t.name]))
 
 
 def _run_block_stages(block, index, targets, batches, outputs, stages, layer_pattern, originals, masks, info,
@@ -743,7 +792,7 @@ def _run_block_stages(block, index, targets, batches, outputs, stages, layer_pat
     """Run the block stages on a pruned block; masks, info and quantised weights follow what
     they changed."""
     inner = {id(p): n for n, p in block.named_parameters()}
-    layers = {inner[id(t.param)]: BlockLayer(masks[t.name], layer_pattern[t.name], originals[t.name].to(t.param.device),
+    layers = {inner[id(t.param)]: BlockLayer(masks[t.name], layer_pattern[t.name], originals[t.name].to(t.param),
                                              quants.get(t.name))
               for t in targets}
     for st in stages:
