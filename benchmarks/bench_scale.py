@@ -6,7 +6,8 @@ Parts (``--parts``, default all three):
   intermediate 5632, 32 query / 8 key-value heads, SmolLM2's vocabulary of 49,152, untied
   head) and 4, 8, 16 and 32 layers, written as safetensors shards of at most 1 GB with an
   index. Each is pruned block by block (``sparsecraft.prune_pretrained``) with Wanda and
-  SparseGPT at 50% unstructured on 32 x 512 calibration tokens (``sparsecraft.data.calibration``,
+  SparseGPT at 50% unstructured on 8 x 512 calibration tokens (``--scale-samples``; the part
+  measures memory and time against depth, not quality) (``sparsecraft.data.calibration``,
   Lee corpus, SmolLM2's tokenizer), every configuration in a fresh process that reports its
   peak RSS (``ru_maxrss``: every resident page, the memory-mapped shards and activations
   included) and its wall time. Aims: peak RSS flat in depth (at 32 layers <= 1.5 GB while
@@ -16,7 +17,7 @@ Parts (``--parts``, default all three):
   against the in-memory ``prune_`` for Wanda and SparseGPT at 50%: masks and weights
   compared bit for bit, and perplexity on held-out Lee text; the same in bf16 (counted:
   weights that differ, masks that differ). Writes ``scale_parity.json``.
-* ``resume``: ``sparsecraft prune`` on the 8-layer model (Wanda) is killed with SIGKILL
+* ``resume``: ``sparsecraft prune`` on the 8-layer model (Wanda, ``--scale-samples``) is killed with SIGKILL
   once half its blocks are finished (polling the staging manifest), run again (it resumes),
   and its files compared byte for byte with an uninterrupted run. Writes ``scale_resume.json``.
 
@@ -25,7 +26,7 @@ about 6.5 GB for all four depths) and kept for later runs.
 
     make bench-scale                       # everything, under the benchmark lock
     python benchmarks/bench_scale.py --layers 2 4 --hidden 256 --intermediate 512 --heads 4 --kv-heads 2 \\
-        --samples 4 --seq-len 64 --resume-layers 4 --eval-tokens 1024 --no-lock \\
+        --samples 4 --scale-samples 2 --seq-len 64 --resume-layers 4 --eval-tokens 1024 --no-lock \\
         --work /tmp/scale-smoke --results /tmp/scale-smoke/results   # a smoke test (timings mean nothing)
 """
 
@@ -138,7 +139,7 @@ def ensure_model(args, layers: int) -> Path:
 def _shape_args(args) -> list[str]:
     return ["--hidden", str(args.hidden), "--intermediate", str(args.intermediate), "--heads", str(args.heads),
             "--kv-heads", str(args.kv_heads), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
-            "--eval-tokens", str(args.eval_tokens), "--work", args.work]
+            "--scale-samples", str(args.scale_samples), "--eval-tokens", str(args.eval_tokens), "--work", args.work]
 
 
 def folder_bytes(folder: Path) -> int:
@@ -158,7 +159,8 @@ def child_prune(args, spec: dict) -> dict:
 
     folder = Path(spec["model"])
     tok = tokenizer()
-    calib = data.calibration(tok, args.samples, args.seq_len, 0, docs=data.builtin_texts("lee")["calibration"])
+    calib = data.calibration(tok, args.scale_samples, args.seq_len, 0,
+                             docs=data.builtin_texts("lee")["calibration"])
     out = Path(spec["out"])
     shutil.rmtree(out, ignore_errors=True)
     rss_before = peak_rss_bytes()
@@ -314,7 +316,7 @@ def run_resume(args) -> dict:
     for path in (whole, out, staging):
         shutil.rmtree(path, ignore_errors=True)
     cli = [sys.executable, "-m", "sparsecraft", "-q", "prune", str(folder), "--method", args.resume_method,
-           "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+           "--samples", str(args.scale_samples), "--seq-len", str(args.seq_len)]
     start = time.perf_counter()
     subprocess.run([*cli, "--out", str(whole)], check=True, capture_output=True)
     whole_seconds = time.perf_counter() - start
@@ -329,9 +331,13 @@ def run_resume(args) -> dict:
         if done >= half:
             proc.send_signal(signal.SIGKILL)
             break
-        time.sleep(0.2)
+        time.sleep(0.01)
     killed_code = proc.wait()
     killed_at = done
+    if killed_code != -signal.SIGKILL:
+        raise SystemExit(f"resume: the run to interrupt ended by itself (exit {killed_code}) before block {half} "
+                         f"was finished and it could be killed: use a larger --resume-layers or model\n"
+                         f"{proc.stderr.read().decode()[-2000:]}")
     start = time.perf_counter()
     again = subprocess.run([*cli, "--out", str(out)], check=True, capture_output=True, text=True)
     resume_seconds = time.perf_counter() - start
@@ -359,7 +365,8 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=32, help="parity: calibration samples")
+    parser.add_argument("--scale-samples", type=int, default=8, help="scale and resume: calibration samples")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--resume-layers", type=int, default=8)
     parser.add_argument("--resume-method", default="wanda")

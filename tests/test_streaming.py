@@ -574,3 +574,16 @@ def test_compute_in_widens_one_block_rounds_and_always_restores():
     assert block[0].weight is weight and weight.dtype == torch.bfloat16 and torch.equal(weight.detach(), expected)
     assert block[1].scale.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in block.parameters())
+
+
+def test_perplexity_of_a_bf16_model_on_cpu_is_computed_in_fp32_and_leaves_the_model_as_it_was():
+    from sparsecraft import models
+
+    model = _llama(torch.bfloat16, layers=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tokens = torch.randint(0, 96, (4 * 32,), generator=torch.Generator().manual_seed(3))
+    wide = models.perplexity(model, tokens, 32, progress=False)
+    assert wide == models.perplexity(copy.deepcopy(model).float(), tokens, 32, progress=False)
+    assert wide != models.perplexity(model, tokens, 32, progress=False, widen=False)  # bf16 arithmetic
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16 and not p.is_inference() and torch.equal(p, before[name]), name

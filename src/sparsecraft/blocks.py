@@ -16,6 +16,7 @@ one-shot driver, structured shrinking): no method lives here.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from .targets import Target
 
 __all__ = [
     "BlockBatch", "find_blocks", "check_calibration", "capture_block_inputs", "run_block",
-    "block_targets", "DiskActivations", "ComputeIn", "cast_batches_",
+    "block_targets", "DiskActivations", "ComputeIn", "cast_batches_", "widened_forward",
 ]
 
 
@@ -74,22 +75,25 @@ class ComputeIn:
     values to what the stored dtype can hold, so outputs computed afterwards are the outputs
     of the weights that will be saved. ``wide.stored(name)`` is the dtype parameter ``name``
     (the block's own naming) is stored in. A block with nothing to widen is left alone.
+    ``recurse=False`` widens the module's own tensors only, not its children's. The casts
+    are made outside inference mode (so a widened forward under ``torch.inference_mode``
+    leaves no inference tensors in the model).
     """
 
     HALF = (torch.bfloat16, torch.float16)
 
-    def __init__(self, block: nn.Module, dtype: torch.dtype):
-        self.block, self.dtype = block, dtype
+    def __init__(self, block: nn.Module, dtype: torch.dtype, *, recurse: bool = True):
+        self.block, self.dtype, self.recurse = block, dtype, recurse
         self.params: dict[str, tuple[nn.Parameter, torch.dtype]] = {}
         self.buffers: list[tuple[nn.Module, str, torch.dtype]] = []
 
     def __enter__(self) -> ComputeIn:
-        with torch.no_grad():
-            for name, p in self.block.named_parameters():
+        with torch.inference_mode(False), torch.no_grad():
+            for name, p in self.block.named_parameters(recurse=self.recurse):
                 if p.dtype in self.HALF and p.dtype != self.dtype:
                     self.params[name] = (p, p.dtype)
                     p.data = p.data.to(self.dtype)
-            for module in self.block.modules():
+            for module in self.block.modules() if self.recurse else [self.block]:
                 for name, buf in module._buffers.items():
                     if buf is not None and buf.dtype in self.HALF and buf.dtype != self.dtype:
                         self.buffers.append((module, name, buf.dtype))
@@ -101,18 +105,47 @@ class ComputeIn:
         return None if entry is None else entry[1]
 
     def round_(self) -> None:
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             for p, dtype in self.params.values():
                 p.data.copy_(p.data.to(dtype))
 
     def __exit__(self, *exc) -> None:
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             for p, dtype in self.params.values():
                 p.data = p.data.to(dtype)
             for module, name, dtype in self.buffers:
                 module._buffers[name] = module._buffers[name].to(dtype)
         self.params.clear()
         self.buffers.clear()
+
+
+@contextlib.contextmanager
+def widened_forward(model: nn.Module, dtype: torch.dtype):
+    """Inside, every forward of ``model`` computes in ``dtype``: each module holding
+    half-precision tensors of its own is widened just before it runs (its floating inputs
+    cast to ``dtype``) and narrowed back right after, so at most one module's weights are
+    held twice. For evaluating bf16/fp16 models on a CPU without half-precision arithmetic."""
+    handles, live = [], {}
+
+    def before(module, args, kwargs):
+        live[id(module)] = ComputeIn(module, dtype, recurse=False).__enter__()
+        return _cast(args, dtype), {k: _cast(v, dtype) for k, v in kwargs.items()}
+
+    def after(module, _args, _kwargs, _output):
+        live.pop(id(module)).__exit__(None, None, None)
+
+    try:
+        for module in model.modules():
+            own = [*module.parameters(recurse=False), *(b for b in module.buffers(recurse=False))]
+            if any(t.dtype in ComputeIn.HALF and t.dtype != dtype for t in own):
+                handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+                handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        for wide in live.values():  # a forward that failed half-way
+            wide.__exit__(None, None, None)
 
 
 def find_blocks(model: nn.Module, targets: list[Target] | None = None) -> tuple[str, nn.ModuleList]:

@@ -139,15 +139,27 @@ def load(name_or_path: str, dtype=None):
     return model, tok
 
 
-def perplexity(model, tokens, seq_len: int = 512, batch_size: int = 4, progress: bool = True) -> float:
+def perplexity(model, tokens, seq_len: int = 512, batch_size: int = 4, progress: bool = True,
+               widen: bool | None = None) -> float:
     """Perplexity of a causal LM over a 1-D token stream.
 
     Non-overlapping windows of ``seq_len`` tokens (stride = ``seq_len``); the last partial
     window is dropped; every window predicts its tokens 2..seq_len from the ones before.
+    ``widen``: compute a bf16/fp16 model in float32, one module's weights widened at a time
+    (:func:`~sparsecraft.blocks.widened_forward`); ``None`` (default) does so on CPU, where
+    half-precision matrix products are several times slower than float32.
     """
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
+
+    from .blocks import ComputeIn, widened_forward
+
+    if widen is None:
+        widen = next(model.parameters()).device.type == "cpu"
+    if widen and any(p.dtype in ComputeIn.HALF for p in model.parameters()):
+        with widened_forward(model, torch.float32):
+            return perplexity(model, tokens, seq_len, batch_size, progress, widen=False)
 
     windows = tokens.numel() // seq_len
     if windows < 1:
