@@ -6,8 +6,8 @@ Parts (``--parts``, default all three):
   intermediate 5632, 32 query / 8 key-value heads, SmolLM2's vocabulary of 49,152, untied
   head) and 4, 8, 16 and 32 layers, written as safetensors shards of at most 1 GB with an
   index. Each is pruned block by block (``sparsecraft.prune_pretrained``) with Wanda and
-  SparseGPT at 50% unstructured on 8 x 512 calibration tokens (``--scale-samples``; the part
-  measures memory and time against depth, not quality) (``sparsecraft.data.calibration``,
+  SparseGPT at 50% unstructured on 32 x 512 calibration tokens (``--scale-samples``)
+  (``sparsecraft.data.calibration``,
   Lee corpus, SmolLM2's tokenizer), every configuration in a fresh process that reports its
   peak RSS (``ru_maxrss``: every resident page, the memory-mapped shards and activations
   included) and its wall time. Aims: peak RSS flat in depth (at 32 layers <= 1.5 GB while
@@ -175,13 +175,33 @@ def child_prune(args, spec: dict) -> dict:
     return row
 
 
-def run_scale(args, on_row=None) -> dict:
+SHAPE_SETTINGS = ("hidden", "intermediate", "heads", "kv_heads", "scale_samples", "seq_len")
+
+
+def earlier_rows(path: Path, args) -> list[dict]:
+    """The rows of an earlier run's ``scale.json`` made with the same shapes and calibration
+    (``--keep-rows``: a run cut short goes on where it stopped)."""
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    same = all(earlier.get("settings", {}).get(k) == getattr(args, k) for k in SHAPE_SETTINGS)
+    if not same:
+        log.warning("%s was made with other settings: its rows are not kept", path)
+        return []
+    return earlier.get("rows", [])
+
+
+def run_scale(args, on_row=None, rows: list[dict] | None = None) -> dict:
     """Every depth and method; ``on_row(result so far)`` after each row (a run cut short keeps
-    its finished rows)."""
-    rows: list[dict] = []
-    for layers in args.layers:
-        folder = ensure_model(args, layers)
-        for method in args.methods:
+    its finished rows); ``rows``: finished rows of an earlier run, not run again."""
+    rows = [r for r in rows or [] if r["method"] in args.methods and r["layers"] in args.layers]
+    finished = {(r["method"], r["layers"]) for r in rows}
+    for method in args.methods:  # one method at every depth first: a run cut short has a whole curve
+        for layers in args.layers:
+            if (method, layers) in finished:
+                log.info("%s, %d layers: kept from the earlier run", method, layers)
+                continue
+            folder = ensure_model(args, layers)
             spec = {"model": str(folder), "layers": layers, "method": method,
                     "out": str(Path(args.work) / f"out-{method}-L{layers}")}
             row = run_config(__file__, [*_shape_args(args), "--child", json.dumps(spec)])
@@ -366,7 +386,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--samples", type=int, default=32, help="parity: calibration samples")
-    parser.add_argument("--scale-samples", type=int, default=8, help="scale and resume: calibration samples")
+    parser.add_argument("--scale-samples", type=int, default=32, help="scale and resume: calibration samples")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--resume-layers", type=int, default=8)
     parser.add_argument("--resume-method", default="wanda")
@@ -375,6 +395,8 @@ def main() -> None:
                         "tokens (0: all of the Lee evaluation text)")
     parser.add_argument("--tag", default="", help="suffix of the result files (scale{tag}.json ...)")
     parser.add_argument("--results", default=str(RESULTS), help="folder for the result files")
+    parser.add_argument("--keep-rows", action="store_true", help="scale: keep the rows of an earlier scale.json "
+                        "made with the same settings and run only the missing ones")
     parser.add_argument("--no-lock", action="store_true", help="do not take the benchmark lock (smoke tests only: "
                         "timings taken beside another benchmark mean nothing)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -407,7 +429,8 @@ def main() -> None:
             def partial(so_far: dict) -> None:
                 write_json(results / f"scale{args.tag}.json", {**stamp, **so_far, "complete": False})
 
-            result = run_scale(args, partial)
+            kept = earlier_rows(results / f"scale{args.tag}.json", args) if args.keep_rows else []
+            result = run_scale(args, partial, kept)
             write_json(results / f"scale{args.tag}.json", {**stamp, **result, "complete": True,
                                                             "load_average_end": load_average()})
             plot_scale(result, results / f"scale{args.tag}.png")
