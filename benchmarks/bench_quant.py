@@ -16,7 +16,8 @@ bench_oneshot.py). Evaluation: perplexity (windows of 512, stride 512) on the Le
 evaluation part and on the first 65,536 tokens of the Wikipedia corpus's evaluation part.
 File bytes: ``model.safetensors`` as ``sparsecraft.save`` writes it (the fp32 row: the dense
 model saved the same way). Quantised rows quantise the token embedding too (round to nearest,
-same grid; the output head is tied to it), as GGUF files do.
+same grid unless the row's name says otherwise; the output head is tied to it), as GGUF files
+do; the GGUF itself keeps it at 8 bits (Q8_0), which the ``int8-embedding`` rows copy.
 
 Group 128 does not divide SmolLM2's hidden width (576 = 4.5 x 128), so the 8-bit row uses
 groups of 64.
@@ -59,6 +60,13 @@ def _grid() -> dict[str, dict]:
                                                                      "embeddings": False}},
         # Q4_1's own grids (asymmetric, groups of 32): the GGUF's weights come back almost exactly
         "rtn-w4-g32-asym": {"method": "rtn", "options": {"quantize": "int4", "group": 32, "symmetric": False}},
+        # the GGUF's own split: 4-bit layers and the tied embedding at 8 bits (its Q8_0)
+        "gptq-w4-g64-int8-embedding": {"method": "gptq", "options": {"quantize": "int4", "group": 64,
+                                                                     "embeddings": "int8"}},
+        "gptq-w4-g32-asym-int8-embedding": {"method": "gptq", "options": {"quantize": "int4", "group": 32,
+                                                                          "symmetric": False, "embeddings": "int8"}},
+        "rtn-w4-g32-asym-int8-embedding": {"method": "rtn", "options": {"quantize": "int4", "group": 32,
+                                                                        "symmetric": False, "embeddings": "int8"}},
         "gptq-w8-g64": {"method": "gptq", "options": {"quantize": "int8", "group": 64}},
         "gqsa-w4-g64-group16-0.5": gqsa,
         "gqsa-w4-g64-group16-0.5+rec": {**gqsa, "options": {**gqsa["options"], "reconstruct": True}},
@@ -117,7 +125,8 @@ def write_table(results: dict, out: Path) -> str:
         f"perplexity on {next((r['eval_tokens'] for r in runs.values()), '?')} Lee held-out tokens and "
         f"{next((r['eval_tokens_wiki'] for r in runs.values()), '?')} Wikipedia held-out tokens (windows of 512). "
         "File: model.safetensors as sparsecraft.save writes it; the quantised rows quantise the tied token "
-        "embedding too (round to nearest, same grid). GGUF: the Q4_1 file the fp32 model is de-quantised from.",
+        "embedding too (round to nearest, same grid unless the name says int8-embedding or fp32-embedding). "
+        "GGUF: the Q4_1 file the fp32 model is de-quantised from (its tied embedding is Q8_0).",
         "",
         "| configuration | sparsity | Lee ppl | / fp32 | wiki ppl | file (MB) | / fp32 file | / GGUF | "
         "quantise time (s) | round trip |",
@@ -133,7 +142,7 @@ def write_table(results: dict, out: Path) -> str:
             f"{r.get('seconds', 0):.0f} | {exact} |")
     lines += ["", "Aims (issue 17):", ""]
     gq = [runs.get(n) for n in ("gqsa-w4-g64-group16-0.5", "gqsa-w4-g64-group16-0.5+rec")]
-    for name in ("gptq-w4-g64", "gptq-w4-g64-asym"):
+    for name in ("gptq-w4-g64", "gptq-w4-g64-asym", "gptq-w4-g64-int8-embedding", "gptq-w4-g32-asym-int8-embedding"):
         w4 = runs.get(name)
         if not (dense and w4):
             continue

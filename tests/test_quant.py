@@ -404,12 +404,13 @@ def test_cli_quantize_bad_input_one_line_exit_2(tmp_path, tiny_llama_tok_dir, ca
 def test_cli_quantize_and_prune_quantize_write_quantised_checkpoints(tmp_path, tiny_llama_tok_dir, capsys):
     out = tmp_path / "w4"
     assert main(["-q", "quantize", str(tiny_llama_tok_dir), "--bits", "4", "--group", "32", "--samples", "4",
-                 "--seq-len", "16", "--out", str(out)]) == 0
+                 "--seq-len", "16", "--embeddings", "int8", "--out", str(out)]) == 0
     line = capsys.readouterr().out
     assert "quantised" in line and "int4 g32 sym" in line and "of float32" in line
     model, _ = sc.models.load(str(out))
     assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
     assert isinstance(model.model.embed_tokens, QuantEmbedding)
+    assert model.model.embed_tokens.quantized().spec.bits == 8
     out2 = tmp_path / "p24"
     assert main(["-q", "prune", str(tiny_llama_tok_dir), "--method", "sparsegpt", "--pattern", "2:4",
                  "--quantize", "int4", "--group", "32", "--no-embeddings", "--samples", "4", "--seq-len", "16",
@@ -431,3 +432,22 @@ def test_example_quantize_recipe_is_valid():
     recipe = load_recipe(Path(__file__).parent.parent / "examples" / "quantize.yaml")
     assert recipe.prune.solver().quantization().spec() == QuantSpec(4, 64)
     assert recipe.prune.pattern_obj == Group(16)
+
+
+def test_embeddings_int8_beside_int4_layers_round_trips_and_is_checked(tmp_path):
+    model = _llama()
+    state = sc.quantize_(model, sc.RTN(bits=4, group=32, embeddings="int8"), progress=False)
+    assert state is not None
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(emb, QuantEmbedding) and emb.quantized().spec.bits == 8
+    assert head.packed is emb.packed
+    assert model.model.layers[0].mlp.up_proj.quantized().spec.bits == 4
+    assert sc.get_meta(model)["model.embed_tokens.weight"]["quant"].startswith("int8")
+    again = sc.load(sc.save(model, tmp_path / "q"))
+    assert _same(_state(model), _state(again)) and torch.equal(model(IDS).logits, again(IDS).logits)
+    for bad, match in (("int3", "option embeddings: quantize must be 'int4' or 'int8'; int3"),
+                       (8, "option 'embeddings' must be")):
+        with pytest.raises(ConfigError, match=match):
+            sc.RTN(bits=4, group=32, embeddings=bad)
+    with pytest.raises(ConfigError, match="embeddings='int8' needs the option quantize"):
+        sc.method_config("sparsegpt", sparsity=0.5, embeddings="int8")

@@ -482,9 +482,10 @@ def prune_(
     solver.check_targets(_quiet_patterns(targets, config.pattern_obj, config.fallback), config.target_sparsity)
     embeddings = False
     if quant is not None and quant.embeddings is not False:
-        problem = embedding_problem(model, quant.spec())
+        problem = embedding_problem(model, quant.embedding_spec())
         if problem and quant.embeddings:
-            raise ConfigError(f"method '{config.method}' option embeddings=true: {problem}")
+            raise ConfigError(f"method '{config.method}' option embeddings="
+                              f"{quant.embeddings if isinstance(quant.embeddings, str) else 'true'}: {problem}")
         embeddings = problem is None
         if problem:
             log.info("token embedding left as it is: %s", problem)
@@ -532,8 +533,9 @@ def _quantize_layers_(model, state: SparsityState, targets: list[Target], quants
         meta[name] = {**meta.get(name, {}), "quant": qweight.describe()}
     object.__setattr__(model, META_ATTR, meta)
     if embeddings:
-        quantize_embeddings_(model, quant.spec())
-    log.info("quantised %d layers (%s)%s", len(quants), quant.spec(), " and the token embedding" if embeddings else "")
+        quantize_embeddings_(model, quant.embedding_spec())
+    log.info("quantised %d layers (%s)%s", len(quants), quant.spec(),
+             f" and the token embedding ({quant.embedding_spec()})" if embeddings else "")
 
 
 def quantize_(

@@ -162,8 +162,11 @@ def _add_quant_args(p) -> None:
     p.add_argument("--group", type=int_arg("group"), default=None,
                    help="weights per quantisation grid along the input: 32 | 64 | 128 (default 64)")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric grids (min/max) instead of symmetric")
-    p.add_argument("--no-embeddings", action="store_true",
-                   help="leave the token embedding (and a head tied to it) unquantised")
+    emb = p.add_mutually_exclusive_group()
+    emb.add_argument("--no-embeddings", action="store_true",
+                     help="leave the token embedding (and a head tied to it) unquantised")
+    emb.add_argument("--embeddings", choices=["int4", "int8"], default=None,
+                     help="quantise the token embedding (and a tied head) with these bits (default: as the layers)")
 
 
 def _add_run_args(p) -> None:
@@ -241,7 +244,7 @@ def _options(args) -> dict:
             options.setdefault(name, True)
     for key, value in (("quantize", getattr(args, "quantize", None)), ("group", args.group),
                        ("symmetric", False if args.asymmetric else None),
-                       ("embeddings", False if args.no_embeddings else None)):
+                       ("embeddings", False if args.no_embeddings else args.embeddings)):
         if value is not None:
             options.setdefault(key, value)
     return options

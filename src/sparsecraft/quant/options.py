@@ -36,12 +36,15 @@ class QuantOptions:
     grid along the input dimension (32, 64, 128); ``symmetric``: grid kind (see
     :mod:`sparsecraft.quant.grid`); ``embeddings``: also quantise the token embedding (and an
     output head tied to it) round-to-nearest with the same grid: None quantises it when the
-    model has one the group divides (and says so in the log), True insists, False never."""
+    model has one the group divides (and says so in the log), True insists, False never;
+    ``"int8"`` or ``"int4"`` insists with that many bits (same group and grid kind): the
+    tied embedding is the largest tensor of a small model and the one quantisation hurts
+    most, so formats such as llama.cpp's Q4 keep it at 8 bits."""
 
     quantize: str | None = None
     group: int = 64
     symmetric: bool = True
-    embeddings: bool | None = None
+    embeddings: bool | str | None = None
 
     def spec(self) -> QuantSpec | None:
         """The grid every quantised layer gets, or None without ``quantize``."""
@@ -49,9 +52,23 @@ class QuantOptions:
             return None
         return QuantSpec(parse_quantize(self.quantize), self.group, self.symmetric)
 
+    def embedding_spec(self) -> QuantSpec | None:
+        """The grid of the token embedding (None without ``quantize``)."""
+        spec = self.spec()
+        if spec is None or not isinstance(self.embeddings, str):
+            return spec
+        return QuantSpec(parse_quantize(self.embeddings), self.group, self.symmetric)
+
     def check_quant(self, owner: str) -> None:
         try:
             self.spec()
             QuantSpec(4, self.group, self.symmetric)  # group and symmetric even without quantize
+            if isinstance(self.embeddings, str):
+                if self.quantize is None:
+                    raise ConfigError(f"option embeddings={self.embeddings!r} needs the option quantize")
+                try:
+                    self.embedding_spec()
+                except ConfigError as e:
+                    raise ConfigError(f"option embeddings: {e}") from None
         except ConfigError as e:
             raise ConfigError(f"{owner}: {e}") from None
