@@ -67,6 +67,10 @@ def _grid() -> dict[str, dict]:
                                                                           "symmetric": False, "embeddings": "int8"}},
         "rtn-w4-g32-asym-int8-embedding": {"method": "rtn", "options": {"quantize": "int4", "group": 32,
                                                                         "symmetric": False, "embeddings": "int8"}},
+        # act order (columns by decreasing Hessian diagonal, static grids)
+        "gptq-w4-g64-act-order": {"method": "gptq", "options": {"quantize": "int4", "group": 64, "act_order": True}},
+        "gptq-w4-g64-act-order-int8-embedding": {"method": "gptq", "options": {
+            "quantize": "int4", "group": 64, "act_order": True, "embeddings": "int8"}},
         "gptq-w8-g64": {"method": "gptq", "options": {"quantize": "int8", "group": 64}},
         "gqsa-w4-g64-group16-0.5": gqsa,
         "gqsa-w4-g64-group16-0.5+rec": {**gqsa, "options": {**gqsa["options"], "reconstruct": True}},
@@ -142,7 +146,8 @@ def write_table(results: dict, out: Path) -> str:
             f"{r.get('seconds', 0):.0f} | {exact} |")
     lines += ["", "Aims (issue 17):", ""]
     gq = [runs.get(n) for n in ("gqsa-w4-g64-group16-0.5", "gqsa-w4-g64-group16-0.5+rec")]
-    for name in ("gptq-w4-g64", "gptq-w4-g64-asym", "gptq-w4-g64-int8-embedding", "gptq-w4-g32-asym-int8-embedding"):
+    for name in ("gptq-w4-g64", "gptq-w4-g64-asym", "gptq-w4-g64-int8-embedding", "gptq-w4-g32-asym-int8-embedding",
+                 "gptq-w4-g64-act-order", "gptq-w4-g64-act-order-int8-embedding"):
         w4 = runs.get(name)
         if not (dense and w4):
             continue

@@ -195,6 +195,27 @@ def test_gptq_layer_error_below_rtn(spec):
         assert _err(w, new, h) < 0.8 * _err(w, rtn, h)
 
 
+def test_gptq_act_order_wins_when_the_loudest_inputs_come_last_and_keeps_static_grids():
+    spec = QuantSpec(4, 32)
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(400, 16, generator=gen) @ torch.randn(16, 128, generator=gen)
+        x = x + 0.1 * torch.randn(400, 128, generator=gen)
+        x[:, -8:] *= 20  # the loudest inputs last: in place, nothing is left to absorb their error
+        w, h = torch.randn(24, 128, generator=gen), 2 / 400 * x.T @ x
+        plain, _, _ = sparsegpt_prune(w, h, 0.0, quantize=spec)
+        ordered, keep, info = sparsegpt_prune(w, h, 0.0, quantize=spec, act_order=True)
+        q = info["qweight"]
+        assert keep.all() and info["act_order"] and torch.equal(q.dequantize(), ordered)
+        rtn = rtn_quantize(w, spec)  # static grids: fitted on the original weights, group by group
+        assert torch.equal(q.scale, rtn.scale) and torch.equal(q.offset, rtn.offset)
+        assert _err(w, ordered, h) < 0.7 * _err(w, plain, h)
+    with pytest.raises(ConfigError, match="act_order quantises without pruning"):
+        sparsegpt_prune(w, h, None, "2:4", quantize=spec, act_order=True)
+    with pytest.raises(ConfigError, match="act_order quantises only"):
+        sc.quantize_(_llama(), sc.GPTQ(bits=4, group=32, act_order=True, pattern="2:4"), CALIB, progress=False)
+
+
 @pytest.mark.parametrize("pattern,sparsity", [("2:4", None), ("4:8", None), ("unstructured", 0.5), ("group:8", 0.25)])
 def test_joint_prune_and_quantise_masks(pattern, sparsity):
     w, h = _problem(1)

@@ -35,11 +35,21 @@ class GPTQSolver(SparseGPTSolver):
     @dataclass(frozen=True)
     class Options(SparseGPTSolver.Options):
         quantize: str | None = "int4"
+        act_order: bool = False  # columns by decreasing Hessian diagonal, static grids; no pruning
 
         def check(self):
             if self.quantize is None:
                 raise ConfigError("gptq: quantize must be 'int4' or 'int8' (gptq always quantises)")
             self.check_sweep("gptq")
+
+    def _sweep_options(self) -> dict:
+        return {"act_order": self.options.act_order}
+
+    def check_targets(self, layers, sparsity):
+        if self.options.act_order and (sparsity or any(p.fixed_sparsity for _, p in layers)):
+            raise ConfigError("gptq option act_order quantises only (sparsity 0, no pattern); prune first "
+                              "or drop act_order")
+        super().check_targets(layers, sparsity)
 
 
 @register_solver

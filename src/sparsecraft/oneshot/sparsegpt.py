@@ -209,24 +209,42 @@ class _GroupChoice(_Selection):
 
 class _ColumnQuantizer:
     """Puts each column of the sweep on its group's grid. The grid of a group is fitted when
-    the sweep reaches the group's first column, from the kept weights as updated so far."""
+    the sweep reaches the group's first column, from the kept weights as updated so far.
 
-    def __init__(self, spec: QuantSpec, rows: int, cols: int, device, layer: str):
-        self.spec, self.layer = spec, layer
+    With ``order`` (act order: sweep position -> the column's place in the layer) the sweep
+    visits the columns out of place, so a group's columns are scattered over it: the grids
+    are then static, every one fitted before the sweep (:meth:`fit_static`) from the
+    original weights, and codes and grids stay indexed by the layer's own columns."""
+
+    def __init__(self, spec: QuantSpec, rows: int, cols: int, device, layer: str,
+                 order: torch.Tensor | None = None):
+        self.spec, self.layer, self.order = spec, layer, order
         self.codes = torch.full((rows, cols), spec.zero, dtype=torch.uint8, device=device)
         self.scale = torch.zeros(rows, cols // spec.group, device=device)
         self.offset = torch.zeros(rows, cols // spec.group, device=device)
+
+    @property
+    def static(self) -> bool:
+        return self.order is not None
+
+    def fit_static(self, w: torch.Tensor) -> None:
+        """Every group's grid from ``w`` (the layer's weights in their own column order)."""
+        g = self.spec.group
+        everything = torch.ones(w.shape[0], g, dtype=torch.bool, device=w.device)
+        for k in range(w.shape[1] // g):
+            self.scale[:, k], self.offset[:, k] = fit_grid(w[:, k * g:(k + 1) * g], self.spec, everything, self.layer)
 
     def fit(self, j: int, w: torch.Tensor, keep: torch.Tensor) -> None:
         g = j // self.spec.group
         self.scale[:, g], self.offset[:, g] = fit_grid(w, self.spec, keep, self.layer)
 
     def column(self, j: int, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """The grid values of column ``j`` (exactly 0 where pruned), in ``w``'s dtype."""
-        g = j // self.spec.group
+        """The grid values of the sweep's column ``j`` (exactly 0 where pruned), in ``w``'s dtype."""
+        col = j if self.order is None else int(self.order[j])
+        g = col // self.spec.group
         scale, offset = self.scale[:, g], self.offset[:, g]
         codes = torch.where(keep, quantize_codes(w, scale, offset, self.spec), self.spec.zero)
-        self.codes[:, j] = codes
+        self.codes[:, col] = codes
         return torch.where(keep, dequantize_codes(codes, scale, offset), 0.0).to(w.dtype)
 
     def result(self, keep: torch.Tensor, sparse_group: int | None) -> QuantizedWeight:
@@ -259,7 +277,7 @@ def _solve(
             if quant is None:
                 err = w1[:, i] * (~k1[:, i]) / d[i]
             else:
-                if (i1 + i) % quant.spec.group == 0:
+                if not quant.static and (i1 + i) % quant.spec.group == 0:
                     quant.fit(i1 + i, w1[:, i:i + quant.spec.group], k1[:, i:i + quant.spec.group])
                 err = (w1[:, i] - quant.column(i1 + i, w1[:, i], k1[:, i])) / d[i]
             losses += err * err / 2
@@ -290,6 +308,7 @@ def sparsegpt_prune(
     dtype: torch.dtype = torch.float32,
     layer: str = "",
     quantize: QuantSpec | None = None,
+    act_order: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Prune one layer with SparseGPT; with ``quantize``, prune and quantise it jointly (GPTQ).
 
@@ -310,6 +329,10 @@ def sparsegpt_prune(
         layer: name used in messages.
         quantize: put every kept weight on its group's grid as the sweep reaches it (the
             quantisation error is compensated like a pruning error; see the module docstring).
+        act_order: quantise (``quantize``, nothing pruned) the columns in decreasing order of
+            the Hessian's diagonal, the inputs with the most energy first while the most
+            columns remain to absorb their error; the grids are then fitted once, before the
+            sweep, from the original weights (static groups).
 
     Returns:
         ``(new_weight, keep_mask, info)``: a new tensor of ``weight``'s shape, dtype and
@@ -400,6 +423,10 @@ def sparsegpt_prune(
         )
     if quantize is not None and element_pruned:
         check_quant_layer(quantize, cols, pattern, True, layer)
+    if act_order and (quantize is None or element_pruned or isinstance(pattern, Group)
+                      or (keep_mask is not None and not bool(fixed.all()))):
+        raise ConfigError(f"layer '{layer}': act_order quantises without pruning: it needs quantize and "
+                          f"sparsity 0 (the columns are visited out of place, which pattern windows cannot be)")
 
     w = w0.to(dtype=dtype, copy=True)
     h = h0.to(device=w.device, dtype=dtype, copy=True)
@@ -407,6 +434,11 @@ def sparsegpt_prune(
     h.diagonal()[dead] = 1
     w[:, dead] = 0
     mean_diag = float(h.diagonal().mean())
+    order = None
+    if act_order:  # the sweep runs on permuted columns; grids and codes keep the layer's order
+        order = torch.argsort(h.diagonal(), descending=True, stable=True)
+        original = w
+        w, h = w[:, order], h[order][:, order]
 
     schedule = _damp_schedule(percdamp, damp_growth, max_damp_tries)
     for attempt, pd in enumerate(schedule):
@@ -416,7 +448,9 @@ def sparsegpt_prune(
         upper = inverse_cholesky_upper(hd)
         problem = "Cholesky factorisation failed"
         if upper is not None:
-            quant = None if quantize is None else _ColumnQuantizer(quantize, rows, cols, w.device, layer)
+            quant = None if quantize is None else _ColumnQuantizer(quantize, rows, cols, w.device, layer, order)
+            if quant is not None and quant.static:
+                quant.fit_static(original)
             new, keep, losses = _solve(w.clone(), upper, blocksize, select, quant)
             if torch.isfinite(new).all():
                 break
@@ -449,6 +483,10 @@ def sparsegpt_prune(
         "loss": float(losses.sum()),
         "row_losses": losses,
     }
+    if order is not None:  # back to the layer's column order
+        inverse = torch.argsort(order)
+        new, keep = new[:, inverse], keep[:, inverse]
+        info["act_order"] = True
     if quant is not None:
         info["qweight"] = quant.result(keep, pattern.size if isinstance(pattern, Group) else None)
         new = info["qweight"].dequantize().to(new.dtype)
@@ -500,12 +538,16 @@ class SparseGPTSolver(Solver):
             pruned = (sparsity or 0) > 0 or isinstance(pattern, NM)
             check_quant_layer(spec, reduction_view(t.param).shape[1], pattern, pruned, t.name)
 
+    def _sweep_options(self) -> dict:
+        """Options of :func:`sparsegpt_prune` a subclass adds (GPTQ's act order)."""
+        return {}
+
     def _run(self, ctx, pattern, sparsity, keep=None):
         o = self.options
         weight, keep, info = sparsegpt_prune(
             ctx.param.detach(), ctx.stats["hessian"], sparsity, pattern, keep_mask=keep, blocksize=o.blocksize,
             percdamp=o.percdamp, max_damp_tries=o.max_damp_tries, damp_growth=o.damp_growth, layer=ctx.name,
-            quantize=o.spec(), nm_choice=o.nm_choice,
+            quantize=o.spec(), nm_choice=o.nm_choice, **self._sweep_options(),
         )
         if info.get("tries", 1) > 1:
             log.warning("layer '%s': SparseGPT needed damping %.3g", ctx.name, info["percdamp"])
