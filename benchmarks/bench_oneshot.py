@@ -49,6 +49,10 @@ def _grid() -> dict[str, dict]:
             grid[f"{m}-{p}"] = {"model": "smollm2-135m", "method": m, "sparsity": None, "pattern": p}
         grid[f"wanda+dsnot-{p}"] = {"model": "smollm2-135m", "method": "wanda", "sparsity": None, "pattern": p,
                                     "options": {"dsnot": True}}
+    # N:M groups chosen by the least OBS loss of each group's sweep instead of the diagonal score
+    for p in ("2:4", "4:8"):
+        grid[f"sparsegpt-exact-{p}"] = {"model": "smollm2-135m", "method": "sparsegpt", "sparsity": None,
+                                        "pattern": p, "options": {"nm_choice": "exact"}}
     # "true sequential" blocks: each layer group pruned from the already-pruned groups' outputs
     for p, s in (("0.5", 0.5), ("2:4", None), ("4:8", None)):
         grid[f"sparsegpt-seq-{p}"] = {"model": "smollm2-135m", "method": "sparsegpt", "sparsity": s,
