@@ -14,8 +14,10 @@ prompt's forward pass; decode = the ``new_tokens - 1`` one-token steps after it.
 
 Rows: *eager-fp32* (the model's own forward and cache: today's path), *fast-fp32*
 (:class:`sparsecraft.runtime.FastDecoder`, float32 GEMV), *fast-w4g64* (every block linear and the
-head int4, group 64), *fast-w4g64-gs16* (block linears int4 + group:16 sparsity keeping 50% of the
-groups per row, head int4), *llama.cpp* (llama-cpp-python, the GGUF's Q4_1 weights). The W4 weights
+head int4, group 64), *fast-w4g64-x8* (the same weights, each layer's input rounded to int8 per
+block of 32 and multiplied in integers, as llama.cpp's Q4 kernels do; its perplexity is computed
+with every quantised layer on that path), *fast-w4g64-gs16* (block linears int4 + group:16
+sparsity keeping 50% of the groups per row, head int4), *llama.cpp* (llama-cpp-python, the GGUF's Q4_1 weights). The W4 weights
 come from round-to-nearest (``sparsecraft.quant.rtn_quantize``, asymmetric), with the 16-column
 groups of largest norm kept: a speed baseline, not the error-compensated quantiser of ``sparsecraft.quant``; the
 perplexity column says what that costs.
@@ -33,6 +35,7 @@ llama.cpp row is left out and the table says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -184,6 +187,25 @@ def read_bandwidth(threads: int, mib: int = 256, repeats: int = 5) -> float:
     return t.numel() * 4 / statistics.median(times)
 
 
+@contextlib.contextmanager
+def int8_activations():
+    """Every dense int4 QuantLinear product on the int8-activation kernel while inside."""
+    from sparsecraft.quant.modules import QUANT_KERNELS
+    from sparsecraft.runtime.qkernels import qlinear_int8_activations
+
+    def kernel(x2, qweight, bias):
+        if qweight.spec.bits != 4 or qweight.sparse_group or x2.dtype != torch.float32:
+            return None
+        return qlinear_int8_activations(x2, qweight.packed, qweight.scale, qweight.offset, bias,
+                                        group_size=qweight.spec.group)
+
+    QUANT_KERNELS.insert(0, kernel)
+    try:
+        yield
+    finally:
+        QUANT_KERNELS.remove(kernel)
+
+
 def run(threads_list: list[int], prompt_len: int, new_tokens: int, repeats: int, eval_tokens_n: int, ppl: bool,
         smoke: bool) -> dict:
     from sparsecraft import data, models
@@ -201,6 +223,7 @@ def run(threads_list: list[int], prompt_len: int, new_tokens: int, repeats: int,
     rows = {"eager-fp32": (model, EagerDecoder(model)),
             "fast-fp32": (model, FastDecoder(model, max_len=max_len, backend="cpp")),
             "fast-w4g64": (w4, FastDecoder(w4, max_len=max_len, backend="cpp")),
+            "fast-w4g64-x8": (w4, FastDecoder(w4, max_len=max_len, backend="cpp", activations="int8")),
             "fast-w4g64-gs16": (w4gs, FastDecoder(w4gs, max_len=max_len, backend="cpp"))}
     have_llama = _llama_cpp() is not None and gguf.is_file()
     res: dict = {"settings": {"prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
@@ -266,7 +289,8 @@ def run(threads_list: list[int], prompt_len: int, new_tokens: int, repeats: int,
         for name, (m, _) in rows.items():
             if name == "fast-fp32":
                 continue  # the same model as eager-fp32
-            res["quality"][name] = models.perplexity(m, eval_tokens, 512, progress=not smoke)
+            with int8_activations() if name.endswith("-x8") else contextlib.nullcontext():
+                res["quality"][name] = models.perplexity(m, eval_tokens, 512, progress=not smoke)
             print(f"perplexity {name}: {res['quality'][name]:.2f}", flush=True)
         res["quality"]["fast-fp32"] = res["quality"].get("eager-fp32")
         if have_llama:

@@ -147,6 +147,56 @@ def test_isa_is_capped_and_reported(ext):
         qk.set_kernel_isa("sse9")
 
 
+def test_activation_rounding_is_the_documented_rule():
+    x = torch.zeros(2, 64)
+    x[0, :32] = torch.arange(32) - 15.5  # max |x| 15.5: codes round(x * (127 / 15.5)) in float32
+    x[0, 32:] = torch.tensor([127.0, -63.5, 0.5, -0.5] * 8)  # halves round away from zero
+    codes, scales = qk.quantize_activations(x)
+    assert codes.dtype == torch.int8 and scales.shape == (2, 2)
+    products = (x[0, :32] * (torch.tensor(127.0) / torch.tensor(15.5))).tolist()  # float32 products
+    want = [int(abs(v) + 0.5) * (1 if v > 0 else -1) for v in products]
+    assert codes[0, :32].tolist() == want and want[0] == -127 and want[-1] == 127
+    assert codes[0, 32:36].tolist() == [127, -64, 1, -1] and float(scales[0, 1]) == 1.0
+    assert (codes[1] == 0).all() and (scales[1] == 0).all()  # an all-zero block
+
+
+def _x8_reference(qw, x, bias):
+    """The int8-activation product in float64: codes . rounded x, offsets . float x."""
+    codes, scales = qk.quantize_activations(x)
+    rounded = (codes.double().reshape(x.shape[0], -1, 32) * scales.double()[..., None]).reshape(x.shape)
+    off = qw.offset.double().repeat_interleave(qw.spec.group, dim=1)
+    y = rounded @ (qw.dequantize().double() - off).t() + x.double() @ off.t()
+    return (y + (0 if bias is None else bias.double())).float()
+
+
+@pytest.mark.parametrize("out,n_in,g", SHAPES)
+def test_int8_activation_kernel_equals_its_reference_and_stays_near_float(ext, out, n_in, g):
+    qw = _random_qweight(out, n_in, g, 4, 0, seed=out + 1)
+    bias = torch.randn(out)
+    gen = torch.Generator().manual_seed(2)
+    for isa in _isas(ext):
+        assert qk.set_kernel_isa(isa) == isa
+        for batch in (1, 3, 8, 13, 40):
+            x = torch.randn(batch, n_in, generator=gen)
+            x[0, :32] = 0  # a block of zeros
+            y = qk.qlinear_int8_activations(x, qw.packed, qw.scale, qw.offset, bias, group_size=g)
+            _assert_close(y, _x8_reference(qw, x, bias))
+            exact = _reference(qw, x, bias)
+            assert float((y - exact).abs().max()) < 0.05 * float(exact.abs().max())
+
+
+def test_int8_activations_without_the_library_compute_the_same_rounding(monkeypatch):
+    monkeypatch.setattr(extension, "_why_not", lambda: "no C++ compiler (test)")
+    extension._reset_for_tests()
+    try:
+        qw = _random_qweight(33, 192, 64, 4, 0)
+        x = torch.randn(3, 192)
+        y = qk.qlinear_int8_activations(x, qw.packed, qw.scale, qw.offset, None, group_size=64)
+        _assert_close(y, _x8_reference(qw, x, None))
+    finally:
+        extension._reset_for_tests()
+
+
 def test_without_the_compiled_library_the_ops_fall_back_and_log(monkeypatch, caplog):
     monkeypatch.setattr(extension, "_why_not", lambda: "no C++ compiler (test)")
     extension._reset_for_tests()

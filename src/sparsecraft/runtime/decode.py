@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .qkernels import quantized_linear
+from .qkernels import qlinear_int8_activations, quantized_linear
 from .timing import DecodeResult
 
 __all__ = ["decoder", "FastDecoder", "EagerDecoder", "llama_structure_problem", "linear_parts"]
@@ -136,16 +136,23 @@ class FastDecoder:
     ``max_len`` bounds prompt + generated tokens (default: the model's
     ``max_position_embeddings``, at most 4096). ``backend``: ``"auto"`` (compiled when
     available), ``"cpp"`` (compiled or an error) or ``"torch"`` (the pure-torch step).
+    ``activations="int8"``: dense int4 layers round their input to int8 per block of 32 and
+    multiply in integers (:func:`~.qkernels.qlinear_int8_activations`, llama.cpp's way:
+    faster, no longer float-exact); the default ``"float32"`` keeps the float kernels.
     """
 
     fast = True
 
-    def __init__(self, model: nn.Module, max_len: int | None = None, backend: str = "auto"):
+    def __init__(self, model: nn.Module, max_len: int | None = None, backend: str = "auto",
+                 activations: str = "float32"):
         problem = llama_structure_problem(model)
         if problem is not None:
             raise ConfigError(f"the fast decoder needs a Llama-family model: {problem}")
         if backend not in ("auto", "cpp", "torch"):
             raise ConfigError(f"backend must be auto, cpp or torch, got {backend!r}")
+        if activations not in ("float32", "int8"):
+            raise ConfigError(f"activations must be float32 or int8, got {activations!r}")
+        self.int8_activations = activations == "int8"
         self.model = model
         core, cfg = model.model, model.config
         attn0 = core.layers[0].self_attn
@@ -197,14 +204,16 @@ class FastDecoder:
         self.backend = "cpp" if self._cpp is not None else "torch"
 
     # -- building -------------------------------------------------------------------------
-    @staticmethod
-    def _cpp_linear(ext, p: dict, what: str):
+    def _uses_int8_activations(self, p: dict) -> bool:
+        return self.int8_activations and p["kind"] != FLOAT and p["q"].spec.bits == 4 and not p["q"].sparse_group
+
+    def _cpp_linear(self, ext, p: dict, what: str):
         if p["kind"] == FLOAT:
             return ext.make_linear(what, FLOAT, None, None, None, None, p["weight"], p["bias"], 0, 0)
         q = p["q"]
         return ext.make_linear(what, p["kind"], q.packed.contiguous(), q.scale.contiguous(), q.offset.contiguous(),
                                None if q.group_index is None else q.group_index.contiguous(), None, p["bias"],
-                               q.spec.group, q.sparse_group or 0)
+                               q.spec.group, q.sparse_group or 0, self._uses_int8_activations(p))
 
     def _build_cpp(self, ext):
         lin = self._cpp_linear
@@ -266,10 +275,12 @@ class FastDecoder:
         return dict(self._cpp.profile())
 
     # -- the pure-torch step (no compiled library) --------------------------------------------
-    @staticmethod
-    def _linear(p: dict, x: torch.Tensor) -> torch.Tensor:
+    def _linear(self, p: dict, x: torch.Tensor) -> torch.Tensor:
         if p["kind"] == FLOAT:
             return F.linear(x, p["weight"], p["bias"])
+        if self._uses_int8_activations(p):
+            q = p["q"]
+            return qlinear_int8_activations(x, q.packed, q.scale, q.offset, p["bias"], group_size=q.spec.group)
         return quantized_linear(x, p["q"], p["bias"])
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -323,13 +334,13 @@ class FastDecoder:
         return 2 * len(self.blocks) * self.n_kv * positions * self.head_dim * 4
 
 
-def decoder(model: nn.Module, max_len: int | None = None, backend: str = "auto"):
+def decoder(model: nn.Module, max_len: int | None = None, backend: str = "auto", activations: str = "float32"):
     """A :class:`FastDecoder` when ``model`` has the Llama-family structure, else an
     :class:`EagerDecoder` (logged with the reason)."""
     problem = llama_structure_problem(model)
     if problem is None:
         try:
-            return FastDecoder(model, max_len=max_len, backend=backend)
+            return FastDecoder(model, max_len=max_len, backend=backend, activations=activations)
         except ConfigError as exc:
             if backend == "cpp":
                 raise

@@ -45,7 +45,7 @@ from ..quant.grid import GROUPS, QuantSpec
 from ..quant.tensor import QuantizedWeight
 
 __all__ = ["dequantize", "qlinear", "quantized_linear", "quant_kernel", "check_layout", "kernel_isa",
-           "set_kernel_isa", "ISAS"]
+           "set_kernel_isa", "ISAS", "quantize_activations", "qlinear_int8_activations"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,47 @@ def qlinear(x, codes, scale, offset, bias=None, *, group_size: int, bits: int = 
         op = torch.ops.sparsecraft.qlinear_int4 if bits == 4 else torch.ops.sparsecraft.qlinear_int8
         return op(x, codes, scale, offset, bias, group_size)
     return _run(x, codes, scale, offset, group_index, bias, bits, group_size, sparse_group)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [B, in]`` (``in`` a multiple of 32) rounded to int8 per block of 32 values, as the
+    int8-activation kernel does (llama.cpp's Q8_0 rule): ``scale = max|x| / 127`` per block,
+    ``code = round(x * (127 / max|x|))`` half away from zero (0 for an all-zero block).
+    Returns ``(codes int8 [B, in], scales float32 [B, in / 32])``; ``codes * scale`` is the
+    rounded input."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(dim=2)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    v = (blocks * inv[..., None]).double()  # the float32 product, rounded exactly
+    codes = (torch.sign(v) * torch.floor(v.abs() + 0.5)).to(torch.int8)
+    return codes.reshape(x.shape), amax / 127.0
+
+
+def qlinear_int8_activations(x, codes, scale, offset, bias=None, *, group_size: int) -> torch.Tensor:
+    """Dense int4 ``qlinear`` with the input rounded to int8 per block of 32
+    (:func:`quantize_activations`) and multiplied by the codes in integers, as llama.cpp's Q4
+    kernels do: about twice the speed of the float kernel on AVX2, at the cost of the input's
+    rounding (a relative error of order 1e-3 on the output instead of float rounding). The
+    offsets multiply the float input's sums. Needs the compiled kernels; without them it
+    computes the same rounding in torch."""
+    n_in = check_layout(codes, scale, offset, group_size, bits=4, in_features=x.shape[-1],
+                        what="qlinear_int8_activations")
+    if x.dtype != torch.float32:
+        raise ConfigError(f"qlinear_int8_activations: x must be float32, got {x.dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n_in)
+    ext = _ext() if x.device.type == "cpu" else None
+    if ext is not None:
+        y = ext.qlinear_x8(x2, codes, scale, offset, bias, group_size)
+    else:
+        xq, xs = quantize_activations(x2)
+        rounded = (xq.float().reshape(x2.shape[0], -1, 32) * xs[..., None]).reshape(x2.shape)
+        qw = _weight(codes, scale, offset, group_size, 4, None, 0, n_in)
+        grid = qw.dequantize()
+        # the codes see the rounded input, the offsets the float input (as in the kernel)
+        off = offset.float().repeat_interleave(group_size, dim=1)
+        y = F.linear(rounded, grid - off) + F.linear(x2, off, bias)
+    return y.view(*lead, codes.shape[0])
 
 
 def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -230,14 +230,19 @@ void register_decode(pybind11::module& m) {
   m.def(
       "make_linear",
       [](const std::string& what, int64_t kind, const OptT& codes, const OptT& scale, const OptT& offset,
-         const OptT& group_index, const OptT& weight, const OptT& bias, int64_t g, int64_t sparse_group) {
+         const OptT& group_index, const OptT& weight, const OptT& bias, int64_t g, int64_t sparse_group,
+         bool int8_activations) {
         const at::Tensor none;
-        return make_linear(what, kind, codes.value_or(none), scale.value_or(none), offset.value_or(none), group_index,
-                           weight.value_or(none), bias, g, sparse_group);
+        Linear l = make_linear(what, kind, codes.value_or(none), scale.value_or(none), offset.value_or(none),
+                               group_index, weight.value_or(none), bias, g, sparse_group);
+        TORCH_CHECK(!int8_activations || l.kind == kInt4, what, ": int8 activations need dense int4 codes");
+        l.int8_x = int8_activations;
+        return l;
       },
       "a Linear for the decode step (kind: 0 int8, 1 int4, 2 group:8, 3 group:16, 4 float32; unused tensors None)",
         py::arg("what"), py::arg("kind"), py::arg("codes"), py::arg("scale"), py::arg("offset"),
-        py::arg("group_index"), py::arg("weight"), py::arg("bias"), py::arg("group_size"), py::arg("sparse_group"));
+        py::arg("group_index"), py::arg("weight"), py::arg("bias"), py::arg("group_size"), py::arg("sparse_group"),
+        py::arg("int8_activations") = false);
   py::class_<DecodeModel>(m, "DecodeModel")
       .def(py::init<int64_t, int64_t, int64_t, double, double, at::Tensor, at::Tensor, Linear, at::Tensor,
                     at::Tensor, at::Tensor, at::Tensor>())

@@ -5,6 +5,7 @@
 //   SC_W / W                   floats per vector for the dense loops (8 or 16)
 //   vf8 cvt8(uint64_t)         8 byte codes -> 8 floats
 //   vf16 cvt16(uint64_t lo, uint64_t hi)   16 byte codes -> 16 floats (when W == 16)
+//   float hf(uint16_t)         fp16 bits -> float (F16C where the set has it)
 // with that set's intrinsics (GCC turns a generic u8 -> float __builtin_convertvector into
 // 8 scalar conversions). No system header is included here (they sit at the top of the .cpp).
 //
@@ -109,7 +110,7 @@ void dense_rows(const QArgs& a, int64_t r0, int64_t r1) {
 #pragma GCC unroll 4
           for (int v = 0; v < V; ++v) gacc[b][v % NCH] += wv[v] * ldv(a.x + b * in + c + v * W);
       }
-      const float s = h2f(a.scale[r * ng + q]), z = h2f(a.offset[r * ng + q]);
+      const float s = hf(a.scale[r * ng + q]), z = hf(a.offset[r * ng + q]);
 #pragma GCC unroll 8
       for (int b = 0; b < B; ++b) {
         vf t = gacc[b][0];
@@ -148,8 +149,8 @@ void sparse_rows(const QArgs& a, int64_t r0, int64_t r1) {
     const int32_t* gi = a.group_index + r * kept;
     const uint8_t* row = a.codes + r * kept * (G / 2);
     for (int64_t q = 0; q < ng; ++q) {
-      sz[q] = h2f(a.scale[r * ng + q]);
-      sz[ng + q] = h2f(a.offset[r * ng + q]);
+      sz[q] = hf(a.scale[r * ng + q]);
+      sz[ng + q] = hf(a.offset[r * ng + q]);
     }
     vf8 acc[B][NCH];
 #pragma GCC unroll 8

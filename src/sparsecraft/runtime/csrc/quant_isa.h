@@ -15,9 +15,52 @@ namespace sc {
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf16 __attribute__((vector_size(64)));
 
+// Dense int4 rows [r0, r1) against int8 activations (QArgs::xq, xscale; Linear::int8_x):
+// per block of 32 columns the integer dot product of codes and activations, times the block's
+// activation scale, summed per quantisation group, times the group's scale; plus offset * the
+// float sum of x. SC_X8_BODY is the instruction-set independent frame; DOT32(row, c, xb)
+// gives the block's integer dot product as a float vector or a float.
+#define SC_X8_ROWS(ACC_T, ZERO, DOT_FMA, SCALE_ADD, HSUM)                                 \
+  template <int B>                                                                         \
+  void dense_rows_x8(const QArgs& a, int64_t r0, int64_t r1) {                             \
+    const int64_t in = a.in, g = a.g, ng = in / g, nb = in / 32;                          \
+    for (int64_t r = r0; r < r1; ++r) {                                                    \
+      const uint8_t* row = a.codes + r * (in / 2);                                         \
+      ACC_T total[B];                                                                      \
+      float zsum[B];                                                                       \
+      for (int b = 0; b < B; ++b) {                                                        \
+        total[b] = ZERO;                                                                   \
+        zsum[b] = 0.f;                                                                     \
+      }                                                                                    \
+      for (int64_t q = 0; q < ng; ++q) {                                                   \
+        ACC_T gacc[B];                                                                     \
+        for (int b = 0; b < B; ++b) gacc[b] = ZERO;                                        \
+        for (int64_t c = q * g; c < (q + 1) * g; c += 32) DOT_FMA;                         \
+        const float s = hf(a.scale[r * ng + q]), z = hf(a.offset[r * ng + q]);            \
+        for (int b = 0; b < B; ++b) {                                                      \
+          total[b] = SCALE_ADD(gacc[b], s, total[b]);                                      \
+          zsum[b] += z * a.xsum[b * ng + q];                                               \
+        }                                                                                  \
+      }                                                                                    \
+      const float bias = a.bias ? a.bias[r] : 0.f;                                         \
+      for (int b = 0; b < B; ++b) a.y[b * a.out + r] = HSUM(total[b]) + zsum[b] + bias;    \
+    }                                                                                      \
+  }
+
+// The portable block dot product: 16 bytes of codes (low nibbles: the block's even columns,
+// high: the odd ones) against 32 int8 activations in the same permuted order.
+static inline int32_t dot32_u4i8(const uint8_t* codes, const int8_t* x) {
+  int32_t s = 0;
+  for (int j = 0; j < 16; ++j) s += (codes[j] & 15) * x[j] + (codes[j] >> 4) * x[16 + j];
+  return s;
+}
+static inline float sc_id(float v) { return v; }
+static inline float sc_scale_add(float v, float s, float acc) { return acc + v * s; }
+
 namespace isa_generic {
 #define SC_W 8
 constexpr int W = 8;
+static inline float hf(uint16_t h) { return h2f(h); }
 static inline vf8 cvt8(uint64_t w) {
 #ifdef SC_X86  // SSE2, the x86-64 baseline: widen bytes to int32 by interleaving with zeros
   const __m128i z = _mm_setzero_si128();
@@ -34,28 +77,55 @@ static inline vf8 cvt8(uint64_t w) {
 #endif
 }
 #include "quant_body.h"
+SC_X8_ROWS(float, 0.f,
+           for (int b = 0; b < B; ++b) gacc[b] += static_cast<float>(dot32_u4i8(row + c / 2, a.xq + b * in + c)) *
+                                                 a.xscale[b * nb + c / 32],
+           sc_scale_add, sc_id)
 #undef SC_W
 }  // namespace isa_generic
 
 #ifdef SC_X86
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace isa_avx2 {
 #define SC_W 8
 constexpr int W = 8;
+static inline float hf(uint16_t h) { return _cvtsh_ss(h); }
 static inline vf8 cvt8(uint64_t w) {
   return (vf8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(w))));
 }
 #include "quant_body.h"
+static inline __m256 scale_add256(__m256 v, float s, __m256 acc) { return _mm256_fmadd_ps(v, _mm256_set1_ps(s), acc); }
+static inline float hsum256(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+// codes * x for one block: maddubs (u8 x i8 -> pairs summed in i16; at most 2 * 15 * 127),
+// madd with ones (-> i32), to float, times the block's activation scale
+#define SC_DOT_AVX2                                                                                  \
+  {                                                                                                  \
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2));             \
+    const __m256i codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),           \
+                                           _mm256_set1_epi8(0x0F));                                  \
+    for (int b = 0; b < B; ++b) {                                                                    \
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + b * in + c));   \
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), _mm256_set1_epi16(1));   \
+      gacc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(a.xscale[b * nb + c / 32]), gacc[b]); \
+    }                                                                                                \
+  }
+SC_X8_ROWS(__m256, _mm256_setzero_ps(), SC_DOT_AVX2, scale_add256, hsum256)
+#undef SC_DOT_AVX2
 #undef SC_W
 }  // namespace isa_avx2
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
 namespace isa_avx512 {
 #define SC_W 16
 constexpr int W = 16;
+static inline float hf(uint16_t h) { return _cvtsh_ss(h); }
 static inline vf8 cvt8(uint64_t w) {
   return (vf8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(w))));
 }
@@ -64,6 +134,27 @@ static inline vf16 cvt16(uint64_t lo, uint64_t hi) {
   return (vf16)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
 }
 #include "quant_body.h"
+static inline __m256 scale_add256(__m256 v, float s, __m256 acc) { return _mm256_fmadd_ps(v, _mm256_set1_ps(s), acc); }
+static inline float hsum256(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+// codes * x for one block: maddubs (u8 x i8 -> pairs summed in i16; at most 2 * 15 * 127),
+// madd with ones (-> i32), to float, times the block's activation scale
+#define SC_DOT_AVX2                                                                                  \
+  {                                                                                                  \
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2));             \
+    const __m256i codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),           \
+                                           _mm256_set1_epi8(0x0F));                                  \
+    for (int b = 0; b < B; ++b) {                                                                    \
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + b * in + c));   \
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), _mm256_set1_epi16(1));   \
+      gacc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(a.xscale[b * nb + c / 32]), gacc[b]); \
+    }                                                                                                \
+  }
+SC_X8_ROWS(__m256, _mm256_setzero_ps(), SC_DOT_AVX2, scale_add256, hsum256)
+#undef SC_DOT_AVX2
 #undef SC_W
 }  // namespace isa_avx512
 #pragma GCC pop_options

@@ -16,6 +16,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -39,8 +40,14 @@ namespace {
 
 const char* const kIsaNames[] = {"generic", "avx2", "avx512"};
 
+#define SC_X8(ns, t) \
+  t[0] = &ns::dense_rows_x8<1>; t[1] = &ns::dense_rows_x8<2>; t[2] = &ns::dense_rows_x8<3>; \
+  t[3] = &ns::dense_rows_x8<4>; t[4] = &ns::dense_rows_x8<5>; t[5] = &ns::dense_rows_x8<6>; \
+  t[6] = &ns::dense_rows_x8<7>; t[7] = &ns::dense_rows_x8<8>;
+
 struct Tables {
   RowFn t[3][kKinds][kMaxBatch];
+  RowFn x8[3][kMaxBatch];  // dense int4 against int8 activations
   AttendFn attend[3] = {&isa_generic::attend, &isa_avx2::attend, &isa_avx512::attend};
   SiluFn silu[3] = {&isa_generic::silu_mul, &isa_avx2::silu_mul, &isa_avx512::silu_mul};
   int detected = 0;
@@ -49,8 +56,12 @@ struct Tables {
     SC_TABLE(isa_generic, t[0])
     SC_TABLE(isa_avx2, t[1])
     SC_TABLE(isa_avx512, t[2])
+    SC_X8(isa_generic, x8[0])
+    SC_X8(isa_avx2, x8[1])
+    SC_X8(isa_avx512, x8[2])
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
+    // every AVX2 CPU has F16C (the AVX2 loops convert the fp16 grids with it)
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) detected = 1;
     if (detected == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl"))
@@ -86,6 +97,26 @@ void permute_into(const float* x, int64_t batch, int64_t in, int64_t P, float* o
   }
 }
 
+// x [B, in] -> int8 codes per block of 32 (round half away from zero of x / scale, scale =
+// max|x| / 127; an all-zero block has scale 0 and codes 0), permuted inside each block to
+// [even columns..., odd columns...] like the int4 codes' nibbles.
+void quantize_x8(const float* x, int64_t batch, int64_t in, int8_t* xq, float* xscale) {
+  const int64_t nb = in / 32;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t k = 0; k < nb; ++k) {
+      const float* xb = x + b * in + k * 32;
+      float amax = 0.f;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      xscale[b * nb + k] = scale;
+      int8_t* o = xq + b * in + k * 32;
+      for (int j = 0; j < 16; ++j) {
+        o[j] = static_cast<int8_t>(std::lround(xb[2 * j] * inv));
+        o[16 + j] = static_cast<int8_t>(std::lround(xb[2 * j + 1] * inv));
+      }
+    }
+}
+
 int log2_exact(int64_t v) {
   for (int s = 0; s < 62; ++s)
     if ((int64_t{1} << s) == v) return s;
@@ -116,7 +147,8 @@ void linear_into(const Linear& l, const float* x, int64_t batch, float* y, float
   a.g = l.g;
   a.y = y;
   a.bias = l.bias.defined() ? l.bias.data_ptr<float>() : nullptr;
-  std::vector<float> xsum;
+  std::vector<float> xsum, xscale;
+  std::vector<int8_t> xq;
   if (l.kind == kFloat) {
     a.weight = l.weight.data_ptr<float>();
     a.x = x;
@@ -126,6 +158,12 @@ void linear_into(const Linear& l, const float* x, int64_t batch, float* y, float
     a.offset = reinterpret_cast<const uint16_t*>(l.offset.data_ptr<c10::Half>());
     if (l.kind == kInt8) {
       a.x = x;
+    } else if (l.int8_x) {
+      xq.resize(batch * l.in);
+      xscale.resize(batch * (l.in / 32));
+      quantize_x8(x, batch, l.in, xq.data(), xscale.data());
+      a.xq = xq.data();
+      a.xscale = xscale.data();
     } else {
       permute_into(x, batch, l.in, l.kind == kGroup8 ? 8 : 16, scratch);
       a.x = scratch;
@@ -146,7 +184,7 @@ void linear_into(const Linear& l, const float* x, int64_t batch, float* y, float
       a.per_q_shift = log2_exact(l.g / l.sparse_group);
     }
   }
-  const RowFn fn = tables().t[tables().active][l.kind][batch - 1];
+  const RowFn fn = l.int8_x ? tables().x8[tables().active][batch - 1] : tables().t[tables().active][l.kind][batch - 1];
   // enough rows per task that a task reads >= ~32 KB of weights
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(l.in, 1));
   at::parallel_for(0, l.out, grain, [&](int64_t b, int64_t e) { fn(a, b, e); });
@@ -251,7 +289,7 @@ at::Tensor run(const Linear& l, const at::Tensor& x_in) {
   TORCH_CHECK(x_in.size(1) == l.in, "x has ", x_in.size(1), " columns, the weight ", l.in);
   const auto x = x_in.contiguous();
   const int64_t batch = x.size(0);
-  if (batch > 4 * kMaxBatch) {  // prefill: the GEMM is cheap next to decoding the codes 4+ times
+  if (batch > 4 * kMaxBatch && !l.int8_x) {  // prefill: the GEMM is cheap next to decoding the codes 4+ times
     auto w = l.kind == kFloat ? l.weight : dequantize(l);
     return l.bias.defined() ? at::addmm(l.bias, x, w.t()) : at::mm(x, w.t());
   }
@@ -283,6 +321,14 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   return run(l, x);
 }
 
+// qlinear for dense int4 with the input rounded to int8 per block of 32 (see Linear::int8_x)
+at::Tensor qlinear_x8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& offset,
+                      const c10::optional<at::Tensor>& bias, int64_t g) {
+  Linear l = make_linear("qlinear_x8", kInt4, codes, scale, offset, c10::nullopt, at::Tensor(), bias, g, 0);
+  l.int8_x = true;
+  return run(l, x);
+}
+
 at::Tensor qdequantize(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& offset,
                           const c10::optional<at::Tensor>& group_index, int64_t bits, int64_t g,
                           int64_t sparse_group) {
@@ -299,6 +345,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const c10::
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &sc::qlinear, "y = x @ dequantize(W)^T + b for int8 / int4 / int4 group-sparse W");
+  m.def("qlinear_x8", &sc::qlinear_x8, "qlinear for dense int4 W with x rounded to int8 per block of 32");
   m.def("dequantize", &sc::qdequantize, "float32 [out, in] from the quantised layout");
   m.def("linear_f32", &sc::linear_f32, "y = x @ W^T + b, float32 (the decode step's GEMV)");
   m.def("isa", &sc::isa, "instruction set the kernels use");

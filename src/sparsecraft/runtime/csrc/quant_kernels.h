@@ -38,6 +38,8 @@ struct QArgs {
   const int32_t* group_index = nullptr;  // [out, kept]
   const float* weight = nullptr;         // float32 [out, in] (kind kFloat)
   const float* x = nullptr;              // [B, in], permuted for int4 (see quant_body.h)
+  const int8_t* xq = nullptr;            // int8 activations: [B, in] codes, permuted in blocks of 32
+  const float* xscale = nullptr;         // int8 activations: [B, in / 32] scales
   const float* xsum = nullptr;           // [B, in / g] (dense int4 / int8)
   const float* bias = nullptr;           // [out] or null
   float* y = nullptr;                    // [B, out]
@@ -56,11 +58,14 @@ using SiluFn = void (*)(const float*, const float*, int64_t, float*);
 AttendFn attend_fn();
 SiluFn silu_fn();
 
-// One quantised or float Linear, as the decode step holds it.
+// One quantised or float Linear, as the decode step holds it. `int8_x` (dense int4 only):
+// the input is rounded to int8 per block of 32 values (scale max|x| / 127, llama.cpp's Q8_0
+// rule) and the codes multiply it in integers; the offsets still see the float input.
 struct Linear {
   int kind = kFloat;
   at::Tensor codes, scale, offset, group_index, weight, bias;
   int64_t in = 0, out = 0, g = 0, sparse_group = 0;
+  bool int8_x = false;
 };
 
 // y[B, out] = x[B, in] @ W^T + b for B <= kMaxBatch, x contiguous float32; threads from
