@@ -156,13 +156,15 @@ def child_prune(args, spec: dict) -> dict:
 
     import sparsecraft as sc
     from sparsecraft import data
+    from sparsecraft.streaming import staging_folder
 
     folder = Path(spec["model"])
     tok = tokenizer()
     calib = data.calibration(tok, args.scale_samples, args.seq_len, 0,
                              docs=data.builtin_texts("lee")["calibration"])
     out = Path(spec["out"])
-    shutil.rmtree(out, ignore_errors=True)
+    for path in (out, staging_folder(out)):  # a fresh run, not the resumption of a killed one
+        shutil.rmtree(path, ignore_errors=True)
     rss_before = peak_rss_bytes()
     start = time.perf_counter()
     result = sc.prune_pretrained(folder, sc.method_config(spec["method"], sparsity=0.5), calib, out, progress=False)
@@ -267,6 +269,7 @@ def child_parity(args, spec: dict) -> dict:
 
     import sparsecraft as sc
     from sparsecraft import data, models
+    from sparsecraft.streaming import staging_folder
 
     dtype = getattr(torch, spec["dtype"])
     work = Path(args.work) / f"smollm2-{spec['dtype']}"
@@ -282,7 +285,8 @@ def child_parity(args, spec: dict) -> dict:
         tokens = tokens[:args.eval_tokens]
     config = sc.method_config(spec["method"], sparsity=0.5)
     out = Path(args.work) / f"parity-{spec['method']}-{spec['dtype']}"
-    shutil.rmtree(out, ignore_errors=True)
+    for path in (out, staging_folder(out)):  # a fresh run, not the resumption of a killed one
+        shutil.rmtree(path, ignore_errors=True)
     start = time.perf_counter()
     sc.prune_pretrained(work, config, calib, out, progress=False)
     stream_seconds = time.perf_counter() - start

@@ -304,6 +304,15 @@ def test_a_resume_must_match_the_config_calibration_and_input(fp32_dir, tmp_path
         prune_pretrained(folder, sc.Wanda(sparsity=0.6, batch_size=4), CALIB, out, progress=False)
     with pytest.raises(SparsecraftError, match="another calibration data"):
         prune_pretrained(folder, config, CALIB.flip(0), out, progress=False)
+    manifest = staging_folder(out) / MANIFEST
+    text = manifest.read_text()
+    record = json.loads(text)
+    assert record["activations"] == "float32"
+    record["activations"] = "bfloat16"  # staged when the blocks computed in another dtype
+    manifest.write_text(json.dumps(record))
+    with pytest.raises(SparsecraftError, match="another activation dtype"):
+        prune_pretrained(folder, config, CALIB, out, progress=False)
+    manifest.write_text(text)
     shard = folder / "model-00002-of-00003.safetensors"
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # rewritten in place
     with pytest.raises(SparsecraftError, match="another input model"):

@@ -356,7 +356,8 @@ class _Run:
     def _check_identity(self, manifest: dict) -> None:
         what = {"version": "manifest version", "sparsecraft": "sparsecraft version", "config": "config",
                 "calibration": "calibration data", "model": "input model (fingerprint of its config, index and "
-                "shard headers)", "blocks": "number of blocks"}
+                "shard headers)", "blocks": "number of blocks", "activations": "activation dtype (what the blocks "
+                "compute in)"}
         mine = {"version": MANIFEST_VERSION, **self.identity, "blocks": len(self.block_names)}
         for key, label in what.items():
             if _canonical(manifest.get(key)) != _canonical(mine.get(key)):
@@ -649,8 +650,12 @@ def prune_pretrained(
     check_memory(rest_bytes + 2 * block_bytes, "streaming (the embeddings and head, then one block at a time)",
                  SparsecraftError)
 
+    stored = _common_dtype(weights.slots)
+    # the block-boundary activations' dtype: the dtype the blocks compute in (their files are resumed)
+    act_dtype = config.driver_options().wide_dtype(stored, "cpu") or stored
     identity = {"sparsecraft": __version__, "torch": torch.__version__, "config": config.to_dict(),
-                "calibration": _calibration_record(calib), "model": weights.fingerprint()}
+                "calibration": _calibration_record(calib), "model": weights.fingerprint(),
+                "activations": str(act_dtype).removeprefix("torch.")}
     rest_info = {t.name: {"pattern": "dense", "method": "skipped"} for t in outside} if calibrated else {}
     run = _Run(model, weights, groups, block_names, rest_names, staging_folder(out), identity, rest_info, skipped,
                progress)
@@ -664,8 +669,7 @@ def prune_pretrained(
     act = 0
     if calibrated and not resuming:
         hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None) or 0
-        stored = _common_dtype(weights.slots)  # the activations are in the dtype the blocks compute in
-        elem = torch.empty((), dtype=config.driver_options().wide_dtype(stored, "cpu") or stored).element_size()
+        elem = torch.empty((), dtype=act_dtype).element_size()
         act = 2 * calib.numel() * hidden * elem
     _check_disk(out, need + act, "the activations and the output" if act else "the output")
 
