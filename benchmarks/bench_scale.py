@@ -180,13 +180,13 @@ def child_prune(args, spec: dict) -> dict:
 SHAPE_SETTINGS = ("hidden", "intermediate", "heads", "kv_heads", "scale_samples", "seq_len")
 
 
-def earlier_rows(path: Path, args) -> list[dict]:
-    """The rows of an earlier run's ``scale.json`` made with the same shapes and calibration
-    (``--keep-rows``: a run cut short goes on where it stopped)."""
+def earlier_rows(path: Path, args, settings=SHAPE_SETTINGS) -> list[dict]:
+    """The rows of an earlier run's result file made with the same ``settings`` (``--keep-rows``:
+    a run cut short goes on where it stopped)."""
     if not path.is_file():
         return []
     earlier = json.loads(path.read_text())
-    same = all(earlier.get("settings", {}).get(k) == getattr(args, k) for k in SHAPE_SETTINGS)
+    same = all(earlier.get("settings", {}).get(k) == getattr(args, k) for k in settings)
     if not same:
         log.warning("%s was made with other settings: its rows are not kept", path)
         return []
@@ -309,11 +309,16 @@ def child_parity(args, spec: dict) -> dict:
     return row
 
 
-def run_parity(args, on_row=None) -> dict:
-    """fp32 then bf16, each method; ``on_row(result so far)`` after each row."""
-    rows: list[dict] = []
+def run_parity(args, on_row=None, rows: list[dict] | None = None) -> dict:
+    """fp32 then bf16, each method; ``on_row(result so far)`` after each row; ``rows``: finished
+    rows of an earlier run (``--keep-rows``), not run again."""
+    rows = [r for r in rows or [] if r["method"] in args.methods]
+    finished = {(r["method"], r["dtype"]) for r in rows}
     for dtype in ("float32", "bfloat16"):
         for method in args.methods:
+            if (method, dtype) in finished:
+                log.info("parity %s %s: kept from the earlier run", method, dtype)
+                continue
             row = run_config(__file__, [*_shape_args(args), "--child-parity", json.dumps({"method": method,
                                                                                           "dtype": dtype})])
             print(f"parity {method:10s} {dtype:9s} bit-exact {row['tensors_bit_exact']}  weights differ "
@@ -399,8 +404,8 @@ def main() -> None:
                         "tokens (0: all of the Lee evaluation text)")
     parser.add_argument("--tag", default="", help="suffix of the result files (scale{tag}.json ...)")
     parser.add_argument("--results", default=str(RESULTS), help="folder for the result files")
-    parser.add_argument("--keep-rows", action="store_true", help="scale: keep the rows of an earlier scale.json "
-                        "made with the same settings and run only the missing ones")
+    parser.add_argument("--keep-rows", action="store_true", help="scale, parity: keep the rows of an earlier "
+                        "result file made with the same settings and run only the missing ones")
     parser.add_argument("--no-lock", action="store_true", help="do not take the benchmark lock (smoke tests only: "
                         "timings taken beside another benchmark mean nothing)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -442,7 +447,9 @@ def main() -> None:
             def partial_parity(so_far: dict) -> None:
                 write_json(results / f"scale_parity{args.tag}.json", {**stamp, **so_far, "complete": False})
 
-            write_json(results / f"scale_parity{args.tag}.json", {**stamp, **run_parity(args, partial_parity),
+            kept = earlier_rows(results / f"scale_parity{args.tag}.json", args, ("samples", "seq_len",
+                                                                                "eval_tokens")) if args.keep_rows else []
+            write_json(results / f"scale_parity{args.tag}.json", {**stamp, **run_parity(args, partial_parity, kept),
                                                                    "complete": True,
                                                                    "load_average_end": load_average()})
         if "resume" in args.parts:
