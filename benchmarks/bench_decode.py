@@ -187,31 +187,12 @@ def read_bandwidth(threads: int, mib: int = 256, repeats: int = 5) -> float:
     return t.numel() * 4 / statistics.median(times)
 
 
-@contextlib.contextmanager
-def int8_activations():
-    """Every dense int4 QuantLinear product on the int8-activation kernel while inside."""
-    from sparsecraft.quant.modules import QUANT_KERNELS
-    from sparsecraft.runtime.qkernels import qlinear_int8_activations
-
-    def kernel(x2, qweight, bias):
-        if qweight.spec.bits != 4 or qweight.sparse_group or x2.dtype != torch.float32:
-            return None
-        return qlinear_int8_activations(x2, qweight.packed, qweight.scale, qweight.offset, bias,
-                                        group_size=qweight.spec.group)
-
-    QUANT_KERNELS.insert(0, kernel)
-    try:
-        yield
-    finally:
-        QUANT_KERNELS.remove(kernel)
-
-
 def run(threads_list: list[int], prompt_len: int, new_tokens: int, repeats: int, eval_tokens_n: int, ppl: bool,
         smoke: bool) -> dict:
     from sparsecraft import data, models
     from sparsecraft.runtime.decode import EagerDecoder, FastDecoder
     from sparsecraft.runtime.extension import quant_extension_status
-    from sparsecraft.runtime.qkernels import kernel_isa
+    from sparsecraft.runtime.qkernels import int8_activations, kernel_isa
 
     model, tok = models.load("smollm2-135m")
     gguf = models.gguf_file("smollm2-135m")

@@ -120,6 +120,20 @@ def test_int8_activations_in_the_fast_decoder(ext, layer, monkeypatch):
         assert not torch.equal(a, c)
 
 
+def test_int8_activations_context_puts_eager_quantised_layers_on_the_same_path(ext):
+    model = _quantise_(_tiny_llama(seed=2))
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(3, layer.in_features)
+    q = layer.quantized()
+    with torch.inference_mode():
+        plain = layer(x)
+        with qk.int8_activations():
+            rounded = layer(x)
+        again = layer(x)
+    want = qk.qlinear_int8_activations(x, q.packed, q.scale, q.offset, None, group_size=q.spec.group)
+    assert torch.equal(rounded, want) and torch.equal(plain, again) and not torch.equal(plain, rounded)
+
+
 def test_int8_activations_bad_input(ext):
     model = _quantise_(_tiny_llama(seed=2))
     with pytest.raises(ConfigError, match="activations must be float32 or int8"):

@@ -34,6 +34,7 @@ The layers that hold quantised weights, and the quantisers, are ``sparsecraft.qu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -45,7 +46,7 @@ from ..quant.grid import GROUPS, QuantSpec
 from ..quant.tensor import QuantizedWeight
 
 __all__ = ["dequantize", "qlinear", "quantized_linear", "quant_kernel", "check_layout", "kernel_isa",
-           "set_kernel_isa", "ISAS", "quantize_activations", "qlinear_int8_activations"]
+           "set_kernel_isa", "ISAS", "quantize_activations", "qlinear_int8_activations", "int8_activations"]
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,28 @@ def qlinear_int8_activations(x, codes, scale, offset, bias=None, *, group_size: 
         off = offset.float().repeat_interleave(group_size, dim=1)
         y = F.linear(rounded, grid - off) + F.linear(x2, off, bias)
     return y.view(*lead, codes.shape[0])
+
+
+@contextlib.contextmanager
+def int8_activations():
+    """Inside, every dense int4 :class:`~sparsecraft.quant.QuantLinear` product (float32, CPU,
+    outside autograd) runs :func:`qlinear_int8_activations`: the eager model, ``generate`` and
+    perplexity see what ``FastDecoder(activations="int8")`` computes. Other layers are unchanged."""
+    from ..quant.modules import QUANT_KERNELS
+
+    def kernel(x2, qweight, bias):
+        if (qweight.spec.bits != 4 or qweight.sparse_group or x2.dtype != torch.float32 or x2.device.type != "cpu"
+                or (torch.is_grad_enabled() and x2.requires_grad)):
+            return None
+        return qlinear_int8_activations(x2, qweight.packed, qweight.scale, qweight.offset,
+                                        None if bias is None else bias.detach().to(torch.float32),
+                                        group_size=qweight.spec.group)
+
+    QUANT_KERNELS.insert(0, kernel)
+    try:
+        yield
+    finally:
+        QUANT_KERNELS.remove(kernel)
 
 
 def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
