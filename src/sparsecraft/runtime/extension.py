@@ -36,7 +36,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "sparse_kernels.cpp"
 QUANT_SOURCES = (CSRC / "quant_kernels.cpp", CSRC / "decode_step.cpp")
 # headers are not sources, but a change to them must rebuild the library
-QUANT_HEADERS = (CSRC / "quant_kernels.h", CSRC / "quant_isa.h", CSRC / "quant_body.h")
+QUANT_HEADERS = (CSRC / "quant_kernels.h", CSRC / "quant_isa.h", CSRC / "quant_body.h", CSRC / "quant_x8_avx2.h")
 
 
 def cache_dir() -> Path:

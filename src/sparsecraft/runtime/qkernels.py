@@ -114,14 +114,18 @@ def _ext():
     return get_quant_extension()
 
 
+def _rows(x: torch.Tensor, n_in: int, what: str) -> tuple[torch.Size, torch.Tensor, object]:
+    """``x``'s leading shape, ``x`` as ``[rows, n_in]`` and the compiled library (None off CPU
+    or when it is unavailable); float32 only."""
+    if x.dtype != torch.float32:
+        raise ConfigError(f"{what}: x must be float32, got {x.dtype}")
+    return x.shape[:-1], x.reshape(-1, n_in), _ext() if x.device.type == "cpu" else None
+
+
 def _run(x, codes, scale, offset, group_index, bias, bits: int, group_size: int, sparse_group: int):
     n_in = check_layout(codes, scale, offset, group_size, bits=bits, group_index=group_index,
                         sparse_group=sparse_group, in_features=x.shape[-1], what="qlinear")
-    if x.dtype != torch.float32:
-        raise ConfigError(f"qlinear: x must be float32, got {x.dtype}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, n_in)
-    ext = _ext() if x.device.type == "cpu" else None
+    lead, x2, ext = _rows(x, n_in, "qlinear")
     if ext is not None:
         y = ext.qlinear(x2, codes, scale, offset, group_index, bias, bits, group_size, sparse_group)
     else:
@@ -166,11 +170,7 @@ def qlinear_int8_activations(x, codes, scale, offset, bias=None, *, group_size: 
     computes the same rounding in torch."""
     n_in = check_layout(codes, scale, offset, group_size, bits=4, in_features=x.shape[-1],
                         what="qlinear_int8_activations")
-    if x.dtype != torch.float32:
-        raise ConfigError(f"qlinear_int8_activations: x must be float32, got {x.dtype}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, n_in)
-    ext = _ext() if x.device.type == "cpu" else None
+    lead, x2, ext = _rows(x, n_in, "qlinear_int8_activations")
     if ext is not None:
         y = ext.qlinear_x8(x2, codes, scale, offset, bias, group_size)
     else:
