@@ -53,9 +53,11 @@ from _common import (
     emit_result,
     load_average,
     machine,
+    read_json,
     run_config,
     save_figure,
     write_json,
+    write_text,
 )
 
 log = logging.getLogger("bench_scale")
@@ -383,6 +385,50 @@ def run_resume(args) -> dict:
     return row
 
 
+# -- the table -----------------------------------------------------------------------------
+def write_table(results: Path, tag: str = "") -> str:
+    """``scale{tag}.md`` from whichever of the three parts' JSON files exist."""
+    lines = ["# Models bigger than memory (issue 13)", "", "Written by `benchmarks/bench_scale.py --table` from the "
+             "JSON files of its three parts (each file records the command and machine that produced it).", ""]
+    scale = read_json(results / f"scale{tag}.json")
+    if scale:
+        st = scale.get("settings", {})
+        lines += [f"## Depth (`{scale.get('command', '?')}`)", "",
+                  f"Synthetic Llama, hidden {st.get('hidden')}, intermediate {st.get('intermediate')}, bf16 shards; "
+                  f"calibration {st.get('scale_samples')} x {st.get('seq_len')}; "
+                  + ("complete" if scale.get("complete") else "**incomplete: the run was cut short**") + ".", "",
+                  "| method | layers | input GB | peak RSS GB | seconds |", "|---|---|---|---|---|"]
+        for r in sorted(scale.get("rows", []), key=lambda r: (r["method"], r["layers"])):
+            lines.append(f"| {r['method']} | {r['layers']} | {r['input_bytes'] / 1e9:.2f} | "
+                         f"{r['peak_rss_bytes'] / 1e9:.3f} | {r['seconds']:.1f} |")
+        for method, sm in scale.get("summary", {}).items():
+            lines.append(f"\n{method}: peak RSS max/min over depths {sm['peak_rss_max_over_min']:.3f}, at the deepest "
+                         f"{sm['peak_rss_at_deepest_bytes'] / 1e9:.3f} GB (aim <= 1.5 at 32 layers); "
+                         f"{sm['seconds_per_layer']:.1f} s per layer, largest residual of the linear fit "
+                         f"{sm['time_fit_max_relative_residual']:.1%}")
+        lines.append("")
+    parity = read_json(results / f"scale_parity{tag}.json")
+    if parity:
+        lines += [f"## Streaming against in-memory on SmolLM2 (`{parity.get('command', '?')}`)", "",
+                  "| method | dtype | tensors bit-exact | weights differ | masks differ | perplexity streamed | "
+                  "in memory | stream s | in-memory s |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in parity.get("rows", []):
+            lines.append(f"| {r['method']} | {r['dtype']} | {r['tensors_bit_exact']} | {r['weights_differ']} | "
+                         f"{r['masks_differ']} | {r['perplexity_streamed']:.4f} | {r['perplexity_in_memory']:.4f} | "
+                         f"{r['stream_seconds']:.0f} | {r['in_memory_seconds']:.0f} |")
+        lines += ["", "The stream times include writing the compressed checkpoint; the in-memory times do not.", ""]
+    resume = read_json(results / f"scale_resume{tag}.json")
+    if resume:
+        lines += [f"## Resume after SIGKILL (`{resume.get('command', '?')}`)", "",
+                  f"{resume['method']} on {resume['layers']} layers, killed after {resume['blocks_finished_when_killed']} "
+                  f"blocks (exit {resume['exit_code_of_killed_run']}), resumed: same bytes as an uninterrupted run: "
+                  f"**{resume['same_bytes_as_uninterrupted']}** ({resume['uninterrupted_seconds']:.0f} s uninterrupted, "
+                  f"{resume['resumed_run_seconds']:.0f} s for the resumed half).", ""]
+    text = "\n".join(lines)
+    write_text(results / f"scale{tag}.md", text)
+    return text
+
+
 # -- entry point ---------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -408,6 +454,7 @@ def main() -> None:
                         "result file made with the same settings and run only the missing ones")
     parser.add_argument("--no-lock", action="store_true", help="do not take the benchmark lock (smoke tests only: "
                         "timings taken beside another benchmark mean nothing)")
+    parser.add_argument("--table", action="store_true", help="rewrite scale.md from the JSON files only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-parity", help=argparse.SUPPRESS)
     parser.add_argument("--make", help=argparse.SUPPRESS)
@@ -420,6 +467,9 @@ def main() -> None:
         start = time.perf_counter()
         write_synthetic(Path(args.make), model_config(args, args.make_layers, len(tokenizer())))
         emit_result({"seconds": time.perf_counter() - start})
+        return
+    if args.table:
+        print(write_table(Path(args.results), args.tag))
         return
     if args.child:
         emit_result(child_prune(args, json.loads(args.child)))
@@ -455,6 +505,7 @@ def main() -> None:
         if "resume" in args.parts:
             write_json(results / f"scale_resume{args.tag}.json", {**stamp, **run_resume(args),
                                                                    "load_average_end": load_average()})
+    write_table(results, args.tag)
     log.info("done: %s", shlex.join(sys.argv))
 
 
