@@ -573,7 +573,6 @@ def test_compute_in_widens_one_block_rounds_and_always_restores():
     with pytest.raises(RuntimeError, match="inside"):
         with ComputeIn(block, torch.float32) as wide:
             assert weight.dtype == torch.float32 and block[1].scale.dtype == torch.float32
-            assert wide.stored("0.weight") == torch.bfloat16
             with torch.no_grad():
                 weight.add_(1e-3)  # values bf16 cannot hold
             expected = weight.detach().to(torch.bfloat16)

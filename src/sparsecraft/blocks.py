@@ -73,8 +73,7 @@ class ComputeIn:
     on entry and back to their own dtype on exit (on failure too); the Parameter objects stay
     the same, so references to them (targets) stay valid. ``wide.round_()`` rounds the wide
     values to what the stored dtype can hold, so outputs computed afterwards are the outputs
-    of the weights that will be saved. ``wide.stored(name)`` is the dtype parameter ``name``
-    (the block's own naming) is stored in. A block with nothing to widen is left alone.
+    of the weights that will be saved. A block with nothing to widen is left alone.
     ``recurse=False`` widens the module's own tensors only, not its children's. The casts
     are made outside inference mode (so a widened forward under ``torch.inference_mode``
     leaves no inference tensors in the model).
@@ -84,14 +83,14 @@ class ComputeIn:
 
     def __init__(self, block: nn.Module, dtype: torch.dtype, *, recurse: bool = True):
         self.block, self.dtype, self.recurse = block, dtype, recurse
-        self.params: dict[str, tuple[nn.Parameter, torch.dtype]] = {}
+        self.params: list[tuple[nn.Parameter, torch.dtype]] = []
         self.buffers: list[tuple[nn.Module, str, torch.dtype]] = []
 
     def __enter__(self) -> ComputeIn:
         with torch.inference_mode(False), torch.no_grad():
-            for name, p in self.block.named_parameters(recurse=self.recurse):
+            for p in self.block.parameters(recurse=self.recurse):
                 if p.dtype in self.HALF and p.dtype != self.dtype:
-                    self.params[name] = (p, p.dtype)
+                    self.params.append((p, p.dtype))
                     p.data = p.data.to(self.dtype)
             for module in self.block.modules() if self.recurse else [self.block]:
                 for name, buf in module._buffers.items():
@@ -100,18 +99,14 @@ class ComputeIn:
                         module._buffers[name] = buf.to(self.dtype)
         return self
 
-    def stored(self, name: str) -> torch.dtype | None:
-        entry = self.params.get(name)
-        return None if entry is None else entry[1]
-
     def round_(self) -> None:
         with torch.inference_mode(False), torch.no_grad():
-            for p, dtype in self.params.values():
+            for p, dtype in self.params:
                 p.data.copy_(p.data.to(dtype))
 
     def __exit__(self, *exc) -> None:
         with torch.inference_mode(False), torch.no_grad():
-            for p, dtype in self.params.values():
+            for p, dtype in self.params:
                 p.data = p.data.to(dtype)
             for module, name, dtype in self.buffers:
                 module._buffers[name] = module._buffers[name].to(dtype)
