@@ -97,8 +97,8 @@ void permute_into(const float* x, int64_t batch, int64_t in, int64_t P, float* o
   }
 }
 
-// x [B, in] -> int8 codes per block of 32 (round half away from zero of x / scale, scale =
-// max|x| / 127; an all-zero block has scale 0 and codes 0), permuted inside each block to
+// x [B, in] -> int8 codes per block of 32 (code = x * (127 / max|x|) rounded half away from
+// zero, scale = max|x| / 127; an all-zero block has scale 0 and codes 0), permuted inside each block to
 // [even columns..., odd columns...] like the int4 codes' nibbles.
 void quantize_x8(const float* x, int64_t batch, int64_t in, int8_t* xq, float* xscale) {
   const int64_t nb = in / 32;
