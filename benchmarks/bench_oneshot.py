@@ -213,6 +213,9 @@ def write_table(results: dict) -> str:
     runs = results["runs"]
     meta = results.get("settings", {})
     lines = [
+        "Produced by `python benchmarks/bench_oneshot.py --only CONFIGURATION`, one process per row (the whole grid without --only); each row's commit and settings are in oneshot.json, and "
+        "`--table` rewrites this file from it.",
+        "",
         f"SmolLM2-135M, calibration {meta.get('samples')} x {meta.get('seq_len')} tokens (Lee corpus), "
         f"perplexity on {next((r.get('eval_tokens') for r in runs.values() if r.get('eval_tokens')), '?')} "
         f"held-out tokens (windows of 512).",

@@ -125,6 +125,9 @@ def write_table(results: dict, out: Path) -> str:
     meta = results.get("settings", {})
     dense = runs.get("fp32")
     lines = [
+        "Produced by `python benchmarks/bench_quant.py --only CONFIGURATION`, one process per row (the whole grid without --only); each row's commit and settings are in quant.json, and "
+        "`--table` rewrites this file from it.",
+        "",
         f"SmolLM2-135M, calibration {meta.get('samples')} x {meta.get('seq_len')} tokens (Lee corpus, seed 0); "
         f"perplexity on {next((r['eval_tokens'] for r in runs.values()), '?')} Lee held-out tokens and "
         f"{next((r['eval_tokens_wiki'] for r in runs.values()), '?')} Wikipedia held-out tokens (windows of 512). "
