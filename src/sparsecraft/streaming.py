@@ -70,7 +70,7 @@ from .criteria import LayerContext
 from .errors import ConfigError, FormatError, SparsecraftError, TargetError
 from .formats import read_header, write_tensors
 from .formats.io import _UMASK, HEADER_SHA_KEY, atomic_write
-from .memory import check_memory, format_bytes
+from .memory import check_memory, format_bytes, return_freed_memory
 from .models import _offline
 from .oneshot.driver import _split, calibrated_prune, needs_block_driver
 from .outputs import check_output
@@ -673,6 +673,7 @@ def prune_pretrained(
         act = 2 * calib.numel() * hidden * elem
     _check_disk(out, need + act, "the activations and the output" if act else "the output")
 
+    return_freed_memory()  # the peak must not grow with depth (see memory.py)
     run.open(resume)
     fresh = run.first == 0 and not run.manifest.get("rest_done")
     try:

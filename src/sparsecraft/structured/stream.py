@@ -36,7 +36,7 @@ from .. import __version__
 from ..blocks import capture_block_inputs, check_calibration, find_blocks
 from ..checkpoint import _check_extra_files
 from ..errors import ConfigError, SparsecraftError
-from ..memory import check_memory
+from ..memory import check_memory, return_freed_memory
 from ..shapes import SHAPES_ATTR
 from ..shards import ShardedWeights
 from ..streaming import (
@@ -146,6 +146,7 @@ def shrink_pretrained(
     _check_disk(out, act + sum(weights.nbytes(n for n in ns if n in weights.slots) for ns in block_names[done_before:])
                 + (0 if resuming else rest_bytes), "the activations and the output" if act else "the output")
 
+    return_freed_memory()  # the peak must not grow with depth (see memory.py)
     run.open(resume)
     fresh = run.first == 0 and not run.manifest.get("rest_done")
     try:
