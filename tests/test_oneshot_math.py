@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sparsecraft.criteria import LayerContext, get_criterion
-from sparsecraft.errors import ConfigError, TargetError
+from sparsecraft.errors import ConfigError, SparsecraftError, TargetError
 from sparsecraft.oneshot import (
     HessianAccumulator,
     InputNormAccumulator,
@@ -76,6 +76,20 @@ def test_accumulators_match_direct_computation():
     torch.testing.assert_close(norms.mean, x.mean(0))
     torch.testing.assert_close(norms.var, x.var(0, unbiased=False))
     torch.testing.assert_close(hess.hessian, 2.0 / 300 * x.t() @ x)
+
+
+def test_input_norms_summed_a_few_rows_at_a_time_match_direct_computation(monkeypatch):
+    """The accumulator widens its input a slice of rows at a time (memory); every row must
+    count once, the last short slice included."""
+    monkeypatch.setattr(InputNormAccumulator, "_CHUNK_ELEMENTS", 25)  # 2 rows of 12 per slice
+    x = correlated_inputs(301, 12, seed=3, dtype=torch.float32)
+    norms = InputNormAccumulator()
+    norms.add(x[:7].reshape(1, 7, 12))
+    norms.add(x[7:])
+    wide = x.double()
+    assert norms.count == 301
+    torch.testing.assert_close(norms.sq_norm, (wide * wide).sum(0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(norms.var, wide.var(0, unbiased=False), rtol=1e-10, atol=0)
 
 
 def test_accumulators_refuse_bad_input():
@@ -593,3 +607,28 @@ def test_sparsegpt_nm_choice_is_validated():
     w, h = torch.randn(4, 8), torch.eye(8)
     with pytest.raises(ConfigError, match="nm_choice"):
         sparsegpt_prune(w, h, pattern="2:4", nm_choice="best")
+
+
+def test_hessian_in_column_slices_and_closed_matches_direct_computation(monkeypatch):
+    """Each batch's product is added a slice of columns at a time (memory), the last short
+    slice included; ``close`` gives the same Hessian, frees the sum and refuses more samples."""
+    monkeypatch.setattr(HessianAccumulator, "_CHUNK_ELEMENTS", 5 * 12)  # 5 columns of 12 per slice
+    x = correlated_inputs(40, 12, seed=4, dtype=F64)
+    whole = HessianAccumulator(dtype=F64)
+    sliced = HessianAccumulator(dtype=F64)
+    monkeypatch.setattr(HessianAccumulator, "_CHUNK_ELEMENTS", 1 << 22)
+    whole.add(x[:12])
+    whole.add(x[12:])
+    monkeypatch.setattr(HessianAccumulator, "_CHUNK_ELEMENTS", 5 * 12)
+    sliced.add(x[:12])
+    sliced.add(x[12:])
+    torch.testing.assert_close(sliced.hessian, 2.0 / 40 * x.t() @ x, rtol=1e-13, atol=0)
+    expected = whole.hessian.clone()
+    assert torch.equal(whole.close(), expected) and whole._sum is None
+    with pytest.raises(SparsecraftError, match="closed"):
+        whole.add(x)
+    fresh = HessianAccumulator(dtype=torch.float32)
+    fresh.add(x.float())
+    direct = fresh.hessian.clone()
+    fresh._h = None  # close computes it from the sum itself, in place
+    assert torch.equal(fresh.close(), direct)

@@ -21,12 +21,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .errors import ConfigError, SparsecraftError, TargetError
+from .memory import unmap_file_pages
 from .targets import Target
 
 __all__ = [
@@ -232,11 +233,11 @@ def block_hidden(out) -> torch.Tensor:
 
 
 def run_block(block: nn.Module, batches: list[BlockBatch], into: list[torch.Tensor] | None = None,
-              keep: bool = True) -> list[torch.Tensor]:
+              keep: bool = True, after: Callable[[int], None] | None = None) -> list[torch.Tensor]:
     """The block's output for every batch; with ``into``, each output is copied into the
     given tensor as soon as it is computed (so only one batch's output is in memory); with
     ``keep=False`` each output is dropped once computed (a pass run for its hooks) and the
-    list is empty."""
+    list is empty; ``after(i)`` once batch ``i`` is done (:meth:`DiskActivations.release`)."""
     outs = []
     with torch.inference_mode():
         for i, b in enumerate(batches):
@@ -248,6 +249,8 @@ def run_block(block: nn.Module, batches: list[BlockBatch], into: list[torch.Tens
             if keep:
                 outs.append(out)
             del out  # not alive while the next batch runs
+            if after is not None:
+                after(i)
     return outs
 
 
@@ -319,8 +322,16 @@ class DiskActivations:
     def run(self, block: nn.Module, batches: list[BlockBatch]) -> None:
         """``block`` over ``batches``; its outputs become the batches' hidden states."""
         target = self.buffers[1 - self.current]
-        run_block(block, batches, into=target)
+        run_block(block, batches, into=target, after=self.release)
         self.adopt(batches)
+
+    def release(self, index: int) -> None:
+        """Drop batch ``index``'s pages of both files from this process's resident memory
+        (they stay in the files and the page cache and come back when read), so a pass over
+        the batches keeps about one batch resident rather than both files whole."""
+        for views in self.buffers:
+            view = views[index]
+            unmap_file_pages(view.data_ptr(), view.numel() * view.element_size())
 
     def adopt(self, batches: list[BlockBatch], outputs: list[torch.Tensor] | None = None) -> None:
         """Make the other file the batches' hidden states (after copying ``outputs`` into it)."""

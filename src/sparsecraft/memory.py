@@ -13,13 +13,26 @@ from pathlib import Path
 
 from .errors import FormatError, SparsecraftError
 
-__all__ = ["available_memory", "check_memory", "format_bytes", "return_freed_memory"]
+__all__ = ["available_memory", "check_memory", "format_bytes", "return_freed_memory", "unmap_file_pages"]
 
 log = logging.getLogger(__name__)
 
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
+_MADV_DONTNEED = 4  # Linux's madvise advice number
 _RETURN_ABOVE = 1 << 20
 _returning = False
+_libc = None
+
+
+def _glibc():
+    """glibc through ctypes, or None elsewhere (or when it cannot be loaded)."""
+    global _libc
+    if _libc is None and platform.libc_ver()[0] == "glibc":
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        except OSError:
+            _libc = False
+    return _libc or None
 
 
 def available_memory() -> int | None:
@@ -80,13 +93,27 @@ def return_freed_memory() -> bool:
     global _returning
     if _returning:
         return True
-    if platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        _returning = bool(libc.mallopt(_M_MMAP_THRESHOLD, _RETURN_ABOVE))
-    except (OSError, AttributeError):
-        return False
+    _returning = bool(libc.mallopt(_M_MMAP_THRESHOLD, _RETURN_ABOVE))
     log.debug("freed allocations of %s or more go back to the system at once: %s",
               format_bytes(_RETURN_ABOVE), _returning)
     return _returning
+
+
+def unmap_file_pages(address: int, nbytes: int) -> bool:
+    """Drop from this process's resident memory the whole pages inside ``[address, address +
+    nbytes)`` of a **shared file mapping** (``madvise(MADV_DONTNEED)``). The data stays in the
+    file and the page cache (written pages included) and comes back on the next access, so
+    this changes what is resident, never what is read. Never call it on anonymous memory,
+    whose pages it would zero. True if done, False off glibc or when the kernel refuses."""
+    libc = _glibc()
+    if libc is None or nbytes <= 0:
+        return False
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = -(-address // page) * page
+    end = (address + nbytes) // page * page
+    if end <= start:
+        return True  # no whole page inside
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0

@@ -192,7 +192,8 @@ def _norm_stats(acc: InputNormAccumulator) -> dict:
 
 
 def _hessian_stats(acc: HessianAccumulator) -> dict:
-    return {"hessian": acc.hessian}
+    # taken once every batch was added (and summed over processes): the sum can go
+    return {"hessian": acc.close()}
 
 
 @contextlib.contextmanager
@@ -736,7 +737,8 @@ def _prune_block(block, index, targets, batches, store, solve, layer_stats, bloc
     else:
         collector = _Collector(targets, layer_stats, ranks)
         try:  # the dense outputs are kept only for block stages
-            targets_out = run_block(block, batches, keep=bool(block_stages)) or None
+            targets_out = run_block(block, batches, keep=bool(block_stages),
+                                    after=store.release if store is not None else None) or None
         finally:
             collector.remove()
         solve(targets, collector.layer_stats)
@@ -761,30 +763,28 @@ def _solve_layers(targets, stats_of, *, solver, refiners, model_values, layer_pa
                   opts, method, masks, info, quants) -> None:
     """Solve each layer from its statistics (``stats_of(name)``) and write the result back,
     rounded to the dtype the layer is stored in (``stored`` by name: a widened block keeps
-    computing with the values that will be kept)."""
-    results, hessians = {}, {}
+    computing with the values that will be kept). Each result is written as soon as it is
+    solved, so one layer's new weights are alive at a time, not the block's; a failure
+    part-way is undone by the caller (from its copy of the originals, or the shards)."""
     for t in targets:
         stats = stats_of(t.name)
         extra = model_values.get(t.name, {})
         stats.update(extra)
         ctx = LayerContext(t.name, t.module, t.param, stats, grad=extra.get("gradients"))
         p = layer_pattern[t.name]
-        results[t.name] = prune_layer(solver, refiners, ctx, p, None if p.fixed_sparsity is not None else budgets[t.name])
-        if opts.measure_error:
-            hessians[t.name] = stats["hessian"]
-    with torch.no_grad():
-        for t in targets:
-            result = results[t.name]
+        result = prune_layer(solver, refiners, ctx, p, None if p.fixed_sparsity is not None else budgets[t.name])
+        with torch.no_grad():
             if result.weight is not None:
                 t.param.copy_(result.weight.to(stored[t.name]))
             t.param.masked_fill_(~result.keep, 0.0)  # +0.0, see masks.py
             masks[t.name] = result.keep
             if result.quant is not None:
                 quants[t.name] = result.quant
-            info[t.name] = {"pattern": str(layer_pattern[t.name]), "method": method, **result.info}
+            info[t.name] = {"pattern": str(p), "method": method, **result.info}
             if opts.measure_error:  # ||WX - W'X|| / ||WX|| on this block's calibration inputs
                 info[t.name]["reconstruction_error"] = float(relative_reconstruction_error(
-                    originals[t.name].to(t.param), t.param.detach(), hessian=hessians[t.name]))
+                    originals[t.name].to(t.param), t.param.detach(), hessian=stats["hessian"]))
+        del result, stats, ctx
 
 
 def _run_block_stages(block, index, targets, batches, outputs, stages, layer_pattern, originals, masks, info,

@@ -88,14 +88,18 @@ class SolverError(SparsecraftError):
     """
 
 
-def inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor | None:
-    """Upper Cholesky factor of ``h^-1``, or None when ``h`` is not (numerically) PD."""
+def inverse_cholesky_upper(h: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor | None:
+    """Upper Cholesky factor of ``h^-1``, or None when ``h`` is not (numerically) PD.
+    ``overwrite``: factorise in ``h``'s own memory (its values are lost), so at most two
+    matrices of the layer's width are alive here, not four (a 5632-wide layer: 127 MB each)."""
     # Looked up at call time so tests can make the factorisation fail on purpose.
-    chol, info = torch.linalg.cholesky_ex(h)
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    chol, info = torch.linalg.cholesky_ex(h, out=(h, info)) if overwrite else torch.linalg.cholesky_ex(h)
     if int(info) != 0:
         return None
     hinv = torch.cholesky_inverse(chol)
-    upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    del chol, h  # the caller's copy, if any, is all that is left of it
+    upper, info = torch.linalg.cholesky_ex(hinv, upper=True, out=(hinv, info))  # hinv is ours
     if int(info) != 0 or not torch.isfinite(upper).all():
         return None
     return upper
@@ -429,12 +433,19 @@ def sparsegpt_prune(
                           f"sparsity 0 (the columns are visited out of place, which pattern windows cannot be)")
 
     w = w0.to(dtype=dtype, copy=True)
-    h = h0.to(device=w.device, dtype=dtype, copy=True)
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1
+
+    def undamped() -> torch.Tensor:
+        """A copy of the Hessian in ``dtype``, dead inputs' diagonal set to 1 (one copy per
+        attempt rather than one kept beside it: a wide layer's Hessian is 127 MB)."""
+        h = h0.to(device=w.device, dtype=dtype, copy=True)
+        h.diagonal()[dead] = 1
+        return h if order is None else h[order][:, order]
+
+    dead = h0.diagonal().to(device=w.device, dtype=dtype) == 0
     w[:, dead] = 0
-    mean_diag = float(h.diagonal().mean())
     order = None
+    h = undamped()
+    mean_diag = float(h.diagonal().mean())
     if act_order:  # the sweep runs on permuted columns; grids and codes keep the layer's order
         order = torch.argsort(h.diagonal(), descending=True, stable=True)
         original = w
@@ -443,9 +454,11 @@ def sparsegpt_prune(
     schedule = _damp_schedule(percdamp, damp_growth, max_damp_tries)
     for attempt, pd in enumerate(schedule):
         damp = pd * mean_diag
-        hd = h.clone()
+        hd = h if attempt == 0 else undamped()
+        h = None  # the factorisation below overwrites hd
         hd.diagonal().add_(damp)
-        upper = inverse_cholesky_upper(hd)
+        upper = inverse_cholesky_upper(hd, overwrite=True)
+        del hd
         problem = "Cholesky factorisation failed"
         if upper is not None:
             quant = None if quantize is None else _ColumnQuantizer(quantize, rows, cols, w.device, layer, order)

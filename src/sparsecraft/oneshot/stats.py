@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import TargetError
+from ..errors import SparsecraftError, TargetError
 
 __all__ = ["InputNormAccumulator", "HessianAccumulator"]
 
@@ -69,6 +69,8 @@ class InputNormAccumulator:
     difference of two sums that float32 would cancel badly over many tokens.
     """
 
+    _CHUNK_ELEMENTS = 1 << 22  # per widened slice of the input (32 MiB in float64)
+
     def __init__(self, in_features: int | None = None, *, dtype=torch.float64, device=None):
         self.in_features = in_features
         self.dtype = dtype
@@ -84,9 +86,13 @@ class InputNormAccumulator:
             device = self.device if self.device is not None else x.device
             self._sum = torch.zeros(self.in_features, dtype=self.dtype, device=device)
             self._sq = torch.zeros_like(self._sum)
-        x = x.to(device=self._sum.device, dtype=self.dtype)
-        self._sum += x.sum(dim=0)
-        self._sq += (x * x).sum(dim=0)
+        # a few rows at a time: a widened copy of a wide layer's whole input (and its square)
+        # would be the largest allocation of a calibration pass
+        step = max(1, self._CHUNK_ELEMENTS // x.shape[1])
+        for part in x.split(step):
+            part = part.to(device=self._sum.device, dtype=self.dtype)
+            self._sum += part.sum(dim=0)
+            self._sq += (part * part).sum(dim=0)
         self.count += x.shape[0]
 
     def all_reduce_(self, ranks) -> None:
@@ -137,7 +143,10 @@ class HessianAccumulator:
     to a float64 sum; ``hessian`` is ``2/n`` times that sum in ``dtype``, on ``device``
     (default: the device of the first batch). It is computed once and kept until the next
     ``add``: the solvers get the accumulator's own tensor and copy before they change it.
+    The calibration driver calls :meth:`close` when it takes the Hessian, which frees the sum.
     """
+
+    _CHUNK_ELEMENTS = 1 << 22  # per slice of a batch's product (16 MiB in float32)
 
     def __init__(self, in_features: int | None = None, *, dtype=torch.float32, device=None):
         self.in_features = in_features
@@ -146,8 +155,10 @@ class HessianAccumulator:
         self.count = 0
         self._sum: torch.Tensor | None = None  # float64 sum of the per-batch products
         self._h: torch.Tensor | None = None
+        self.closed = False
 
     def add(self, x: torch.Tensor) -> None:
+        self._check_open()
         x = _rows(x, self.in_features, "HessianAccumulator")
         if self._sum is None:
             self.in_features = x.shape[1]
@@ -156,13 +167,19 @@ class HessianAccumulator:
         if x.shape[0] == 0:
             return
         x = x.to(device=self._sum.device, dtype=self.dtype)
-        self._sum += x.t() @ x
+        # a slice of columns at a time: the whole product of a wide layer (5632^2 floats) would
+        # be the largest allocation of a calibration pass; narrow layers take one product
+        step = max(1, self._CHUNK_ELEMENTS // x.shape[1])
+        for j in range(0, x.shape[1], step):
+            self._sum[:, j:j + step] += x.t() @ x[:, j:j + step]
         self.count += x.shape[0]
         self._h = None
 
     def all_reduce_(self, ranks) -> None:
         """Sum the sums and counts over the processes of ``ranks``
         (:class:`sparsecraft.distributed.Ranks`); ``hessian`` then uses the global count."""
+        self._check_open()
+
         def zeros(width):
             device = self.device if self.device is not None else torch.device("cpu")
             return [torch.zeros(width, width, dtype=torch.float64, device=device)]
@@ -173,10 +190,30 @@ class HessianAccumulator:
             self._sum = parts[0]
         self._h = None
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SparsecraftError("HessianAccumulator: closed (its Hessian was taken); it takes no more samples")
+
     @property
     def hessian(self) -> torch.Tensor:
-        if self._sum is None or self.count == 0:
+        if self._h is None and (self._sum is None or self.count == 0):
             raise TargetError("HessianAccumulator: no calibration samples were added")
         if self._h is None:
             self._h = (self._sum * (2.0 / self.count)).to(self.dtype)
+        return self._h
+
+    def close(self) -> torch.Tensor:
+        """No more samples: the Hessian is computed in the float64 sum's own memory and the
+        sum is freed (for a wide layer the sum is twice the Hessian's size, and both would be
+        alive while the solver works). The same values as :attr:`hessian`; ``add`` and
+        ``all_reduce_`` are refused afterwards."""
+        if not self.closed:
+            if self._h is None:
+                if self._sum is None or self.count == 0:
+                    raise TargetError("HessianAccumulator: no calibration samples were added")
+                with torch.inference_mode(self._sum.is_inference()):  # the sum may come from hooks run there
+                    self._sum.mul_(2.0 / self.count)
+                h = self._sum.to(self.dtype)
+                self._h = h.clone() if h.is_inference() else h  # a plain tensor, as `hessian` gives
+            self._sum, self.closed = None, True
         return self._h
