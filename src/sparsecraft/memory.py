@@ -1,6 +1,8 @@
 """How much memory this process may still allocate, so that sizes read from files or asked for
 by a command are refused before they are allocated (a header must not decide how much memory
-we take). The one home of this check for files, recovery problems and calibration."""
+we take). The one home of this check for files, recovery problems and calibration; and the
+two ways a streamed run keeps its resident memory flat (glibc only): freed allocations go
+back to the system at once, and pages of memory-mapped files can be dropped from the process."""
 
 from __future__ import annotations
 

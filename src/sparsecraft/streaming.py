@@ -22,8 +22,12 @@ sharded: one shard for the embeddings, final norm and head, one per block):
 
 Peak memory: the embeddings and head (during step 2 only), one block's weights with its
 statistics, and the pages of the calibration activations in use. The block-boundary
-activations always live in two memory-mapped files in the staging folder (the operating
-system keeps them in memory when they fit), which is what makes resuming possible.
+activations always live in two memory-mapped files in the staging folder, which is what
+makes resuming possible; a batch's pages leave the process once a pass is done with it
+(:meth:`~sparsecraft.blocks.DiskActivations.release`). The peak does not grow with depth:
+glibc's allocator is told to return freed tensors at once
+(:func:`~sparsecraft.memory.return_freed_memory`), without which the holes of one block's
+large temporaries stay resident and add up block after block.
 
 Resume. Everything is written into the staging folder ``.<out name>.partial`` next to
 ``out``. Its ``stream-manifest.json`` records what the run is (config, calibration
