@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .qkernels import qlinear_int8_activations, quantized_linear
+from .qkernels import qlinear_int8_activations, quantized_linear, takes_int8_activations
 from .timing import DecodeResult
 
 __all__ = ["decoder", "FastDecoder", "EagerDecoder", "llama_structure_problem", "linear_parts"]
@@ -205,7 +205,7 @@ class FastDecoder:
 
     # -- building -------------------------------------------------------------------------
     def _uses_int8_activations(self, p: dict) -> bool:
-        return self.int8_activations and p["kind"] != FLOAT and p["q"].spec.bits == 4 and not p["q"].sparse_group
+        return self.int8_activations and p["kind"] != FLOAT and takes_int8_activations(p["q"])
 
     def _cpp_linear(self, ext, p: dict, what: str):
         if p["kind"] == FLOAT:

@@ -46,7 +46,8 @@ from ..quant.grid import GROUPS, QuantSpec
 from ..quant.tensor import QuantizedWeight
 
 __all__ = ["dequantize", "qlinear", "quantized_linear", "quant_kernel", "check_layout", "kernel_isa",
-           "set_kernel_isa", "ISAS", "quantize_activations", "qlinear_int8_activations", "int8_activations"]
+           "set_kernel_isa", "ISAS", "quantize_activations", "qlinear_int8_activations", "int8_activations",
+           "takes_int8_activations"]
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,12 @@ def qlinear_int8_activations(x, codes, scale, offset, bias=None, *, group_size: 
     return y.view(*lead, codes.shape[0])
 
 
+def takes_int8_activations(qweight: QuantizedWeight) -> bool:
+    """Whether :func:`qlinear_int8_activations` computes this weight's product: dense int4
+    (group-sparse and int8 weights keep their float-activation kernels)."""
+    return qweight.spec.bits == 4 and not qweight.sparse_group
+
+
 @contextlib.contextmanager
 def int8_activations():
     """Inside, every dense int4 :class:`~sparsecraft.quant.QuantLinear` product (float32, CPU,
@@ -192,7 +199,7 @@ def int8_activations():
     from ..quant.modules import QUANT_KERNELS
 
     def kernel(x2, qweight, bias):
-        if qweight.spec.bits != 4 or qweight.sparse_group or _declined(x2, bias):
+        if not takes_int8_activations(qweight) or _declined(x2, bias):
             return None
         return qlinear_int8_activations(x2, qweight.packed, qweight.scale, qweight.offset, _float_bias(bias),
                                         group_size=qweight.spec.group)
