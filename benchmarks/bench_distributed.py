@@ -78,7 +78,8 @@ def _compare(a: Path, b: Path) -> dict:
 
     ma, mb = sc.load(a), sc.load(b)
     pruned = set(sc.get_meta(ma))
-    wa, wb = dict(ma.named_parameters()), dict(mb.named_parameters())
+    wa = {n: p.detach() for n, p in ma.named_parameters()}
+    wb = {n: p.detach() for n, p in mb.named_parameters()}
     mask_diffs, worst, worst_name = [], 0.0, None
     for name, x in wa.items():
         y = wb[name]
