@@ -17,7 +17,8 @@ Rows: *eager-fp32* (the model's own forward and cache: today's path), *fast-fp32
 head int4, group 64), *fast-w4g64-x8* (the same weights, each layer's input rounded to int8 per
 block of 32 and multiplied in integers, as llama.cpp's Q4 kernels do; its perplexity is computed
 with every quantised layer on that path), *fast-w4g64-gs16* (block linears int4 + group:16
-sparsity keeping 50% of the groups per row, head int4), *llama.cpp* (llama-cpp-python, the GGUF's Q4_1 weights). The W4 weights
+sparsity keeping 50% of the groups per row, head int4), *fast-w4g64-gs16-x8* (the same weights;
+the dense int4 head takes int8 activations, the group-sparse linears keep float ones), *llama.cpp* (llama-cpp-python, the GGUF's Q4_1 weights). The W4 weights
 come from round-to-nearest (``sparsecraft.quant.rtn_quantize``, asymmetric), with the 16-column
 groups of largest norm kept: a speed baseline, not the error-compensated quantiser of ``sparsecraft.quant``; the
 perplexity column says what that costs.
@@ -205,7 +206,8 @@ def run(threads_list: list[int], prompt_len: int, new_tokens: int, repeats: int,
             "fast-fp32": (model, FastDecoder(model, max_len=max_len, backend="cpp")),
             "fast-w4g64": (w4, FastDecoder(w4, max_len=max_len, backend="cpp")),
             "fast-w4g64-x8": (w4, FastDecoder(w4, max_len=max_len, backend="cpp", activations="int8")),
-            "fast-w4g64-gs16": (w4gs, FastDecoder(w4gs, max_len=max_len, backend="cpp"))}
+            "fast-w4g64-gs16": (w4gs, FastDecoder(w4gs, max_len=max_len, backend="cpp")),
+            "fast-w4g64-gs16-x8": (w4gs, FastDecoder(w4gs, max_len=max_len, backend="cpp", activations="int8"))}
     have_llama = _llama_cpp() is not None and gguf.is_file()
     res: dict = {"settings": {"prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
                               "eval_tokens": int(eval_tokens.numel()), "gguf": gguf.name,
