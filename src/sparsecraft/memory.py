@@ -89,7 +89,7 @@ def return_freed_memory() -> bool:
     Why: glibc raises its threshold to the size of each large block freed (up to 32 MiB), so
     the tensors of one streamed block are then carved from the heap, whose freed holes are
     kept and scattered. On an 8-layer model with 2048 hidden units the peak grew by about
-    40 MB per block that way (1.29 GB after the first block, 1.69 GB after the eighth);
+    60 MB per block that way (1.29 GB after the first block, 1.69 GB after the eighth);
     with the threshold fixed it stays at 1.42 GB from the second block on, at the same
     speed. The setting is process-wide and stays: it only ever returns memory sooner."""
     global _returning
