@@ -612,14 +612,12 @@ def test_sparsegpt_nm_choice_is_validated():
 def test_hessian_in_column_slices_and_closed_matches_direct_computation(monkeypatch):
     """Each batch's product is added a slice of columns at a time (memory), the last short
     slice included; ``close`` gives the same Hessian, frees the sum and refuses more samples."""
-    monkeypatch.setattr(HessianAccumulator, "_CHUNK_ELEMENTS", 5 * 12)  # 5 columns of 12 per slice
     x = correlated_inputs(40, 12, seed=4, dtype=F64)
     whole = HessianAccumulator(dtype=F64)
     sliced = HessianAccumulator(dtype=F64)
-    monkeypatch.setattr(HessianAccumulator, "_CHUNK_ELEMENTS", 1 << 22)
-    whole.add(x[:12])
+    whole.add(x[:12])  # one product per batch
     whole.add(x[12:])
-    monkeypatch.setattr(HessianAccumulator, "_CHUNK_ELEMENTS", 5 * 12)
+    monkeypatch.setattr(HessianAccumulator, "_CHUNK_ELEMENTS", 5 * 12)  # 5 columns of 12 per slice
     sliced.add(x[:12])
     sliced.add(x[12:])
     torch.testing.assert_close(sliced.hessian, 2.0 / 40 * x.t() @ x, rtol=1e-13, atol=0)
