@@ -85,6 +85,20 @@ def test_fast_decode_equals_eager_on_a_tiny_llama(backend, request):
     torch.testing.assert_close(torch.stack(got), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("hidden,heads,kv_heads", [(80, 4, 2), (256, 2, 1), (96, 3, 3)])
+def test_fast_decode_attention_for_other_head_sizes(ext, hidden, heads, kv_heads):
+    """Head sizes 20 (not a multiple of the 8-float vector), 128 (two 64-column passes over V)
+    and 32, at positions that are not multiples of the four-row score loop."""
+    model = _tiny_llama(seed=4, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads)
+    ids = _prompt(n=13, seed=5)
+    dec = decode.FastDecoder(model, backend="cpp")
+    want = _eager_logits(model, ids, 6)
+    got = [dec.prefill(ids)]
+    for _ in range(6):
+        got.append(dec.step(int(got[-1].argmax())))
+    torch.testing.assert_close(torch.stack(got), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("sparse_group,keep", [(0, 1.0), (16, 0.5), (8, 0.5)])
 def test_fast_decode_with_quantised_layers_equals_eager_quantised(ext, sparse_group, keep):
     model = _quantise_(_tiny_llama(seed=2), sparse_group, keep)

@@ -78,8 +78,14 @@ void dense_rows(const QArgs& a, int64_t r0, int64_t r1) {
   constexpr int NCH = B <= 2 ? V : 1;  // independent FMA chains per token (hide FMA latency)
   const int64_t in = a.in, g = a.g, ng = in / g;
   const int64_t row_bytes = BITS == 4 ? in / 2 : in;
+  const int64_t ahead = prefetch_rows(row_bytes);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = a.codes + r * row_bytes;
+    if (r + ahead < a.out) {
+      prefetch_span(row + ahead * row_bytes, row_bytes);
+      __builtin_prefetch(a.scale + (r + ahead) * ng);
+      __builtin_prefetch(a.offset + (r + ahead) * ng);
+    }
     vf acc[B];
     float zacc[B];
     for (int b = 0; b < B; ++b) {
@@ -145,9 +151,16 @@ void sparse_rows(const QArgs& a, int64_t r0, int64_t r1) {
   std::vector<float> sz(2 * ng);
   const float* sr = sz.data();
   const float* zr = sz.data() + ng;
+  const int64_t row_bytes = kept * (G / 2), ahead = prefetch_rows(row_bytes);
   for (int64_t r = r0; r < r1; ++r) {
     const int32_t* gi = a.group_index + r * kept;
-    const uint8_t* row = a.codes + r * kept * (G / 2);
+    const uint8_t* row = a.codes + r * row_bytes;
+    if (r + ahead < a.out) {
+      prefetch_span(row + ahead * row_bytes, row_bytes);
+      prefetch_span(gi + ahead * kept, kept * 4);
+      __builtin_prefetch(a.scale + (r + ahead) * ng);
+      __builtin_prefetch(a.offset + (r + ahead) * ng);
+    }
     for (int64_t q = 0; q < ng; ++q) {
       sz[q] = hf(a.scale[r * ng + q]);
       sz[ng + q] = hf(a.offset[r * ng + q]);
@@ -216,8 +229,10 @@ void float_rows(const QArgs& a, int64_t r0, int64_t r1) {
   constexpr int NCH = B <= 2 ? 4 : 1;
   const int64_t in = a.in;
   const int64_t main = in - in % (W * NCH);
+  const int64_t ahead = prefetch_rows(in * 4);
   for (int64_t r = r0; r < r1; ++r) {
     const float* wr = a.weight + r * in;
+    if (r + ahead < a.out) prefetch_span(wr + ahead * in, in * 4);
     vf acc[B][NCH];
 #pragma GCC unroll 8
     for (int b = 0; b < B; ++b)
@@ -278,7 +293,26 @@ static void attend(const float* q, const float* K, const float* V, int64_t T, in
                    float* scores, float* out) {
   const int64_t hv = hd - hd % 8;
   float mx = -3.4e38f;
-  for (int64_t t = 0; t < T; ++t) {
+  const int64_t ahead = prefetch_rows(hd * 4);
+  int64_t t = 0;
+  for (; t + 4 <= T; t += 4) {  // four rows at once: four independent FMA chains
+    const float* k = K + t * hd;
+    if (t + 4 + ahead <= T) prefetch_span(k + ahead * hd, 4 * hd * 4);
+    vf8 acc[4] = {};
+    for (int64_t c = 0; c < hv; c += 8) {
+      const vf8 qv = ld8(q + c);
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) acc[i] += qv * ld8(k + i * hd + c);
+    }
+    for (int i = 0; i < 4; ++i) {
+      float s = hsum(acc[i]);
+      for (int64_t c = hv; c < hd; ++c) s += q[c] * k[i * hd + c];
+      s *= scaling;
+      scores[t + i] = s;
+      mx = s > mx ? s : mx;
+    }
+  }
+  for (; t < T; ++t) {
     const float* k = K + t * hd;
     vf8 acc = vf8{};
     for (int64_t c = 0; c < hv; c += 8) acc += ld8(q + c) * ld8(k + c);
@@ -289,7 +323,7 @@ static void attend(const float* q, const float* K, const float* V, int64_t T, in
     mx = s > mx ? s : mx;
   }
   float sum = 0.f;
-  int64_t t = 0;
+  t = 0;
   vf8 vsum = vf8{};
   for (; t + 8 <= T; t += 8) {
     const vf8 e = vexp8(ld8(scores + t) - mx);
@@ -302,16 +336,22 @@ static void attend(const float* q, const float* K, const float* V, int64_t T, in
     sum += scores[t];
   }
   const float inv = 1.f / sum;
-  for (int64_t c = 0; c < hv; c += 8) {
-    vf8 acc0 = vf8{}, acc1 = vf8{};
-    int64_t u = 0;
-    for (; u + 2 <= T; u += 2) {
-      acc0 += scores[u] * ld8(V + u * hd + c);
-      acc1 += scores[u + 1] * ld8(V + (u + 1) * hd + c);
+  // V in one pass over its rows, 64 columns (8 accumulators) at a time
+  for (int64_t c0 = 0; c0 < hv; c0 += 64) {
+    const int64_t nv = std::min<int64_t>(8, (hv - c0) / 8);
+    vf8 acc[8] = {};
+    for (int64_t u = 0; u < T; ++u) {
+      const float* vr = V + u * hd + c0;
+      if (c0 == 0 && u + ahead < T) prefetch_span(V + (u + ahead) * hd, hd * 4);
+      const float su = scores[u];
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j)
+        if (j < nv) acc[j] += su * ld8(vr + 8 * j);
     }
-    if (u < T) acc0 += scores[u] * ld8(V + u * hd + c);
-    const vf8 r = (acc0 + acc1) * inv;
-    __builtin_memcpy(out + c, &r, sizeof r);
+    for (int64_t j = 0; j < nv; ++j) {
+      const vf8 r = acc[j] * inv;
+      __builtin_memcpy(out + c0 + 8 * j, &r, sizeof r);
+    }
   }
   for (int64_t c = hv; c < hd; ++c) {
     float a = 0.f;
