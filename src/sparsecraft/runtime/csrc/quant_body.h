@@ -161,10 +161,8 @@ void sparse_rows(const QArgs& a, int64_t r0, int64_t r1) {
       __builtin_prefetch(a.scale + (r + ahead) * ng);
       __builtin_prefetch(a.offset + (r + ahead) * ng);
     }
-    for (int64_t q = 0; q < ng; ++q) {
-      sz[q] = hf(a.scale[r * ng + q]);
-      sz[ng + q] = hf(a.offset[r * ng + q]);
-    }
+    halves_to_floats(a.scale + r * ng, ng, sz.data());
+    halves_to_floats(a.offset + r * ng, ng, sz.data() + ng);
     vf8 acc[B][NCH];
 #pragma GCC unroll 8
     for (int b = 0; b < B; ++b)

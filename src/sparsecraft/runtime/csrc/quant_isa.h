@@ -87,6 +87,9 @@ namespace isa_generic {
 #define SC_W 8
 constexpr int W = 8;
 static inline float hf(uint16_t h) { return h2f(h); }
+static inline void halves_to_floats(const uint16_t* h, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = hf(h[i]);
+}
 static inline vf8 cvt8(uint64_t w) {
 #ifdef SC_X86  // SSE2, the x86-64 baseline: widen bytes to int32 by interleaving with zeros
   const __m128i z = _mm_setzero_si128();
@@ -117,6 +120,12 @@ namespace isa_avx2 {
 #define SC_W 8
 constexpr int W = 8;
 static inline float hf(uint16_t h) { return _cvtsh_ss(h); }
+static inline void halves_to_floats(const uint16_t* h, int64_t n, float* out) {  // fp16 -> float, 8 at a time
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) out[i] = hf(h[i]);
+}
 static inline vf8 cvt8(uint64_t w) {
   return (vf8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(w))));
 }
@@ -132,6 +141,12 @@ namespace isa_avx512 {
 #define SC_W 16
 constexpr int W = 16;
 static inline float hf(uint16_t h) { return _cvtsh_ss(h); }
+static inline void halves_to_floats(const uint16_t* h, int64_t n, float* out) {  // fp16 -> float, 8 at a time
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) out[i] = hf(h[i]);
+}
 static inline vf8 cvt8(uint64_t w) {
   return (vf8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(w))));
 }
@@ -141,6 +156,7 @@ static inline vf16 cvt16(uint64_t lo, uint64_t hi) {
 }
 #include "quant_body.h"
 #include "quant_x8_avx2.h"
+
 #undef SC_W
 }  // namespace isa_avx512
 #pragma GCC pop_options
