@@ -146,6 +146,21 @@ def test_refuses_when_memory_will_not_fit(monkeypatch, calib):
     assert_unchanged(model, before)
 
 
+def test_calibrated_pruning_returns_freed_memory_and_refusal_comes_first(monkeypatch, calib):
+    """In-memory runs free block-sized activations and statistics over and over, like streamed
+    ones: the driver fixes glibc's mmap threshold too (after its checks, so a refused run
+    changes nothing in the process)."""
+    calls = []
+    monkeypatch.setattr(driver, "return_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(driver, "available_memory", lambda: 1000)
+    with pytest.raises(SparsecraftError, match="GiB is available"):
+        sc.prune_(_llama(), sc.PruneConfig(method="wanda", sparsity=0.5), calib, progress=False)
+    assert calls == []
+    monkeypatch.setattr(driver, "available_memory", lambda: None)
+    sc.prune_(_llama(), sc.PruneConfig(method="wanda", sparsity=0.5), calib, progress=False)
+    assert calls == [1]
+
+
 def test_failure_half_way_restores_every_block(monkeypatch, calib):
     model = _llama()
     before = snapshot(model)

@@ -85,7 +85,7 @@ from ..blocks import (
 from ..criteria import BlockLayer, LayerContext, LayerResult, Refiner, Solver
 from ..distributed import Ranks, current
 from ..errors import ConfigError, SparsecraftError, TargetError
-from ..memory import available_memory
+from ..memory import available_memory, return_freed_memory
 from ..targets import Target, resolve_patterns
 from .reconstruction import relative_reconstruction_error
 from .stats import HessianAccumulator, InputNormAccumulator
@@ -659,6 +659,9 @@ def calibrated_prune(model, targets, config, calibration, *, progress=True, stre
              "" if ranks is None else f", {calibration.shape[0]} in process {ranks.rank} of {ranks.world}",
              estimate / 2**20, ", sequential" if opts.sequential else "",
              ", activations on disk" if on_disk else "")
+    # each block frees activations and statistics of the same large sizes again and again:
+    # without this, glibc keeps their holes resident (see return_freed_memory)
+    return_freed_memory()
 
     # Model-level statistics first, from the untouched model.
     model_values = collect_model_statistics(model, active, [s.name for s in model_stats], whole,
