@@ -131,10 +131,14 @@ def test_float_gemv_of_the_decode_step(ext):
 
 
 def test_compiled_dequantize_equals_reference(ext):
-    for kind, (bits, sparse_group) in KINDS.items():
-        qw = _random_qweight(9, 256, 64, bits, sparse_group)
-        got = ext.dequantize(qw.packed, qw.scale, qw.offset, qw.group_index, bits, 64, sparse_group)
-        assert torch.equal(got, qw.dequantize()), kind
+    """Bit for bit on every instruction set (a multiply then an add, never fused)."""
+    for isa in _isas(ext):
+        qk.set_kernel_isa(isa)
+        for kind, (bits, sparse_group) in KINDS.items():
+            for out, n_in, g in ((9, 256, 64), (5, 160, 32)):
+                qw = _random_qweight(out, n_in, g, bits, sparse_group)
+                got = ext.dequantize(qw.packed, qw.scale, qw.offset, qw.group_index, bits, g, sparse_group)
+                assert torch.equal(got, qw.dequantize()), (isa, kind, n_in)
 
 
 def test_isa_is_capped_and_reported(ext):

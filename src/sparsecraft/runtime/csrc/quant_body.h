@@ -221,6 +221,60 @@ void sparse_rows(const QArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// Dequantisation of rows [r0, r1) into a.y as float32 [out, in]: code * scale + offset, a
+// multiply then an add, each rounded, as quant.grid.dequantize_codes does (so no fused
+// multiply-add: the result is bit-equal to the Python reference). Group-sparse rows are zero
+// outside their kept runs. The prefill's path: dequantise once, then one GEMM.
+static inline void store_affine8(const uint8_t* codes8, float s, float z, float* out)
+    __attribute__((optimize("fp-contract=off")));
+static inline void store_affine8(const uint8_t* codes8, float s, float z, float* out) {
+  uint64_t w;
+  __builtin_memcpy(&w, codes8, 8);
+  const vf8 v = cvt8(w) * s + z;
+  __builtin_memcpy(out, &v, sizeof v);
+}
+
+template <int BITS>
+void dequant_dense_rows(const QArgs& a, int64_t r0, int64_t r1) {
+  const int64_t in = a.in, g = a.g, ng = in / g, row_bytes = BITS == 4 ? in / 2 : in;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = a.codes + r * row_bytes;
+    float* out = a.y + r * in;
+    for (int64_t q = 0; q < ng; ++q) {
+      const float s = hf(a.scale[r * ng + q]), z = hf(a.offset[r * ng + q]);
+      for (int64_t c = q * g; c < (q + 1) * g; c += 16) {
+        uint8_t codes[16];
+        if constexpr (BITS == 4) {
+          nibbles16(row + c / 2, codes);
+        } else {
+          __builtin_memcpy(codes, row + c, 16);
+        }
+        store_affine8(codes, s, z, out + c);
+        store_affine8(codes + 8, s, z, out + c + 8);
+      }
+    }
+  }
+}
+
+template <int G>
+void dequant_sparse_rows(const QArgs& a, int64_t r0, int64_t r1) {
+  const int64_t in = a.in, ng = in / a.g, kept = a.kept, per_q = a.g / G;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int32_t* gi = a.group_index + r * kept;
+    const uint8_t* row = a.codes + r * kept * (G / 2);
+    float* out = a.y + r * in;
+    std::fill(out, out + in, 0.f);
+    for (int64_t k = 0; k < kept; ++k) {
+      const int64_t idx = gi[k], q = idx / per_q;
+      const float s = hf(a.scale[r * ng + q]), z = hf(a.offset[r * ng + q]);
+      uint8_t packed[8] = {}, codes[16];
+      __builtin_memcpy(packed, row + k * (G / 2), G / 2);
+      nibbles16(packed, codes);
+      for (int h = 0; h < G / 8; ++h) store_affine8(codes + 8 * h, s, z, out + idx * G + 8 * h);
+    }
+  }
+}
+
 // Dense float32 rows (the decode step's unquantised layers): y = W x + b, W [out, in].
 template <int B>
 void float_rows(const QArgs& a, int64_t r0, int64_t r1) {

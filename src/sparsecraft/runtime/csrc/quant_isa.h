@@ -80,6 +80,23 @@ static inline int32_t dot32_u4i8(const uint8_t* codes, const int8_t* x) {
   for (int j = 0; j < 16; ++j) s += (codes[j] & 15) * x[j] + (codes[j] >> 4) * x[16 + j];
   return s;
 }
+// 8 bytes of packed int4 -> their 16 codes in column order (byte j: columns 2j, 2j+1).
+static inline void nibbles16(const uint8_t* p, uint8_t out[16]) {
+  uint64_t w;
+  __builtin_memcpy(&w, p, 8);
+  const uint64_t lo = w & 0x0F0F0F0F0F0F0F0FULL, hi = (w >> 4) & 0x0F0F0F0F0F0F0F0FULL;
+#ifdef SC_X86  // SSE2, the x86-64 baseline
+  const __m128i v = _mm_unpacklo_epi8(_mm_cvtsi64_si128(static_cast<long long>(lo)),
+                                      _mm_cvtsi64_si128(static_cast<long long>(hi)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), v);
+#else
+  for (int j = 0; j < 8; ++j) {
+    out[2 * j] = static_cast<uint8_t>(lo >> (8 * j));
+    out[2 * j + 1] = static_cast<uint8_t>(hi >> (8 * j));
+  }
+#endif
+}
+
 static inline float sc_id(float v) { return v; }
 static inline float sc_scale_add(float v, float s, float acc) { return acc + v * s; }
 

@@ -13,7 +13,6 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cmath>
@@ -45,9 +44,16 @@ const char* const kIsaNames[] = {"generic", "avx2", "avx512"};
   t[3] = &ns::dense_rows_x8<4>; t[4] = &ns::dense_rows_x8<5>; t[5] = &ns::dense_rows_x8<6>; \
   t[6] = &ns::dense_rows_x8<7>; t[7] = &ns::dense_rows_x8<8>;
 
+#define SC_DEQ(ns, t)                           \
+  t[kInt8] = &ns::dequant_dense_rows<8>;        \
+  t[kInt4] = &ns::dequant_dense_rows<4>;        \
+  t[kGroup8] = &ns::dequant_sparse_rows<8>;     \
+  t[kGroup16] = &ns::dequant_sparse_rows<16>;
+
 struct Tables {
   RowFn t[3][kKinds][kMaxBatch];
   RowFn x8[3][kMaxBatch];  // dense int4 against int8 activations
+  RowFn deq[3][kKinds - 1];  // dequantisation by kind (not kFloat)
   AttendFn attend[3] = {&isa_generic::attend, &isa_avx2::attend, &isa_avx512::attend};
   SiluFn silu[3] = {&isa_generic::silu_mul, &isa_avx2::silu_mul, &isa_avx512::silu_mul};
   int detected = 0;
@@ -56,6 +62,9 @@ struct Tables {
     SC_TABLE(isa_generic, t[0])
     SC_TABLE(isa_avx2, t[1])
     SC_TABLE(isa_avx512, t[2])
+    SC_DEQ(isa_generic, deq[0])
+    SC_DEQ(isa_avx2, deq[1])
+    SC_DEQ(isa_avx512, deq[2])
     SC_X8(isa_generic, x8[0])
     SC_X8(isa_avx2, x8[1])
     SC_X8(isa_avx512, x8[2])
@@ -254,33 +263,22 @@ namespace {
 
 // Dequantise to float32 [out, in] (the large-batch path: dequantise once, then one GEMM).
 at::Tensor dequantize(const Linear& l) {
-  auto w = at::zeros({l.out, l.in}, c10::kFloat);
-  float* wp = w.data_ptr<float>();
-  const uint8_t* cp = l.codes.data_ptr<uint8_t>();
-  const auto* sp = reinterpret_cast<const uint16_t*>(l.scale.data_ptr<c10::Half>());
-  const auto* zp = reinterpret_cast<const uint16_t*>(l.offset.data_ptr<c10::Half>());
-  const int64_t ng = l.in / l.g, in = l.in, g = l.g;
-  at::parallel_for(0, l.out, 16, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      float* wr = wp + r * in;
-      if (l.kind == kInt8 || l.kind == kInt4) {
-        for (int64_t c = 0; c < in; ++c) {
-          const int code = l.kind == kInt8 ? cp[r * in + c] : (cp[r * (in / 2) + c / 2] >> (4 * (c & 1))) & 15;
-          wr[c] = static_cast<float>(code) * h2f(sp[r * ng + c / g]) + h2f(zp[r * ng + c / g]);
-        }
-      } else {
-        const int64_t G = l.sparse_group, kept = l.group_index.size(1);
-        const int32_t* gi = l.group_index.data_ptr<int32_t>() + r * kept;
-        const uint8_t* row = cp + r * kept * (G / 2);
-        for (int64_t k = 0; k < kept; ++k)
-          for (int64_t j = 0; j < G; ++j) {
-            const int64_t p = k * G + j, c = gi[k] * G + j;
-            const int code = (row[p / 2] >> (4 * (p & 1))) & 15;
-            wr[c] = static_cast<float>(code) * h2f(sp[r * ng + c / g]) + h2f(zp[r * ng + c / g]);
-          }
-      }
-    }
-  });
+  auto w = at::empty({l.out, l.in}, c10::kFloat);
+  QArgs a;
+  a.codes = l.codes.data_ptr<uint8_t>();
+  a.scale = reinterpret_cast<const uint16_t*>(l.scale.data_ptr<c10::Half>());
+  a.offset = reinterpret_cast<const uint16_t*>(l.offset.data_ptr<c10::Half>());
+  a.in = l.in;
+  a.out = l.out;
+  a.g = l.g;
+  a.y = w.data_ptr<float>();
+  if (l.kind == kGroup8 || l.kind == kGroup16) {
+    a.group_index = l.group_index.data_ptr<int32_t>();
+    a.kept = l.group_index.size(1);
+  }
+  const RowFn fn = tables().deq[tables().active][l.kind];
+  at::parallel_for(0, l.out, std::max<int64_t>(1, 16384 / std::max<int64_t>(l.in, 1)),
+                   [&](int64_t b, int64_t e) { fn(a, b, e); });
   return w;
 }
 
