@@ -179,8 +179,17 @@ def test_group_sparse_sweep_is_row_balanced_whole_groups_and_compacted():
     # the compacted codes are the kept groups' codes in group_index order
     full = rtn_quantize(new, QuantSpec(4, 64), keep, 16)
     assert torch.equal(full.group_index, q.group_index)
-    # blocks of 64 columns: each row keeps 2 of the 4 groups in every block
-    assert (keep.reshape(24, 2, 4, 16)[..., 0].sum(dim=2) == 2).all()
+    # each row drops the 4 groups of least joint sweep loss w_g^T (U_gg^T U_gg)^-1 w_g over
+    # the whole row (U: upper Cholesky factor of the damped H^-1), computed here in float64
+    hd = h.double() + 0.01 * float(h.double().diagonal().mean()) * torch.eye(128, dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.linalg.inv(hd), upper=True)
+    loss = torch.empty(24, 8, dtype=torch.float64)
+    for g in range(8):
+        ug = u[16 * g:16 * (g + 1), 16 * g:16 * (g + 1)]
+        wg = w.double()[:, 16 * g:16 * (g + 1)]
+        loss[:, g] = ((wg @ torch.linalg.inv(ug.T @ ug)) * wg).sum(1)
+    want = torch.ones(24, 8, dtype=torch.bool).scatter_(1, loss.argsort(dim=1)[:, :4], False)
+    assert torch.equal(keep.reshape(24, 8, 16)[..., 0], want)
 
 
 # ---- GPTQ against round to nearest; joint pruning ----------------------------------------------
@@ -314,7 +323,8 @@ def test_file_size_within_two_percent_of_theory(tmp_path):
         theory = sum(m.quantized().theoretical_nbytes() for m in model.modules() if isinstance(m, QuantLinear))
         file = sc.save(model, tmp_path / f"{sparsity}.safetensors")
         size = file.stat().st_size
-        assert theory <= size <= 1.02 * theory, (size, theory)
+        # (below theory when whole grids are pruned: the file stores their zero scales sparsely)
+        assert 0.9 * theory <= size <= 1.02 * theory, (size, theory)
         # theory: 4 bits per stored code, 2 + 2 bytes per grid of 64, one bit per group of 16
         kept = 1 - sparsity
         assert theory == 2 * 512 * 1024 * (kept * 0.5 + 4 / 64 + (1 / 128 if sparsity else 0))

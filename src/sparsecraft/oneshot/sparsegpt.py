@@ -38,10 +38,13 @@ Mask selection (adaptive, per block, on the weights as updated so far):
   rule's layer error was 0.979-1.002x the greedy rule's at 2:4 (median 0.9985) and
   0.951-0.998x at 4:8 (median 0.9955), for 1.04-1.70x (2:4) and 2.1-4.7x (4:8) the time: too
   little gain to be the default.
-* group:G (GQSA): at each block's start every row drops its share of the block's groups
-  of G columns, lowest summed ``w^2 / U_jj^2`` first. A row's budget
-  (``floor(s * cols/G + 0.5)`` groups) is split over the blocks by width (largest remainder,
-  the same split for every row), so every row keeps the same number of groups.
+* group:G (GQSA): before the sweep every row drops its budget of groups of G columns
+  (``floor(s * cols/G + 0.5)``, the same for every row) over the whole row, lowest joint loss
+  first: ``w_g^T (U_gg^T U_gg)^-1 w_g``, what the sweep loses removing the group with the
+  block ``U_gg`` of the upper Cholesky factor of ``H^-1`` on its columns (the sum of
+  ``w^2 / U_jj^2`` ignores the coupling inside a group). On SmolLM2 at 50% (8 x 512
+  calibration, 2,048 Lee tokens, no quantisation) this gave perplexity 1303 at group:16 and
+  913 at group:8, where choosing each lazy block's share by ``w^2 / U_jj^2`` gave 2255 and 1129.
 * ``keep_mask=``: reconstruct with a given mask (no selection).
 
 Quantisation (``quantize=``, GPTQ; Frantar et al. 2023): the same sweep, where each kept
@@ -200,15 +203,25 @@ class _NMChoice(_Selection):
 
 
 class _GroupChoice(_Selection):
-    """group:G: each row drops its share of the block's groups, lowest summed saliency first."""
+    """group:G: each row drops its ``per_row`` groups of least sweep loss over the whole row,
+    chosen once before the sweep (see the module docstring)."""
 
-    def __init__(self, pattern: Group, counts: list[int]):
-        self.pattern, self.counts = pattern, counts
+    def __init__(self, pattern: Group, per_row: int):
+        self.pattern, self.per_row, self.mask = pattern, per_row, None
+
+    def prepare(self, w: torch.Tensor, upper: torch.Tensor) -> None:
+        rows, cols = w.shape
+        size, n = self.pattern.size, cols // self.pattern.size
+        # the sweep's inverse Hessian on each group: U_gg^T U_gg for its diagonal block of U
+        ug = upper.reshape(n, size, n, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        inv_g = torch.linalg.inv(ug.transpose(1, 2) @ ug)
+        wg = w.reshape(rows, n, size)
+        loss = torch.einsum("rgi,gij,rgj->rg", wg, inv_g, wg)  # w_g^T (H^-1_gg)^-1 w_g
+        keep = self.pattern.keep_groups(loss, self.per_row)
+        self.mask = keep.repeat_interleave(size, dim=1)
 
     def start(self, b, i1, i2, w1, d):
-        scores = w1.pow(2) / d.pow(2)[None, :]
-        keep = self.pattern.keep_groups(self.pattern.group_scores(scores), self.counts[b])
-        return keep.repeat_interleave(self.pattern.size, dim=1)
+        return self.mask[:, i1:i2].clone()
 
 
 class _ColumnQuantizer:
@@ -418,8 +431,7 @@ def sparsegpt_prune(
         pattern.check(tuple(weight.shape), layer)
         per_row = pattern.per_row((rows, cols), sparsity, num_pruned)
         blocksize = max(unit, blocksize - blocksize % unit)
-        sizes = [min(blocksize, cols - i) // pattern.size for i in range(0, cols, blocksize)]
-        select = _GroupChoice(pattern, _split_budget(per_row, sizes, 1))
+        select = _GroupChoice(pattern, per_row)
         element_pruned = False
     else:
         raise ConfigError(
@@ -464,6 +476,8 @@ def sparsegpt_prune(
             quant = None if quantize is None else _ColumnQuantizer(quantize, rows, cols, w.device, layer, order)
             if quant is not None and quant.static:
                 quant.fit_static(original)
+            if isinstance(select, _GroupChoice):
+                select.prepare(w, upper)
             new, keep, losses = _solve(w.clone(), upper, blocksize, select, quant)
             if torch.isfinite(new).all():
                 break
