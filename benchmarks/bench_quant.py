@@ -133,7 +133,11 @@ def write_table(results: dict, out: Path) -> str:
         f"{next((r['eval_tokens_wiki'] for r in runs.values()), '?')} Wikipedia held-out tokens (windows of 512). "
         "File: model.safetensors as sparsecraft.save writes it; the quantised rows quantise the tied token "
         "embedding too (round to nearest, same grid unless the name says int8-embedding or fp32-embedding). "
-        "GGUF: the Q4_1 file the fp32 model is de-quantised from (its tied embedding is Q8_0).",
+        "GGUF: the Q4_1 file the fp32 model is de-quantised from (its tied embedding is Q8_0). "
+        "GQSA rows: stage one is SparseGPT's sweep pruning whole groups of 16 inputs and quantising jointly "
+        "(each row drops its groups of least joint sweep loss); `+rec` adds stage two, block "
+        "reconstruction of the kept weights with the masks fixed. Their sparsity column counts the "
+        "dense tied embedding.",
         "",
         "| configuration | sparsity | Lee ppl | / fp32 | wiki ppl | file (MB) | / fp32 file | / GGUF | "
         "quantise time (s) | round trip |",
