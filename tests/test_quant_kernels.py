@@ -130,6 +130,16 @@ def test_float_gemv_of_the_decode_step(ext):
         _assert_close(ext.linear_f32(x, w, b), F.linear(x.double(), w.double(), b.double()).float())
 
 
+def test_large_batches_reuse_one_dequantisation_buffer_without_stale_values(ext):
+    """Batches over 32 rows dequantise into a buffer the thread reuses: a group-sparse layer
+    after a dense one of more weights must see zeros where its groups are pruned, not the
+    dense layer's values, and a layer over the reuse limit (4M weights) gets its own."""
+    x = torch.randn(40, 256)
+    for bits, sparse_group, out in ((4, 0, 300), (4, 16, 100), (8, 0, 50), (4, 8, 120), (4, 0, 16400)):
+        qw = _random_qweight(out, 256, 64, bits, sparse_group, seed=out)
+        _assert_close(qk.quantized_linear(x, qw, None), _reference(qw, x, None))
+
+
 def test_compiled_dequantize_equals_reference(ext):
     """Bit for bit on every instruction set (a multiply then an add, never fused)."""
     for isa in _isas(ext):

@@ -261,9 +261,9 @@ Linear make_linear(const std::string& what, int64_t kind, const at::Tensor& code
 
 namespace {
 
-// Dequantise to float32 [out, in] (the large-batch path: dequantise once, then one GEMM).
-at::Tensor dequantize(const Linear& l) {
-  auto w = at::empty({l.out, l.in}, c10::kFloat);
+// Dequantise into w, float32 [out, in] contiguous (the large-batch path: dequantise once,
+// then one GEMM).
+void dequantize_into(const Linear& l, at::Tensor& w) {
   QArgs a;
   a.codes = l.codes.data_ptr<uint8_t>();
   a.scale = reinterpret_cast<const uint16_t*>(l.scale.data_ptr<c10::Half>());
@@ -279,6 +279,26 @@ at::Tensor dequantize(const Linear& l) {
   const RowFn fn = tables().deq[tables().active][l.kind];
   at::parallel_for(0, l.out, std::max<int64_t>(1, 16384 / std::max<int64_t>(l.in, 1)),
                    [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+at::Tensor dequantize(const Linear& l) {
+  auto w = at::empty({l.out, l.in}, c10::kFloat);
+  dequantize_into(l, w);
+  return w;
+}
+
+// dequantize() into a buffer of this thread reused from call to call, for layers up to 16 MiB of
+// float32 (larger ones get a fresh tensor): a fresh allocation that size is fresh pages every
+// call, whose first-touch faults cost about as much as the dequantisation itself. The result
+// is valid until the thread's next call; run() uses it at once.
+at::Tensor dequantize_reusing(const Linear& l) {
+  constexpr int64_t kReuseFloats = int64_t{4} << 20;
+  const int64_t n = l.out * l.in;
+  if (n > kReuseFloats) return dequantize(l);
+  thread_local at::Tensor buffer;
+  if (!buffer.defined() || buffer.numel() < n) buffer = at::empty({n}, c10::kFloat);
+  auto w = buffer.narrow(0, 0, n).view({l.out, l.in});
+  dequantize_into(l, w);
   return w;
 }
 
@@ -288,7 +308,7 @@ at::Tensor run(const Linear& l, const at::Tensor& x_in) {
   const auto x = x_in.contiguous();
   const int64_t batch = x.size(0);
   if (batch > 4 * kMaxBatch && !l.int8_x) {  // prefill: the GEMM is cheap next to decoding the codes 4+ times
-    auto w = l.kind == kFloat ? l.weight : dequantize(l);
+    auto w = l.kind == kFloat ? l.weight : dequantize_reusing(l);
     return l.bias.defined() ? at::addmm(l.bias, x, w.t()) : at::mm(x, w.t());
   }
   auto y = at::empty({batch, l.out}, x.options());
