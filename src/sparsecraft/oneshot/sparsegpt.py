@@ -152,11 +152,15 @@ def _damp_schedule(percdamp: float, growth: float, tries: int) -> list[float]:
 
 
 class _Selection:
-    """Which weights of a column block stay: decided at the block's start (``start``) and, for
-    patterns chosen window by window, when the sweep reaches a window's first column (``window``
-    columns at a time, on the weights as updated so far)."""
+    """Which weights of a column block stay: decided before the sweep from the whole layer
+    (``prepare``), at the block's start (``start``) and, for patterns chosen window by window,
+    when the sweep reaches a window's first column (``window`` columns at a time, on the
+    weights as updated so far)."""
 
     window = 0
+
+    def prepare(self, w: torch.Tensor, upper: torch.Tensor) -> None:
+        pass
 
     def start(self, b: int, i1: int, i2: int, w1: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(w1, dtype=torch.bool)
@@ -476,8 +480,7 @@ def sparsegpt_prune(
             quant = None if quantize is None else _ColumnQuantizer(quantize, rows, cols, w.device, layer, order)
             if quant is not None and quant.static:
                 quant.fit_static(original)
-            if isinstance(select, _GroupChoice):
-                select.prepare(w, upper)
+            select.prepare(w, upper)
             new, keep, losses = _solve(w.clone(), upper, blocksize, select, quant)
             if torch.isfinite(new).all():
                 break
