@@ -18,7 +18,7 @@ The solver, per output row ``w`` and with ``H = 2/n X^T X`` (+ damping):
 Because each step is the exact conditional optimum, the reported per-row loss equals
 ``1/2 (w - w') H (w - w')^T`` exactly (up to rounding) for the damped ``H``.
 
-Mask selection (adaptive, per block, on the weights as updated so far):
+Mask selection (adaptive, per block, on the weights as updated so far, except group:G):
 
 * unstructured: inside each column block the lowest ``w^2 / U_jj^2`` are pruned across
   all rows of the block (as the reference implementation does). The layer prunes exactly

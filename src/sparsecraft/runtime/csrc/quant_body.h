@@ -81,11 +81,7 @@ void dense_rows(const QArgs& a, int64_t r0, int64_t r1) {
   const int64_t ahead = prefetch_rows(row_bytes);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = a.codes + r * row_bytes;
-    if (r + ahead < a.out) {
-      prefetch_span(row + ahead * row_bytes, row_bytes);
-      __builtin_prefetch(a.scale + (r + ahead) * ng);
-      __builtin_prefetch(a.offset + (r + ahead) * ng);
-    }
+    prefetch_row(a, r, ahead, row_bytes, ng);
     vf acc[B];
     float zacc[B];
     for (int b = 0; b < B; ++b) {
@@ -155,12 +151,8 @@ void sparse_rows(const QArgs& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const int32_t* gi = a.group_index + r * kept;
     const uint8_t* row = a.codes + r * row_bytes;
-    if (r + ahead < a.out) {
-      prefetch_span(row + ahead * row_bytes, row_bytes);
-      prefetch_span(gi + ahead * kept, kept * 4);
-      __builtin_prefetch(a.scale + (r + ahead) * ng);
-      __builtin_prefetch(a.offset + (r + ahead) * ng);
-    }
+    prefetch_row(a, r, ahead, row_bytes, ng);
+    if (r + ahead < a.out) prefetch_span(gi + ahead * kept, kept * 4);
     halves_to_floats(a.scale + r * ng, ng, sz.data());
     halves_to_floats(a.offset + r * ng, ng, sz.data() + ng);
     vf8 acc[B][NCH];

@@ -16,10 +16,7 @@ namespace sc {
 // prefetchers did not keep up with rows of a few hundred bytes read once: the dense int4 x int8
 // GEMV of SmolLM2's gate/up ran at 3 GB/s from memory against 11 GB/s for a plain sum (and
 // at in-cache speed once told). Each row asks for the row about kPrefetchBytes ahead.
-#ifndef SC_PREFETCH_BYTES
-#define SC_PREFETCH_BYTES 4096
-#endif
-constexpr int64_t kPrefetchBytes = SC_PREFETCH_BYTES;
+constexpr int64_t kPrefetchBytes = 4096;
 
 // Rows ahead such that they start about kPrefetchBytes after the current one.
 static inline int64_t prefetch_rows(int64_t row_bytes) {
@@ -30,6 +27,15 @@ static inline int64_t prefetch_rows(int64_t row_bytes) {
 static inline void prefetch_span(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
+}
+
+// Prefetch row r + ahead of a quantised row loop (when there is one): its row_bytes of codes
+// and its first scale and offset (a row's ng fp16 values share a line or two).
+static inline void prefetch_row(const QArgs& a, int64_t r, int64_t ahead, int64_t row_bytes, int64_t ng) {
+  if (r + ahead >= a.out) return;
+  prefetch_span(a.codes + (r + ahead) * row_bytes, row_bytes);
+  __builtin_prefetch(a.scale + (r + ahead) * ng);
+  __builtin_prefetch(a.offset + (r + ahead) * ng);
 }
 
 typedef float vf8 __attribute__((vector_size(32)));
@@ -47,11 +53,7 @@ typedef float vf16 __attribute__((vector_size(64)));
     const int64_t ahead = prefetch_rows(in / 2);                                           \
     for (int64_t r = r0; r < r1; ++r) {                                                    \
       const uint8_t* row = a.codes + r * (in / 2);                                         \
-      if (r + ahead < a.out) {                                                             \
-        prefetch_span(row + ahead * (in / 2), in / 2);                                     \
-        __builtin_prefetch(a.scale + (r + ahead) * ng);                                    \
-        __builtin_prefetch(a.offset + (r + ahead) * ng);                                   \
-      }                                                                                    \
+      prefetch_row(a, r, ahead, in / 2, ng);                                               \
       ACC_T total[B];                                                                      \
       float zsum[B];                                                                       \
       for (int b = 0; b < B; ++b) {                                                        \
@@ -158,12 +160,7 @@ namespace isa_avx512 {
 #define SC_W 16
 constexpr int W = 16;
 static inline float hf(uint16_t h) { return _cvtsh_ss(h); }
-static inline void halves_to_floats(const uint16_t* h, int64_t n, float* out) {  // fp16 -> float, 8 at a time
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
-  for (; i < n; ++i) out[i] = hf(h[i]);
-}
+using isa_avx2::halves_to_floats;  // F16C, 8 at a time
 static inline vf8 cvt8(uint64_t w) {
   return (vf8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(w))));
 }
@@ -173,7 +170,6 @@ static inline vf16 cvt16(uint64_t lo, uint64_t hi) {
 }
 #include "quant_body.h"
 #include "quant_x8_avx2.h"
-
 #undef SC_W
 }  // namespace isa_avx512
 #pragma GCC pop_options
