@@ -24,7 +24,10 @@ import time
 from _common import RESULTS, bench_lock, command_line, git_commit, write_json, write_text
 
 GRADUAL = {"magnitude": {}, "mfac": {"criterion": "mfac", "obs_update": False},
-           "mfac+obs": {"criterion": "mfac", "obs_update": True}}
+           "mfac+obs": {"criterion": "mfac", "obs_update": True},
+           "mfac-token": {"criterion": "mfac", "fisher": "token"},
+           "mfac-token-64": {"criterion": "mfac", "fisher": "token", "fisher_samples": 64}}
+MFAC_ROWS = ("mfac", "mfac+obs", "mfac-token", "mfac-token-64")
 
 
 def gradual(seed: int, steps: int, with_update: bool) -> dict:
@@ -77,7 +80,8 @@ def one_shot(seed: int, samples: int, seq_len: int, with_update: bool) -> dict:
     calib = data.calibration(tok, samples, seq_len, seed=seed)
     configs = {"magnitude": sc.method_config("magnitude", sparsity=0.5),
                "wanda": sc.method_config("wanda", sparsity=0.5),
-               "mfac": sc.method_config("mfac", sparsity=0.5, batch_size=1)}
+               "mfac": sc.method_config("mfac", sparsity=0.5, batch_size=1),
+               "mfac-token": sc.method_config("mfac", sparsity=0.5, fisher="token", batch_size=1)}
     if with_update:
         configs["mfac+obs"] = sc.method_config("mfac", sparsity=0.5, batch_size=1, update=True, block=32)
     row: dict = {"seed": seed}
@@ -104,28 +108,33 @@ def main(argv=None) -> int:
         lenet = [gradual(s, args.steps, s == args.seeds[0]) for s in args.seeds]
         minilm = [one_shot(s, args.samples, args.seq_len, False) for s in args.seeds]
     med_g = {k: statistics.median(r[k] for r in lenet if k in r) for k in GRADUAL}
-    med_o = {k: statistics.median(r[k] for r in minilm) for k in ("magnitude", "wanda", "mfac")}
+    med_o = {k: statistics.median(r[k] for r in minilm) for k in ("magnitude", "wanda", "mfac", "mfac-token")}
     aims = {"gradual_lenet_mfac_above_magnitude": med_g["mfac"] > med_g["magnitude"],
-            "oneshot_minilm_mfac_above_wanda": med_o["mfac"] > med_o["wanda"]}
+            "gradual_lenet_mfac_token_above_magnitude": med_g["mfac-token"] > med_g["magnitude"],
+            "gradual_lenet_mfac_token_64_above_magnitude": med_g["mfac-token-64"] > med_g["magnitude"],
+            "oneshot_minilm_mfac_above_wanda": med_o["mfac"] > med_o["wanda"],
+            "oneshot_minilm_mfac_token_above_wanda": med_o["mfac-token"] > med_o["wanda"]}
     result = {"command": command_line(), "commit": git_commit(), "settings": vars(args), "lenet": lenet,
               "minilm": minilm, "median_lenet": med_g, "median_minilm": med_o, "aims": aims}
     write_json(RESULTS / "mfac.json", result)
     lines = [f"Command: `{result['command']}`", "",
              f"LeNet-300-100 on MNIST-5k, GMP to 90% (cubic, {args.steps} steps, pruning from step {args.steps // 10} "
              f"to {args.steps * 3 // 4} every {args.steps // 12}); M-FAC: 16 gradients of training batches per pruning "
-             "step, blocks of 64, damp 1e-2. Test accuracy:", "",
+             "step, blocks of 64, damp 1e-2; mfac-token: the diagonal Fisher of the per-example gradients of the "
+             "same 16 batches (mfac-token-64: of 64 batches). Test accuracy:", "",
              "| criterion | median | " + " | ".join(f"seed {r['seed']}" for r in lenet)
              + " | median s per pruning step | peak MB per step |", "|---|---|" + "---|" * len(lenet) + "---|---|"]
     for k in GRADUAL:
         step_s = statistics.median(r.get(f"{k}_step_seconds", 0.0) for r in lenet if k in r)
         step_mb = max(r.get(f"{k}_step_mb", 0.0) for r in lenet)
         lines.append(f"| {k} | {med_g[k]:.4f} | " + " | ".join(f"{r[k]:.4f}" if k in r else "-" for r in lenet)
-                     + (f" | {step_s:.2f} | {step_mb:.1f} |" if k != "magnitude" else " | - | - |"))
+                     + (f" | {step_s:.2f} | {step_mb:.1f} |" if k in MFAC_ROWS else " | - | - |"))
     lines += ["", f"all-MiniLM-L6-v2, one-shot 50% unstructured, {args.samples} x {args.seq_len} calibration tokens "
-              "(M-FAC: one gradient per sample of <output, e>, e ~ N(0, I)); mean cosine to the dense embeddings:", "",
+              "(M-FAC: one gradient per sample of <output, e>, e ~ N(0, I); mfac-token: the diagonal Fisher of the "
+              "per-token gradients of the same loss, 4 probes e per sample); mean cosine to the dense embeddings:", "",
               "| method | median | " + " | ".join(f"seed {r['seed']}" for r in minilm) + " | prune s (seed "
               f"{minilm[0]['seed']}) |", "|---|---|" + "---|" * len(minilm) + "---|"]
-    for k in ("magnitude", "wanda", "mfac", "mfac+obs"):
+    for k in ("magnitude", "wanda", "mfac", "mfac-token", "mfac+obs"):
         if k not in minilm[0]:
             continue
         vals = [f"{r[k]:.4f}" if k in r else "-" for r in minilm]

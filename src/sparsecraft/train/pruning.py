@@ -142,8 +142,11 @@ class GMP(TrainingSparsity):
     ``criterion="mfac"`` (with ``loss_fn(model, batch)`` and ``batches``, a function of an
     index) scores by ``w^2 / (2 [F^-1]_ii)`` from ``fisher_samples`` gradients taken at each
     pruning step on the next training batches, block-diagonal inverse Fisher with blocks of
-    ``fisher_block`` (see :mod:`sparsecraft.oneshot.mfac`), and with ``obs_update`` moves the
-    kept weights by the OBS correction. ``last_cost`` holds the seconds and the bytes of
+    ``fisher_block`` (default 64; see :mod:`sparsecraft.oneshot.mfac`), and with ``obs_update``
+    (default on) moves the kept weights by the OBS correction. ``fisher="token"`` uses instead
+    the diagonal Fisher of the per-example (per-token) gradients of ``nn.Linear`` weights on the
+    same batches, so ``fisher_samples`` batches of ``b`` examples give ``fisher_samples * b``
+    gradients; it has no blocks and no update. ``last_cost`` holds the seconds and the bytes of
     gradients and inverse blocks of the latest pruning step.
     """
 
@@ -166,9 +169,10 @@ class GMP(TrainingSparsity):
         loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         batches: Callable[[int], Any] | None = None,
         fisher_samples: int = 16,
-        fisher_block: int = 64,
+        fisher_block: int | None = None,
         fisher_damp: float = 1e-2,
-        obs_update: bool = True,
+        obs_update: bool | None = None,
+        fisher: str = "blocks",
     ):
         super().__init__(model, optimizer, targets=targets)
         if criterion not in ("magnitude", "mfac"):
@@ -176,15 +180,29 @@ class GMP(TrainingSparsity):
         if criterion == "mfac":
             if loss_fn is None or batches is None:
                 raise ConfigError("GMP criterion 'mfac' needs loss_fn and batches (gradients at each pruning step)")
+            if fisher not in ("blocks", "token"):
+                raise ConfigError(f"GMP fisher must be 'blocks' or 'token', got {fisher!r}")
             for key, value in (("fisher_samples", fisher_samples), ("fisher_block", fisher_block)):
+                if value is None and key == "fisher_block":
+                    continue
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ConfigError(f"GMP {key} must be a positive integer, got {value!r}")
             if not fisher_damp > 0:
                 raise ConfigError(f"GMP fisher_damp must be > 0, got {fisher_damp!r}")
+            if fisher == "token" and (fisher_block not in (None, 1) or obs_update):
+                raise ConfigError("GMP fisher='token' has a diagonal Fisher: it takes no fisher_block > 1 and no "
+                                  "obs_update (which would move nothing)")
+            if fisher == "token":
+                from ..oneshot.mfac import check_token_targets
+
+                check_token_targets(self.targets)
         self.criterion = criterion
         self.loss_fn, self.batches = loss_fn, batches
-        self.fisher = {"samples": fisher_samples, "block": fisher_block, "damp": float(fisher_damp),
-                       "obs_update": bool(obs_update)}
+        token = fisher == "token"
+        self.fisher = {"samples": fisher_samples, "block": 1 if token else (fisher_block or 64),
+                       "damp": float(fisher_damp), "obs_update": False if token else obs_update is not False}
+        if token:  # saved settings of blocks runs keep the keys they always had
+            self.fisher["kind"] = "token"
         self.last_cost: dict[str, float] = {}
         if isinstance(end, (int, float)) and not isinstance(end, bool) and end < 1:
             # sparsity.step() is first called after optimizer step 1: step 0 never comes
@@ -219,6 +237,8 @@ class GMP(TrainingSparsity):
         from ..oneshot import mfac
 
         start = time.perf_counter()
+        if self.fisher.get("kind") == "token":
+            return self._update_token_fisher(step, target, start)
         names = [t.name for t in self.targets]
         grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         for k in range(self.fisher["samples"]):  # the next training batches: a function of the step
@@ -244,6 +264,28 @@ class GMP(TrainingSparsity):
         block = self.fisher["block"]
         nbytes = sum(v.numel() * 4 for v in stacked.values())
         nbytes += max(-(-v.shape[1] // block) * block * block * 8 for v in stacked.values())  # one layer's blocks
+        self.last_cost = {"seconds": time.perf_counter() - start, "bytes": float(nbytes)}
+        log.info("GMP/M-FAC step %d: sparsity %.4f, %.2f s, %.1f MB", step, self.state.sparsity(),
+                 self.last_cost["seconds"], nbytes / 2**20)
+        return {"pruned": True, "sparsity": target, **self.last_cost}
+
+    def _update_token_fisher(self, step: int, target: float, start: float) -> dict[str, Any]:
+        import time
+
+        from ..oneshot import mfac
+
+        names = [t.name for t in self.targets]
+        batches = [self.batches(step + k) for k in range(self.fisher["samples"])]
+        with mfac.token_squares(self.targets) as sums, torch.enable_grad():
+            accumulate_gradients(self.model, self.loss_fn, batches, names)
+        current = self.state.masks
+
+        def score(t):
+            diag, _ = mfac.token_inverse_diag(sums[t.name], self.fisher["damp"])
+            return mfac.mfac_scores(t.param, diag).float().masked_fill(~current[t.name], -1.0)
+
+        self._install(self._plan_scores(score, target, self.allocation, self.pattern), pattern=str(self.pattern))
+        nbytes = sum(v.numel() * 8 for v in sums.values())
         self.last_cost = {"seconds": time.perf_counter() - start, "bytes": float(nbytes)}
         log.info("GMP/M-FAC step %d: sparsity %.4f, %.2f s, %.1f MB", step, self.state.sparsity(),
                  self.last_cost["seconds"], nbytes / 2**20)
@@ -435,7 +477,7 @@ def _plan_snip(recipe) -> Plan:
     return Plan(build, recipe.steps)
 
 
-@recipe_method("gmp", options={"start", "end", "frequency", "allocation", "criterion", "fisher_samples",
+@recipe_method("gmp", options={"start", "end", "frequency", "allocation", "criterion", "fisher", "fisher_samples",
                                "fisher_block", "fisher_damp", "obs_update"})
 def _plan_gmp(recipe) -> Plan:
     sparsity = recipe_sparsity(recipe)
@@ -450,14 +492,15 @@ def _plan_gmp(recipe) -> Plan:
     allocation = _recipe_allocation(recipe, "uniform")
     pattern = _recipe_pattern(recipe, "GMP")
     criterion = option_choice(recipe, "criterion", "magnitude", ("magnitude", "mfac"))
-    fisher = {"fisher_samples": option_int(recipe, "fisher_samples", 16),
-              "fisher_block": option_int(recipe, "fisher_block", 64),
+    fisher = {"fisher": option_choice(recipe, "fisher", "blocks", ("blocks", "token")),
+              "fisher_samples": option_int(recipe, "fisher_samples", 16),
+              "fisher_block": option_int(recipe, "fisher_block", 64) if "fisher_block" in recipe.options else None,
               "fisher_damp": option_number(recipe, "fisher_damp", 1e-2, low=1e-12),
-              "obs_update": recipe.options.get("obs_update", True)}
-    if not isinstance(fisher["obs_update"], bool):
+              "obs_update": recipe.options.get("obs_update")}
+    if fisher["obs_update"] is not None and not isinstance(fisher["obs_update"], bool):
         raise ConfigError(f"train recipe: options.obs_update must be true or false, got {fisher['obs_update']!r}")
     if criterion == "magnitude" and any(k in recipe.options for k in fisher):
-        raise ConfigError("train recipe: options fisher_* and obs_update apply to criterion 'mfac' only")
+        raise ConfigError("train recipe: options fisher, fisher_* and obs_update apply to criterion 'mfac' only")
 
     def build(model, optimizer, context):
         extra = {} if criterion == "magnitude" else {"criterion": criterion, "loss_fn": context.loss_fn,
