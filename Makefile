@@ -11,7 +11,8 @@ RUNENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
 # Benchmarks: every script holds benchmarks/results/.train.lock while it measures (see
 # benchmarks/_common.py), so `make -j bench` still runs them one at a time.
 BENCH  := $(RUNENV) $(PY) benchmarks
-BENCHES := prune formats oneshot reconstruct learned-masks quant train sparse-ift shrink runtime decode distributed recovery scale
+BENCHES := prune formats oneshot reconstruct learned-masks quant train sparse-ift shrink runtime decode distributed recovery scale \
+	lrp select mfac bayes
 
 .PHONY: setup demo lint test test-fast bench $(addprefix bench-,$(BENCHES)) bench-runtime-layers bench-readme clean
 
@@ -77,6 +78,21 @@ bench-train: setup
 # accuracy only (no timing): it does not take the benchmark lock
 bench-sparse-ift: setup
 	OMP_NUM_THREADS=1 $(BENCH)/bench_sparse_ift.py
+
+# issue 15: LRP against magnitude and Taylor filter pruning; QuickSelection against scikit-learn's
+# selectors; M-FAC against magnitude GMP and Wanda
+bench-lrp: setup
+	$(BENCH)/bench_lrp.py
+
+bench-select: setup
+	$(BENCH)/bench_select.py
+
+bench-mfac: setup
+	$(BENCH)/bench_mfac.py
+
+# issue 14: SSVI, variational dropout, Turbo-VBI
+bench-bayes: setup
+	$(BENCH)/bench_bayes.py
 
 bench-shrink: setup
 	OMP_NUM_THREADS=2 $(BENCH)/bench_shrink.py

@@ -35,6 +35,8 @@ SECTIONS = [
     ("quant.md", "Sparse + quantised weights: GPTQ, GQSA, file sizes (issue 17)"),
     ("decode.md", "Decoding SmolLM2 on the CPU: the fused step, W4, W4 + group sparsity, llama.cpp (issue 17)"),
     ("lrp.md", "Relevance (LRP) pruning without fine-tuning (issue 15)"),
+    ("select.md", "QuickSelection against scikit-learn's feature selectors (issue 15)"),
+    ("mfac.md", "Second-order (M-FAC) pruning against magnitude GMP and Wanda (issue 15)"),
     ("bayes.md", "Bayesian sparsification: SSVI (issue 14)"),
     ("recovery_kron_fresh.md", "KroSBL on fresh random draws (issue 16)"),
     ("recovery_kron_identifiability.md", "KroSBL at M1 = 6: what the remaining failures are (issue 16)"),
@@ -73,6 +75,10 @@ Each JSON result records the commit that produced it (`git_commit`).
 | `make bench-decode` | `bench_decode.py --install-llama-cpp` (builds llama-cpp-python once), `profile_decode.py` | `decode.json`, `decode.md` |
 | `make bench-scale` | `bench_scale.py` (synthetic Llama models of 4-32 layers, streamed) | `scale.json`, `scale.md`, `.png` |
 | `make bench-distributed` | `bench_distributed.py` (1 vs 2 processes, `torchrun`) | `distributed.json`, `distributed.md` |
+| `make bench-lrp` | `bench_lrp.py` | `lrp.json`, `lrp.md` |
+| `make bench-select` | `bench_select.py` | `select.json`, `select.md` |
+| `make bench-mfac` | `bench_mfac.py` (resumable; `--part`) | `mfac.json`, `mfac.md` |
+| `make bench-bayes` | `bench_bayes.py` (resumable; `--part`) | `bayes.json`, `bayes.md`, `.png` |
 | `make bench-recovery` | `recovery/bench_*.py` with the trial counts below | `recovery_*.json`, `.png` |
 | `make bench-readme` | `make_readme.py`, `recovery/make_report.py` | this page, `recovery.md` |
 | `make bench` | all of the above, then `bench-readme` | |
