@@ -88,8 +88,32 @@ def test_input_norms_summed_a_few_rows_at_a_time_match_direct_computation(monkey
     norms.add(x[7:])
     wide = x.double()
     assert norms.count == 301
-    torch.testing.assert_close(norms.sq_norm, (wide * wide).sum(0), rtol=1e-12, atol=0)
-    torch.testing.assert_close(norms.var, wide.var(0, unbiased=False), rtol=1e-10, atol=0)
+    torch.testing.assert_close(norms.sq_norm, (wide * wide).sum(0), rtol=1e-6, atol=0)  # float32 slices
+    torch.testing.assert_close(norms.var, wide.var(0, unbiased=False), rtol=1e-6, atol=0)
+
+
+def test_input_norms_keep_the_variance_of_a_channel_with_a_large_mean():
+    """Slices are reduced in float32 after a per-channel shift: a channel at mean 1e4 and spread
+    1 keeps its variance (unshifted float32 sums would lose it entirely), and undoing the shift
+    (as before summing over processes) changes no property."""
+    g = gen(5)
+    x = (torch.randn(4000, 3, generator=g, dtype=F64) + torch.tensor([1e4, 0.0, -3e3], dtype=F64)).float()
+    norms = InputNormAccumulator()
+    for part in x.split(700):
+        norms.add(part)
+    wide = x.double()
+    torch.testing.assert_close(norms.var, wide.var(0, unbiased=False), rtol=1e-5, atol=0)
+    torch.testing.assert_close(norms.mean, wide.mean(0), rtol=1e-9, atol=1e-6)
+    torch.testing.assert_close(norms.sq_norm, (wide * wide).sum(0), rtol=1e-9, atol=0)
+    before = (norms.var, norms.mean, norms.sq_norm)
+    norms._unshift_()
+    for a, b in zip(before, (norms.var, norms.mean, norms.sq_norm)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    with pytest.raises(TargetError, match="NaN"):
+        norms.add(torch.tensor([[1.0, float("inf"), 0.0]]))
+    huge = InputNormAccumulator()  # squares beyond float32's range are summed in float64 instead
+    huge.add(torch.tensor([[1e20, 1.0], [3e20, 2.0]]))
+    torch.testing.assert_close(huge.sq_norm, torch.tensor([1e40 + 9e40, 5.0], dtype=F64), rtol=1e-6, atol=0)
 
 
 def test_accumulators_refuse_bad_input():
