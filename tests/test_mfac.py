@@ -247,3 +247,22 @@ def test_bad_token_fisher_settings_are_clear_errors():
     with pytest.raises(ConfigError, match="layer '0.weight'.*nn.Linear weights only"):
         sc.prune_(cnn, sc.method_config("mfac", fisher="token"), torch.randn(4, 1, 8, 8), progress=False)
     assert all(torch.equal(before[k], v) for k, v in cnn.state_dict().items())
+
+
+def test_cli_prunes_a_causal_lm_with_the_token_fisher_and_refuses_bad_options(tiny_llama_tok_dir, tmp_path, capsys):
+    from sparsecraft.cli import main
+
+    out = tmp_path / "p"
+    base = ["-q", "prune", str(tiny_llama_tok_dir), "--method", "mfac", "--samples", "4", "--seq-len", "16"]
+    assert main([*base, "--option", "fisher=token", "--out", str(out)]) == 0
+    model = sc.load(out)
+    metas = sc.get_meta(model)
+    params = dict(model.named_parameters())
+    assert metas and all(abs(float((params[n] == 0).float().mean()) - 0.5) < 0.02 for n in metas)
+    capsys.readouterr()
+    for bad, message in ((["--option", "fisher=kfac"], "fisher must be"),
+                         (["--option", "fisher=token", "--option", "block=8"], "diagonal Fisher")):
+        assert main([*base, *bad, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "bad").exists()
