@@ -89,10 +89,12 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.zeros(n, dtype=torch.bool, device=scores.device)
     v = _kth_smallest(scores, k)
-    below = scores < v
-    ties = scores == v
-    need = k - int(below.sum())
-    pruned = below | (ties & (torch.cumsum(ties, 0) <= need))
+    pruned = scores <= v
+    if int(pruned.sum()) != k:  # entries equal to v straddle the cut: the lowest indices go
+        below = scores < v
+        ties = scores == v
+        need = k - int(below.sum())
+        pruned = below | (ties & (torch.cumsum(ties, 0) <= need))
     return ~pruned
 
 

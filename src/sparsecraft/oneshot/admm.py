@@ -78,19 +78,22 @@ def solve_on_support(
     b_norm = b.norm(dim=1).clamp_min(torch.finfo(weight.dtype).tiny)
     rel = r.norm(dim=1) / b_norm
     it = 0
+    # in place where it can be: at the sizes of a transformer's layers each pass over a
+    # [rows, cols] tensor costs about what the product with the Hessian does
+    z = torch.empty_like(r)
     while it < max_iter and bool((rel > tol).any()):
-        hp = (p @ hessian) * m
-        php = (p * hp).sum(dim=1)
+        hp = torch.mm(p, hessian).mul_(m)
+        php = torch.linalg.vecdot(p, hp)
         active = (rel > tol) & (php > 0)
-        alpha = torch.where(active, rz / torch.where(php > 0, php, 1.0), 0.0)
-        x += alpha[:, None] * p
-        r -= alpha[:, None] * hp
-        z = r * precond
-        rz_new = (r * z).sum(dim=1)
-        beta = torch.where(active, rz_new / torch.where(rz > 0, rz, 1.0), 0.0)
-        p = z + beta[:, None] * p
+        alpha = torch.where(active, rz / torch.where(php > 0, php, 1.0), 0.0)[:, None]
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, hp, value=-1.0)
+        torch.mul(r, precond, out=z)
+        rz_new = torch.linalg.vecdot(r, z)
+        beta = torch.where(active, rz_new / torch.where(rz > 0, rz, 1.0), 0.0)[:, None]
+        p.mul_(beta).add_(z)
         rz = rz_new
-        rel = r.norm(dim=1) / b_norm
+        rel = torch.linalg.vector_norm(r, dim=1) / b_norm
         it += 1
     return x * m, {"iterations": it, "residual": float(rel.max()) if rel.numel() else 0.0}
 
@@ -246,7 +249,7 @@ def admm_prune(
         z = b + u
         new_keep = _project(z, pattern, num_pruned)
         d = z * new_keep
-        u = z - d
+        u = z.sub_(d)  # z is not needed again
         if it % check_every:
             keep = new_keep
             continue
