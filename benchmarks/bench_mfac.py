@@ -189,10 +189,22 @@ def main(argv=None) -> int:
                 result["minilm"] = [one_shot(s, args.samples, args.seq_len, False) for s in args.seeds]
                 result["minilm_settings"] = {"samples": args.samples, "seq_len": args.seq_len, "seeds": args.seeds}
             if "minilm-gradual" in args.part:
-                result["minilm_gradual"] = [gradual_minilm(s, args.minilm_steps, args.minilm_batch, args.minilm_lr)
-                                            for s in args.seeds]
-                result["minilm_gradual_settings"] = {"steps": args.minilm_steps, "batch": args.minilm_batch,
-                                                     "lr": args.minilm_lr, "seeds": args.seeds}
+                # saved after every seed (a seed takes 10-30 minutes); seeds already run with the
+                # same settings are kept
+                settings = {"steps": args.minilm_steps, "batch": args.minilm_batch, "lr": args.minilm_lr}
+                if {k: result.get("minilm_gradual_settings", {}).get(k) for k in settings} != settings:
+                    result["minilm_gradual"] = []
+                done = {r["seed"] for r in result.get("minilm_gradual", [])}
+                for seed in args.seeds:
+                    if seed in done:
+                        continue
+                    result["minilm_gradual"].append(gradual_minilm(seed, args.minilm_steps, args.minilm_batch,
+                                                                   args.minilm_lr))
+                    result["minilm_gradual_settings"] = {**settings, "seeds": sorted(r["seed"] for r in
+                                                                                      result["minilm_gradual"])}
+                    result.setdefault("commands", {})["minilm-gradual"] = {"command": command_line(),
+                                                                           "commit": git_commit()}
+                    write_json(path, result)
         result.setdefault("commands", {})
         for part in args.part:
             result["commands"][part] = {"command": command_line(), "commit": git_commit()}
