@@ -33,7 +33,7 @@ per-sequence gradient are dropped, as SparseGPT's and Wanda's Hessians do.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -152,14 +152,14 @@ def _output_tensors(out) -> list[torch.Tensor]:
     return tensors
 
 
-def gradient_samples(model: nn.Module, targets, calibration: torch.Tensor, batch_size: int,
-                     seed: int = 0) -> dict[str, torch.Tensor]:
-    """``{target: [m, numel]}``: one gradient per batch of ``batch_size`` calibration samples
-    (see the module docstring for the loss). The model's flags and ``.grad`` are unchanged."""
+def _calibration_losses(model: nn.Module, params: list[torch.Tensor], calibration: torch.Tensor, batch_size: int,
+                        seed: int, probes: int):
+    """Yields ``(loss, retain_graph)`` per backward pass the statistics take: the model's
+    language-modelling loss of each batch where it has one, else ``probes`` losses ``<output,
+    e>`` (``e ~ N(0, I)``, seeded) per batch, on one forward. In eval mode, with gradients for
+    ``params`` only; the model's modes and flags come back afterwards."""
     from ..evaluate import is_causal_lm
 
-    params = [t.param for t in targets]
-    rows: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
     device = params[0].device if params else torch.device("cpu")
     gen = torch.Generator().manual_seed(seed)
     causal = is_causal_lm(model)
@@ -170,18 +170,30 @@ def gradient_samples(model: nn.Module, targets, calibration: torch.Tensor, batch
             for start in range(0, calibration.shape[0], batch_size):
                 batch = calibration[start:start + batch_size].to(device)
                 if causal:
-                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                else:
-                    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=torch.float32).to(o)).sum()
-                               for o in _output_tensors(model(batch)))
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for t, g in zip(targets, grads):
-                    if g is None:
-                        raise ConfigError(f"layer '{t.name}': the model output does not depend on it")
-                    rows[t.name].append(g.detach().float().reshape(-1))
+                    yield model(input_ids=batch, labels=batch, use_cache=False).loss, False
+                    continue
+                outputs = _output_tensors(model(batch))
+                for probe in range(probes):
+                    yield (sum((o * torch.randn(o.shape, generator=gen, dtype=torch.float32).to(o)).sum()
+                               for o in outputs), probe < probes - 1)
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def gradient_samples(model: nn.Module, targets, calibration: torch.Tensor, batch_size: int,
+                     seed: int = 0) -> dict[str, torch.Tensor]:
+    """``{target: [m, numel]}``: one gradient per batch of ``batch_size`` calibration samples
+    (see the module docstring for the loss). The model's flags and ``.grad`` are unchanged."""
+    params = [t.param for t in targets]
+    rows: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
+    with closing(_calibration_losses(model, params, calibration, batch_size, seed, probes=1)) as losses:
+        for loss, _ in losses:
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for t, g in zip(targets, grads):
+                if g is None:
+                    raise ConfigError(f"layer '{t.name}': the model output does not depend on it")
+                rows[t.name].append(g.detach().float().reshape(-1))
     return {name: torch.stack(r) for name, r in rows.items()}
 
 
@@ -233,30 +245,11 @@ def token_fisher(model: nn.Module, targets, calibration: torch.Tensor, batch_siz
     squared per-token gradients of each ``nn.Linear`` weight (:func:`token_squares`); the loss
     is the one of :func:`gradient_samples`, with :data:`TOKEN_PROBES` probes for models without
     one. The model's flags and ``.grad`` are unchanged."""
-    from ..evaluate import is_causal_lm
-
     params = [t.param for t in targets]
-    device = params[0].device if params else torch.device("cpu")
-    gen = torch.Generator().manual_seed(seed)
-    causal = is_causal_lm(model)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with token_squares(targets) as sums, gradients_only_for(model, params):
-            for start in range(0, calibration.shape[0], batch_size):
-                batch = calibration[start:start + batch_size].to(device)
-                if causal:
-                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                    torch.autograd.grad(loss, params, allow_unused=True)  # the hooks take what they need
-                    continue
-                outputs = _output_tensors(model(batch))
-                for probe in range(TOKEN_PROBES):
-                    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=torch.float32).to(o)).sum()
-                               for o in outputs)
-                    torch.autograd.grad(loss, params, allow_unused=True, retain_graph=probe < TOKEN_PROBES - 1)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with token_squares(targets) as sums, \
+            closing(_calibration_losses(model, params, calibration, batch_size, seed, TOKEN_PROBES)) as losses:
+        for loss, retain in losses:
+            torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain)  # the hooks take their part
     return sums
 
 
