@@ -94,18 +94,22 @@ def test_mfac_one_shot_prunes_and_updates_weights():
     assert err_updated < err_plain
 
 
+_DATA = [(torch.randn(16, 10, generator=torch.Generator().manual_seed(i)),
+          torch.randint(0, 6, (16,), generator=torch.Generator().manual_seed(100 + i))) for i in range(64)]
+
+
+def loss_fn(m, batch):
+    return F.cross_entropy(m(batch[0]), batch[1])
+
+
+def batches(i):
+    return _DATA[i % len(_DATA)]
+
+
 def test_gmp_with_mfac_reaches_target_and_round_trips():
     torch.manual_seed(0)
     net = _mlp()
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    data = [(torch.randn(16, 10, generator=torch.Generator().manual_seed(i)), torch.randint(0, 6, (16,)))
-            for i in range(64)]
-
-    def loss_fn(m, batch):
-        return F.cross_entropy(m(batch[0]), batch[1])
-
-    def batches(i):
-        return data[i % len(data)]
 
     gmp = GMP(net, 0.8, start=2, end=10, frequency=2, optimizer=opt, criterion="mfac", loss_fn=loss_fn,
               batches=batches, fisher_samples=4, fisher_block=8)
@@ -213,16 +217,10 @@ def test_token_fisher_sums_and_model_unchanged():
 def test_gmp_with_token_fisher_reaches_target():
     net = _mlp()
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    data = [(torch.randn(16, 10, generator=torch.Generator().manual_seed(i)), torch.randint(0, 6, (16,)))
-            for i in range(64)]
-
-    def loss_fn(m, batch):
-        return F.cross_entropy(m(batch[0]), batch[1])
-
     gmp = GMP(net, 0.8, start=2, end=10, frequency=2, optimizer=opt, criterion="mfac", fisher="token",
-              loss_fn=loss_fn, batches=lambda i: data[i % len(data)], fisher_samples=4)
+              loss_fn=loss_fn, batches=batches, fisher_samples=4)
     for step in range(12):
-        loss = loss_fn(net, data[step])
+        loss = loss_fn(net, batches(step))
         opt.zero_grad()
         loss.backward()
         opt.step()
