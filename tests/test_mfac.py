@@ -240,6 +240,13 @@ def test_bad_token_fisher_settings_are_clear_errors():
     with pytest.raises(ConfigError, match="diagonal Fisher"):
         GMP(_mlp(), 0.5, start=1, end=4, criterion="mfac", fisher="token", obs_update=True,
             loss_fn=lambda m, b: m(b).sum(), batches=lambda i: torch.randn(2, 10))
+    from sparsecraft.train.recipe import TrainRecipe
+
+    TrainRecipe(method="gmp", options={"criterion": "mfac", "fisher": "token", "fisher_samples": 64})
+    with pytest.raises(ConfigError, match="fisher"):
+        TrainRecipe(method="gmp", options={"criterion": "mfac", "fisher": "kfac"})
+    with pytest.raises(ConfigError, match="criterion 'mfac' only"):
+        TrainRecipe(method="gmp", options={"fisher": "token"})
     cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     before = {k: v.clone() for k, v in cnn.state_dict().items()}
     with pytest.raises(ConfigError, match="layer '0.weight'.*nn.Linear weights only"):
