@@ -114,6 +114,9 @@ def test_input_norms_keep_the_variance_of_a_channel_with_a_large_mean():
     huge = InputNormAccumulator()  # squares beyond float32's range are summed in float64 instead
     huge.add(torch.tensor([[1e20, 1.0], [3e20, 2.0]]))
     torch.testing.assert_close(huge.sq_norm, torch.tensor([1e40 + 9e40, 5.0], dtype=F64), rtol=1e-6, atol=0)
+    huger = InputNormAccumulator()  # values near float32's limit: the shift stays finite
+    huger.add(torch.tensor([[3e38, 1.0], [3e38, 2.0]]))
+    torch.testing.assert_close(huger.mean, torch.tensor([3e38, 1.5], dtype=F64), rtol=1e-6, atol=0)
 
 
 def test_accumulators_refuse_bad_input():

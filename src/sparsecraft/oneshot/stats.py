@@ -98,7 +98,7 @@ class InputNormAccumulator:
             self._sq = torch.zeros_like(self._sum)
             head = x[: 1024].float()
             _check_finite(head, "InputNormAccumulator")
-            self._shift = head.mean(0)
+            self._shift = head.double().mean(0).float()  # summed in float64: no overflow near float32's limit
         step = max(1, self._CHUNK_ELEMENTS // x.shape[1])
         for part in x.split(step):
             shifted = part.float() - self._shift.to(part.device)
