@@ -264,13 +264,9 @@ class GMP(TrainingSparsity):
         block = self.fisher["block"]
         nbytes = sum(v.numel() * 4 for v in stacked.values())
         nbytes += max(-(-v.shape[1] // block) * block * block * 8 for v in stacked.values())  # one layer's blocks
-        self.last_cost = {"seconds": time.perf_counter() - start, "bytes": float(nbytes)}
-        log.info("GMP/M-FAC step %d: sparsity %.4f, %.2f s, %.1f MB", step, self.state.sparsity(),
-                 self.last_cost["seconds"], nbytes / 2**20)
-        return {"pruned": True, "sparsity": target, **self.last_cost}
+        return self._report_cost(step, target, start, nbytes)
 
     def _update_token_fisher(self, step: int, target: float, start: float) -> dict[str, Any]:
-        import time
 
         from ..oneshot import mfac
 
@@ -286,6 +282,12 @@ class GMP(TrainingSparsity):
 
         self._install(self._plan_scores(score, target, self.allocation, self.pattern), pattern=str(self.pattern))
         nbytes = sum(v.numel() * 8 for v in sums.values())
+        return self._report_cost(step, target, start, nbytes)
+
+    def _report_cost(self, step: int, target: float, start: float, nbytes: float) -> dict[str, Any]:
+        """``last_cost`` of an M-FAC pruning step, logged, and the step's event."""
+        import time
+
         self.last_cost = {"seconds": time.perf_counter() - start, "bytes": float(nbytes)}
         log.info("GMP/M-FAC step %d: sparsity %.4f, %.2f s, %.1f MB", step, self.state.sparsity(),
                  self.last_cost["seconds"], nbytes / 2**20)
