@@ -228,7 +228,8 @@ def test_sequential_statistics_come_from_the_pruned_earlier_layers(calib):
             for start in range(0, calib.shape[0], 2):
                 model(calib[start:start + 2], use_cache=False)
         handle.remove()
-        weight, keep, _ = sparsegpt_prune(original[name + ".weight"].detach(), acc.hessian, 0.5, "unstructured")
+        weight, keep, _ = sparsegpt_prune(original[name + ".weight"].detach(), acc.hessian, 0.5, "unstructured",
+                                          refit=True)  # the solver refits by default
         assert torch.equal(keep, state.masks[name + ".weight"]), name
         torch.testing.assert_close(weight * keep, pruned[name + ".weight"].detach(), rtol=1e-4, atol=1e-6)
 

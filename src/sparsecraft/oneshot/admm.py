@@ -43,6 +43,7 @@ from ..criteria import LayerResult, Solver, register_solver
 from ..errors import ConfigError, TargetError
 from ..patterns import NM, Pattern, Unstructured, num_to_prune, parse_pattern, reduction_view
 from .sparsegpt import sparsegpt_prune
+from .support import refit_on_support, solve_on_support
 
 __all__ = ["admm_prune", "prepare_hessian", "PreparedHessian", "solve_on_support", "layer_error", "ADMMSolver"]
 
@@ -53,49 +54,6 @@ def layer_error(w_dense: torch.Tensor, w_sparse: torch.Tensor, hessian: torch.Te
     """``tr((W - W') H (W - W')^T)``: the layer's squared output error up to H's scale."""
     d = (reduction_view(w_dense) - reduction_view(w_sparse)).to(torch.float64)
     return float(((d @ hessian.to(d)) * d).sum())
-
-
-def solve_on_support(
-    weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, *,
-    x0: torch.Tensor | None = None, max_iter: int = 500, tol: float = 1e-10,
-) -> tuple[torch.Tensor, dict]:
-    """Per row, ``argmin (w - w') H (w - w')^T`` with ``w'`` zero where ``keep`` is False.
-
-    ``weight`` ``[rows, cols]`` and ``hessian`` ``[cols, cols]`` (positive definite; damp it
-    first if needed) in the compute dtype. Batched preconditioned conjugate gradients from
-    ``x0`` (default: the masked weight) until every row's residual is below ``tol`` times its
-    right-hand side, or ``max_iter``. Returns ``(w', info)`` with ``iterations`` and the
-    largest relative ``residual`` left.
-    """
-    m = keep.to(weight.dtype)
-    b = (weight @ hessian) * m  # the normal equations restricted to the support
-    x = (weight * m) if x0 is None else x0 * m
-    r = b - (x @ hessian) * m
-    precond = 1.0 / hessian.diagonal().clamp_min(torch.finfo(weight.dtype).tiny)
-    z = r * precond
-    p = z.clone()
-    rz = (r * z).sum(dim=1)
-    b_norm = b.norm(dim=1).clamp_min(torch.finfo(weight.dtype).tiny)
-    rel = r.norm(dim=1) / b_norm
-    it = 0
-    # in place where it can be: at the sizes of a transformer's layers each pass over a
-    # [rows, cols] tensor costs about what the product with the Hessian does
-    z = torch.empty_like(r)
-    while it < max_iter and bool((rel > tol).any()):
-        hp = torch.mm(p, hessian).mul_(m)
-        php = torch.linalg.vecdot(p, hp)
-        active = (rel > tol) & (php > 0)
-        alpha = torch.where(active, rz / torch.where(php > 0, php, 1.0), 0.0)[:, None]
-        x.addcmul_(alpha, p)
-        r.addcmul_(alpha, hp, value=-1.0)
-        torch.mul(r, precond, out=z)
-        rz_new = torch.linalg.vecdot(r, z)
-        beta = torch.where(active, rz_new / torch.where(rz > 0, rz, 1.0), 0.0)[:, None]
-        p.mul_(beta).add_(z)
-        rz = rz_new
-        rel = torch.linalg.vector_norm(r, dim=1) / b_norm
-        it += 1
-    return x * m, {"iterations": it, "residual": float(rel.max()) if rel.numel() else 0.0}
 
 
 @dataclass(frozen=True)
@@ -341,11 +299,5 @@ class ADMMSolver(Solver):
 
     def reconstruct(self, ctx, keep, pattern):
         """The exact least-squares weights on a given mask (after a refiner changed it)."""
-        w = reduction_view(ctx.param.detach()).to(torch.float64)
-        h = ctx.stats["hessian"].to(torch.float64).clone()
-        dead = h.diagonal() == 0
-        h.diagonal()[dead] = 1
-        h.diagonal().add_(self.options.percdamp * float(h.diagonal().mean()))
-        c = h.diagonal().sqrt()
-        solved, _ = solve_on_support(w * c, h / c[:, None] / c[None, :], reduction_view(keep).to(w.device))
-        return (solved / c).to(ctx.param.dtype).reshape(ctx.param.shape)
+        return refit_on_support(ctx.param, ctx.stats["hessian"], keep, percdamp=self.options.percdamp,
+                                dtype=torch.float64)[0]

@@ -78,6 +78,7 @@ from ..patterns import NM, Group, Pattern, Unstructured, num_to_prune, parse_pat
 from ..quant.grid import QuantSpec, dequantize_codes, fit_grid, quantize_codes
 from ..quant.options import QuantOptions, check_quant_layer
 from ..quant.tensor import QuantizedWeight
+from .support import refit_on_support
 
 __all__ = ["sparsegpt_prune", "SolverError", "inverse_cholesky_upper", "SparseGPTSolver"]
 
@@ -330,6 +331,7 @@ def sparsegpt_prune(
     layer: str = "",
     quantize: QuantSpec | None = None,
     act_order: bool = False,
+    refit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Prune one layer with SparseGPT; with ``quantize``, prune and quantise it jointly (GPTQ).
 
@@ -354,13 +356,18 @@ def sparsegpt_prune(
             the Hessian's diagonal, the inputs with the most energy first while the most
             columns remain to absorb their error; the grids are then fitted once, before the
             sweep, from the original weights (static groups).
+        refit: after the sweep, replace the kept weights by the exact least-squares weights on
+            the chosen mask (module docstring; not with ``quantize``, whose weights must stay on
+            their grids).
 
     Returns:
         ``(new_weight, keep_mask, info)``: a new tensor of ``weight``'s shape, dtype and
         device with pruned entries exactly zero; the boolean keep-mask; and ``info`` with
         ``percdamp`` and ``damp`` (the values that worked), ``tries``, ``dead_inputs``,
         ``num_pruned``, ``blocksize``, ``loss`` (sum over rows of ``1/2 dHd^T``) and
-        ``row_losses`` (tensor ``[out]``); with ``quantize`` also ``qweight`` (the
+        ``row_losses`` (tensor ``[out]``; with ``refit``, of the refitted weights, and
+        ``refit`` holds the sweep's own ``sweep_loss`` and the conjugate gradients'
+        ``iterations`` and ``residual``); with ``quantize`` also ``qweight`` (the
         :class:`~sparsecraft.quant.QuantizedWeight`; ``new_weight`` is exactly its
         dequantised values).
     """
@@ -375,6 +382,9 @@ def sparsegpt_prune(
         raise ConfigError("sparsegpt: need max_damp_tries >= 1 and damp_growth > 1")
     if nm_choice not in NM_CHOICES:
         raise ConfigError(f"sparsegpt: nm_choice must be one of {NM_CHOICES}, got {nm_choice!r}")
+    if refit and quantize is not None:
+        raise ConfigError(f"layer '{layer}': sparsegpt refit changes the kept weights off their quantisation "
+                          "grids: use refit with pruning alone")
 
     w0 = reduction_view(weight.detach())
     rows, cols = w0.shape
@@ -517,6 +527,16 @@ def sparsegpt_prune(
         inverse = torch.argsort(order)
         new, keep = new[:, inverse], keep[:, inverse]
         info["act_order"] = True
+    if refit:
+        del upper  # the sweep's factor; the back-solve needs only the Hessian
+        new, cg = refit_on_support(w0, h0, keep, percdamp=pd, x0=new, dtype=dtype)
+        hd = h0.to(device=new.device, dtype=torch.float64, copy=True)
+        hd.diagonal()[dead] = 1
+        hd.diagonal().add_(damp)
+        diff = w0.to(torch.float64) - new.to(torch.float64)
+        diff[:, dead] = 0  # the sweep's loss counts dead inputs' weights as free, too
+        losses = (((diff @ hd) * diff).sum(dim=1) / 2).to(new.dtype)
+        info.update(refit={"sweep_loss": info["loss"], **cg}, loss=float(losses.sum()), row_losses=losses)
     if quant is not None:
         info["qweight"] = quant.result(keep, pattern.size if isinstance(pattern, Group) else None)
         new = info["qweight"].dequantize().to(new.dtype)
@@ -542,6 +562,9 @@ class SparseGPTSolver(Solver):
         max_damp_tries: int = 5
         damp_growth: float = 10.0
         nm_choice: str = "greedy"  # N:M groups: least OBS loss ("exact") or the diagonal score ("greedy")
+        # least-squares weights on the chosen mask after the sweep (None: on unless quantising;
+        # False: the sweep's own weights, as the reference implementation returns them)
+        refit: bool | None = None
 
         def check(self):
             self.check_sweep("sparsegpt")
@@ -556,6 +579,12 @@ class SparseGPTSolver(Solver):
             if self.nm_choice not in NM_CHOICES:
                 raise ConfigError(f"{owner}: nm_choice must be one of {NM_CHOICES}, got {self.nm_choice!r}")
             self.check_quant(owner)
+            if self.refit and self.spec() is not None:
+                raise ConfigError(f"{owner}: refit moves the kept weights off their quantisation grids; "
+                                  "drop refit or quantize")
+
+        def refits(self) -> bool:
+            return self.spec() is None if self.refit is None else self.refit
 
     def quantization(self):
         return self.options if self.options.spec() is not None else None
@@ -577,15 +606,17 @@ class SparseGPTSolver(Solver):
         weight, keep, info = sparsegpt_prune(
             ctx.param.detach(), ctx.stats["hessian"], sparsity, pattern, keep_mask=keep, blocksize=o.blocksize,
             percdamp=o.percdamp, max_damp_tries=o.max_damp_tries, damp_growth=o.damp_growth, layer=ctx.name,
-            quantize=o.spec(), nm_choice=o.nm_choice, **self._sweep_options(),
+            quantize=o.spec(), nm_choice=o.nm_choice, refit=o.refits(), **self._sweep_options(),
         )
         if info.get("tries", 1) > 1:
             log.warning("layer '%s': SparseGPT needed damping %.3g", ctx.name, info["percdamp"])
-        return weight, keep, info.get("qweight")
+        return weight, keep, info
 
     def solve(self, ctx, pattern, sparsity):
-        weight, keep, qweight = self._run(ctx, pattern, sparsity)
-        return LayerResult(keep, weight, quant=qweight)
+        weight, keep, info = self._run(ctx, pattern, sparsity)
+        # with refit, the layer's loss before and after it (1/2 tr((W - W') H (W - W')^T), damped H)
+        summary = {"refit": {**info["refit"], "loss": info["loss"]}} if "refit" in info else {}
+        return LayerResult(keep, weight, summary, quant=info.get("qweight"))
 
     def reconstruct(self, ctx, keep, pattern):
         return self._run(ctx, pattern, None, keep)[0]

@@ -1,0 +1,64 @@
+"""SparseGPT's refit: the least-squares weights on the sweep's mask (the solver's default)."""
+
+import pytest
+import torch
+
+from sparsecraft.errors import ConfigError
+from sparsecraft.oneshot import sparsegpt_prune
+from sparsecraft.oneshot.admm import layer_error
+from sparsecraft.oneshot.support import refit_on_support
+from sparsecraft.patterns import NM
+from sparsecraft.quant.grid import QuantSpec
+from test_admm import _brute_force, _problem
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", None), ("4:8", None), ("group:4", 0.5)])
+def test_refit_keeps_the_mask_and_reaches_the_optimum_on_it(pattern, sparsity):
+    """The sweep's weights are optimal only given the columns it froze; the refit is the exact
+    optimum on the same support, so it must be strictly better on inputs of unequal scales."""
+    gains = []
+    for seed in range(5):
+        w, h = _problem(200 + seed)
+        ws, ks, info_s = sparsegpt_prune(w, h, sparsity, pattern, dtype=torch.float64, percdamp=0.0)
+        wr, kr, info_r = sparsegpt_prune(w, h, sparsity, pattern, dtype=torch.float64, percdamp=0.0, refit=True)
+        assert torch.equal(ks, kr)  # the mask is the sweep's
+        assert torch.all(wr[~kr] == 0)
+        exact = _brute_force(w, h, kr)
+        e_exact, e_refit, e_sweep = layer_error(w, exact, h), layer_error(w, wr, h), layer_error(w, ws, h)
+        assert abs(e_refit - e_exact) <= 1e-6 * e_exact
+        # info["loss"] is 1/2 (w - w') H (w - w')^T of the refitted weights; refit["sweep_loss"] the sweep's
+        assert info_r["loss"] == pytest.approx(e_refit / 2, rel=1e-6)
+        assert info_r["refit"]["sweep_loss"] == pytest.approx(info_s["loss"], rel=1e-9)
+        assert info_s["loss"] == pytest.approx(e_sweep / 2, rel=1e-6)
+        gains.append(e_refit / e_sweep)
+    assert max(gains) <= 1 + 1e-9 and min(gains) < 0.99, gains
+
+
+def test_refit_zeroes_dead_inputs_and_leaves_the_input_alone():
+    w, h = _problem(7)
+    h[:, 3] = 0
+    h[3, :] = 0  # input 3 never fires
+    before = w.clone()
+    new, keep, _ = sparsegpt_prune(w.float(), h, None, "2:4", refit=True)
+    assert torch.all(new[:, 3] == 0) and NM(2, 4).is_valid(keep)
+    solved, info = refit_on_support(w, h, keep, percdamp=0.01, dtype=torch.float32)
+    assert torch.equal(w, before) and solved.dtype == w.dtype and torch.all(solved[:, 3] == 0)
+    assert info["iterations"] >= 1
+
+
+def test_refit_is_the_solvers_default_and_refuses_quantised_weights(tiny_llama_tok_dir):
+    import sparsecraft as sc
+
+    model, _ = sc.models.load(str(tiny_llama_tok_dir))
+    calib = torch.randint(0, 1000, (8, 32), generator=torch.Generator().manual_seed(0))
+    state = sc.prune_(model, sc.method_config("sparsegpt", pattern="2:4"), calib, progress=False)
+    assert all("refit" in info for info in state.info.values())
+    assert all(NM(2, 4).is_valid(k) for k in state.masks.values())
+    model, _ = sc.models.load(str(tiny_llama_tok_dir))
+    state = sc.prune_(model, sc.method_config("sparsegpt", pattern="2:4", refit=False), calib, progress=False)
+    assert not any("refit" in info for info in state.info.values())
+    with pytest.raises(ConfigError, match="refit"):
+        sc.method_config("sparsegpt", pattern="2:4", refit=True, quantize="int4")
+    with pytest.raises(ConfigError, match="refit"):
+        sparsegpt_prune(torch.randn(4, 32), torch.eye(32), None, "2:4", refit=True,
+                        quantize=QuantSpec(bits=4, group=32))
