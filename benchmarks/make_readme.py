@@ -124,12 +124,15 @@ def _headline() -> None:
     if oneshot.exists():
         data = json.loads(oneshot.read_text())
         runs, settings = data["runs"], data.get("settings", {})
-        rows = [n for n in ("dense", "magnitude-0.5", "wanda-0.5", "sparsegpt-0.5", "admm-0.5", "admm+rec-0.5",
-                            "magnitude-2:4", "wanda-2:4", "sparsegpt-2:4", "admm-2:4", "admm+rec-2:4") if n in runs]
+        rows = [n for n in ("dense", "magnitude-0.5", "wanda-0.5", "sparsegpt-0.5", "sparsegpt+refit-0.5", "admm-0.5",
+                            "admm+rec-0.5", "magnitude-2:4", "wanda-2:4", "sparsegpt-2:4", "sparsegpt+refit-2:4",
+                            "admm-2:4", "admm+rec-2:4") if n in runs]
         lines += [
             f"SmolLM2-135M (real weights), perplexity on held-out Lee news text and on held-out Wikipedia text "
             f"(neither used for calibration); calibration {settings.get('samples')} x {settings.get('seq_len')} "
-            f"Lee tokens (`benchmarks/bench_oneshot.py`; `-` where a row was measured before the Wikipedia column):",
+            f"Lee tokens (`benchmarks/bench_oneshot.py`; `-` where a row was measured before the Wikipedia column). "
+            f"`sparsegpt`: the reference algorithm's weights (`refit=False`); `sparsegpt+refit`: the default, "
+            f"least-squares weights on the same mask:",
             "",
             "| model | sparsity | perplexity | wiki perplexity | prune time (s) |",
             "|---|---|---|---|---|",

@@ -62,3 +62,15 @@ def test_refit_is_the_solvers_default_and_refuses_quantised_weights(tiny_llama_t
     with pytest.raises(ConfigError, match="refit"):
         sparsegpt_prune(torch.randn(4, 32), torch.eye(32), None, "2:4", refit=True,
                         quantize=QuantSpec(bits=4, group=32))
+
+
+def test_refit_option_on_the_cli(tiny_llama_tok_dir, tmp_path, capsys):
+    from sparsecraft.cli import main
+
+    argv = ["-q", "prune", str(tiny_llama_tok_dir), "--method", "sparsegpt", "--pattern", "2:4", "--samples", "4",
+            "--seq-len", "16"]
+    assert main(argv + ["--option", "refit=false", "--out", str(tmp_path / "sweep")]) == 0
+    assert main(argv + ["--option", "refit=maybe", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "refit" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "bad").exists()

@@ -47,6 +47,12 @@ Mask selection (adaptive, per block, on the weights as updated so far, except gr
   913 at group:8, where choosing each lazy block's share by ``w^2 / U_jj^2`` gave 2255 and 1129.
 * ``keep_mask=``: reconstruct with a given mask (no selection).
 
+Refit (``refit=True``; the solver's default unless quantising): the sweep's weights are optimal
+for each column only given the columns it had already frozen, so they are not the best weights
+for the mask it ends with. The refit solves, per row, ``min (w - w') H (w - w')^T`` over the kept
+entries exactly (:func:`~sparsecraft.oneshot.support.refit_on_support`: conjugate gradients on
+the damped Hessian, started from the sweep's weights); the mask is unchanged.
+
 Quantisation (``quantize=``, GPTQ; Frantar et al. 2023): the same sweep, where each kept
 weight, when its column is reached, is replaced by its value on its group's grid
 (:mod:`sparsecraft.quant.grid`) and the rounding error ``(w - q) / U_jj`` is spread over the
