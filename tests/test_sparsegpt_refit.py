@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from test_admm import _brute_force, _problem
 
 from sparsecraft.errors import ConfigError
 from sparsecraft.oneshot import sparsegpt_prune
@@ -9,7 +10,6 @@ from sparsecraft.oneshot.admm import layer_error
 from sparsecraft.oneshot.support import refit_on_support
 from sparsecraft.patterns import NM
 from sparsecraft.quant.grid import QuantSpec
-from test_admm import _brute_force, _problem
 
 
 @pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", None), ("4:8", None), ("group:4", 0.5)])
