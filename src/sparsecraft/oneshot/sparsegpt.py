@@ -536,12 +536,7 @@ def sparsegpt_prune(
     if refit:
         del upper  # the sweep's factor; the back-solve needs only the Hessian
         new, cg = refit_on_support(w0, h0, keep, percdamp=pd, x0=new, dtype=dtype)
-        hd = h0.to(device=new.device, dtype=torch.float64, copy=True)
-        hd.diagonal()[dead] = 1
-        hd.diagonal().add_(damp)
-        diff = w0.to(torch.float64) - new.to(torch.float64)
-        diff[:, dead] = 0  # the sweep's loss counts dead inputs' weights as free, too
-        losses = (((diff @ hd) * diff).sum(dim=1) / 2).to(new.dtype)
+        losses = cg.pop("row_losses")  # the sweep's loss, for the refitted weights
         info.update(refit={"sweep_loss": info["loss"], **cg}, loss=float(losses.sum()), row_losses=losses)
     if quant is not None:
         info["qweight"] = quant.result(keep, pattern.size if isinstance(pattern, Group) else None)
