@@ -74,3 +74,16 @@ def test_refit_option_on_the_cli(tiny_llama_tok_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert "refit" in err[-1] and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "bad").exists()
+
+
+def test_refit_in_row_slices_equals_one_slice(monkeypatch):
+    """Wide layers are refitted a slice of rows at a time; the rows are independent problems."""
+    from sparsecraft.oneshot import support
+
+    w, h = _problem(3, rows=24, cols=32)
+    _, keep, _ = sparsegpt_prune(w, h, None, "2:4", dtype=torch.float64)
+    whole, info = refit_on_support(w, h, keep, percdamp=0.01, dtype=torch.float64)
+    monkeypatch.setattr(support, "ROW_SLICE_ELEMENTS", 5 * 32)  # 5 rows a slice, the last one shorter
+    sliced, info_s = refit_on_support(w, h, keep, percdamp=0.01, dtype=torch.float64)
+    torch.testing.assert_close(sliced, whole, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(info_s["row_losses"], info["row_losses"], rtol=1e-9, atol=1e-12)

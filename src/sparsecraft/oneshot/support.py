@@ -14,6 +14,9 @@ from ..patterns import reduction_view
 
 __all__ = ["solve_on_support", "refit_on_support"]
 
+#: elements of one row slice in :func:`refit_on_support` (16 MB per work tensor in float32)
+ROW_SLICE_ELEMENTS = 1 << 22
+
 
 def solve_on_support(
     weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, *,
@@ -75,7 +78,8 @@ def refit_on_support(
     float32), scaled in place.
 
     Returns the weights in ``weight``'s shape and dtype (exact zeros off the support) and the
-    conjugate-gradient info plus ``row_losses``: per row ``1/2 (w - w') H (w - w')^T`` for the
+    conjugate-gradient info (``iterations`` and ``residual``: the largest over the row slices)
+    plus ``row_losses``: per row ``1/2 (w - w') H (w - w')^T`` for the
     damped ``H``, ``w`` with dead inputs zeroed (SparseGPT's loss), in ``dtype``.
     """
     w = reduction_view(weight.detach()).to(dtype, copy=True)
@@ -91,9 +95,21 @@ def refit_on_support(
     if tol is None:
         tol = 1e-10 if dtype == torch.float64 else 1e-5
     mask = reduction_view(keep).to(device=w.device, dtype=torch.bool)
-    solved, info = solve_on_support(w, h, mask, x0=start, max_iter=max_iter, tol=tol)
-    # the loss is the same in the scaled variables: (w c - w' c) H~ (w c - w' c)^T, H~ = H / c c^T
-    diff = w.sub_(solved)
-    info["row_losses"] = (diff @ h).mul_(diff).sum(dim=1) / 2
-    solved = (solved / c).to(weight.dtype).reshape(weight.shape)
-    return solved, info
+    # rows are independent problems: solving them a slice at a time keeps the conjugate
+    # gradients' half-dozen work tensors small on wide layers, at the same cost
+    step = max(1, ROW_SLICE_ELEMENTS // max(1, w.shape[1]))
+    solved = torch.empty_like(w)
+    losses = torch.empty(w.shape[0], dtype=dtype, device=w.device)
+    info = {"iterations": 0, "residual": 0.0}
+    for r0 in range(0, w.shape[0], step):
+        rows = slice(r0, r0 + step)
+        part, cg = solve_on_support(w[rows], h, mask[rows], x0=None if start is None else start[rows],
+                                    max_iter=max_iter, tol=tol)
+        solved[rows] = part
+        # the loss is the same in the scaled variables: (w c - w' c) H~ (w c - w' c)^T, H~ = H / c c^T
+        diff = w[rows].sub_(part)
+        losses[rows] = (diff @ h).mul_(diff).sum(dim=1) / 2
+        info = {"iterations": max(info["iterations"], cg["iterations"]),
+                "residual": max(info["residual"], cg["residual"])}
+    info["row_losses"] = losses
+    return (solved.div_(c)).to(weight.dtype).reshape(weight.shape), info
