@@ -51,7 +51,11 @@ Refit (``refit=True``; the solver's default unless quantising): the sweep's weig
 for each column only given the columns it had already frozen, so they are not the best weights
 for the mask it ends with. The refit solves, per row, ``min (w - w') H (w - w')^T`` over the kept
 entries exactly (:func:`~sparsecraft.oneshot.support.refit_on_support`: conjugate gradients on
-the damped Hessian, started from the sweep's weights); the mask is unchanged.
+the damped Hessian, started from the sweep's weights); the mask is unchanged. At most
+``refit_iter`` (20) iterations: on SmolLM2's block 10 (q, o, gate and down at 2:4 and 50%, 16 x 512
+calibration tokens) the refit's loss over the sweep's was within 0.0005 of its converged value
+(0.73-0.82) after 20 iterations, where convergence to 1e-5 took 44-66; each iteration costs a
+``rows x cols x cols`` product, so wide layers pay for every one.
 
 Quantisation (``quantize=``, GPTQ; Frantar et al. 2023): the same sweep, where each kept
 weight, when its column is reached, is replaced by its value on its group's grid
@@ -131,6 +135,8 @@ def _split_budget(total: int, sizes: list[int], rows: int) -> list[int]:
 
 
 NM_CHOICES = ("exact", "greedy")
+#: the refit's conjugate-gradient iterations at most (see the module docstring)
+REFIT_ITER = 20
 MAX_EXACT_CHOICES = 256  # 2:4 has 6 choices per group, 4:8 has 70, 8:16 would have 12,870
 
 
@@ -338,6 +344,7 @@ def sparsegpt_prune(
     quantize: QuantSpec | None = None,
     act_order: bool = False,
     refit: bool = False,
+    refit_iter: int = REFIT_ITER,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Prune one layer with SparseGPT; with ``quantize``, prune and quantise it jointly (GPTQ).
 
@@ -365,6 +372,7 @@ def sparsegpt_prune(
         refit: after the sweep, replace the kept weights by the exact least-squares weights on
             the chosen mask (module docstring; not with ``quantize``, whose weights must stay on
             their grids).
+        refit_iter: the refit's conjugate-gradient iterations at most.
 
     Returns:
         ``(new_weight, keep_mask, info)``: a new tensor of ``weight``'s shape, dtype and
@@ -388,6 +396,8 @@ def sparsegpt_prune(
         raise ConfigError("sparsegpt: need max_damp_tries >= 1 and damp_growth > 1")
     if nm_choice not in NM_CHOICES:
         raise ConfigError(f"sparsegpt: nm_choice must be one of {NM_CHOICES}, got {nm_choice!r}")
+    if isinstance(refit_iter, bool) or not isinstance(refit_iter, int) or refit_iter < 1:
+        raise ConfigError(f"sparsegpt: refit_iter must be an integer >= 1, got {refit_iter!r}")
     if refit and quantize is not None:
         raise ConfigError(f"layer '{layer}': sparsegpt refit changes the kept weights off their quantisation "
                           "grids: use refit with pruning alone")
@@ -535,7 +545,7 @@ def sparsegpt_prune(
         info["act_order"] = True
     if refit:
         del upper  # the sweep's factor; the back-solve needs only the Hessian
-        new, cg = refit_on_support(w0, h0, keep, percdamp=pd, x0=new, dtype=dtype)
+        new, cg = refit_on_support(w0, h0, keep, percdamp=pd, x0=new, dtype=dtype, max_iter=refit_iter)
         losses = cg.pop("row_losses")  # the sweep's loss, for the refitted weights
         info.update(refit={"sweep_loss": info["loss"], **cg}, loss=float(losses.sum()), row_losses=losses)
     if quant is not None:
@@ -566,6 +576,7 @@ class SparseGPTSolver(Solver):
         # least-squares weights on the chosen mask after the sweep (None: on unless quantising;
         # False: the sweep's own weights, as the reference implementation returns them)
         refit: bool | None = None
+        refit_iter: int = REFIT_ITER  # its conjugate-gradient iterations at most
 
         def check(self):
             self.check_sweep("sparsegpt")
@@ -580,6 +591,8 @@ class SparseGPTSolver(Solver):
             if self.nm_choice not in NM_CHOICES:
                 raise ConfigError(f"{owner}: nm_choice must be one of {NM_CHOICES}, got {self.nm_choice!r}")
             self.check_quant(owner)
+            if self.refit_iter < 1:
+                raise ConfigError(f"{owner}: refit_iter must be >= 1, got {self.refit_iter}")
             if self.refit and self.spec() is not None:
                 raise ConfigError(f"{owner}: refit moves the kept weights off their quantisation grids; "
                                   "drop refit or quantize")
@@ -607,7 +620,8 @@ class SparseGPTSolver(Solver):
         weight, keep, info = sparsegpt_prune(
             ctx.param.detach(), ctx.stats["hessian"], sparsity, pattern, keep_mask=keep, blocksize=o.blocksize,
             percdamp=o.percdamp, max_damp_tries=o.max_damp_tries, damp_growth=o.damp_growth, layer=ctx.name,
-            quantize=o.spec(), nm_choice=o.nm_choice, refit=o.refits(), **self._sweep_options(),
+            quantize=o.spec(), nm_choice=o.nm_choice, refit=o.refits(), refit_iter=o.refit_iter,
+            **self._sweep_options(),
         )
         if info.get("tries", 1) > 1:
             log.warning("layer '%s': SparseGPT needed damping %.3g", ctx.name, info["percdamp"])
