@@ -122,10 +122,12 @@ def _grid() -> dict[str, dict]:
     for spec in grid.values():
         if spec.get("method") == "sparsegpt":
             spec["options"] = {"refit": False, **spec.get("options", {})}
+    # these rows ran before the refit's iterations were capped at 20 (up to 500, to 1e-5)
     for p, s in (("0.5", 0.5), ("2:4", None), ("4:8", None)):
+        refit = {"refit": True, "refit_iter": 500}
         grid[f"sparsegpt+refit-{p}"] = {"model": "smollm2-135m", "method": "sparsegpt", "sparsity": s,
-                                        "pattern": "unstructured" if s else p, "options": {"refit": True}}
-        grid[f"sparsegpt+refit-{p}@128x512"] = {**grid[f"sparsegpt-{p}@128x512"], "options": {"refit": True}}
+                                        "pattern": "unstructured" if s else p, "options": refit}
+        grid[f"sparsegpt+refit-{p}@128x512"] = {**grid[f"sparsegpt-{p}@128x512"], "options": refit}
     first = ["dense", "magnitude-0.5", "wanda-0.5", "sparsegpt-0.5", "magnitude-2:4", "wanda-2:4",
              "sparsegpt-2:4", "wanda-0.5@128x512", "sparsegpt-0.5@128x512", "minilm-magnitude-unstructured", "minilm-wanda-unstructured",
              "minilm-sparsegpt-unstructured", "minilm-magnitude-2:4", "minilm-wanda-2:4", "minilm-sparsegpt-2:4",
