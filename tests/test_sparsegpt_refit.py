@@ -87,3 +87,11 @@ def test_refit_in_row_slices_equals_one_slice(monkeypatch):
     sliced, info_s = refit_on_support(w, h, keep, percdamp=0.01, dtype=torch.float64)
     torch.testing.assert_close(sliced, whole, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(info_s["row_losses"], info["row_losses"], rtol=1e-9, atol=1e-12)
+
+
+def test_gptq_refuses_the_refit_options():
+    import sparsecraft as sc
+
+    for option in ({"refit": True}, {"refit_iter": 5}):
+        with pytest.raises(ConfigError, match="gptq.*refit"):
+            sc.method_config("gptq", **option)
