@@ -117,8 +117,9 @@ def _grid() -> dict[str, dict]:
     grid["admm+learn+rec-2:4@128x512"] = {**grid["sparsegpt-2:4@128x512"], "method": "admm", "options": {
         "learn_mask": {"time_budget": 5}, "reconstruct": {"total_time_budget": 950}}}
     # SparseGPT's solver refits the kept weights by least squares on its mask by default since
-    # commit db02c95; every SparseGPT row above was measured at or before it, with the sweep's own
-    # weights (the reference implementation's), and keeps that setting here
+    # commit a72b891; every SparseGPT row above was measured without it (before it, or with
+    # refit=False), with the sweep's own weights (the reference implementation's), and keeps
+    # that setting here
     for spec in grid.values():
         if spec.get("method") == "sparsegpt":
             spec["options"] = {"refit": False, **spec.get("options", {})}

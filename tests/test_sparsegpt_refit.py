@@ -59,6 +59,8 @@ def test_refit_is_the_solvers_default_and_refuses_quantised_weights(tiny_llama_t
     assert not any("refit" in info for info in state.info.values())
     with pytest.raises(ConfigError, match="refit"):
         sc.method_config("sparsegpt", pattern="2:4", refit=True, quantize="int4")
+    with pytest.raises(ConfigError, match="refit_iter"):
+        sc.method_config("sparsegpt", pattern="2:4", refit_iter=5, quantize="int4")
     with pytest.raises(ConfigError, match="refit"):
         sparsegpt_prune(torch.randn(4, 32), torch.eye(32), None, "2:4", refit=True,
                         quantize=QuantSpec(bits=4, group=32))

@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..patterns import Unstructured, reduction_view
 from ..quant.options import QuantOptions, check_quant_layer
 from ..quant.rtn import rtn_quantize
-from .sparsegpt import REFIT_ITER, SparseGPTSolver
+from .sparsegpt import SparseGPTSolver
 
 __all__ = ["GPTQSolver", "RTNSolver"]
 
@@ -40,8 +40,6 @@ class GPTQSolver(SparseGPTSolver):
         def check(self):
             if self.quantize is None:
                 raise ConfigError("gptq: quantize must be 'int4' or 'int8' (gptq always quantises)")
-            if self.refit_iter != REFIT_ITER:  # inherited from SparseGPT, but gptq never refits
-                raise ConfigError("gptq: refit_iter has no effect (gptq keeps its weights on their grids)")
             self.check_sweep("gptq")
 
     def _sweep_options(self) -> dict:

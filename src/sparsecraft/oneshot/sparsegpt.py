@@ -593,9 +593,9 @@ class SparseGPTSolver(Solver):
             self.check_quant(owner)
             if self.refit_iter < 1:
                 raise ConfigError(f"{owner}: refit_iter must be >= 1, got {self.refit_iter}")
-            if self.refit and self.spec() is not None:
-                raise ConfigError(f"{owner}: refit moves the kept weights off their quantisation grids; "
-                                  "drop refit or quantize")
+            if self.spec() is not None and (self.refit or self.refit_iter != REFIT_ITER):
+                raise ConfigError(f"{owner}: quantised weights are never refitted (the refit would move them off "
+                                  "their grids); drop refit and refit_iter, or quantize")
 
         def refits(self) -> bool:
             return self.spec() is None if self.refit is None else self.refit

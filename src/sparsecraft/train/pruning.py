@@ -267,7 +267,6 @@ class GMP(TrainingSparsity):
         return self._report_cost(step, target, start, nbytes)
 
     def _update_token_fisher(self, step: int, target: float, start: float) -> dict[str, Any]:
-
         from ..oneshot import mfac
 
         names = [t.name for t in self.targets]
