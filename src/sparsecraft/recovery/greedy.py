@@ -8,12 +8,65 @@ import numpy as np
 import torch
 
 from ._common import RecoveryError, RecoveryResult, check_int, check_memory, check_positive, finish, logger, run_batched
-from .operators import KroneckerOperator, kron_apply, prepare
+from .operators import DenseOperator, KroneckerOperator, kron_apply, prepare
 
 
-def _lstsq(Asub: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # QR-based least squares; the support is kept linearly independent by construction.
-    return torch.linalg.lstsq(Asub, y.unsqueeze(-1)).solution[:, 0]
+def _pursue(corr, column, col_norms: list[float], y, cap: int, stop: float, zeros, norm):
+    """OMP's picks on one measurement vector, written once for numpy and torch arrays.
+
+    ``corr(r)`` gives the (normalised) correlation magnitudes of every column with ``r``, a
+    fresh array; ``column(j)`` column ``j``; ``zeros(*shape)`` and ``norm(v)`` the array
+    library's. The picked columns' QR factors grow one column per pick (Gram-Schmidt,
+    orthogonalised again when the first pass cancelled much of the column: "twice is
+    enough"), so a pick costs O(M k) rather than a new least-squares solve.
+
+    ``y`` is overwritten with the residual. Returns ``(support, R, Q^H y, residual norm,
+    converged)``.
+    """
+    M = y.shape[0]
+    Q, R, proj = zeros(M, cap), zeros(cap, cap), zeros(cap)
+    picked = zeros(len(col_norms)) != 0
+    support: list[int] = []
+    r = y
+    rnorm = float(norm(r))
+    converged = rnorm <= stop
+    while len(support) < cap and not converged:
+        c = corr(r)
+        c[picked] = -1.0
+        j = int(c.argmax())
+        if float(c[j]) <= 0.0:
+            logger.debug("omp: residual orthogonal to all remaining columns")
+            break
+        k = len(support)
+        q = column(j)
+        if k:
+            Qk = Q[:, :k]
+            h = Qk.conj().T @ q
+            q = q - Qk @ h
+            rkk = float(norm(q))
+            if rkk < 0.5 * col_norms[j]:
+                g = Qk.conj().T @ q
+                q -= Qk @ g
+                h += g
+                rkk = float(norm(q))
+            R[:k, k] = h
+        else:
+            rkk = col_norms[j]
+        if rkk <= 1e-12 * col_norms[j]:
+            logger.debug("omp: column %d lies in the span of the picked ones", j)
+            break
+        Q[:, k] = q / rkk
+        R[k, k] = rkk
+        pk = (Q[:, k].conj() @ r).item()
+        proj[k] = pk
+        r -= pk * Q[:, k]
+        support.append(j)
+        picked[j] = True
+        if stop > 0 or len(support) == cap:
+            rnorm = float(norm(r))
+            converged = rnorm <= stop
+    k = len(support)
+    return support, R[:k, :k], proj[:k], rnorm, converged
 
 
 def omp(A, y, n_nonzero: int | None = None, *, tol: float | None = None,
@@ -44,9 +97,42 @@ def omp(A, y, n_nonzero: int | None = None, *, tol: float | None = None,
         raise RecoveryError(f"n_nonzero={n_nonzero} exceeds the number of unknowns N={N}")
     check_positive(tol, "tol", allow_none=True, allow_zero=True)
     check_int(max_iter, "max_iter", allow_none=True)
-    norms = op.column_norms() if normalize else None
-    if norms is not None:
-        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    col_norms = op.column_norms()
+    if normalize:
+        col_norms = torch.where(col_norms > 0, col_norms, torch.ones_like(col_norms))
+    # An explicit matrix on the CPU runs the picks in numpy (same memory, a fraction of torch's
+    # per-call cost, which dominates at these sizes); operators and other devices in torch.
+    dense_cpu = isinstance(op, DenseOperator) and op.device.type == "cpu"
+    if dense_cpu:
+        AH = op.matrix.numpy().conj().T
+        inv = 1.0 / col_norms.numpy() if normalize else None
+        dtype = AH.dtype
+
+        def corr(r):
+            c = np.abs(AH @ r)
+            return c * inv if inv is not None else c
+
+        def column(j):
+            return AH[j].conj()
+
+        def zeros(*shape):
+            return np.zeros(shape, dtype=dtype)
+
+        norm = np.linalg.norm
+    else:
+        inv_t = 1.0 / col_norms if normalize else None
+
+        def corr(r):
+            c = op.rmatvec(r).abs()
+            return c.mul_(inv_t) if inv_t is not None else c
+
+        def column(j):
+            return op.column(j).reshape(M).to(op.dtype)
+
+        def zeros(*shape):
+            return torch.zeros(shape, dtype=op.dtype, device=op.device)
+
+        norm = torch.linalg.vector_norm
 
     def solve_one(yv):
         cap = n_nonzero if n_nonzero is not None else min(M, N)
@@ -54,32 +140,14 @@ def omp(A, y, n_nonzero: int | None = None, *, tol: float | None = None,
             cap = min(cap, max_iter)
         stop = tol if tol is not None else (1e-10 * float(torch.linalg.vector_norm(yv))
                                             if n_nonzero is None else 0.0)
-        support: list[int] = []
-        cols = torch.zeros(M, 0, dtype=op.dtype, device=op.device)
-        coef = torch.zeros(0, dtype=op.dtype, device=op.device)
-        r = yv.clone()
-        rnorm = float(torch.linalg.vector_norm(r))
-        converged = rnorm <= stop
-        while len(support) < cap and not converged:
-            c = op.rmatvec(r).abs()
-            if norms is not None:
-                c = c / norms
-            if support:
-                c[torch.tensor(support, device=c.device)] = -1.0
-            j = int(torch.argmax(c))
-            if float(c[j]) <= 0.0:
-                logger.debug("omp: residual orthogonal to all remaining columns")
-                break
-            support.append(j)
-            cols = torch.cat([cols, op.column(j).reshape(M, 1).to(op.dtype)], dim=1)
-            coef = _lstsq(cols, yv)
-            r = yv - cols @ coef
-            rnorm = float(torch.linalg.vector_norm(r))
-            converged = rnorm <= stop
+        support, R, proj, rnorm, converged = _pursue(
+            corr, column, col_norms.tolist(), yv.numpy().copy() if dense_cpu else yv.clone(), cap, stop, zeros, norm)
         if n_nonzero is not None and len(support) == n_nonzero:
             converged = True
         x = torch.zeros(N, dtype=op.dtype, device=op.device)
         if support:
+            R, proj = torch.as_tensor(R, device=op.device), torch.as_tensor(proj, device=op.device)
+            coef = torch.linalg.solve_triangular(R, proj.unsqueeze(-1), upper=True)[:, 0]
             x[torch.tensor(support, device=op.device)] = coef
         return RecoveryResult(x=x, support=torch.tensor(sorted(support), dtype=torch.long),
                               n_iter=len(support), converged=bool(converged),
