@@ -83,9 +83,15 @@ def to_tensor(obj, name: str, *, device=None, dtype=None, allow_complex: bool = 
                             f"got shape {tuple(t.shape)}")
     if t.is_complex() and not allow_complex:
         raise RecoveryError(f"{name} is complex but this method supports real data only")
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    if t.numel() and not _all_finite(t):
         raise RecoveryError(f"{name} contains NaN or inf")
     return t
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # A NaN or an inf makes the sum non-finite, so a finite sum settles it with one cheap
+    # reduction; only a sum that overflowed needs the element-wise check.
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def common_dtype(*tensors: torch.Tensor) -> torch.dtype:
