@@ -18,6 +18,14 @@ After every epoch the masks are hardened (each group takes its most likely choic
 on held-out batches with the weights they would hand on: the prior is the first candidate,
 with the solver's weights, so the held-out loss of the result is never above the solver's
 own. Every returned group is a valid N:M choice by construction.
+
+``method="ste"`` learns the masks another way (straight-through, as in SR-STE): the weights
+train with the block's loss as if every position were kept, and each step's mask is the N
+largest magnitudes of every group. Pruned positions start at zero, so the first mask is the
+prior's, and a pruned weight joins its group only once its gradient has grown it past the
+smallest kept one; ``decay`` shrinks the pruned weights a little every step (SR-STE's
+refinement), so choices do not flip back and forth. It costs what a reconstruction step costs,
+and with no swap it is reconstruction itself. The same judging on held-out batches applies.
 """
 
 from __future__ import annotations
@@ -71,6 +79,99 @@ def _harden(logits: torch.Tensor, choices: torch.Tensor, shape) -> torch.Tensor:
     return choices[logits.argmax(dim=1)].reshape(shape)
 
 
+class _Learner:
+    """One way of learning masks: what the block runs with at each step, the optimizer step,
+    and the hardened masks with the weights they hand on."""
+
+    opt: torch.optim.Optimizer
+    shown: dict[str, str] = {}
+
+    def masked(self, done: float, spent: float | None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        self.opt.step()
+
+    def harden(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class _Gumbel(_Learner):
+    """Logits over every group's N:M choices, sampled by Gumbel-softmax (module docstring)."""
+
+    def __init__(self, pattern, prior, solved, dense, *, tune_weights, lr, weight_lr, tau, tau_end, strength, seed):
+        self.pattern, self.prior, self.solved, self.dense = pattern, prior, solved, dense
+        self.tune_weights, self.tau, self.tau_end = tune_weights, tau, tau_end
+        self.choices = nm_choices(pattern.n, pattern.m)
+        self.soft_choices = self.choices.float()
+        self.logits = {n: _prior_logits(prior[n], self.choices, strength).requires_grad_(True) for n in prior}
+        if tune_weights:
+            self.weights = {n: torch.where(prior[n], solved[n], dense[n]).requires_grad_(True) for n in prior}
+        else:
+            self.weights = dense
+        groups = [{"params": list(self.logits.values()), "lr": lr}]
+        if tune_weights:
+            groups.append({"params": list(self.weights.values()), "lr": weight_lr})
+        self.opt = torch.optim.Adam(groups)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def masked(self, done, spent):
+        temp = temperature(self.tau, self.tau_end, done, spent)
+        self.shown = {"tau": f"{temp:.3g}"}
+        out = {}
+        for n, lg in self.logits.items():
+            u = torch.rand(lg.shape, generator=self.gen).clamp_(1e-10, 1 - 1e-10)
+            probs = torch.softmax((lg - torch.log(-torch.log(u))) / temp, dim=1)
+            out[n] = self.weights[n] * (probs @ self.soft_choices).reshape(self.weights[n].shape)
+        return out
+
+    def harden(self):
+        hard = {n: _harden(lg.detach(), self.choices, self.prior[n].shape) for n, lg in self.logits.items()}
+        if self.tune_weights:  # the trained weights
+            return hard, {n: self.weights[n].detach() * hard[n] for n in hard}
+        m = self.pattern.m
+        out = {}  # the solver's weights in groups that keep their choice, the dense ones elsewhere
+        for n, keep in hard.items():
+            changed = (_group_view(keep, m) != _group_view(self.prior[n], m)).any(dim=1, keepdim=True)
+            mixed = torch.where(changed, _group_view(self.dense[n], m), _group_view(self.solved[n], m))
+            out[n] = mixed.reshape(keep.shape) * keep
+        return hard, out
+
+
+class _StraightThrough(_Learner):
+    """Weights trained through the N largest magnitudes of every group (module docstring)."""
+
+    def __init__(self, pattern, prior, solved, *, weight_lr, decay):
+        self.pattern, self.prior, self.decay = pattern, prior, decay
+        self.weights = {n: torch.where(prior[n], solved[n], 0.0).requires_grad_(True) for n in prior}
+        self.opt = torch.optim.Adam(list(self.weights.values()), lr=weight_lr)
+        self.keep: dict[str, torch.Tensor] = {}
+
+    def _masks(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            # ties (a kept weight at zero, say) go to the prior's choice
+            return {n: self.pattern.keep_mask(w.abs() + 1e-30 * self.prior[n]) for n, w in self.weights.items()}
+
+    def masked(self, done, spent):
+        self.keep = self._masks()
+        # the value is the masked weight; the gradient reaches every position (straight through)
+        return {n: w - (w * ~self.keep[n]).detach() for n, w in self.weights.items()}
+
+    def step(self):
+        self.opt.step()
+        if self.decay:
+            with torch.no_grad():
+                for n, w in self.weights.items():
+                    w[~self.keep[n]] *= 1.0 - self.decay
+
+    def harden(self):
+        hard = self._masks()
+        return hard, {n: self.weights[n].detach() * hard[n] for n in hard}
+
+
+LEARNERS = ("gumbel", "ste")
+
+
 def learn_nm_masks(
     block: nn.Module,
     batches: list,
@@ -90,6 +191,8 @@ def learn_nm_masks(
     time_budget: float | None = None,
     seed: int = 0,
     micro_batch: int | None = 4,
+    method: str = "gumbel",
+    decay: float = 0.0,
     progress: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """Learn N:M keep-masks for the parameters named in ``prior`` (module docstring).
@@ -110,6 +213,10 @@ def learn_nm_masks(
         time_budget: seconds (None: no limit).
         seed: Gumbel noise seed.
         micro_batch: samples per optimizer step (None: a whole calibration batch).
+        method: ``"gumbel"`` (a distribution per group) or ``"ste"`` (straight-through
+            magnitudes; module docstring). ``"ste"`` trains the weights only (``lr``, ``tau``,
+            ``tau_end``, ``strength``, ``seed`` and ``tune_weights`` do not apply).
+        decay: ``"ste"``: the share of every pruned weight taken off after each step.
 
     Returns:
         ``(masks, weights, summary)``: hardened keep-masks, the weights to go with them (zero
@@ -119,6 +226,10 @@ def learn_nm_masks(
     """
     if not isinstance(pattern, NM):
         raise ConfigError(f"learned masks need an N:M pattern, got {pattern}")
+    if method not in LEARNERS:
+        raise ConfigError(f"learned masks: method must be one of {', '.join(LEARNERS)}, got {method!r}")
+    if not (isinstance(decay, (int, float)) and 0 <= decay < 1):
+        raise ConfigError(f"learned masks: decay must be in [0, 1), got {decay!r}")
     for name, value in (("lr", lr), ("weight_lr", weight_lr), ("tau", tau), ("tau_end", tau_end),
                         ("strength", strength)):
         if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
@@ -141,36 +252,22 @@ def learn_nm_masks(
             raise ConfigError(f"learned masks: the prior of '{name}' is not a valid {pattern} mask of its shape")
 
     start = time.perf_counter()
-    choices = nm_choices(pattern.n, pattern.m)
     solved = {n: params[n].detach().clone() for n in prior}
     dense = {n: (dense or {}).get(n, params[n]).detach().to(solved[n].dtype).clone() for n in prior}
-    logits = {n: _prior_logits(prior[n], choices, strength).requires_grad_(True) for n in prior}
-    if tune_weights:
-        weights = {n: torch.where(prior[n], solved[n], dense[n]).requires_grad_(True) for n in prior}
+    if method == "gumbel":
+        learner: _Learner = _Gumbel(pattern, prior, solved, dense, tune_weights=tune_weights, lr=lr,
+                                    weight_lr=weight_lr, tau=tau, tau_end=tau_end, strength=strength, seed=seed)
     else:
-        weights = dense
-    soft_choices = choices.float()
+        learner = _StraightThrough(pattern, prior, solved, weight_lr=weight_lr, decay=decay)
     train_b = [type(b)(_plain(b.hidden), _plain(b.args), _plain(b.kwargs)) for b in batches[:-holdout]]
     train_t, val_b, val_t = targets[:-holdout], batches[-holdout:], targets[-holdout:]
     if micro_batch is not None:
         train_b, train_t = _micro_batches(train_b, train_t, micro_batch)
-    gen = torch.Generator().manual_seed(seed)
     total = epochs * len(train_b)
 
     def run(batch, masked: dict[str, torch.Tensor]) -> torch.Tensor:
         out = functional_call(block, masked, (batch.hidden, *batch.args), batch.kwargs)
         return block_hidden(out)
-
-    def handed_on(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The weights a candidate hands on: trained ones, or the solver's in unchanged groups."""
-        if tune_weights:
-            return {n: weights[n].detach() * masks[n] for n in masks}
-        out = {}
-        for n, keep in masks.items():
-            changed = (_group_view(keep, pattern.m) != _group_view(prior[n], pattern.m)).any(dim=1, keepdim=True)
-            mixed = torch.where(changed, _group_view(dense[n], pattern.m), _group_view(solved[n], pattern.m))
-            out[n] = mixed.reshape(keep.shape) * keep
-        return out
 
     def val_loss(candidate: dict[str, torch.Tensor]) -> float:
         with torch.no_grad():
@@ -180,35 +277,25 @@ def learn_nm_masks(
     best_weights = {n: solved[n] * prior[n] for n in prior}
     best = val_loss(best_weights)
     summary = {"val_prior": best, "best_epoch": 0, "steps": 0, "stopped": "epochs"}
-    groups = [{"params": list(logits.values()), "lr": lr}]
-    if tune_weights:
-        groups.append({"params": list(weights.values()), "lr": weight_lr})
-    opt = torch.optim.Adam(groups)
     was_training = block.training
     block.train(False)
     bar = tqdm(total=total, desc="learn N:M masks", disable=not progress, leave=False)
     try:
         for epoch in range(1, epochs + 1):
             for b, t in zip(train_b, train_t):
-                temp = temperature(tau, tau_end, summary["steps"] / max(1, total - 1),
-                                   None if time_budget is None else (time.perf_counter() - start) / time_budget)
-                masked = {}
-                for n, lg in logits.items():
-                    u = torch.rand(lg.shape, generator=gen).clamp_(1e-10, 1 - 1e-10)
-                    probs = torch.softmax((lg - torch.log(-torch.log(u))) / temp, dim=1)
-                    masked[n] = weights[n] * (probs @ soft_choices).reshape(weights[n].shape)
-                opt.zero_grad(set_to_none=True)
-                loss = _loss(run(b, masked), t)
+                done = summary["steps"] / max(1, total - 1)
+                spent = None if time_budget is None else (time.perf_counter() - start) / time_budget
+                learner.opt.zero_grad(set_to_none=True)
+                loss = _loss(run(b, learner.masked(done, spent)), t)
                 loss.backward()
-                opt.step()
+                learner.step()
                 summary["steps"] += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.4g}", tau=f"{temp:.3g}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.4g}", **learner.shown)
                 if time_budget is not None and time.perf_counter() - start > time_budget:
                     summary["stopped"] = "time budget"
                     break
-            hard = {n: _harden(lg.detach(), choices, prior[n].shape) for n, lg in logits.items()}
-            candidate = handed_on(hard)
+            hard, candidate = learner.harden()
             current = val_loss(candidate)
             if current < best:
                 best, best_masks, best_weights, summary["best_epoch"] = current, hard, candidate, epoch
@@ -248,8 +335,14 @@ class LearnMask(BlockStage):
         time_budget: float | None = None  # seconds per block
         seed: int = 0
         micro_batch: int | None = 4  # samples per optimizer step (None: a whole calibration batch)
+        method: str = "gumbel"  # gumbel | ste (straight-through magnitudes)
+        decay: float = 0.0  # ste: the share of every pruned weight taken off after each step
 
         def check(self):
+            if self.method not in LEARNERS:
+                raise ConfigError(f"learn_mask: method must be one of {', '.join(LEARNERS)}, got {self.method!r}")
+            if not 0 <= self.decay < 1:
+                raise ConfigError(f"learn_mask: decay must be in [0, 1), got {self.decay}")
             for name in ("lr", "weight_lr", "tau", "tau_end", "strength"):
                 value = getattr(self, name)
                 if not (value > 0 and math.isfinite(value)):
@@ -278,7 +371,7 @@ class LearnMask(BlockStage):
             block, batches, targets, prior, pattern, dense=dense, tune_weights=o.tune_weights,
             weight_lr=o.weight_lr, lr=o.lr, epochs=o.epochs, holdout=o.holdout, tau=o.tau, tau_end=o.tau_end,
             strength=o.strength, time_budget=o.time_budget, seed=o.seed, micro_batch=o.micro_batch,
-            progress=progress)
+            method=o.method, decay=o.decay, progress=progress)
         params = dict(block.named_parameters())
         with torch.no_grad():
             for name, layer in layers.items():
