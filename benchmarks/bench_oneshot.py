@@ -116,6 +116,11 @@ def _grid() -> dict[str, dict]:
     # admm+rec-4:8@128x512 took 937.1 s with 400 s of reconstruction, so reconstruction gets 950 s
     grid["admm+learn+rec-2:4@128x512"] = {**grid["sparsegpt-2:4@128x512"], "method": "admm", "options": {
         "learn_mask": {"time_budget": 5}, "reconstruct": {"total_time_budget": 950}}}
+    # the straight-through learner in the same 30 minutes: it costs what reconstruction costs
+    # and moved groups at no loss against reconstruction in bench_learned_masks.py, so it gets
+    # 15 s per block and reconstruction the remaining 650 s of the 1100 s above
+    grid["admm+ste+rec-2:4@128x512"] = {**grid["sparsegpt-2:4@128x512"], "method": "admm", "options": {
+        "learn_mask": {"method": "ste", "time_budget": 15}, "reconstruct": {"total_time_budget": 650}}}
     # SparseGPT's solver refits the kept weights by least squares on its mask by default since
     # commit a72b891; every SparseGPT row above was measured without it (before it, or with
     # refit=False), with the sweep's own weights (the reference implementation's), and keeps
