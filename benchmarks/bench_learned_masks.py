@@ -5,7 +5,7 @@ blocks before it stay dense). Then, at the same total seconds per block, the blo
 fitted to the dense block's output on the calibration windows in one of these ways:
 
 * ``reconstruct``: block reconstruction alone (masks fixed) for all the seconds;
-* ``mask-only + rec``: learned masks with the weights frozen (the solver's weights in groups
+* ``mask-only + rec``: Gumbel-softmax learned masks with the weights frozen (the solver's weights in groups
   that keep their choice, the dense ones in groups that change; MaskLLM's setting) for half
   the seconds, then reconstruction;
 * ``joint + rec``: learned masks trained together with the weights (the default) for half the
@@ -44,9 +44,9 @@ OUT = RESULTS / "learned_masks.json"
 
 VARIANTS = {
     "reconstruct": None,
-    "mask-only + rec": {"tune_weights": False},
-    "joint + rec": {},
-    "joint (strong prior) + rec": {"strength": 10.0, "tau": 0.5},
+    "mask-only + rec": {"method": "gumbel", "tune_weights": False},
+    "joint + rec": {"method": "gumbel"},
+    "joint (strong prior) + rec": {"method": "gumbel", "strength": 10.0, "tau": 0.5},
     "ste + rec": {"method": "ste"},
     "ste (decay 0.05) + rec": {"method": "ste", "decay": 0.05},
 }
@@ -148,8 +148,8 @@ def write_table(res: dict) -> str:
     base = {(r["block"], r["seconds"], r.get("run")): r["error"] for r in res["rows"] if r["variant"] == "reconstruct"}
     for r in res["rows"]:
         ratio = r["error"] / base[(r["block"], r["seconds"], r.get("run"))]
-        lines.append(f"| {r.get('run', 'earlier')} | {r['block']} | {r['seconds']:g} | {r['variant']} | {r['error_start']:.5f} | "
-                     f"{r['error_after_learning']:.5f} | {r['error']:.5f} | "
+        lines.append(f"| {r.get('run', 'earlier')} | {r['block']} | {r['seconds']:g} | {r['variant']} | {r['error_start']:.4g} | "
+                     f"{r['error_after_learning']:.4g} | {r['error']:.4g} | "
                      f"{ratio:.3f} | {r['changed']:.2%} | {r['learn_steps']} | {r['rec_steps']} |")
     text = "\n".join(lines) + "\n"
     write_text(RESULTS / "learned_masks.md", text)

@@ -65,8 +65,10 @@ def _grid() -> dict[str, dict]:
         grid[f"admm+rec-{p}"] = {**spec, "method": "admm", "options": {"reconstruct": True}}
     grid["sparsegpt+distill-2:4"] = {"model": "smollm2-135m", "method": "sparsegpt", "sparsity": None,
                                      "pattern": "2:4", "options": {"distill": {"epochs": 2}}}
+    # the learn+rec rows ran with Gumbel-softmax, the learner's default until commit 75921d7
     grid["sparsegpt+learn+rec-2:4"] = {"model": "smollm2-135m", "method": "sparsegpt", "sparsity": None,
-                                       "pattern": "2:4", "options": {"learn_mask": True, "reconstruct": True}}
+                                       "pattern": "2:4", "options": {"learn_mask": {"method": "gumbel"},
+                                                                     "reconstruct": True}}
     for p in ("unstructured", "2:4"):
         for m in ("magnitude", "wanda", "sparsegpt"):
             grid[f"minilm-{m}-{p}"] = {"model": "minilm-l6", "method": m,
@@ -107,7 +109,7 @@ def _grid() -> dict[str, dict]:
                                          "options": {"reconstruct": {"total_time_budget": 450 if p == "0.5" else 400}}}
     # <= 30 min: 20 s per block to learn masks, then the same reconstruction
     grid["sparsegpt+learn+rec-2:4@128x512"] = {**grid["sparsegpt-2:4@128x512"], "options": {
-        "learn_mask": {"time_budget": 20}, "reconstruct": {"total_time_budget": 540}}}
+        "learn_mask": {"method": "gumbel", "time_budget": 20}, "reconstruct": {"total_time_budget": 540}}}
     # the same with ADMM's masks and weights as the prior (a better start than SparseGPT's),
     # in the same 30 minutes: learning 5 s per block, the rest to reconstruction
     # (bench_learned_masks.py: at equal time, seconds spent learning masks lowered the block
@@ -115,7 +117,7 @@ def _grid() -> dict[str, dict]:
     # 1666.9 s at commit 132059b (before ADMM's conjugate gradients ran in place); since then
     # admm+rec-4:8@128x512 took 937.1 s with 400 s of reconstruction, so reconstruction gets 950 s
     grid["admm+learn+rec-2:4@128x512"] = {**grid["sparsegpt-2:4@128x512"], "method": "admm", "options": {
-        "learn_mask": {"time_budget": 5}, "reconstruct": {"total_time_budget": 950}}}
+        "learn_mask": {"method": "gumbel", "time_budget": 5}, "reconstruct": {"total_time_budget": 950}}}
     # the straight-through learner in the same 30 minutes: it costs what reconstruction costs
     # and moved groups at no loss against reconstruction in bench_learned_masks.py, so it gets
     # 15 s per block and reconstruction the remaining 650 s of the 1100 s above

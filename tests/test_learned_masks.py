@@ -30,7 +30,7 @@ def test_learning_repairs_a_bad_prior_and_every_group_is_valid(block_data):
     before = {n: p.detach().clone() for n, p in params.items()}
     for tune_weights in (True, False):
         masks, weights, summary = learn_nm_masks(block, batches, targets, prior, pattern, epochs=3, holdout=1,
-                                                 tune_weights=tune_weights)
+                                                 tune_weights=tune_weights, method="gumbel")
         for n in names:
             assert pattern.is_valid(masks[n]) and masks[n].shape == params[n].shape
             assert torch.all(weights[n][~masks[n]] == 0)
@@ -44,7 +44,8 @@ def test_result_never_worse_than_the_prior_on_held_out(block_data):
     params = dict(block.named_parameters())
     pattern = NM(2, 4)
     prior = {n: pattern.keep_mask(params[n].detach().abs()) for n in names}
-    masks, weights, summary = learn_nm_masks(block, batches, targets, prior, pattern, epochs=1, lr=5.0, seed=3)
+    masks, weights, summary = learn_nm_masks(block, batches, targets, prior, pattern, epochs=1, lr=5.0, seed=3,
+                                             method="gumbel")
     assert summary["val_best"] <= summary["val_prior"]
     if summary["best_epoch"] == 0:
         assert all(torch.equal(masks[n], prior[n]) for n in names)
@@ -68,7 +69,7 @@ def test_candidates_are_judged_with_the_weights_they_hand_on(block_data):
         exact = [_forward(block, b).detach() for b in batches]  # targets the solved block meets exactly
     for tune_weights in (True, False):
         masks, weights, summary = learn_nm_masks(block, batches, exact, prior, pattern, dense=dense, epochs=1,
-                                                 tune_weights=tune_weights)
+                                                 tune_weights=tune_weights, method="gumbel")
         assert summary["val_prior"] == pytest.approx(0.0, abs=1e-12) and summary["best_epoch"] == 0
         for n in names:
             assert torch.equal(masks[n], prior[n]) and torch.equal(weights[n], params[n].detach())
