@@ -91,6 +91,13 @@ def test_omp_incremental_qr_equals_naive_least_squares(kind):
         assert np.abs(got - x).max() <= 1e-9 * np.abs(x).max(), trial
 
 
+def test_omp_takes_a_matrix_that_requires_grad():
+    A, x, y, S = gaussian_problem()
+    At = torch.from_numpy(A).requires_grad_(True)
+    res = R.omp(At, torch.from_numpy(y), 8)
+    assert list(res.support) == list(S)
+
+
 def test_omp_stops_on_a_column_in_the_span_of_the_picked_ones():
     rng = np.random.default_rng(12)
     A = rng.standard_normal((6, 4))

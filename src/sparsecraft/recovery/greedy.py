@@ -99,13 +99,13 @@ def omp(A, y, n_nonzero: int | None = None, *, tol: float | None = None,
     check_int(max_iter, "max_iter", allow_none=True)
     dense_cpu = isinstance(op, DenseOperator) and op.device.type == "cpu"
     # numpy's column norms cost half of torch's at these sizes, where OMP's fixed costs matter
-    col_norms = torch.from_numpy(np.linalg.norm(op.matrix.numpy(), axis=0)) if dense_cpu else op.column_norms()
+    col_norms = torch.from_numpy(np.linalg.norm(op.matrix.detach().numpy(), axis=0)) if dense_cpu else op.column_norms()
     if normalize:
         col_norms = torch.where(col_norms > 0, col_norms, torch.ones_like(col_norms))
     # An explicit matrix on the CPU runs the picks in numpy (same memory, a fraction of torch's
     # per-call cost, which dominates at these sizes); operators and other devices in torch.
     if dense_cpu:
-        AH = op.matrix.numpy().conj().T
+        AH = op.matrix.detach().numpy().conj().T
         inv = 1.0 / col_norms.numpy() if normalize else None
         dtype = AH.dtype
 
@@ -142,7 +142,7 @@ def omp(A, y, n_nonzero: int | None = None, *, tol: float | None = None,
         stop = tol if tol is not None else (1e-10 * float(torch.linalg.vector_norm(yv))
                                             if n_nonzero is None else 0.0)
         support, R, proj, rnorm, converged = _pursue(
-            corr, column, col_norms.tolist(), yv.numpy().copy() if dense_cpu else yv.clone(), cap, stop, zeros, norm)
+            corr, column, col_norms.tolist(), yv.detach().numpy().copy() if dense_cpu else yv.clone(), cap, stop, zeros, norm)
         if n_nonzero is not None and len(support) == n_nonzero:
             converged = True
         x = torch.zeros(N, dtype=op.dtype, device=op.device)
