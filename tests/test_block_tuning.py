@@ -149,7 +149,8 @@ def test_cli_reconstruct_and_options(tiny_llama_tok_dir, tmp_path, capsys):
     capsys.readouterr()
     for extra, words in ((["--option", "rho=0.2", "--method", "sparsegpt"], "'rho'"),
                          (["--learn-mask"], "reconstruct"),
-                         (["--reconstruct", "--option", "reconstruct={lr: -1}"], "lr")):
+                         (["--reconstruct", "--option", "reconstruct={lr: -1}"], "lr"),
+                         (["--reconstruct", "--option", "learn_mask={method: gradient}"], "method")):
         assert main([*base, "--pattern", "2:4", *extra, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
