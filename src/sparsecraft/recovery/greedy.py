@@ -97,13 +97,12 @@ def omp(A, y, n_nonzero: int | None = None, *, tol: float | None = None,
         raise RecoveryError(f"n_nonzero={n_nonzero} exceeds the number of unknowns N={N}")
     check_positive(tol, "tol", allow_none=True, allow_zero=True)
     check_int(max_iter, "max_iter", allow_none=True)
-    dense_cpu = isinstance(op, DenseOperator) and op.device.type == "cpu"
-    # numpy's column norms cost half of torch's at these sizes, where OMP's fixed costs matter
-    col_norms = torch.from_numpy(np.linalg.norm(op.matrix.detach().numpy(), axis=0)) if dense_cpu else op.column_norms()
+    col_norms = op.column_norms()
     if normalize:
         col_norms = torch.where(col_norms > 0, col_norms, torch.ones_like(col_norms))
     # An explicit matrix on the CPU runs the picks in numpy (same memory, a fraction of torch's
     # per-call cost, which dominates at these sizes); operators and other devices in torch.
+    dense_cpu = isinstance(op, DenseOperator) and op.device.type == "cpu"
     if dense_cpu:
         AH = op.matrix.detach().numpy().conj().T
         inv = 1.0 / col_norms.numpy() if normalize else None
