@@ -48,13 +48,24 @@ SPARSEGPT_24_LEE = 140.8  # SparseGPT 2:4 fp32 on the Lee held-out text at 32 x 
 
 
 def _grid() -> dict[str, dict]:
-    w4 = {"method": "gptq", "options": {"quantize": "int4", "group": 64}}
-    gqsa = {"method": "gptq", "pattern": "group:16", "sparsity": 0.5, "options": {"quantize": "int4", "group": 64}}
+    # rows named ...-rtn-embedding, and the rows that say embeddings_solver false, ran before the
+    # solver handled the tied embedding (it was rounded to nearest): kept as they ran
+    rounded = {"embeddings_solver": False}
+    w4 = {"method": "gptq", "options": {"quantize": "int4", "group": 64, **rounded}}
+    gqsa = {"method": "gptq", "pattern": "group:16", "sparsity": 0.5,
+            "options": {"quantize": "int4", "group": 64, **rounded}}
     return {
         "fp32": {"method": None},
         "rtn-w4-g64": {"method": "rtn", "options": {"quantize": "int4", "group": 64}},
-        "gptq-w4-g64": w4,
+        "gptq-w4-g64-rtn-embedding": w4,
+        "gptq-w4-g64-asym-rtn-embedding": {"method": "gptq", "options": {"quantize": "int4", "group": 64,
+                                                                         "symmetric": False, **rounded}},
+        # the tied embedding through GPTQ on the Hessian of the head's inputs (the default)
+        "gptq-w4-g64": {"method": "gptq", "options": {"quantize": "int4", "group": 64}},
         "gptq-w4-g64-asym": {"method": "gptq", "options": {"quantize": "int4", "group": 64, "symmetric": False}},
+        "gptq-w4-g32-asym": {"method": "gptq", "options": {"quantize": "int4", "group": 32, "symmetric": False}},
+        "gptq-w4-g32-asym-act-order": {"method": "gptq", "options": {"quantize": "int4", "group": 32,
+                                                                     "symmetric": False, "act_order": True}},
         # the GGUF keeps the tied embedding at Q8_0: how much of W4's loss is the embedding's?
         "gptq-w4-g64-fp32-embedding": {"method": "gptq", "options": {"quantize": "int4", "group": 64,
                                                                      "embeddings": False}},
@@ -62,9 +73,9 @@ def _grid() -> dict[str, dict]:
         "rtn-w4-g32-asym": {"method": "rtn", "options": {"quantize": "int4", "group": 32, "symmetric": False}},
         # the GGUF's own split: 4-bit layers and the tied embedding at 8 bits (its Q8_0)
         "gptq-w4-g64-int8-embedding": {"method": "gptq", "options": {"quantize": "int4", "group": 64,
-                                                                     "embeddings": "int8"}},
-        "gptq-w4-g32-asym-int8-embedding": {"method": "gptq", "options": {"quantize": "int4", "group": 32,
-                                                                          "symmetric": False, "embeddings": "int8"}},
+                                                                     "embeddings": "int8", **rounded}},
+        "gptq-w4-g32-asym-int8-embedding": {"method": "gptq", "options": {
+            "quantize": "int4", "group": 32, "symmetric": False, "embeddings": "int8", **rounded}},
         "rtn-w4-g32-asym-int8-embedding": {"method": "rtn", "options": {"quantize": "int4", "group": 32,
                                                                         "symmetric": False, "embeddings": "int8"}},
         # act order (columns by decreasing Hessian diagonal, static grids)
@@ -76,7 +87,8 @@ def _grid() -> dict[str, dict]:
         "gqsa-w4-g64-group16-0.5+rec": {**gqsa, "options": {**gqsa["options"], "reconstruct": True}},
         # the reference the GQSA aim names, measured in the same run, and 2:4 with int4 on top
         "sparsegpt-2:4": {"method": "sparsegpt", "pattern": "2:4"},
-        "sparsegpt-2:4-w4-g64": {"method": "sparsegpt", "pattern": "2:4", "options": {"quantize": "int4", "group": 64}},
+        "sparsegpt-2:4-w4-g64": {"method": "sparsegpt", "pattern": "2:4",
+                                 "options": {"quantize": "int4", "group": 64, **rounded}},
     }
 
 
@@ -98,6 +110,10 @@ def run_one(spec: dict, samples: int, seq_len: int, eval_tokens: int | None, wik
         start = time.perf_counter()
         sc.prune_(model, config, calib, progress=False)
         result["seconds"] = time.perf_counter() - start
+    emb = model.get_input_embeddings()
+    emb_name = next(n for n, m in model.named_modules() if m is emb)
+    info = sc.get_meta(model).get(f"{emb_name}.weight", {})
+    result["embedding"] = f"{info['quant'].split()[0]} {info['method']}" if "quant" in info else "fp32"
     rep = sc.report(model)
     result.update({k: rep.totals[k] for k in ("sparsity", "model_bytes", "fp32_bytes", "fp16_bytes")})
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
@@ -120,6 +136,16 @@ def run_one(spec: dict, samples: int, seq_len: int, eval_tokens: int | None, wik
     return result
 
 
+def _embedding(r: dict) -> str:
+    """How the row's token embedding was stored (rows run before it was recorded: from the spec)."""
+    if "embedding" in r:
+        return r["embedding"]
+    options = r["spec"].get("options", {})
+    if r["spec"]["method"] is None or options.get("embeddings") is False:
+        return "fp32"
+    return f"{options.get('embeddings') or options.get('quantize')} rtn"
+
+
 def write_table(results: dict, out: Path) -> str:
     runs = results["runs"]
     meta = results.get("settings", {})
@@ -132,28 +158,32 @@ def write_table(results: dict, out: Path) -> str:
         f"perplexity on {next((r['eval_tokens'] for r in runs.values()), '?')} Lee held-out tokens and "
         f"{next((r['eval_tokens_wiki'] for r in runs.values()), '?')} Wikipedia held-out tokens (windows of 512). "
         "File: model.safetensors as sparsecraft.save writes it; the quantised rows quantise the tied token "
-        "embedding too (round to nearest, same grid unless the name says int8-embedding or fp32-embedding). "
+        "embedding too (same grid unless the name says int8-embedding or fp32-embedding; the embedding "
+        "column says how: `gptq` = through the solver with the tied head's input Hessian, `rtn` = rounded "
+        "to nearest, as every row did before that). "
         "GGUF: the Q4_1 file the fp32 model is de-quantised from (its tied embedding is Q8_0). "
         "GQSA rows: stage one is SparseGPT's sweep pruning whole groups of 16 inputs and quantising jointly "
         "(each row drops its groups of least joint sweep loss); `+rec` adds stage two, block "
         "reconstruction of the kept weights with the masks fixed. Their sparsity column counts the "
         "dense tied embedding.",
         "",
-        "| configuration | sparsity | Lee ppl | / fp32 | wiki ppl | file (MB) | / fp32 file | / GGUF | "
+        "| configuration | embedding | sparsity | Lee ppl | / fp32 | wiki ppl | file (MB) | / fp32 file | / GGUF | "
         "quantise time (s) | round trip |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in runs.items():
         ratio = f"{r['perplexity'] / dense['perplexity']:.3f}" if dense else "-"
         file_ratio = f"{r['file_bytes'] / dense['file_bytes']:.3f}" if dense else "-"
         exact = {True: "exact", False: "DIFFERS", None: "-"}[r.get("round_trip_exact")]
         lines.append(
-            f"| {name} | {r['sparsity']:.4f} | {r['perplexity']:.2f} | {ratio} | {r['perplexity_wiki']:.2f} | "
+            f"| {name} | {_embedding(r)} | {r['sparsity']:.4f} | {r['perplexity']:.2f} | {ratio} | {r['perplexity_wiki']:.2f} | "
             f"{r['file_bytes'] / 1e6:.1f} | {file_ratio} | {r['file_bytes'] / r['gguf_bytes']:.3f} | "
             f"{r.get('seconds', 0):.0f} | {exact} |")
     lines += ["", "Aims (issue 17):", ""]
     gq = [runs.get(n) for n in ("gqsa-w4-g64-group16-0.5", "gqsa-w4-g64-group16-0.5+rec")]
-    for name in ("gptq-w4-g64", "gptq-w4-g64-asym", "gptq-w4-g64-int8-embedding", "gptq-w4-g32-asym-int8-embedding",
+    for name in ("gptq-w4-g64", "gptq-w4-g64-asym", "gptq-w4-g32-asym", "gptq-w4-g32-asym-act-order",
+                 "gptq-w4-g64-rtn-embedding",
+                 "gptq-w4-g64-asym-rtn-embedding", "gptq-w4-g64-int8-embedding", "gptq-w4-g32-asym-int8-embedding",
                  "gptq-w4-g64-act-order", "gptq-w4-g64-act-order-int8-embedding"):
         w4 = runs.get(name)
         if not (dense and w4):

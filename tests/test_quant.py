@@ -482,3 +482,83 @@ def test_embeddings_int8_beside_int4_layers_round_trips_and_is_checked(tmp_path)
             sc.RTN(bits=4, group=32, embeddings=bad)
     with pytest.raises(ConfigError, match="embeddings='int8' needs the option quantize"):
         sc.method_config("sparsegpt", sparsity=0.5, embeddings="int8")
+
+
+# ---- the tied embedding through the solver --------------------------------------------------------
+
+def test_gptq_head_beats_rounding_on_correlated_inputs():
+    # the head's inputs lie near a 4-dimensional subspace of 64: rounding each weight ignores
+    # that the errors of correlated columns can cancel, GPTQ moves them so they do
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.randn(4, 64, generator=gen)
+    x = torch.randn(2048, 4, generator=gen) @ basis + 0.01 * torch.randn(2048, 64, generator=gen)
+    hessian = 2 / x.shape[0] * x.T @ x
+    w = torch.randn(48, 64, generator=gen)
+    spec = QuantSpec(4, 32, False)
+    gptq = sc.GPTQ(bits=4, group=32, symmetric=False).solver().quantize_head(w, hessian, spec, "head")
+    rtn = rtn_quantize(w, spec, layer="head")
+    assert sc.RTN(bits=4).solver().quantize_head(w, hessian, spec, "head") is None  # no solver: rounding
+
+    def error(q):
+        d = q.dequantize() - w
+        return float(torch.trace(d @ hessian @ d.T))
+
+    assert gptq.spec == spec and tuple(gptq.shape) == tuple(w.shape)
+    assert error(gptq) < 0.5 * error(rtn)
+
+
+def test_tied_embedding_goes_through_the_solver_and_round_trips(tmp_path):
+    reference = _llama()
+    with torch.no_grad():
+        dense = reference(CALIB).logits
+    runs = {}
+    for solver in (True, False):
+        model = _llama()
+        sc.quantize_(model, sc.GPTQ(bits=4, group=32, embeddings_solver=solver), CALIB, progress=False)
+        runs[solver] = model
+    solved, rounded = runs[True], runs[False]
+    assert sc.get_meta(solved)["model.embed_tokens.weight"]["method"] == "gptq"
+    assert sc.get_meta(rounded)["model.embed_tokens.weight"]["method"] == "rtn"
+    assert solved.lm_head.packed is solved.model.embed_tokens.packed  # still one tied tensor
+    assert not torch.equal(solved.model.embed_tokens.packed, rounded.model.embed_tokens.packed)
+    for name, layer in solved.named_modules():  # the layers before it are the same in both runs
+        if isinstance(layer, QuantLinear) and name != "lm_head":
+            assert torch.equal(layer.packed, rounded.get_submodule(name).packed), name
+    with torch.no_grad():
+        errors = {k: float((m(CALIB).logits - dense).pow(2).mean()) for k, m in runs.items()}
+    assert errors[True] < errors[False]
+    again = sc.load(sc.save(solved, tmp_path / "q"))
+    assert _same(_state(solved), _state(again)) and torch.equal(solved(IDS).logits, again(IDS).logits)
+    default = _llama()
+    sc.quantize_(default, sc.GPTQ(bits=4, group=32), CALIB, progress=False)
+    assert torch.equal(default.model.embed_tokens.packed, solved.model.embed_tokens.packed)  # the default
+
+
+@pytest.mark.parametrize("make,tie,match", [
+    (lambda: sc.RTN(bits=4, group=32, embeddings_solver=True), True, "method 'rtn' has no error-compensating"),
+    (lambda: sc.GPTQ(bits=4, group=32, embeddings_solver=True), False, "not tied to an output head"),
+])
+def test_embeddings_solver_true_refused_when_it_cannot_be_honoured(make, tie, match):
+    model = _llama(tie=tie)
+    before = _state(model)
+    with pytest.raises(ConfigError, match=f"option embeddings_solver=true: .*{match}"):
+        sc.quantize_(model, make(), CALIB, progress=False)
+    assert _same(before, _state(model))
+    with pytest.raises(ConfigError, match="embeddings_solver=true needs the token embedding quantised"):
+        sc.GPTQ(bits=4, group=32, embeddings=False, embeddings_solver=True)
+    with pytest.raises(ConfigError, match="option 'embeddings_solver' must be"):
+        sc.GPTQ(bits=4, group=32, embeddings_solver="yes")
+
+
+def test_cli_embeddings_solver_option(tmp_path, tiny_llama_tok_dir, capsys):
+    common = ["-q", "quantize", str(tiny_llama_tok_dir), "--bits", "4", "--group", "32", "--samples", "4",
+              "--seq-len", "16"]
+    out = tmp_path / "rtn-embedding"
+    assert main([*common, "--option", "embeddings_solver=false", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert sc.get_meta(sc.load(out / "model.safetensors"))["model.embed_tokens.weight"]["method"] == "rtn"
+    bad = tmp_path / "bad"
+    code = main([*common, "--option", "embeddings_solver=maybe", "--out", str(bad)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "embeddings_solver" in err[0], err
+    assert not bad.exists()

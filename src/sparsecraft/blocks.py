@@ -32,7 +32,7 @@ from .targets import Target
 
 __all__ = [
     "BlockBatch", "find_blocks", "check_calibration", "capture_block_inputs", "run_block",
-    "block_targets", "DiskActivations", "ComputeIn", "cast_batches_", "widened_forward",
+    "block_targets", "DiskActivations", "ComputeIn", "cast_batches_", "widened_forward", "module_input_hessian",
 ]
 
 
@@ -207,7 +207,16 @@ def capture_block_inputs(
         captured.append(BlockBatch(hidden.detach(), rest, kwargs))
         raise _StopForward
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    _run_to(model, blocks[0], hook, calibration, batch_size)
+    if len(captured) != math.ceil(calibration.shape[0] / batch_size):
+        raise SparsecraftError("could not capture the inputs of the first block")
+    return captured
+
+
+def _run_to(model: nn.Module, module: nn.Module, hook, calibration: torch.Tensor, batch_size: int) -> None:
+    """Run ``model`` on every batch of ``calibration`` until ``module``, whose forward
+    pre-hook (with kwargs) ``hook`` sees its inputs and raises :class:`_StopForward`."""
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     device = next(model.parameters()).device
     try:
         with torch.inference_mode():
@@ -222,9 +231,27 @@ def capture_block_inputs(
                     pass
     finally:
         handle.remove()
-    if len(captured) != math.ceil(calibration.shape[0] / batch_size):
-        raise SparsecraftError("could not capture the inputs of the first block")
-    return captured
+
+
+def module_input_hessian(model: nn.Module, module: nn.Linear, calibration: torch.Tensor,
+                         batch_size: int) -> torch.Tensor:
+    """``2/n X^T X`` of ``module``'s inputs over the calibration tokens; the model runs up
+    to ``module`` only (an output head's own product, the largest of a small model, is skipped)."""
+    from .oneshot.stats import HessianAccumulator
+
+    acc = HessianAccumulator(module.in_features)
+    seen = []
+
+    def hook(_module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        acc.add(x.detach().float())
+        seen.append(1)
+        raise _StopForward
+
+    _run_to(model, module, hook, calibration, batch_size)
+    if len(seen) != math.ceil(calibration.shape[0] / batch_size):
+        raise SparsecraftError("the calibration pass did not reach the output head")
+    return acc.hessian
 
 
 def block_hidden(out) -> torch.Tensor:

@@ -264,6 +264,12 @@ class Solver:
         this method quantises the layers it solves, else None."""
         return None
 
+    def quantize_head(self, weight: torch.Tensor, hessian: torch.Tensor, spec: Any, layer: str) -> Any:
+        """The quantised weight (a :class:`~sparsecraft.quant.QuantizedWeight` on ``spec``'s
+        grids) of an output head with input Hessian ``hessian``, by this method's own
+        error-compensating solver; None when it has none (the head is then rounded to nearest)."""
+        return None
+
     def check_targets(self, layers: list, sparsity: float | None) -> None:
         """Refuse, before the model changes, what this method cannot do (an error naming the
         layer): ``layers`` pairs each target with its pattern; ``sparsity`` is the config's

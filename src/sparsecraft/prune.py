@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import ALLOCATIONS, Allocation, allocate, check_sparsity, get_allocation
-from .blocks import check_calibration
+from .blocks import check_calibration, module_input_hessian
 from .criteria import (
     BLOCK_STAGES,
     MODEL_STAGES,
@@ -66,7 +66,7 @@ from .oneshot.driver import (
     needs_block_driver,
 )
 from .patterns import NM, Pattern, PatternMismatch, Unstructured, parse_pattern
-from .quant.convert import embedding_problem, quantize_embeddings_, swap_linear_
+from .quant.convert import embedding_problem, quantize_embeddings_, swap_linear_, tied_head
 from .targets import FALLBACKS, Target, TargetSpec, resolve_patterns, select_targets
 
 __all__ = [
@@ -489,6 +489,7 @@ def prune_(
         embeddings = problem is None
         if problem:
             log.info("token embedding left as it is: %s", problem)
+    head_solver = embeddings and _head_solver(model, solver, quant, calibration)
     model_stages = config.model_stages()
     teacher = None
     if model_stages:  # checked, and the dense teacher copied, before the model changes
@@ -515,7 +516,10 @@ def prune_(
         state.note(name, **info[name])
     log.info("pruned %d targets with %s: sparsity %.4f", len(masks), config.method, state.sparsity())
     if quant is not None:
-        _quantize_layers_(model, state, targets, quants, quant, embeddings)
+        _quantize_layers_(model, state, targets, quants, quant)
+        if embeddings:
+            _quantize_embeddings_(model, solver, quant, calibration if head_solver else None,
+                                  config.driver_options().batch_size)
     for st in model_stages:
         summary = st.run(model, teacher, calibration, state, progress=progress)
         for name in masks:
@@ -523,7 +527,7 @@ def prune_(
     return state
 
 
-def _quantize_layers_(model, state: SparsityState, targets: list[Target], quants: dict, quant, embeddings: bool):
+def _quantize_layers_(model, state: SparsityState, targets: list[Target], quants: dict, quant):
     """Swap the quantised layers in (the masks live in them now, so the state is finalized)."""
     state.finalize_()
     modules = {t.name: t.module_name for t in targets}
@@ -532,10 +536,37 @@ def _quantize_layers_(model, state: SparsityState, targets: list[Target], quants
         swap_linear_(model, modules[name], qweight)
         meta[name] = {**meta.get(name, {}), "quant": qweight.describe()}
     object.__setattr__(model, META_ATTR, meta)
-    if embeddings:
-        quantize_embeddings_(model, quant.embedding_spec())
-    log.info("quantised %d layers (%s)%s", len(quants), quant.spec(),
-             f" and the token embedding ({quant.embedding_spec()})" if embeddings else "")
+    log.info("quantised %d layers (%s)", len(quants), quant.spec())
+
+
+def _head_solver(model, solver, quant, calibration) -> bool:
+    """Whether the tied embedding goes through the solver (option ``embeddings_solver``);
+    refuses, before anything changes, a ``true`` that cannot be honoured."""
+    if quant.embeddings_solver is False:
+        return False
+    why = ("the token embedding is not tied to an output head (the head's inputs are what give it a Hessian)"
+           if tied_head(model) is None else
+           f"method '{solver.name}' has no error-compensating solver" if type(solver).quantize_head is Solver.quantize_head
+           else "no calibration data" if calibration is None else None)
+    if why and quant.embeddings_solver:
+        raise ConfigError(f"method '{solver.name}' option embeddings_solver=true: {why}")
+    if why:
+        log.debug("token embedding rounded to nearest: %s", why)
+    return why is None
+
+
+def _quantize_embeddings_(model, solver, quant, calibration, batch_size: int) -> None:
+    """Quantise the token embedding (and its tied head): with ``calibration``, by the solver on
+    the Hessian of the head's inputs in the model as it now is (layers already quantised)."""
+    spec = quant.embedding_spec()
+    if calibration is None:
+        quantize_embeddings_(model, spec)
+        return
+    head = tied_head(model)
+    hessian = module_input_hessian(model, head, check_calibration(model, calibration), batch_size)
+    name = next(n for n, m in model.named_modules() if m is head)
+    qweight = solver.quantize_head(head.weight, hessian, spec, name)
+    quantize_embeddings_(model, spec, qweight, method=solver.name)
 
 
 def quantize_(

@@ -627,6 +627,16 @@ class SparseGPTSolver(Solver):
             log.warning("layer '%s': SparseGPT needed damping %.3g", ctx.name, info["percdamp"])
         return weight, keep, info
 
+    def quantize_head(self, weight, hessian, spec, layer):
+        """GPTQ (nothing pruned) of an output head, with this method's sweep settings."""
+        o = self.options
+        _, _, info = sparsegpt_prune(weight.detach(), hessian, 0.0, "unstructured", blocksize=o.blocksize,
+                                     percdamp=o.percdamp, max_damp_tries=o.max_damp_tries, damp_growth=o.damp_growth,
+                                     layer=layer, quantize=spec, **self._sweep_options())
+        if info.get("tries", 1) > 1:
+            log.warning("layer '%s': GPTQ needed damping %.3g", layer, info["percdamp"])
+        return info["qweight"]
+
     def solve(self, ctx, pattern, sparsity):
         weight, keep, info = self._run(ctx, pattern, sparsity)
         # with refit, the layer's loss before and after it (1/2 tr((W - W') H (W - W')^T), damped H)

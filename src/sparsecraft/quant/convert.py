@@ -22,7 +22,7 @@ from .modules import QuantEmbedding, QuantLinear, _QuantBase
 from .rtn import rtn_quantize
 from .tensor import SPARSE_GROUPS, QuantizedWeight
 
-__all__ = ["swap_linear_", "quantize_embeddings_", "quant_record", "check_quant_record", "quant_expected",
+__all__ = ["swap_linear_", "quantize_embeddings_", "tied_head", "quant_record", "check_quant_record", "quant_expected",
            "apply_quant_record_",
            "record_meta", "quantized_modules", "embedding_problem", "RECORD_KEY"]
 
@@ -74,16 +74,31 @@ def embedding_problem(model: nn.Module, spec: QuantSpec) -> str | None:
     return None
 
 
-def quantize_embeddings_(model: nn.Module, spec: QuantSpec) -> list[str]:
-    """Quantise the token embedding round-to-nearest with ``spec`` (and the output head tied
-    to it); returns the module names replaced. ConfigError when it cannot be done."""
+def tied_head(model: nn.Module) -> nn.Linear | None:
+    """The output head sharing the token embedding's weight, if the model has one."""
+    getter = getattr(model, "get_input_embeddings", None)
+    emb = getter() if callable(getter) else None
+    name = _tied_head(model, emb) if isinstance(emb, nn.Embedding) else None
+    return None if name is None else model.get_submodule(name)
+
+
+def quantize_embeddings_(model: nn.Module, spec: QuantSpec, qweight: QuantizedWeight | None = None,
+                         method: str = "rtn") -> list[str]:
+    """Quantise the token embedding with ``spec`` (and the output head tied to it): round to
+    nearest, or ``qweight`` when a solver computed it (``method`` names that solver in the
+    metadata); returns the module names replaced. ConfigError when it cannot be done."""
     problem = embedding_problem(model, spec)
     if problem:
         raise ConfigError(f"cannot quantise the embeddings: {problem}")
     emb = model.get_input_embeddings()
     name = next(n for n, m in model.named_modules() if m is emb)
     head_name = _tied_head(model, emb)
-    qweight = rtn_quantize(emb.weight, spec, layer=f"{name}.weight")
+    if qweight is None:
+        qweight = rtn_quantize(emb.weight, spec, layer=f"{name}.weight")
+        method = "rtn"
+    elif tuple(qweight.shape) != tuple(emb.weight.shape) or qweight.spec != spec:
+        raise ConfigError(f"layer '{name}': a quantised weight {tuple(qweight.shape)} ({qweight.spec}) does not fit "
+                          f"the embedding {tuple(emb.weight.shape)} ({spec})")
     qemb = QuantEmbedding(qweight, emb.weight.dtype, emb.padding_idx)
     names = [name]
     head = None
@@ -95,10 +110,10 @@ def quantize_embeddings_(model: nn.Module, spec: QuantSpec) -> list[str]:
     if head is not None:
         _set_module(model, head_name, head)
     meta = dict(get_meta(model))
-    meta[f"{name}.weight"] = {"pattern": "dense", "sparsity": 0.0, "method": "rtn", "quant": str(spec)}
+    meta[f"{name}.weight"] = {"pattern": "dense", "sparsity": 0.0, "method": method, "quant": str(spec)}
     object.__setattr__(model, META_ATTR, meta)
-    log.info("quantised the token embedding %s%s round-to-nearest (%s)", name,
-             f" and the tied head {head_name}" if head_name else "", spec)
+    log.info("quantised the token embedding %s%s %s (%s)", name, f" and the tied head {head_name}" if head_name else "",
+             "round-to-nearest" if method == "rtn" else f"with {method}", spec)
     return names
 
 

@@ -39,12 +39,17 @@ class QuantOptions:
     model has one the group divides (and says so in the log), True insists, False never;
     ``"int8"`` or ``"int4"`` insists with that many bits (same group and grid kind): the
     tied embedding is the largest tensor of a small model and the one quantisation hurts
-    most, so formats such as llama.cpp's Q4 keep it at 8 bits."""
+    most, so formats such as llama.cpp's Q4 keep it at 8 bits. ``embeddings_solver``: an
+    embedding tied to the output head is quantised by the method's error-compensating solver
+    (GPTQ on the Hessian of the head's inputs, from one more pass over the calibration data
+    once the layers are quantised) instead of round to nearest: None does so when the method
+    has such a solver and the head is tied, True insists, False rounds to nearest."""
 
     quantize: str | None = None
     group: int = 64
     symmetric: bool = True
     embeddings: bool | str | None = None
+    embeddings_solver: bool | None = None
 
     def spec(self) -> QuantSpec | None:
         """The grid every quantised layer gets, or None without ``quantize``."""
@@ -70,5 +75,8 @@ class QuantOptions:
                     self.embedding_spec()
                 except ConfigError as e:
                     raise ConfigError(f"option embeddings: {e}") from None
+            if self.embeddings_solver and (self.quantize is None or self.embeddings is False):
+                raise ConfigError("option embeddings_solver=true needs the token embedding quantised (the option "
+                                  "quantize, and embeddings not false)")
         except ConfigError as e:
             raise ConfigError(f"{owner}: {e}") from None
