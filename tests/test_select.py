@@ -90,3 +90,47 @@ def test_cli_selects_from_csv_and_refuses_bad_files(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err
         assert not (tmp_path / f"o-{name}").exists()
+
+
+@pytest.mark.parametrize("scale,blind", [("standard", True), ("minmax", True), ("none", False)])
+def test_scaling_makes_the_ranking_blind_to_feature_units(scale, blind):
+    X, _ = _data(n=300)
+    rng = np.random.default_rng(1)
+    rescaled = X * rng.uniform(0.01, 100.0, size=X.shape[1]) + rng.uniform(-50.0, 50.0, size=X.shape[1])
+    kw = dict(n_features_to_select=5, hidden=5, epsilon=5, epochs=3, scale=scale, random_state=0)
+    a = QuickSelection(**kw).fit(X).feature_importances_
+    b = QuickSelection(**kw).fit(rescaled).feature_importances_
+    assert np.allclose(a, b, rtol=1e-3, atol=1e-6) == blind
+
+
+def test_minmax_keeps_a_rare_spike_from_dominating():
+    # feature 0 is zero but on 2 of 400 rows; standardised, those rows read about 14 standard
+    # deviations, and reconstructing them pulls connections to the feature
+    X, _ = _data(n=400)
+    X[:, 0] = 0.0
+    X[:2, 0] = 1.0
+    kw = dict(n_features_to_select=5, hidden=5, epsilon=5, epochs=60, random_state=0)
+    rank = {s: list(QuickSelection(**kw, scale=s).fit(X).ranking_).index(0) for s in ("standard", "minmax")}
+    assert rank["minmax"] > rank["standard"]
+
+
+def test_cli_scale_option(tmp_path, capsys):
+    import json
+
+    from sparsecraft.cli import main
+
+    X, _ = _data(n=100)
+    np.save(tmp_path / "x.npy", X)
+    out = tmp_path / "sel"
+    assert main(["select", "--data", str(tmp_path / "x.npy"), "--k", "5", "--hidden", "5", "--epochs", "2",
+                 "--scale", "minmax", "--out", str(out)]) == 0
+    assert json.loads((out / "selection.json").read_text())["settings"]["scale"] == "minmax"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own refusal: one line, exit code 2
+        main(["select", "--data", str(tmp_path / "x.npy"), "--k", "5", "--scale", "robust",
+              "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "--scale" in err[0], err
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ConfigError, match="scale must be one of standard, minmax, none"):
+        QuickSelection(n_features_to_select=1, scale="robust").fit(X)

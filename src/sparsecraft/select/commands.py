@@ -25,6 +25,8 @@ def register(subparsers) -> dict:
     p.add_argument("--epsilon", type=number_arg("epsilon", minimum=0.0, exclusive=True), default=13.0,
                    help="connections per layer = epsilon * (inputs + hidden) (default 13)")
     p.add_argument("--epochs", type=int_arg("epochs"), default=10, help="training epochs (default 10)")
+    p.add_argument("--scale", choices=("standard", "minmax", "none"), default="standard",
+                   help="feature scaling before training: standard (default), minmax onto [0, 1], none")
     p.add_argument("--seed", type=int_arg("seed", minimum=0), default=0, help="random seed")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for selected.npy and selection.json")
     add_overwrite(p)
@@ -44,7 +46,7 @@ def run(args) -> int:
 
         raise FormatError(f"--data must be a 2-D table [samples, features], got shape {X.shape}")
     qs = QuickSelection(n_features_to_select=args.k, hidden=args.hidden, epsilon=args.epsilon,
-                        epochs=args.epochs, random_state=args.seed)
+                        epochs=args.epochs, scale=args.scale, random_state=args.seed)
     start = time.perf_counter()
     qs.fit(X)
     seconds = time.perf_counter() - start

@@ -104,18 +104,27 @@ def _check_array(X, what: str = "X") -> np.ndarray:
 class QuickSelection(SelectorMixin, BaseEstimator):
     """Select ``n_features_to_select`` features by input-neuron strength of a sparse DAE.
 
-    ``fit(X)`` (``y`` ignored) scales each feature to zero mean and unit variance, adds Gaussian
+    ``fit(X)`` (``y`` ignored) scales each feature (``scale``: ``"standard"``, zero mean and unit
+    variance; ``"minmax"``, onto [0, 1]; ``"none"``), adds Gaussian
     noise of ``noise`` to the inputs, and trains ``hidden`` sigmoid units to reconstruct the clean
     input (mean squared error; SGD with momentum and weight decay, ``epochs`` passes of
     ``batch_size``; SET after every epoch but the last). ``feature_importances_`` are the
     strengths; ``get_support``/``transform`` come from scikit-learn's ``SelectorMixin``, so the
     estimator works as a step of a ``Pipeline``. ``n_connections_`` counts the stored weights.
+
+    Standard scaling blows up a feature that is almost constant (an MNIST border pixel that a
+    handful of digits touch takes values of dozens of standard deviations there), and long
+    training then grows connections towards reconstructing those few values: on MNIST, 100
+    epochs ranked such pixels first (``benchmarks/results/select.md``). ``"minmax"`` keeps
+    every feature within [0, 1].
     """
+
+    SCALES = ("standard", "minmax", "none")
 
     def __init__(self, n_features_to_select: int = 50, hidden: int = 1000, epsilon: float = 13.0,
                  zeta: float = 0.2, epochs: int = 10, batch_size: int = 100, lr: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 2e-4, noise: float = 0.2,
-                 random_state: int = 0):
+                 scale: str = "standard", random_state: int = 0):
         self.n_features_to_select = n_features_to_select
         self.hidden = hidden
         self.epsilon = epsilon
@@ -126,6 +135,7 @@ class QuickSelection(SelectorMixin, BaseEstimator):
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.noise = noise
+        self.scale = scale
         self.random_state = random_state
 
     def _check_params(self, n_features: int) -> None:
@@ -143,6 +153,8 @@ class QuickSelection(SelectorMixin, BaseEstimator):
                 raise ConfigError(f"QuickSelection {name} must be a number in [{low}, {high}], got {value!r}")
         if self.epsilon <= 0 or self.lr <= 0:
             raise ConfigError("QuickSelection epsilon and lr must be above 0")
+        if self.scale not in self.SCALES:
+            raise ConfigError(f"QuickSelection scale must be one of {', '.join(self.SCALES)}, got {self.scale!r}")
 
     def fit(self, X, y=None):
         threads = torch.get_num_threads()
@@ -157,9 +169,14 @@ class QuickSelection(SelectorMixin, BaseEstimator):
         n, d = arr.shape
         self._check_params(d)
         gen = torch.Generator().manual_seed(int(self.random_state))
-        mean, std = arr.mean(0), arr.std(0)
-        std[std == 0] = 1.0
-        x = torch.from_numpy(((arr - mean) / std).astype(np.float32))
+        if self.scale == "standard":
+            shift, spread = arr.mean(0), arr.std(0)
+        elif self.scale == "minmax":
+            shift, spread = arr.min(0), arr.max(0) - arr.min(0)
+        else:
+            shift, spread = np.zeros(d), np.ones(d)
+        spread[spread == 0] = 1.0
+        x = torch.from_numpy(((arr - shift) / spread).astype(np.float32))
         per_layer = int(round(self.epsilon * (d + self.hidden)))
         enc = SparseLinear(d, self.hidden, per_layer, gen)
         dec = SparseLinear(self.hidden, d, per_layer, gen)
