@@ -90,6 +90,9 @@ TUNE = {
     "sgd": ({"optimizer": "sgd", "lr": 0.05}, {}, {}),  # the library's default recipe (momentum 0.9)
     # second round: the levers that helped, together
     "lr3e-3+grow_sigma": ({"lr": 3e-3}, {}, {"grow_sigma": "mean"}),
+    # third round: the tempered KL that the compression methods took (part tune-compress)
+    "kl0.3": ({}, {"kl_weight": 0.3}, {}),
+    "kl0.1": ({}, {"kl_weight": 0.1}, {}),
 }
 TUNED = "first"  # the variant whose settings the other parts use (must match the constants above)
 

@@ -37,13 +37,14 @@ def test_inverse_fisher_equals_exact_inverse(m, n, block):
         assert torch.allclose(blocks[i, :k, :k], b, rtol=1e-9, atol=1e-12)
 
 
-def test_obs_update_is_the_exact_constrained_minimiser():
-    g = torch.randn(6, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("m", [6, 30])  # fewer gradients than block weights (Woodbury), and more (direct)
+def test_obs_update_is_the_exact_constrained_minimiser(m):
+    g = torch.randn(m, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     w = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     keep = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
     lam = 0.2
     new = obs_update(w, keep, g, 12, lam)
-    fisher = lam * torch.eye(12, dtype=torch.float64) + g.T @ g / 6
+    fisher = lam * torch.eye(12, dtype=torch.float64) + g.T @ g / m
     # min d^T F d subject to d_Q = -w_Q: d_K = -F_KK^-1 F_KQ d_Q
     d_k = torch.linalg.solve(fisher[keep][:, keep], fisher[keep][:, ~keep] @ w[~keep])
     assert torch.equal(new[~keep], torch.zeros(int((~keep).sum()), dtype=torch.float64))
