@@ -272,3 +272,64 @@ def test_cli_prunes_a_causal_lm_with_the_token_fisher_and_refuses_bad_options(ti
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
         assert not (tmp_path / "bad").exists()
+
+
+def _captured_fisher_grads(monkeypatch, **options):
+    """Run a GMP with M-FAC through its pruning steps 2, 4 and 6 (sparsity 0, some, 0.8);
+    returns the model, the GMP, the gradient stacks its Fisher got and the masks after each call."""
+    from sparsecraft.oneshot import mfac
+
+    seen = []
+    real = mfac.inverse_fisher_diag
+
+    def spy(grads, block, lam, *args, **kwargs):
+        seen.append(grads.clone())
+        return real(grads, block, lam, *args, **kwargs)
+
+    monkeypatch.setattr(mfac, "inverse_fisher_diag", spy)
+    net = _mlp()
+    gmp = GMP(net, 0.8, start=2, end=6, frequency=2, criterion="mfac", loss_fn=loss_fn, batches=batches,
+              fisher_samples=2, fisher_block=8, obs_update=False, **options)
+    masks = []
+    for _ in range(7):
+        gmp.step()
+        masks.append({k: v.clone() for k, v in gmp.masks.items()})
+    return net, gmp, seen, masks
+
+
+def test_gmp_mfac_fisher_from_examples_and_without_pruned_weights(monkeypatch):
+    _, gmp, seen, masks = _captured_fisher_grads(monkeypatch, fisher="examples")
+    b = _DATA[0][0].shape[0]
+    assert len(seen) == 3  # one target layer (the head is left dense), three pruning steps
+    first, second = seen[0], seen[2]
+    assert first.shape == (2 * b, 24 * 10)  # one gradient per example of the 2 batches
+    # the second pruning step: the weights pruned at the first get no gradient in the Fisher
+    pruned = ~masks[3]["0.weight"].reshape(-1)  # after the pruning step at step 4
+    assert pruned.any() and torch.equal(second[:, pruned], torch.zeros_like(second[:, pruned]))
+    assert (second[:, ~pruned] != 0).any()
+    assert abs(gmp.sparsity() - 0.8) < 1e-2
+    assert gmp.config_dict()["fisher_kind"] == "examples"
+    with pytest.raises(ConfigError, match="fisher must be one of blocks, examples, token"):
+        GMP(_mlp(), 0.8, start=2, end=4, frequency=2, criterion="mfac", loss_fn=loss_fn, batches=batches,
+            fisher="example")
+
+
+def test_gmp_mfac_per_example_gradients_are_the_examples_own():
+    from sparsecraft.train.pruning import _examples, accumulate_gradients
+
+    net = _mlp()
+    x, y = batches(0)
+    parts = _examples((x, y))
+    assert len(parts) == x.shape[0] and isinstance(parts[0], tuple) and parts[0][0].shape == (1, *x.shape[1:])
+    total = sum(accumulate_gradients(net, loss_fn, [p], ["0.weight"])["0.weight"] for p in parts)
+    mean = accumulate_gradients(net, loss_fn, [(x, y)], ["0.weight"])["0.weight"]
+    assert torch.allclose(total / x.shape[0], mean, atol=1e-6)  # cross-entropy averages the examples
+    with pytest.raises(ConfigError, match="fisher='examples' needs batches"):
+        _examples({"x": x})
+
+
+def test_gmp_mfac_batch_fisher_also_drops_pruned_weights(monkeypatch):
+    _, _, seen, masks = _captured_fisher_grads(monkeypatch)
+    assert seen[0].shape == (2, 24 * 10)  # one gradient per batch
+    pruned = ~masks[3]["0.weight"].reshape(-1)
+    assert pruned.any() and not seen[2][:, pruned].any() and seen[2][:, ~pruned].any()

@@ -37,6 +37,25 @@ def _check_allocation(allocation: str) -> str:
     return allocation
 
 
+#: GMP's M-FAC Fisher: per-batch gradients in blocks, per-example gradients in blocks, or the
+#: diagonal of per-token gradients (see :class:`GMP`)
+FISHER_KINDS = ("blocks", "examples", "token")
+
+
+def _examples(batch) -> list:
+    """One batch split into batches of one example: a tensor, or a tuple/list of tensors that
+    share their first dimension."""
+    parts = batch if isinstance(batch, (tuple, list)) else (batch,)
+    if not parts or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in parts) \
+            or len({t.shape[0] for t in parts}) != 1:
+        raise ConfigError("GMP fisher='examples' needs batches that are a tensor or a tuple of tensors with the "
+                          f"same first dimension, got {type(batch).__name__}")
+    n = parts[0].shape[0]
+    if isinstance(batch, torch.Tensor):
+        return [batch[i:i + 1] for i in range(n)]
+    return [type(batch)(t[i:i + 1] for t in parts) for i in range(n)]
+
+
 def accumulate_gradients(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
@@ -147,7 +166,12 @@ class GMP(TrainingSparsity):
     the diagonal Fisher of the per-example (per-token) gradients of ``nn.Linear`` weights on the
     same batches, so ``fisher_samples`` batches of ``b`` examples give ``fisher_samples * b``
     gradients; it has no blocks and no update. ``last_cost`` holds the seconds and the bytes of
-    gradients and inverse blocks of the latest pruning step.
+    gradients and inverse blocks of the latest pruning step. ``fisher="examples"`` keeps the
+    blocks and the update but takes one gradient per example of those batches (batches that
+    are a tensor or a tuple of tensors sharing their first dimension), the empirical Fisher
+    oBERT uses: ``fisher_samples`` batches of ``b`` examples give ``fisher_samples * b``.
+    The gradients of weights already pruned are dropped (they stay at zero, so the Fisher of
+    the weights still free is the one that matters).
     """
 
     method = "gmp"
@@ -180,8 +204,8 @@ class GMP(TrainingSparsity):
         if criterion == "mfac":
             if loss_fn is None or batches is None:
                 raise ConfigError("GMP criterion 'mfac' needs loss_fn and batches (gradients at each pruning step)")
-            if fisher not in ("blocks", "token"):
-                raise ConfigError(f"GMP fisher must be 'blocks' or 'token', got {fisher!r}")
+            if fisher not in FISHER_KINDS:
+                raise ConfigError(f"GMP fisher must be one of {', '.join(FISHER_KINDS)}, got {fisher!r}")
             for key, value in (("fisher_samples", fisher_samples), ("fisher_block", fisher_block)):
                 if value is None and key == "fisher_block":
                     continue
@@ -201,8 +225,8 @@ class GMP(TrainingSparsity):
         token = fisher == "token"
         self.fisher = {"samples": fisher_samples, "block": 1 if token else (fisher_block or 64),
                        "damp": float(fisher_damp), "obs_update": False if token else obs_update is not False}
-        if token:  # saved settings of blocks runs keep the keys they always had
-            self.fisher["kind"] = "token"
+        if fisher != "blocks":  # saved settings of blocks runs keep the keys they always had
+            self.fisher["kind"] = fisher
         self.last_cost: dict[str, float] = {}
         if isinstance(end, (int, float)) and not isinstance(end, bool) and end < 1:
             # sparsity.step() is first called after optimizer step 1: step 0 never comes
@@ -240,15 +264,17 @@ class GMP(TrainingSparsity):
         if self.fisher.get("kind") == "token":
             return self._update_token_fisher(step, target, start)
         names = [t.name for t in self.targets]
+        current = self.state.masks
         grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         for k in range(self.fisher["samples"]):  # the next training batches: a function of the step
-            with torch.enable_grad():
-                g = accumulate_gradients(self.model, self.loss_fn, [self.batches(step + k)], names)
-            for n in names:
-                grads[n].append(g[n].detach().float().reshape(-1))
+            batch = self.batches(step + k)
+            for part in (_examples(batch) if self.fisher.get("kind") == "examples" else [batch]):
+                with torch.enable_grad():
+                    g = accumulate_gradients(self.model, self.loss_fn, [part], names)
+                for n in names:
+                    grads[n].append((g[n].detach().float() * current[n]).reshape(-1))
         stacked = {n: torch.stack(v) for n, v in grads.items()}
         lam = {n: mfac.damping(stacked[n], self.fisher["damp"]) for n in names}
-        current = self.state.masks
 
         def score(t):
             diag = mfac.inverse_fisher_diag(stacked[t.name], self.fisher["block"], lam[t.name])
@@ -493,7 +519,7 @@ def _plan_gmp(recipe) -> Plan:
     allocation = _recipe_allocation(recipe, "uniform")
     pattern = _recipe_pattern(recipe, "GMP")
     criterion = option_choice(recipe, "criterion", "magnitude", ("magnitude", "mfac"))
-    fisher = {"fisher": option_choice(recipe, "fisher", "blocks", ("blocks", "token")),
+    fisher = {"fisher": option_choice(recipe, "fisher", "blocks", FISHER_KINDS),
               "fisher_samples": option_int(recipe, "fisher_samples", 16),
               "fisher_block": option_int(recipe, "fisher_block", 64) if "fisher_block" in recipe.options else None,
               "fisher_damp": option_number(recipe, "fisher_damp", 1e-2, low=1e-12),
