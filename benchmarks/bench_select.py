@@ -213,7 +213,8 @@ def write_table(result: dict) -> None:
                   "always 0 takes huge values on its few other digits, and the autoencoder's connections grow "
                   "towards reconstructing them, so those near-empty pixels rank first (a probe on seed 0: the 50 "
                   "pixels picked after 100 epochs are off their minimum on a median 0.125% of the 3,200 digits, "
-                  "after 20 epochs on 41%). Round two (the `minmax` rows) scales each feature onto [0, 1].", "",
+                  "after 20 epochs on 41%). Round two (the `minmax` rows) scales each feature onto [0, 1]: see the "
+                  "table for what that did to each data set; the choice is the best mean either way.", "",
                   f"Tuning command: `{tuned['command']}`"]
     write_text(RESULTS / "select.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
