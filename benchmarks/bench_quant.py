@@ -192,7 +192,14 @@ def write_table(results: dict, out: Path) -> str:
               "embedding at 8 bits as the GGUF does, gives back fp32's perplexity). A group of 64 has to put two of "
               "those grids on one and rounds every weight a second time; the g64 rows lose that way on this model. "
               "At the GGUF's own group of 32 the error-compensated W4 rows (layers and the tied embedding through "
-              "GPTQ) stay within 5% of fp32 at 0.157 of its file.", "", "Aims (issue 17):", ""]
+              "GPTQ) stay within 5% of fp32 at 0.157 of its file.", ""]
+    fp32_groups = [(n, runs[n]["perplexity"]) for n in ("sparsegpt-group8-0.5", "sparsegpt-group16-0.5") if n in runs]
+    if fp32_groups:
+        lines += ["Reading the GQSA rows: the same group sparsity without quantisation ("
+                  + ", ".join(f"{n} {p:.2f}" for n, p in fp32_groups) + ") is already far above SparseGPT 2:4's "
+                  "perplexity: on this model, pruning whole groups of inputs at 50% costs the quality before any "
+                  "quantisation does; block reconstruction (+rec) recovers part of it.", ""]
+    lines += ["Aims (issue 17):", ""]
     gq_names = ("gqsa-w4-g64-group16-0.5", "gqsa-w4-g64-group16-0.5+rec", "gqsa-w4-g64-group8-0.5",
                 "gqsa-w4-g64-group8-0.5+rec")
     gq = [runs.get(n) for n in gq_names]
