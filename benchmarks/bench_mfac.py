@@ -239,8 +239,7 @@ def table(result: dict) -> str:
                   "same 16 batches (mfac-token-64: of 64 batches; 64 was picked in a development run on seeds 0 and 1 "
                   "scored on this test split, so those seeds are not blind for it; seeds 3-5 were run after the "
                   "choice); mfac-examples: the blocks of 64 from one gradient per example of the 16 batches (1,024, "
-                  "oBERT's count, not tuned), +obs with the OBS update. Every M-FAC Fisher leaves out the weights "
-                  "already pruned (since commit 0cec5fc; before, their gradients were in it). Test accuracy:", "",
+                  "oBERT's count, not tuned), +obs with the OBS update. Test accuracy:", "",
                   "| criterion | median | " + " | ".join(f"seed {r['seed']}" for r in lenet)
                   + " | median s per pruning step | peak MB per step |", "|---|---|" + "---|" * len(lenet) + "---|---|"]
         for k in med_g:

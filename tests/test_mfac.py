@@ -328,7 +328,7 @@ def test_gmp_mfac_per_example_gradients_are_the_examples_own():
         _examples({"x": x})
 
 
-def test_gmp_mfac_batch_fisher_also_drops_pruned_weights(monkeypatch):
+def test_gmp_mfac_batch_fisher_has_no_gradient_of_pruned_weights(monkeypatch):
     _, _, seen, masks = _captured_fisher_grads(monkeypatch)
     assert seen[0].shape == (2, 24 * 10)  # one gradient per batch
     pruned = ~masks[3]["0.weight"].reshape(-1)

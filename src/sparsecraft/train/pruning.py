@@ -170,8 +170,8 @@ class GMP(TrainingSparsity):
     blocks and the update but takes one gradient per example of those batches (batches that
     are a tensor or a tuple of tensors sharing their first dimension), the empirical Fisher
     oBERT uses: ``fisher_samples`` batches of ``b`` examples give ``fisher_samples * b``.
-    The gradients of weights already pruned are dropped (they stay at zero, so the Fisher of
-    the weights still free is the one that matters).
+    The gradients of weights already pruned are zero (the masks hold them at zero), so the
+    Fisher is that of the weights still free.
     """
 
     method = "gmp"
@@ -271,8 +271,8 @@ class GMP(TrainingSparsity):
             for part in (_examples(batch) if self.fisher.get("kind") == "examples" else [batch]):
                 with torch.enable_grad():
                     g = accumulate_gradients(self.model, self.loss_fn, [part], names)
-                for n in names:
-                    grads[n].append((g[n].detach().float() * current[n]).reshape(-1))
+                for n in names:  # the masks already zero the gradients of pruned weights
+                    grads[n].append(g[n].detach().float().reshape(-1))
         stacked = {n: torch.stack(v) for n, v in grads.items()}
         lam = {n: mfac.damping(stacked[n], self.fisher["damp"]) for n in names}
 
