@@ -247,6 +247,10 @@ def table(result: dict) -> str:
             step_mb = max(r.get(f"{k}_step_mb", 0.0) for r in lenet)
             lines.append(f"| {k} | {med_g[k]:.4f} | " + " | ".join(f"{r[k]:.4f}" if k in r else "-" for r in lenet)
                          + (f" | {step_s:.2f} | {step_mb:.1f} |" if k in MFAC_ROWS else " | - | - |"))
+        both = {k: [(r[k], r["magnitude"]) for r in lenet if k in r] for k in med_g if k != "magnitude"}
+        lines += ["", "Per seed against magnitude (above / equal / below): " + "; ".join(
+            f"{k} {sum(a > b for a, b in v)} / {sum(a == b for a, b in v)} / {sum(a < b for a, b in v)}"
+            for k, v in both.items() if len(v) > 1)]
     minilm = result.get("minilm")
     if minilm:
         st = result.get("minilm_settings", {"samples": 32, "seq_len": 128})
