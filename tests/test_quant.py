@@ -562,3 +562,19 @@ def test_cli_embeddings_solver_option(tmp_path, tiny_llama_tok_dir, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "embeddings_solver" in err[0], err
     assert not bad.exists()
+
+
+def test_a_failed_head_solve_rounds_the_embedding_and_says_so(monkeypatch, caplog):
+    from sparsecraft.oneshot.gptq import GPTQSolver
+    from sparsecraft.oneshot.sparsegpt import SolverError
+
+    def fail(self, weight, hessian, spec, layer):
+        raise SolverError(f"layer '{layer}': the Hessian stayed singular")
+
+    monkeypatch.setattr(GPTQSolver, "quantize_head", fail)
+    model = _llama()
+    with caplog.at_level("WARNING", logger="sparsecraft.prune"):
+        sc.quantize_(model, sc.GPTQ(bits=4, group=32), CALIB, progress=False)
+    assert isinstance(model.model.embed_tokens, QuantEmbedding) and model.lm_head.packed is model.model.embed_tokens.packed
+    assert sc.get_meta(model)["model.embed_tokens.weight"]["method"] == "rtn"
+    assert "rounded to nearest instead" in caplog.text

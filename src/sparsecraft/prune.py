@@ -562,10 +562,17 @@ def _quantize_embeddings_(model, solver, quant, calibration, batch_size: int) ->
     if calibration is None:
         quantize_embeddings_(model, spec)
         return
+    from .oneshot.sparsegpt import SolverError
+
     head = tied_head(model)
     hessian = module_input_hessian(model, head, check_calibration(model, calibration), batch_size)
     name = next(n for n, m in model.named_modules() if m is head)
-    qweight = solver.quantize_head(head.weight, hessian, spec, name)
+    try:
+        qweight = solver.quantize_head(head.weight, hessian, spec, name)
+    except SolverError as e:  # the layers are quantised already: finish the model the plain way, and say so
+        log.warning("layer '%s': %s; the tied embedding is rounded to nearest instead", name, e)
+        quantize_embeddings_(model, spec)
+        return
     quantize_embeddings_(model, spec, qweight, method=solver.name)
 
 
