@@ -326,6 +326,9 @@ def test_gmp_mfac_per_example_gradients_are_the_examples_own():
     assert torch.allclose(total / x.shape[0], mean, atol=1e-6)  # cross-entropy averages the examples
     with pytest.raises(ConfigError, match="fisher='examples' needs batches"):
         _examples({"x": x})
+    with pytest.raises(ConfigError, match="fisher='examples' needs batches"):  # at construction
+        GMP(_mlp(), 0.8, start=2, end=4, frequency=2, criterion="mfac", loss_fn=loss_fn,
+            batches=lambda i: {"x": x}, fisher="examples")
 
 
 def test_gmp_mfac_batch_fisher_has_no_gradient_of_pruned_weights(monkeypatch):

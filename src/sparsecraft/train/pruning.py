@@ -220,6 +220,8 @@ class GMP(TrainingSparsity):
                 from ..oneshot.mfac import check_token_targets
 
                 check_token_targets(self.targets)
+            if fisher == "examples":
+                _examples(batches(0))  # batches it cannot split are refused now, not at the first pruning step
         self.criterion = criterion
         self.loss_fn, self.batches = loss_fn, batches
         token = fisher == "token"
