@@ -207,16 +207,22 @@ def capture_block_inputs(
         captured.append(BlockBatch(hidden.detach(), rest, kwargs))
         raise _StopForward
 
-    _run_to(model, blocks[0], hook, calibration, batch_size)
-    if len(captured) != math.ceil(calibration.shape[0] / batch_size):
-        raise SparsecraftError("could not capture the inputs of the first block")
+    _run_to(model, blocks[0], hook, calibration, batch_size, "could not capture the inputs of the first block")
     return captured
 
 
-def _run_to(model: nn.Module, module: nn.Module, hook, calibration: torch.Tensor, batch_size: int) -> None:
+def _run_to(model: nn.Module, module: nn.Module, hook, calibration: torch.Tensor, batch_size: int,
+            failure: str) -> None:
     """Run ``model`` on every batch of ``calibration`` until ``module``, whose forward
-    pre-hook (with kwargs) ``hook`` sees its inputs and raises :class:`_StopForward`."""
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    pre-hook (with kwargs) ``hook`` sees its inputs and raises :class:`_StopForward`;
+    SparsecraftError(``failure``) unless every batch reached it."""
+    reached = []
+
+    def counted(mod, args, kwargs):
+        reached.append(1)
+        return hook(mod, args, kwargs)
+
+    handle = module.register_forward_pre_hook(counted, with_kwargs=True)
     device = next(model.parameters()).device
     try:
         with torch.inference_mode():
@@ -231,6 +237,8 @@ def _run_to(model: nn.Module, module: nn.Module, hook, calibration: torch.Tensor
                     pass
     finally:
         handle.remove()
+    if len(reached) != math.ceil(calibration.shape[0] / batch_size):
+        raise SparsecraftError(failure)
 
 
 def module_input_hessian(model: nn.Module, module: nn.Linear, calibration: torch.Tensor,
@@ -240,17 +248,13 @@ def module_input_hessian(model: nn.Module, module: nn.Linear, calibration: torch
     from .oneshot.stats import HessianAccumulator
 
     acc = HessianAccumulator(module.in_features)
-    seen = []
 
     def hook(_module, args, kwargs):
         x = args[0] if args else next(iter(kwargs.values()))
         acc.add(x.detach().float())
-        seen.append(1)
         raise _StopForward
 
-    _run_to(model, module, hook, calibration, batch_size)
-    if len(seen) != math.ceil(calibration.shape[0] / batch_size):
-        raise SparsecraftError("the calibration pass did not reach the output head")
+    _run_to(model, module, hook, calibration, batch_size, "the calibration pass did not reach the output head")
     return acc.hessian
 
 

@@ -266,7 +266,6 @@ class GMP(TrainingSparsity):
         if self.fisher.get("kind") == "token":
             return self._update_token_fisher(step, target, start)
         names = [t.name for t in self.targets]
-        current = self.state.masks
         grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         for k in range(self.fisher["samples"]):  # the next training batches: a function of the step
             batch = self.batches(step + k)
@@ -277,6 +276,7 @@ class GMP(TrainingSparsity):
                     grads[n].append(g[n].detach().float().reshape(-1))
         stacked = {n: torch.stack(v) for n, v in grads.items()}
         lam = {n: mfac.damping(stacked[n], self.fisher["damp"]) for n in names}
+        current = self.state.masks
 
         def score(t):
             diag = mfac.inverse_fisher_diag(stacked[t.name], self.fisher["block"], lam[t.name])
